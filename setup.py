@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pid_diffusion", "pid_diffusion.*"]),
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.4",
         "torchvision",
         "numpy",
         "scipy",
