@@ -1,0 +1,38 @@
+"""`pid-convert-edm SRC DST`: turn an EDM `.pkl` (or a PID state dict + `--preset`) into a teacher checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+from pid_diffusion import networks
+from pid_diffusion.teacher import convert_edm
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pid-convert-edm", description=__doc__,
+        epilog="EDM's pretrained networks: https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/<name>.pkl")
+    parser.add_argument("src", help="EDM .pkl (release file or network snapshot) or a plain state-dict .pt; "
+                                    "local path or gs:// / az:// URL")
+    parser.add_argument("dst", help="teacher checkpoint to write (.pt), written atomically")
+    parser.add_argument("--preset", choices=list(networks.EDM_PRESETS),
+                        help="architecture of a plain state dict, which does not record it (not for .pkl files)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the arguments, convert, and print what was written."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    checkpoint = convert_edm(args.src, args.dst, preset=args.preset)
+    num_parameters = sum(tensor.numel() for tensor in checkpoint.state_dict.values())
+    print(f"{args.src} ({checkpoint.source_format.value}) -> {args.dst}: "
+          f"EDMPrecond(model_type={checkpoint.network_kwargs.get('model_type')!r}), "
+          f"{len(checkpoint.state_dict)} tensors, {num_parameters:,} values")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
