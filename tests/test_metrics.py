@@ -1,0 +1,222 @@
+"""Distances: closed forms, and the real LPIPS code paths (piq and the lpips package) on weight files that
+the tests write into a temporary TORCH_HOME (a random VGG16, random positive piq layer weights)."""
+
+import inspect
+import math
+import urllib.error
+
+import lpips
+import piq
+import pytest
+import torch
+import torchvision
+
+from pid_diffusion import hub
+from pid_diffusion.metrics import L1, L2, Metric, PiqLPIPS, PseudoHuber, VGGLPIPS, upsample_for_lpips
+
+LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # VGG16 relu1_2 … relu5_3
+# The tests upsample to 64×64 instead of the official 224×224: the same code path at a twelfth of the cost.
+TEST_SIZE = 64
+
+
+def offline(url, dst, *args, **kwargs):
+    raise urllib.error.URLError("network unreachable (simulated)")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """No test here may download anything."""
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+
+@pytest.fixture(scope="module")
+def weights_home(tmp_path_factory):
+    """A TORCH_HOME whose hub cache holds a random but loadable VGG16 and random positive piq weights."""
+    home = tmp_path_factory.mktemp("torch_home")
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(random_vgg16_state_dict(), checkpoints / hub.VGG16_IMAGENET.filename)
+    generator = torch.Generator().manual_seed(1)
+    torch.save([torch.rand(1, c, 1, 1, generator=generator) + 0.1 for c in LPIPS_CHANNELS],
+               checkpoints / hub.PIQ_LPIPS_WEIGHTS.filename)
+    return home
+
+
+def random_vgg16_state_dict() -> dict[str, torch.Tensor]:
+    """Every key and shape of torchvision's VGG16: He-initialised convolutions (activations stay of order 1
+    through the 13 layers), zero classifier (LPIPS never uses it; zeros cost nothing to create)."""
+    with torch.device("meta"):
+        shapes = {key: value.shape for key, value in torchvision.models.vgg16().state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in shapes.items():
+        if key.startswith("features.") and key.endswith(".weight"):
+            fan_in = shape[1] * shape[2] * shape[3]
+            state[key] = torch.randn(shape, generator=generator) * math.sqrt(2 / fan_in)
+        elif key.startswith("features."):
+            state[key] = 0.1 * torch.randn(shape, generator=generator)
+        else:
+            state[key] = torch.zeros(shape)
+    return state
+
+
+@pytest.fixture(scope="module")
+def lpips_metrics(weights_home):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(weights_home))
+        patch.setattr(torch.hub, "download_url_to_file", offline)
+        return {"piq": PiqLPIPS(size=TEST_SIZE), "vgg": VGGLPIPS(size=TEST_SIZE)}
+
+
+def image_pair(batch: int = 2, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two image batches around [−1, 1], a few values beyond it (LPIPS inputs are not clamped)."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.rand(batch, 3, size, size, generator=generator) * 2.2 - 1.1
+    b = (a + 0.3 * torch.randn(a.shape, generator=generator)).clamp(-1.1, 1.1)
+    return a, b
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Closed forms.
+
+def test_l2_l1_closed_form():
+    a = torch.zeros(3, 3, 4, 4)
+    b = a + torch.tensor([0.5, -0.25, 2.0]).reshape(3, 1, 1, 1)
+    torch.testing.assert_close(L2()(a, b), torch.tensor([0.25, 0.0625, 4.0]))
+    torch.testing.assert_close(L1()(a, b), torch.tensor([0.5, 0.25, 2.0]))
+
+
+def test_pseudo_huber_closed_form():
+    d = 3 * 4 * 4
+    a = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
+    b = a + torch.tensor([0.5, 1e-4], dtype=torch.float64).reshape(2, 1, 1, 1)
+    c = 0.1
+    expected = torch.tensor([math.sqrt(d * 0.5 ** 2 + c ** 2) - c, math.sqrt(d * 1e-8 + c ** 2) - c],
+                            dtype=torch.float64)
+    torch.testing.assert_close(PseudoHuber(c)(a, b), expected)
+    # iCT's default c = 0.00054·sqrt(d); far below c the distance is ‖a − b‖² / (2c).
+    c_ict = 0.00054 * math.sqrt(d)
+    small = PseudoHuber()(a, a + 1e-6)
+    torch.testing.assert_close(small, torch.full((2,), d * 1e-12 / (2 * c_ict), dtype=torch.float64), rtol=1e-6,
+                               atol=0)
+    assert PseudoHuber()(a, b)[0].item() == pytest.approx(math.sqrt(d * 0.25 + c_ict ** 2) - c_ict, rel=1e-12)
+
+
+@pytest.mark.parametrize("metric", [L2(), L1(), PseudoHuber()])
+def test_closed_forms_vanish_on_equal_inputs_and_rise_otherwise(metric):
+    a, b = image_pair()
+    assert torch.equal(metric(a, a), torch.zeros(2))
+    assert (metric(a, b) > 0).all()
+
+
+def test_pseudo_huber_rejects_non_positive_c():
+    with pytest.raises(ValueError, match="c must be positive"):
+        PseudoHuber(0.0)
+
+
+def test_shape_mismatch_is_rejected():
+    with pytest.raises(ValueError, match="same shape"):
+        L2()(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 5))
+
+
+def test_metric_enum_builds_each_distance(torch_home_without_weights):
+    assert isinstance(Metric("l2").build(), L2)
+    assert isinstance(Metric.L1.build(), L1)
+    assert Metric.PSEUDO_HUBER.build(c=0.2).c == 0.2
+    # The LPIPS members reach their classes, which first look for their weight files.
+    with pytest.raises(hub.MissingWeightsError, match="lpips_weights.pt"):
+        Metric.LPIPS_PIQ.build()
+    with pytest.raises(hub.MissingWeightsError, match="vgg16-397923af.pth"):
+        Metric.LPIPS_VGG.build()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LPIPS.
+
+@pytest.fixture
+def torch_home_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    return tmp_path / "empty_torch_home"
+
+
+def test_missing_lpips_weights_are_named_with_url_and_destination(torch_home_without_weights):
+    checkpoints = torch_home_without_weights / "hub" / "checkpoints"
+    with pytest.raises(hub.MissingWeightsError) as raised:
+        PiqLPIPS()
+    for file in (hub.VGG16_IMAGENET, hub.PIQ_LPIPS_WEIGHTS):
+        assert file.url in str(raised.value) and str(checkpoints / file.filename) in str(raised.value)
+    with pytest.raises(hub.MissingWeightsError) as raised:
+        VGGLPIPS()
+    assert hub.VGG16_IMAGENET.url in str(raised.value)
+    assert hub.PIQ_LPIPS_WEIGHTS.filename not in str(raised.value)  # the lpips package ships its own
+
+
+@pytest.mark.parametrize("cls", [PiqLPIPS, VGGLPIPS])
+def test_lpips_rejects_bad_sizes(cls):
+    with pytest.raises(ValueError, match="positive sizes"):
+        cls(size=0)
+
+
+def test_piq_url_is_the_one_piq_uses():
+    assert hub.PIQ_LPIPS_WEIGHTS.url == piq.LPIPS._weights_url
+
+
+def test_lpips_defaults_are_the_official_preprocessing():
+    for cls in (PiqLPIPS, VGGLPIPS):
+        parameters = inspect.signature(cls).parameters
+        assert parameters["resize_below"].default == 256 and parameters["size"].default == 224
+    assert inspect.signature(PiqLPIPS).parameters["replace_pooling"].default is True
+
+
+def test_upsample_for_lpips():
+    small, large = torch.rand(2, 3, 32, 32), torch.rand(1, 3, 256, 256)
+    assert upsample_for_lpips(small, resize_below=256, size=224).shape == (2, 3, 224, 224)
+    assert upsample_for_lpips(large, resize_below=256, size=224) is large
+    # Bilinear interpolation commutes with (x + 1) / 2, so upsampling before or after the mapping agrees.
+    torch.testing.assert_close(upsample_for_lpips((small + 1) / 2, 256, 224),
+                               (upsample_for_lpips(small, 256, 224) + 1) / 2)
+
+
+def test_piq_lpips_equals_piqs_own_two_pass_forward(lpips_metrics):
+    metric, (a, b) = lpips_metrics["piq"], image_pair()
+    up = lambda x: upsample_for_lpips(x, 256, TEST_SIZE)  # noqa: E731
+    reference = metric.lpips((up(a) + 1) / 2, (up(b) + 1) / 2)  # piq.LPIPS(reduction="none")
+    torch.testing.assert_close(metric(a, b), reference, rtol=1e-5, atol=1e-7)
+    assert isinstance(metric.lpips.model[4], torch.nn.AvgPool2d)  # replace_pooling=True
+
+
+def test_vgg_lpips_equals_the_packages_two_pass_forward(lpips_metrics):
+    metric, (a, b) = lpips_metrics["vgg"], image_pair()
+    up = lambda x: upsample_for_lpips(x, 256, TEST_SIZE)  # noqa: E731
+    reference = metric.lpips(up(a), up(b)).flatten()  # lpips takes [−1, 1] inputs
+    torch.testing.assert_close(metric(a, b), reference, rtol=1e-5, atol=1e-7)
+    # The same as handing the package [0, 1] images with normalize=True: no double normalisation.
+    normalized = metric.lpips((up(a) + 1) / 2, (up(b) + 1) / 2, normalize=True).flatten()
+    torch.testing.assert_close(metric(a, b), normalized, rtol=1e-4, atol=1e-6)
+
+
+def test_vgg_lpips_uses_the_packaged_linear_layers(lpips_metrics):
+    packaged = torch.load(lpips.__path__[0] + "/weights/v0.1/vgg.pth", map_location="cpu", weights_only=True)
+    state = lpips_metrics["vgg"].lpips.state_dict()
+    for key, value in packaged.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["piq", "vgg"])
+def test_lpips_is_a_frozen_differentiable_distance(lpips_metrics, name):
+    metric = lpips_metrics[name]
+    a, b = image_pair()
+    a.requires_grad_(True)
+    distance = metric(a, b)
+    assert distance.shape == (2,) and torch.isfinite(distance).all() and (distance > 0).all()
+    distance.sum().backward()
+    assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in metric.parameters())
+    assert all(p.grad is None for p in metric.parameters())
+
+    torch.testing.assert_close(metric(b, a.detach()), distance.detach(), rtol=1e-4, atol=1e-6)  # symmetric
+    torch.testing.assert_close(metric(b, b), torch.zeros(2), rtol=0, atol=1e-6)
+
+    metric.train()  # a distance has no training mode: the lpips package's dropout stays off
+    assert not any(module.training for module in metric.modules())
+    torch.testing.assert_close(metric(a.detach(), b), distance.detach(), rtol=0, atol=0)
