@@ -1,0 +1,169 @@
+"""The PID residual loss (paper Eq. 8 and Eq. 9) and the distillation objective the training loop runs.
+
+The student x_θ(z, t) should solve the teacher's probability-flow ODE dx/dt = (x − D_φ(x, t)) / t. At a
+grid time t_i, with y_i = x_θ(z, t_i) and a derivative estimate dy/dt, PID penalises (PID.md §3)
+
+    Eq. 8 (derivative form):  d( dy/dt,  (y_i − D_φ(y_i, t_i)) / t_i )
+    Eq. 9 (denoiser form):    d( y_i − t_i · dy/dt,  D_φ(y_i, t_i) )       the official, default form
+
+with the teacher term under stop-gradient. For the L2 distance, Eq. 9 = t_i² · Eq. 8 per sample.
+
+What a zero residual means (checked in tests/test_analytic_convergence.py):
+- forward differences: y_{i+1} = y_i + (t_{i+1} − t_i)(y_i − D_φ(y_i, t_i))/t_i, the teacher's Euler
+  solution (Lemma 1), for i ≤ N − 2. The official backward step at i = N − 1 adds a condition that the
+  Euler solution does not meet, so its residual there is small but not zero;
+- central differences: y_{i+1} = y_{i−1} − (t_{i−1} − t_{i+1})(y_i − D_φ(y_i, t_i))/t_i, an explicit
+  two-step (leapfrog) recursion from y_0 = z; no residual involves i = 0, so y_1 is left free.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pid_diffusion.grid import KarrasGrid
+
+PerSampleDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # d(a, b) -> distances [B]
+
+
+class Derivative(enum.Enum):
+    """How dy/dt at t_i is obtained from the student."""
+
+    FORWARD = "forward"  # (y_i − y_j) / (t_i − t_j), j = i + 1 (j = N − 2 at the last point): official
+    CENTRAL = "central"  # (y_{i−1} − y_{i+1}) / (t_{i−1} − t_{i+1}), interior i only: second order
+    JVP = "jvp"  # the exact ∂x_θ/∂t by forward-mode AD (torch.func.jvp): an ablation
+
+
+class ResidualForm(enum.Enum):
+    """Which side of the ODE the distance compares."""
+
+    DENOISER = "denoiser"  # Eq. 9: d(y_i − t_i dy/dt, D_φ(y_i, t_i))
+    DERIVATIVE = "derivative"  # Eq. 8: d(dy/dt, (y_i − D_φ(y_i, t_i)) / t_i)
+
+
+def pid_residual(student: nn.Module, teacher: nn.Module, z: torch.Tensor, indices: torch.Tensor,
+                 class_labels: torch.Tensor | None = None, *, grid: KarrasGrid, metric: PerSampleDistance,
+                 derivative: Derivative = Derivative.FORWARD, form: ResidualForm = ResidualForm.DENOISER,
+                 stop_neighbour_grad: bool = False) -> torch.Tensor:
+    """Per-sample PID residual [B] at the grid times t_i = grid.sigmas[indices] (Eq. 9, or Eq. 8).
+
+    `student(z, t, class_labels)` is x_θ; `teacher(x, σ, class_labels)` is D_φ, evaluated without gradient
+    at the detached y_i (the official stop-gradient). The student's values at t_i and at the neighbours
+    the difference scheme needs go through the network as one concatenated batch. `stop_neighbour_grad`
+    detaches the neighbour values (finite differences only). Grid times are float64, cast to z's dtype.
+    """
+    _check_options(derivative, form, stop_neighbour_grad)
+    if indices.shape != (z.shape[0],):
+        raise ValueError(f"indices have shape {tuple(indices.shape)}; need one grid index per latent, "
+                         f"shape ({z.shape[0]},)")
+    grid.check_indices(indices, interior_only=derivative is Derivative.CENTRAL)
+
+    y_i, dy_dt = _trajectory_and_derivative(student, z, indices, class_labels, grid, derivative,
+                                            stop_neighbour_grad)
+    t_i = _per_sample(grid.times(indices), z)
+    with torch.no_grad():  # the teacher is a fixed target: stop-gradient, also through y_i
+        denoised = teacher(y_i.detach(), t_i.flatten(), class_labels).to(y_i.dtype)
+
+    if form is ResidualForm.DENOISER:
+        residual = metric(y_i - t_i * dy_dt, denoised)  # Eq. 9
+    else:
+        residual = metric(dy_dt, (y_i - denoised) / t_i)  # Eq. 8
+    if residual.shape != (z.shape[0],):
+        raise ValueError(f"the metric returned shape {tuple(residual.shape)}; it must give one distance per "
+                         f"sample, shape ({z.shape[0]},)")
+    return residual
+
+
+class PIDObjective:
+    """PID distillation as a training objective: latents, grid times and labels are its data (data-free).
+
+    `sample_batch` draws, in this order and all from the given generator, z = T · N(0, I) in the teacher's
+    image shape, grid indices (interior ones for `Derivative.CENTRAL`) and, for a class-conditional teacher,
+    uniformly random one-hot labels. `__call__` returns the per-sample residual of `pid_residual`; the
+    batch must be on the student's device. The student and `grid` must share T and ε.
+    """
+
+    def __init__(self, teacher: nn.Module, grid: KarrasGrid, metric: PerSampleDistance,
+                 derivative: Derivative = Derivative.FORWARD, form: ResidualForm = ResidualForm.DENOISER,
+                 stop_neighbour_grad: bool = False):
+        _check_options(derivative, form, stop_neighbour_grad)
+        for name in ("img_channels", "img_resolution", "label_dim"):
+            if not hasattr(teacher, name):
+                raise TypeError(f"the teacher has no `{name}`; pass an EDMPrecond or a GaussianTeacher")
+        self.teacher = teacher
+        self.grid = grid
+        self.metric = metric
+        self.derivative = derivative
+        self.form = form
+        self.stop_neighbour_grad = stop_neighbour_grad
+        self.image_shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+        self.label_dim = teacher.label_dim
+
+    def sample_batch(self, generator: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
+        """`z` [B, C, H, W], `indices` [B] and, for a conditional teacher, one-hot `class_labels` [B, L]."""
+        device = generator.device
+        z = self.grid.sigma_max * torch.randn((batch_size, *self.image_shape), generator=generator, device=device)
+        indices = self.grid.sample_indices(batch_size, generator, interior_only=self.derivative is Derivative.CENTRAL)
+        batch = dict(z=z, indices=indices)
+        if self.label_dim:
+            classes = torch.randint(self.label_dim, (batch_size,), generator=generator, device=device)
+            batch["class_labels"] = torch.nn.functional.one_hot(classes, self.label_dim).to(torch.float32)
+        return batch
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-sample PID residual [B] of the student `model` on `batch`."""
+        return pid_residual(model, self.teacher, batch["z"], batch["indices"], batch.get("class_labels"),
+                            grid=self.grid, metric=self.metric, derivative=self.derivative, form=self.form,
+                            stop_neighbour_grad=self.stop_neighbour_grad)
+
+
+def _trajectory_and_derivative(student: nn.Module, z: torch.Tensor, indices: torch.Tensor,
+                               class_labels: torch.Tensor | None, grid: KarrasGrid, derivative: Derivative,
+                               stop_neighbour_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """y_i = x_θ(z, t_i) and the estimate of dy/dt at t_i that `derivative` names."""
+    if derivative is Derivative.JVP:
+        t_i = grid.times(indices).to(device=z.device, dtype=z.dtype)
+        return torch.func.jvp(lambda t: student(z, t, class_labels), (t_i,), (torch.ones_like(t_i),))
+
+    # Finite difference dy/dt ≈ (y_a − y_b) / (t_a − t_b) between grid indices a and b.
+    if derivative is Derivative.FORWARD:
+        a, b = indices, grid.forward_neighbours(indices)  # a backward difference at i = N − 1
+        y_i, y_b = _evaluate(student, z, [indices, b], class_labels, grid)
+        y_a = y_i
+    else:
+        a, b = grid.central_neighbours(indices)
+        y_i, y_a, y_b = _evaluate(student, z, [indices, a, b], class_labels, grid)
+        if stop_neighbour_grad:
+            y_a = y_a.detach()
+    if stop_neighbour_grad:
+        y_b = y_b.detach()
+    step = _per_sample(grid.times(a) - grid.times(b), z)  # differenced in float64, then cast
+    return y_i, (y_a - y_b) / step
+
+
+def _evaluate(student: nn.Module, z: torch.Tensor, index_sets: list[torch.Tensor],
+              class_labels: torch.Tensor | None, grid: KarrasGrid) -> tuple[torch.Tensor, ...]:
+    """x_θ(z, t_k) for each index set k, as one batch through the network (cat z, t and labels; split)."""
+    copies = len(index_sets)
+    times = torch.cat([grid.times(k) for k in index_sets]).to(device=z.device, dtype=z.dtype)
+    labels = None if class_labels is None else class_labels.repeat(copies, 1)
+    return student(z.repeat(copies, 1, 1, 1), times, labels).chunk(copies)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample values [B] in the dtype and device of `like`, shaped [B, 1, 1, 1] to scale its images."""
+    return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _check_options(derivative: Derivative, form: ResidualForm, stop_neighbour_grad: bool) -> None:
+    """Reject option values and combinations that have no meaning."""
+    if not isinstance(derivative, Derivative):
+        raise TypeError(f"derivative={derivative!r}: pass a Derivative member ({[d.name for d in Derivative]})")
+    if not isinstance(form, ResidualForm):
+        raise TypeError(f"form={form!r}: pass a ResidualForm member ({[f.name for f in ResidualForm]})")
+    if derivative is Derivative.JVP and stop_neighbour_grad:
+        raise ValueError("stop_neighbour_grad detaches finite-difference neighbours; Derivative.JVP has none: "
+                         "set stop_neighbour_grad=False")

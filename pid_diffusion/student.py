@@ -1,0 +1,108 @@
+"""The PID student: a trajectory x_θ(z, t) with the boundary condition x_θ(z, T) = z built in (PID.md §2).
+
+    x_θ(z, t) = (t / T) · z + (1 − t / T) · F_θ(c_in · z, c_noise(t), class_labels)
+    c_in = 1 / sqrt(σ_d² + T²)   (constant: the image input is always z ~ N(0, T² I))
+    c_noise(t) = ln(t) / 4
+
+F_θ is the raw EDM network (SongUNet or DhariwalUNet) with the teacher's architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from pid_diffusion.networks import EDMPrecond
+
+
+class StudentInit(enum.Enum):
+    """Where the student network's weights come from."""
+
+    TEACHER = "teacher"  # copy the teacher's F_φ (every paper run)
+    RANDOM = "random"  # keep the network's own initialisation (the paper's ablation)
+
+
+class PIDStudent(nn.Module):
+    """x_θ(z, t) = (t/T) z + (1 − t/T) F_θ(c_in z, ln(t)/4, labels); a sample is x_θ(z, ε) clamped to [−1, 1].
+
+    `network_kwargs` are `EDMPrecond` constructor arguments (a teacher's `init_kwargs`); only its raw
+    network `model` is kept. As in EDMPrecond, the image path of F runs in float16 only on CUDA with
+    `use_fp16`; the output is always float32.
+    """
+
+    def __init__(self, network_kwargs: Mapping[str, Any], sigma_min: float, sigma_max: float, sigma_data: float):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data={sigma_data} must be positive")
+        super().__init__()
+        precond = EDMPrecond(**network_kwargs)
+        self.init_kwargs = dict(network_kwargs=copy.deepcopy(precond.init_kwargs), sigma_min=float(sigma_min),
+                                sigma_max=float(sigma_max), sigma_data=float(sigma_data))
+        self.model = precond.model
+        self.img_resolution = precond.img_resolution
+        self.img_channels = precond.img_channels
+        self.label_dim = precond.label_dim
+        self.use_fp16 = precond.use_fp16
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self.sigma_data = float(sigma_data)
+
+    @classmethod
+    def from_teacher(cls, teacher: EDMPrecond, sigma_min: float, sigma_max: float,
+                     init: StudentInit = StudentInit.TEACHER,
+                     network_overrides: Mapping[str, Any] | None = None) -> PIDStudent:
+        """A student with the teacher's architecture (and weights, with `StudentInit.TEACHER`).
+
+        `network_overrides` replace constructor arguments of the teacher, e.g. `{"dropout": 0.0}`: the
+        released EDM teachers were trained with dropout, PID trains the student without (PID.md §5).
+        """
+        network_kwargs = {**teacher.init_kwargs, **(network_overrides or {})}
+        student = cls(network_kwargs, sigma_min, sigma_max, teacher.sigma_data)
+        if init is StudentInit.TEACHER:
+            student.model.load_state_dict(teacher.model.state_dict())
+        elif init is not StudentInit.RANDOM:
+            raise TypeError(f"init={init!r}: pass a StudentInit member")
+        return student
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x_θ(z, t) for latents z ~ N(0, T² I) of shape [B, C, H, W]; t is a scalar or one time per sample."""
+        z = z.to(torch.float32)
+        batch = z.shape[0]
+        t = torch.as_tensor(t, device=z.device).to(torch.float32).reshape(-1)
+        if t.numel() not in (1, batch):
+            raise ValueError(f"t has {t.numel()} values for a batch of {batch}; pass a scalar or one per sample")
+        t = t.expand(batch).reshape(-1, 1, 1, 1)
+        class_labels = self._check_labels(class_labels, batch)
+        dtype = torch.float16 if self.use_fp16 and z.device.type == "cuda" else torch.float32
+
+        c_in = 1 / (self.sigma_data ** 2 + self.sigma_max ** 2) ** 0.5
+        c_noise = t.log() / 4
+        F_z = self.model((c_in * z).to(dtype), c_noise.flatten(), class_labels)
+        skip = t / self.sigma_max  # exactly 1 at t = T, so x_θ(z, T) = z holds bit for bit
+        return skip * z + (1 - skip) * F_z.to(torch.float32)
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """One-step generation: x_θ(z, ε) clamped to the data range [−1, 1]."""
+        return self(z, self.sigma_min, class_labels).clamp(-1, 1)
+
+    def _check_labels(self, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """Class labels as float32 [B, label_dim], or None for an unconditional student."""
+        if self.label_dim == 0:
+            if class_labels is not None:
+                raise ValueError("this student is unconditional (label_dim = 0): pass class_labels=None")
+            return None
+        if class_labels is None:
+            raise ValueError(f"this student is class-conditional (label_dim = {self.label_dim}): pass one-hot "
+                             f"class_labels of shape [B, {self.label_dim}]")
+        class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        if class_labels.shape[0] != batch:
+            raise ValueError(f"{class_labels.shape[0]} class labels for a batch of {batch} latents")
+        return class_labels
