@@ -1,0 +1,70 @@
+"""EDM's Inception-v3 detector (`inception-2015-12-05`), the network behind its FID and StyleGAN2-ADA's IS.
+
+The TensorFlow Inception graph of 2015-12-05, ported to TorchScript by NVIDIA (the file clean-fid calls
+`legacy_tensorflow`). It takes uint8-valued NCHW images at any resolution, resizes them to 299 internally
+(TF1 bilinear) and normalises with (x - 128) / 128. EDM's `.pkl` copy of the same weights is not read: it
+is a pickle that runs code on loading; the TorchScript file holds the same network.
+"""
+
+import io
+import warnings
+
+import torch
+
+from pid_diffusion import fileio, hub
+
+__all__ = ["DETECTOR_FILENAME", "DETECTOR_URL", "FEATURE_DIM", "NUM_CLASSES", "Detector", "load_detector"]
+
+DETECTOR_FILENAME = "inception-2015-12-05.pt"
+DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + DETECTOR_FILENAME
+FEATURE_DIM = 2048  # pool_3 features, the FID space
+NUM_CLASSES = 1008  # outputs of the 2015 graph's ImageNet classifier (the Inception Score's p(y|x))
+
+
+class Detector:
+    """The TorchScript detector on a device: pool features for FID, class probabilities for IS."""
+
+    def __init__(self, module: torch.jit.ScriptModule | torch.nn.Module, device: torch.device | str = "cpu",
+                 source: str = ""):
+        self.device = torch.device(device)
+        self.module = module.to(self.device).eval()
+        self.source = source  # the file it was loaded from, recorded beside the numbers it produces
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 2048] pool features of uint8 NCHW images (EDM fid.py)."""
+        return self.module(self._prepare(images), return_features=True)
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 1008] softmax class probabilities without the output bias, as StyleGAN2-ADA's IS (and
+        Salimans et al.'s original TensorFlow code) compute them."""
+        return self.module(self._prepare(images), no_output_bias=True)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        # Quantised images only: EDM measures the uint8 images it would save, not the float samples.
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(
+                f"The detector takes uint8 NCHW images with 1 or 3 channels, got {images.dtype} of shape "
+                f"{tuple(images.shape)}; quantise samples with samplers.to_uint8 first."
+            )
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)  # grayscale images, as EDM's fid.py repeats them
+        return images.to(self.device)
+
+
+def load_detector(path: str | None = None, device: torch.device | str = "cpu") -> Detector:
+    """Load the TorchScript detector from `path`, or from the torch hub cache when `path` is None
+    (`$TORCH_HOME/hub/checkpoints/inception-2015-12-05.pt`, downloaded there only when a network exists)."""
+    if path is None:
+        path = hub.resolve_weights(DETECTOR_FILENAME, DETECTOR_URL)
+    elif not fileio.exists(path):
+        raise FileNotFoundError(
+            f"No Inception detector at {path}. Download {DETECTOR_URL} there, or leave --detector unset to use "
+            f"the torch hub cache."
+        )
+    with warnings.catch_warnings():
+        # torch 2.x deprecates TorchScript, but the detector exists only as TorchScript (and EDM's pickle).
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.load.*")
+        module = torch.jit.load(io.BytesIO(fileio.read_bytes(path)), map_location=device)
+    return Detector(module, device, source=str(path))

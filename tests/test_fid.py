@@ -1,0 +1,308 @@
+"""FID and Inception Score as EDM and StyleGAN2-ADA compute them, checked against EDM's own outputs
+(`ref_fid.pt`, see the fixtures README) and against one plain numpy pass over the same images.
+
+The real detector is a 100 MB TorchScript file that cannot be downloaded here; the tests write a stand-in
+TorchScript module with its call signature. scipy's sqrtm of a 2048 × 2048 matrix takes minutes on a small
+CPU, so only the 64-d formula cases and a 16-d stand-in go through it.
+"""
+
+import csv
+import io
+import warnings
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pid_diffusion import dist, fileio
+from pid_diffusion.cli import fid as fid_cli
+from pid_diffusion.cli import fid_ref, sample
+from pid_diffusion.fid import FeatureStats, InceptionScoreStats, fid_from_stats, load_reference, save_reference
+from pid_diffusion.inception import NUM_CLASSES, load_detector
+
+from test_sample import load_npz, mpirun, needs_mpirun, tiny_teacher, write_student_checkpoint
+
+POOL = 4  # the fixture detector's average pooling (detector_def)
+SMALL_FEATURE_DIM = 16  # the stand-in detector of the pid-fid tests: small enough for a fast sqrtm
+NUM_SEEDS = 30  # images per evaluation in the pid-fid tests (3 per Inception Score split)
+
+
+class StandInDetector(torch.nn.Module):
+    """The fixture's `detector_def`, f = tanh((avg_pool2d(img.float(), 4).flatten(1) / 255) @ W + b), with a
+    linear classifier for the class probabilities, behind the Inception detector's call signature."""
+
+    def __init__(self, W: torch.Tensor, b: torch.Tensor, W_out: torch.Tensor, b_out: torch.Tensor):
+        super().__init__()
+        self.pool = POOL
+        for name, value in dict(W=W, b=b, W_out=W_out, b_out=b_out).items():
+            self.register_buffer(name, value)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False):
+        features = torch.tanh((F.avg_pool2d(img.float(), self.pool).flatten(1) / 255) @ self.W + self.b)
+        if return_features:
+            return features
+        logits = features @ self.W_out
+        if not no_output_bias:
+            logits = logits + self.b_out
+        return torch.softmax(logits, 1)
+
+
+def write_detector(path, W: torch.Tensor, b: torch.Tensor, seed: int = 0) -> str:
+    generator = torch.Generator().manual_seed(seed)
+    W_out = torch.randn(W.shape[1], NUM_CLASSES, generator=generator)
+    b_out = torch.randn(NUM_CLASSES, generator=generator)
+    with warnings.catch_warnings():  # torch deprecates TorchScript; the real detector exists only in it
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(StandInDetector(W, b, W_out, b_out)).save(str(path))
+    return str(path)
+
+
+def small_detector(path) -> str:
+    generator = torch.Generator().manual_seed(1)
+    # 16×16 images pooled to 4×4; small weights keep tanh unsaturated, so no feature is constant.
+    W = torch.randn(3 * 4 * 4, SMALL_FEATURE_DIM, generator=generator) * 0.1
+    return write_detector(path, W, torch.randn(SMALL_FEATURE_DIM, generator=generator))
+
+
+def numpy_inception_score(probabilities: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
+    """StyleGAN2-ADA's metrics/inception_score.py on all probabilities at once."""
+    n = len(probabilities)
+    scores = []
+    for i in range(num_splits):
+        part = probabilities[i * n // num_splits:(i + 1) * n // num_splits]
+        kl = part * (np.log(part) - np.log(np.mean(part, axis=0, keepdims=True)))
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+@pytest.fixture(scope="module")
+def fid_fixture(edm_fixtures_dir) -> dict:
+    return torch.load(edm_fixtures_dir / "ref_fid.pt", weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _single_process_group():
+    yield
+    dist.shutdown()  # an interrupted main() leaves its process group behind
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Against EDM.
+
+@pytest.mark.parametrize("case", ["full_rank_d64", "rank_deficient_d64"])
+def test_fid_formula_matches_edm(fid_fixture, case):
+    c = {key: value.numpy() if torch.is_tensor(value) else value
+         for key, value in fid_fixture["formula_cases"][case].items()}
+    assert fid_from_stats(c["mu"], c["sigma"], c["mu_ref"], c["sigma_ref"]) == pytest.approx(c["fid"], rel=1e-10)
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=needs_mpirun)])
+def test_reference_statistics_match_edm(tmp_path, fid_fixture, processes):
+    case = fid_fixture["stats_case"]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image, name in zip(case["images_uint8"], case["filenames"]):
+        PIL.Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / name)
+    detector = write_detector(tmp_path / "detector.pt", case["detector_W"], case["detector_b"])
+
+    args = ["--data", str(folder), "--dest", str(tmp_path / "ref.npz"), "--detector", detector,
+            "--num-images", str(case["num_expected"]), "--seed", str(case["seed"]),
+            "--batch", str(case["max_batch_size"])]
+    if processes == 1:
+        fid_ref.main(args)
+    else:
+        mpirun(processes, "pid_diffusion.cli.fid_ref", *args)
+    mu, sigma = load_reference(str(tmp_path / "ref.npz"))
+
+    np.testing.assert_allclose(mu, case["mu"].numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.diag(sigma), case["sigma_diag"].numpy(), rtol=0, atol=1e-12)
+    assert np.trace(sigma) == pytest.approx(case["sigma_trace"], rel=1e-12)
+    proj = case["proj"].numpy()
+    np.testing.assert_allclose(proj.T @ sigma @ proj, case["sigma_proj"].numpy(), rtol=1e-10, atol=1e-10)
+
+    # The whole matrix equals one numpy pass over EDM's selection of the images ...
+    selected = case["images_uint8"][case["selected_raw_indices"]]
+    np.testing.assert_array_equal(fid_ref.edm_subset(len(case["images_uint8"]), case["num_expected"], case["seed"]),
+                                  case["selected_raw_indices"].numpy())
+    features = load_detector(detector).features(selected).double().numpy()
+    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=0, atol=1e-12)
+    # ... whose FID against the Kronecker reference is EDM's. `repeat` in fid_against_kron_ref_def is numpy's
+    # (each entry 32 times in a row, matching kron(Σ, I)), not torch's tiling. Σ has rank N − 1 = 99, so
+    # tr sqrtm(Σ Σ_ref) = Σ sqrt(eig(Aᵀ Σ_ref A)) with Σ = A Aᵀ (A = centred features / sqrt(N − 1)): the
+    # 2048-d sqrtm, minutes on this CPU, becomes a 100-d eigenproblem. scipy's sqrtm of the singular product
+    # (EDM's number) is accurate to about 1e-4 here.
+    full = fid_fixture["formula_cases"]["full_rank_d64"]
+    copies = len(mu) // len(full["mu"])
+    mu_ref, sigma_ref = np.repeat(full["mu"].numpy(), copies), np.kron(full["sigma"].numpy(), np.eye(copies))
+    A = (features - mu).T / np.sqrt(len(features) - 1)
+    root_trace = np.sqrt(np.clip(np.linalg.eigvalsh(A.T @ sigma_ref @ A), 0, None)).sum()
+    fid = np.square(mu - mu_ref).sum() + np.trace(sigma) + np.trace(sigma_ref) - 2 * root_trace
+    assert fid == pytest.approx(case["fid_against_kron_ref"], abs=1e-3)
+
+
+def test_folder_zip_and_npz_give_the_same_images_in_name_order(tmp_path):
+    generator = np.random.default_rng(0)
+    images = generator.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    names = ["a/0.png", "a/1.png", "b.png", "c/d/e.png", "f.png"]  # sorted, two of them in subfolders
+    archive = zipfile.ZipFile(tmp_path / "images.zip", "w")
+    for image, name in zip(images, names):
+        (tmp_path / "folder" / name).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(image).save(tmp_path / "folder" / name)
+        archive.write(tmp_path / "folder" / name, name)
+    archive.close()
+    (tmp_path / "folder" / "notes.txt").write_text("not an image")
+    np.savez(tmp_path / "images.npz", arr_0=images)
+
+    for source in ("folder", "images.zip", "images.npz"):
+        found = fid_ref.open_images(str(tmp_path / source))
+        np.testing.assert_array_equal(np.stack([found[i] for i in range(len(found))]), images, err_msg=source)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming statistics.
+
+def test_streamed_statistics_equal_one_numpy_pass():
+    generator = torch.Generator().manual_seed(0)
+    num, dim = 53, 12
+    features = torch.randn(num, dim, generator=generator, dtype=torch.float64) * 3 + 1
+    probabilities = torch.softmax(torch.randn(num, NUM_CLASSES, generator=generator, dtype=torch.float64) * 4, 1)
+
+    stats, scores = FeatureStats(dim), InceptionScoreStats(num)
+    order = torch.randperm(num, generator=generator)  # any order and any batch sizes
+    for chunk in order.split(7):
+        stats.update(features[chunk])
+        scores.update(probabilities[chunk], chunk)
+    stats.all_reduce()
+    scores.all_reduce()
+
+    mu, sigma = stats.mean_and_covariance()
+    np.testing.assert_allclose(mu, features.mean(0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(features.numpy(), rowvar=False), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(scores.score(), numpy_inception_score(probabilities.numpy()), rtol=1e-10)
+
+
+def test_inception_score_of_confident_balanced_classes_is_the_number_of_classes():
+    # Every split sees each of k classes equally often, each image certain of its class: IS = k, std 0.
+    k, per_split = 4, 8
+    labels = torch.arange(10 * per_split) % k
+    scores = InceptionScoreStats(len(labels))
+    scores.update(F.one_hot(labels, NUM_CLASSES).double(), torch.arange(len(labels)))
+    mean, std = scores.score()
+    assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0, abs=1e-12)
+
+
+def test_detector_takes_only_quantised_images(tmp_path):
+    detector = load_detector(small_detector(tmp_path / "detector.pt"))
+    with pytest.raises(ValueError, match="uint8"):
+        detector.features(torch.zeros(2, 3, 16, 16))
+    gray = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
+    torch.testing.assert_close(detector.features(gray), detector.features(gray.repeat(1, 3, 1, 1)))
+    with pytest.raises(FileNotFoundError, match="inception-2015-12-05"):
+        load_detector(str(tmp_path / "missing.pt"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pid-fid over a run folder.
+
+@pytest.fixture
+def run_folder(tmp_path, edm_fixtures_dir, request) -> dict:
+    """Student checkpoints (trained weights + EMA 0.999) at steps 100 and 200, or at the steps an indirect
+    parameter names; a small reference and a stand-in detector."""
+    teacher = tiny_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
+    run = tmp_path / "run"
+    for step in getattr(request, "param", (100, 200)):
+        write_student_checkpoint(str(run / f"checkpoint-{step:08d}.pt"), teacher, step)
+    generator = np.random.default_rng(0)
+    basis = generator.standard_normal((SMALL_FEATURE_DIM, SMALL_FEATURE_DIM)) * 0.3
+    save_reference(str(tmp_path / "ref.npz"), generator.standard_normal(SMALL_FEATURE_DIM) * 0.1, basis @ basis.T)
+    return dict(run=str(run), ref=str(tmp_path / "ref.npz"), detector=small_detector(tmp_path / "detector.pt"),
+                csv=str(tmp_path / "fid.csv"), plot=str(tmp_path / "fid.png"))
+
+
+def fid_args(paths: dict, *extra: str) -> list[str]:
+    return ["--run", paths["run"], "--ref", paths["ref"], "--detector", paths["detector"], "--csv", paths["csv"],
+            "--plot", paths["plot"], "--seeds", f"0-{NUM_SEEDS - 1}", "--batch", "8", *extra]
+
+
+def read_rows(path: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(fileio.read_bytes(path).decode())))
+
+
+@needs_mpirun
+@pytest.mark.parametrize("run_folder", [(100,)], indirect=True)
+def test_pid_fid_equals_a_numpy_pass_over_pid_sample_images_on_one_and_two_ranks(tmp_path, run_folder):
+    fid_cli.main(fid_args(run_folder, "--ema", "0.999"))
+    row = read_rows(run_folder["csv"])[0]
+    assert (row["checkpoint"], row["ema"], row["seeds"], row["num_samples"]) == (
+        "checkpoint-00000100.pt", "0.999", f"0-{NUM_SEEDS - 1}", str(NUM_SEEDS))
+
+    # The same images through pid-sample, then the detector and the formulas in one numpy pass.
+    sample.main(["--checkpoint", f"{run_folder['run']}/checkpoint-00000100.pt", "--ema", "0.999",
+                 "--seeds", f"0-{NUM_SEEDS - 1}", "--npz", str(tmp_path / "images.npz")])
+    images = torch.from_numpy(load_npz(tmp_path / "images.npz")["images"]).permute(0, 3, 1, 2)
+    detector = load_detector(run_folder["detector"])
+    features = detector.features(images).double().numpy()
+    fid = fid_from_stats(features.mean(0), np.cov(features, rowvar=False), *load_reference(run_folder["ref"]))
+    is_mean, is_std = numpy_inception_score(detector.probabilities(images).double().numpy())
+    for name, value in dict(fid=fid, is_mean=is_mean, is_std=is_std).items():
+        assert float(row[name]) == pytest.approx(value, rel=1e-6), name
+
+    two_ranks = dict(run_folder, csv=str(tmp_path / "two_ranks.csv"), plot=str(tmp_path / "two_ranks.png"))
+    mpirun(2, "pid_diffusion.cli.fid", *fid_args(two_ranks, "--ema", "0.999"))
+    for one, two in zip(read_rows(run_folder["csv"]), read_rows(two_ranks["csv"]), strict=True):
+        for name in ("fid", "is_mean", "is_std"):
+            assert float(two[name]) == pytest.approx(float(one[name]), rel=1e-6), name
+
+
+def test_csv_survives_an_interruption_and_a_bad_checkpoint(tmp_path, run_folder, monkeypatch):
+    fileio.atomic_write_bytes(b"not a checkpoint", f"{run_folder['run']}/checkpoint-00000300.pt")
+    evaluated = []
+    real_evaluate = fid_cli.evaluate
+
+    def interrupted_after_two(*args, **kwargs):
+        if len(evaluated) == 2:
+            raise KeyboardInterrupt
+        evaluated.append(args)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(fid_cli, "evaluate", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        fid_cli.main(fid_args(run_folder))
+    rows = read_rows(run_folder["csv"])
+    assert [(r["checkpoint"], r["ema"]) for r in rows] == [
+        ("checkpoint-00000100.pt", "0.999"), ("checkpoint-00000100.pt", fid_cli.TRAINED_WEIGHTS)]
+    assert all(r["fid"] and not r["error"] for r in rows)
+    dist.shutdown()
+
+    # Re-running the same command evaluates only what is missing and records the unreadable checkpoint.
+    evaluated.clear()
+    monkeypatch.setattr(fid_cli, "evaluate", lambda *args, **kwargs: (evaluated.append(args),
+                                                                     real_evaluate(*args, **kwargs))[1])
+    fid_cli.main(fid_args(run_folder))
+    assert len(evaluated) == 2
+    rows = read_rows(run_folder["csv"])
+    assert [(r["step"], r["ema"], bool(r["error"])) for r in rows] == [
+        ("100", "0.999", False), ("100", fid_cli.TRAINED_WEIGHTS, False), ("200", "0.999", False),
+        ("200", fid_cli.TRAINED_WEIGHTS, False), ("300", "", True)]
+    assert "checkpoint-00000300.pt" in rows[-1]["checkpoint"] and rows[-1]["error"]
+    fids = [float(r["fid"]) for r in rows[:4]]
+    assert len(set(fids)) == 4  # four different sets of weights
+
+    # And a third run has nothing left to do; the plot shows both steps.
+    evaluated.clear()
+    fid_cli.main(fid_args(run_folder))
+    assert evaluated == [] and read_rows(run_folder["csv"]) == rows
+    plot = PIL.Image.open(run_folder["plot"])
+    assert plot.size[0] > 500 and plot.size[1] > 500
+
+
+def test_results_are_read_back_exactly(tmp_path):
+    result = fid_cli.Result("checkpoint-00000100.pt", 100, "0.9999", "0-49999", 50000, fid=3.9182736451,
+                            is_mean=9.5, is_std=0.125, sampler="OneStepSampler (1 NFE)", detector="d.pt",
+                            reference="cifar10-32x32.npz")
+    table = fid_cli.ResultsTable(str(tmp_path / "fid.csv"))
+    table.record(result, write=True)
+    assert fid_cli.ResultsTable(str(tmp_path / "fid.csv")).results == {result.key: result}

@@ -1,0 +1,191 @@
+"""pid-sample: image k is made from seed k alone (EDM generate.py), whatever the batch size and number of ranks.
+
+Latents, classes and seeds are bitwise the same for any batch size and rank count; so are the images for any
+rank count at a fixed batch size. Across batch sizes the network's batched float arithmetic differs in the
+last bits (about 1e-6 here), which can move a rare uint8 value by one level, on CPUs and GPUs alike.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from pid_diffusion import checkpoint, dist, fileio, samplers
+from pid_diffusion.cli import sample
+from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.student import PIDStudent
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB_TIMEOUT_S = 600  # a guard against a hung job, far above its normal duration
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # PID's ε and T
+WEIGHT_NOISE = 0.02  # how far test weights are moved from the teacher's, so every checkpoint and EMA differs
+
+needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (Open MPI) is not installed")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers, also used by test_fid.py.
+
+def tiny_teacher(fixtures_dir, name: str = "ref_song_cond.pt") -> EDMPrecond:
+    """A 16×16 EDM network with EDM's perturbed reference weights (fixtures README)."""
+    reference = torch.load(fixtures_dir / name, weights_only=True)
+    teacher = EDMPrecond(**reference["precond_kwargs"])
+    teacher.load_state_dict(reference["state_dict"])
+    return teacher.eval().requires_grad_(False)
+
+
+def write_student_checkpoint(path: str, teacher: EDMPrecond, step: int, ema_rates=("0.999",)) -> None:
+    """A training checkpoint in the ARCHITECTURE.md layout (the entries load_generator reads), its trained
+    weights and each EMA moved randomly away from the teacher's."""
+    student = PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX)
+    generator = torch.Generator().manual_seed(step)
+
+    def perturbed() -> dict[str, torch.Tensor]:
+        return {key: value + WEIGHT_NOISE * torch.randn(value.shape, generator=generator)
+                for key, value in student.state_dict().items()}
+
+    fileio.atomic_torch_save(dict(step=step, model_spec=checkpoint.model_spec(student), model=perturbed(),
+                                  ema={rate: perturbed() for rate in ema_rates}), path)
+
+
+def write_teacher_file(path: str, teacher: EDMPrecond) -> None:
+    """A converted teacher checkpoint (network_kwargs, state_dict), as teacher.load_teacher reads it."""
+    torch.save(dict(network_kwargs=teacher.init_kwargs, state_dict=teacher.state_dict()), path)
+
+
+def mpirun(processes: int, module: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    result = subprocess.run(["mpirun", "-np", str(processes), "--oversubscribe", sys.executable, "-m", module, *args],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return dict(data)
+
+
+def seeded_latent_and_label(seed: int, shape, label_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """EDM generate.py: latent then class, both from one CPU generator seeded with the image's seed."""
+    generator = torch.Generator().manual_seed(seed)
+    latent = torch.randn(shape, generator=generator)
+    label = torch.randint(label_dim, size=[], generator=generator)
+    return latent, label
+
+
+@pytest.fixture
+def student_checkpoint(tmp_path, edm_fixtures_dir) -> str:
+    path = str(tmp_path / "checkpoint-00000100.pt")
+    write_student_checkpoint(path, tiny_teacher(edm_fixtures_dir), step=100)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _single_process_group():
+    yield
+    dist.shutdown()  # a failing main() leaves its process group behind
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tests.
+
+def test_image_k_is_the_student_on_latent_and_class_of_seed_k(tmp_path, student_checkpoint):
+    seeds = [3, 7, 100, 101, 102]
+    # One batch of 5, as the reference below, so that even the last float bit agrees.
+    sample.main(["--checkpoint", student_checkpoint, "--ema", "0.999", "--seeds", "3,7,100-102", "--batch", "5",
+                 "--npz", str(tmp_path / "s.npz")])
+    out = load_npz(tmp_path / "s.npz")
+
+    student = checkpoint.load_generator(student_checkpoint, ema_rate=0.999)
+    shape = (student.img_channels, student.img_resolution, student.img_resolution)
+    pairs = [seeded_latent_and_label(seed, shape, student.label_dim) for seed in seeds]
+    latents = torch.stack([latent for latent, _ in pairs])
+    labels = torch.stack([label for _, label in pairs])
+    one_hot = torch.nn.functional.one_hot(labels, student.label_dim).float()
+    expected = samplers.to_uint8(samplers.OneStepSampler()(student, latents, one_hot)).numpy()
+
+    np.testing.assert_array_equal(out["seeds"], seeds)
+    np.testing.assert_array_equal(out["labels"], labels.numpy())
+    np.testing.assert_array_equal(out["images"], expected)
+    assert out["images"].dtype == np.uint8 and out["images"].shape == (5, 16, 16, 3)
+
+
+@needs_mpirun
+def test_images_are_the_same_for_any_number_of_ranks_and_batch_size(tmp_path, student_checkpoint):
+    common = ["--checkpoint", student_checkpoint, "--seeds", "0-15"]
+    sample.main([*common, "--batch", "4", "--npz", str(tmp_path / "one_rank.npz"),
+                 "--grid", str(tmp_path / "grid.png"), "--grid-cols", "5", "--png-dir", str(tmp_path / "pngs")])
+    mpirun(2, "pid_diffusion.cli.sample", *common, "--batch", "4", "--npz", str(tmp_path / "two_ranks.npz"))
+    sample.main([*common, "--batch", "3", "--npz", str(tmp_path / "other_batch.npz")])
+
+    reference = load_npz(tmp_path / "one_rank.npz")
+    two_ranks = load_npz(tmp_path / "two_ranks.npz")
+    assert two_ranks.keys() == reference.keys() == {"images", "labels", "seeds"}
+    for key in reference:
+        np.testing.assert_array_equal(two_ranks[key], reference[key], err_msg=key)
+
+    other_batch = load_npz(tmp_path / "other_batch.npz")
+    np.testing.assert_array_equal(other_batch["seeds"], reference["seeds"])
+    np.testing.assert_array_equal(other_batch["labels"], reference["labels"])
+    difference = np.abs(other_batch["images"].astype(int) - reference["images"])
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+
+    # The grid tiles the same images in seed order, 5 per row; one PNG per seed holds each image.
+    images = reference["images"]
+    grid = np.array(PIL.Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (4 * 16, 5 * 16, 3)
+    np.testing.assert_array_equal(grid[16:32, 32:48], images[7])
+    assert not grid[48:, 16:].any()  # tiles 17 to 20 of 16 images are empty
+    for seed in range(16):
+        np.testing.assert_array_equal(np.array(PIL.Image.open(tmp_path / "pngs" / f"{seed:06d}.png")), images[seed])
+
+
+@pytest.mark.parametrize("kind", [sample.SamplerKind.HEUN, sample.SamplerKind.EULER])
+def test_teacher_samples_with_its_sampler_on_seeded_latents_and_given_classes(tmp_path, edm_fixtures_dir, kind):
+    steps = 3
+    teacher = tiny_teacher(edm_fixtures_dir)
+    write_teacher_file(str(tmp_path / "teacher.pt"), teacher)
+    sample.main(["--teacher", str(tmp_path / "teacher.pt"), "--sampler", kind.value, "--steps", str(steps),
+                 "--seeds", "0-3", "--classes", "2,5", "--npz", str(tmp_path / "t.npz")])
+    out = load_npz(tmp_path / "t.npz")
+
+    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    latents = torch.stack([seeded_latent_and_label(seed, shape, teacher.label_dim)[0] for seed in range(4)])
+    labels = torch.tensor([2, 5, 2, 5])  # image k gets classes[k mod 2]
+    reference_sampler = (samplers.HeunSampler(num_steps=steps) if kind is sample.SamplerKind.HEUN
+                         else samplers.EulerSampler.on_grid(num_points=steps))
+    expected = reference_sampler(teacher, latents, torch.nn.functional.one_hot(labels, teacher.label_dim).float())
+    np.testing.assert_array_equal(out["labels"], labels.numpy())
+    np.testing.assert_array_equal(out["images"], samplers.to_uint8(expected).numpy())
+
+
+def test_sampler_must_fit_the_network(edm_fixtures_dir):
+    teacher = tiny_teacher(edm_fixtures_dir)
+    student = PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX)
+    assert isinstance(sample.make_sampler(None, None, student), samplers.OneStepSampler)
+    assert sample.make_sampler(None, None, teacher) == samplers.HeunSampler()
+    with pytest.raises(ValueError, match="cannot sample a PID student"):
+        sample.make_sampler(sample.SamplerKind.HEUN, 18, student)
+    with pytest.raises(ValueError, match="cannot sample a denoiser"):
+        sample.make_sampler(sample.SamplerKind.ONE_STEP, None, teacher)
+
+
+def test_seed_lists_follow_edm_syntax():
+    assert sample.parse_int_list("0-3,7,10-11") == [0, 1, 2, 3, 7, 10, 11]
+    for bad in ("3-1", "a", "1,,2", "-3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a list"):
+            sample.parse_int_list(bad)
+
+
+def test_grid_pads_the_last_row_with_black():
+    images = np.arange(1, 6, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 3, 1), dtype=np.uint8)
+    grid = np.array(sample.image_grid(images, columns=2))
+    assert grid.shape == (6, 6)
+    np.testing.assert_array_equal(grid[::2, ::3], [[1, 2], [3, 4], [5, 0]])
