@@ -1,0 +1,380 @@
+"""The training loop shared by distillation and teacher training: DDP, micro-batches, precision, EMA,
+checkpoints, exact resume, logging.
+
+The loop knows a task only through its `Objective` (ARCHITECTURE.md): at step s every rank seeds a CPU
+generator with `train.seed · 2³² + s`, draws the *global* batch with `objective.sample_batch`, keeps its
+slice `[rank · b, (rank + 1) · b)` and splits it into micro-batches. Sample k of step s is therefore the
+same for any number of ranks and micro-batches, and the loss of a step is the mean of the per-sample losses
+over the global batch: K ranks × B/K train like one rank × B, up to the order of floating-point sums.
+
+Re-running the same command resumes from the newest complete checkpoint in the run folder with the model,
+every EMA, the optimizer, the loss scaler, the step and every rank's random-number state, so the resumed run
+ends with the same weights as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import io
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import tqdm
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pid_diffusion import checkpoint, dist, fileio
+from pid_diffusion.config import ConfigError, TrainConfig, TrainingConfig, diff, from_dict, to_dict, to_json
+
+__all__ = ["EMA", "NonFiniteLossError", "Objective", "Preview", "step_generator", "training_loop"]
+
+_STEP_SEED_STRIDE = 2**32  # Step s of run seed r draws its batch from generator seed r · 2³² + s.
+
+
+class Objective(Protocol):
+    """A training task as the loop sees it (ARCHITECTURE.md, the objective protocol)."""
+
+    def sample_batch(self, generator: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
+        """The global batch of a step: tensors whose first dimension is `batch_size`, drawn from `generator`."""
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-sample losses [b] of a (micro-)batch; `model` is the DDP-wrapped model."""
+
+
+Preview = Callable[[nn.Module], torch.Tensor]  # model -> images in [−1, 1] from fixed noise, for sample grids.
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops without writing anything."""
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of step `step`: the batch it draws depends only on (seed, step)."""
+    return torch.Generator().manual_seed(seed * _STEP_SEED_STRIDE + step)
+
+
+class EMA:
+    """Exponential moving averages of a model's parameters at several rates; buffers are copied."""
+
+    def __init__(self, model: nn.Module, rates: tuple[float, ...]):
+        self.rates = rates
+        self.models = {rate: copy.deepcopy(model).eval().requires_grad_(False) for rate in rates}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = list(model.parameters())
+        buffers = list(model.buffers())
+        for rate, average in self.models.items():
+            # θ_ema ← rate · θ_ema + (1 − rate) · θ
+            torch._foreach_lerp_(list(average.parameters()), params, 1.0 - rate)
+            for mine, theirs in zip(average.buffers(), buffers):
+                mine.copy_(theirs)
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {str(rate): average.state_dict() for rate, average in self.models.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        missing = [str(rate) for rate in self.rates if str(rate) not in state]
+        if missing:
+            raise ValueError(f"the checkpoint has no EMA at rate(s) {', '.join(missing)}; it has {', '.join(state)}")
+        for rate, average in self.models.items():
+            average.load_state_dict(state[str(rate)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces of a step.
+
+
+def _batch_plan(train: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(per-rank batch, micro-batch), or a ConfigError naming the fix."""
+    if train.batch % world_size:
+        raise ConfigError(f"train.batch={train.batch} does not split over {world_size} ranks: use a multiple of "
+                          f"{world_size} or another number of processes")
+    per_rank = train.batch // world_size
+    micro = train.micro_batch or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"train.micro_batch={micro} does not divide the per-rank batch {per_rank} "
+                          f"(train.batch={train.batch} over {world_size} ranks): choose a divisor of {per_rank}")
+    return per_rank, micro
+
+
+def _rank_slice(objective: Objective, train: TrainConfig, step: int, per_rank: int, rank: int,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's part of the global batch of `step`, on `device`."""
+    batch = objective.sample_batch(step_generator(train.seed, step), train.batch)
+    for key, value in batch.items():
+        if value.shape[:1] != (train.batch,):
+            raise ValueError(f"sample_batch returned {key!r} of shape {tuple(value.shape)}; its first dimension "
+                             f"must be the requested batch size {train.batch}")
+    return {key: value[rank * per_rank:(rank + 1) * per_rank].to(device) for key, value in batch.items()}
+
+
+def _micro_batches(batch: dict[str, torch.Tensor], micro: int) -> Iterator[dict[str, torch.Tensor]]:
+    size = next(iter(batch.values())).shape[0]
+    for start in range(0, size, micro):
+        yield {key: value[start:start + micro] for key, value in batch.items()}
+
+
+def _autocast(train: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    dtype = train.precision.autocast_dtype
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _seed_globals(seed: int, rank: int, step: int) -> None:
+    """Seed torch, numpy and python's global generators from (seed, rank, step): each rank its own stream."""
+    state = np.random.SeedSequence((seed, rank, step)).generate_state(2, dtype=np.uint32)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+    np.random.seed(state)
+    random.seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    """Euclidean norm of all gradients together."""
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _weights_checksum(model: nn.Module) -> torch.Tensor:
+    """Per-tensor float64 sums of parameters and buffers: equal on ranks that hold equal weights."""
+    return torch.stack([t.detach().double().sum() for t in [*model.parameters(), *model.buffers()]])
+
+
+def _check_ranks_agree(model: nn.Module, step: int) -> None:
+    if dist.world_size() == 1:
+        return
+    high = _weights_checksum(model)
+    low = high.clone()
+    torch_dist.all_reduce(high, op=torch_dist.ReduceOp.MAX)
+    torch_dist.all_reduce(low, op=torch_dist.ReduceOp.MIN)
+    if not torch.equal(high, low):
+        names = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]]
+        differing = [names[i] for i in torch.nonzero(high != low).flatten().tolist()]
+        raise RuntimeError(f"after step {step} the ranks hold different weights in {', '.join(differing[:5])}: "
+                           f"some rank updated its model outside DDP")
+
+
+class _MetricsLog:
+    """metrics.jsonl in the run folder, one JSON record per log step; rank 0 only.
+
+    The file is rewritten atomically (blob stores cannot append); a resumed run drops the records of steps
+    after its checkpoint, which it trains again.
+    """
+
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        self.lines: list[str] = []
+        if fileio.exists(path):
+            lines = fileio.read_bytes(path).decode("utf-8").splitlines()
+            self.lines = [line for line in lines if line and json.loads(line)["step"] <= resume_step]
+
+    def append(self, record: dict) -> None:
+        self.lines.append(json.dumps(record))
+        fileio.atomic_write_text("\n".join(self.lines) + "\n", self.path)
+
+
+def _save_grid(images: torch.Tensor, path: str) -> None:
+    """A PNG grid of images in [−1, 1], written atomically."""
+    import torchvision.utils  # Here, not at the top: importing torchvision costs seconds at every launch.
+
+    buffer = io.BytesIO()
+    nrow = max(1, round(math.sqrt(images.shape[0])))
+    torchvision.utils.save_image((images.float() + 1) / 2, buffer, format="png", nrow=nrow)
+    fileio.atomic_write_bytes(buffer.getvalue(), path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module,
+                  preview: Preview | None = None) -> nn.Module:
+    """Train `model` on `objective` as `config.train` says, writing to `config.run.dir`; returns the model.
+
+    `model` must have `init_kwargs` and be listed in `checkpoint.MODEL_CLASSES`; the objective receives it
+    wrapped in DDP. `preview(model)` draws the sample grid written every `run.image_every` steps.
+    """
+    run, train = config.run, config.train
+    dist.init(timeout=datetime.timedelta(minutes=run.timeout_minutes))
+    rank, world_size, device = dist.rank(), dist.world_size(), dist.device()
+    per_rank, micro = _batch_plan(train, world_size)
+
+    # Build the training state, then replace it with the newest checkpoint, if any.
+    checkpoint.model_spec(model)  # Fail now, not at the first checkpoint, if the model cannot be saved.
+    model.to(device).train()
+    optimizer = train.optimizer.build(model.parameters(), train)
+    ema = EMA(model, train.ema_rates)
+    scaler = torch.amp.GradScaler(device.type, enabled=train.precision.needs_loss_scaling)
+    start_step, last_checkpoint = _resume(config, model, ema, optimizer, scaler)
+    if rank == 0:
+        fileio.atomic_write_text(to_json(config), fileio.join(run.dir, "config.json"))
+        metrics = _MetricsLog(fileio.join(run.dir, "metrics.jsonl"), start_step)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    dist.print0(f"Training {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) "
+                f"on {world_size} rank(s), {per_rank} samples per rank in micro-batches of {micro}, "
+                f"steps {start_step} → {train.steps}, run folder {run.dir}")
+
+    progress = tqdm.tqdm(total=train.steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    interval = _Interval()
+    for step in range(start_step, train.steps):
+        done = step + 1
+        for group in optimizer.param_groups:
+            group["lr"] = train.lr_at(step)
+
+        # Accumulate gradients: each rank's share of the global mean, synchronised on the last micro-batch.
+        batch = _rank_slice(objective, train, step, per_rank, rank, device)
+        loss_sum = torch.zeros((), device=device)
+        parts = list(_micro_batches(batch, micro))
+        for index, part in enumerate(parts):
+            sync = contextlib.nullcontext() if index == len(parts) - 1 else ddp.no_sync()
+            with sync:
+                with _autocast(train, device):
+                    losses = objective(ddp, part)
+                losses = losses.float()
+                if losses.shape != (micro,):
+                    raise ValueError(f"the objective returned losses of shape {tuple(losses.shape)}; it must "
+                                     f"return one loss per sample, shape ({micro},)")
+                # DDP averages gradients over ranks, so each rank's term is its sum / per-rank batch.
+                scaler.scale(losses.sum() / per_rank).backward()
+            loss_sum += losses.detach().sum()
+        loss = dist.all_reduce_mean(loss_sum).item() / per_rank
+        if not math.isfinite(loss):
+            where = last_checkpoint or "none was written"
+            raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step} (counting from 0), before its update; "
+                                     f"nothing was written. Last good checkpoint: {where}")
+
+        # Update the weights (a loss-scaling overflow skips the step) and the averages.
+        scaler.unscale_(optimizer)
+        if train.grad_clip is None:
+            grad_norm = _grad_norm(model)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        skipped = scaler.is_enabled() and scaler.get_scale() < scale
+        if not skipped:
+            ema.update(model)
+        interval.add(loss, grad_norm.item(), skipped)
+        progress.update()
+
+        # Periodic work: consistency check, log, sample grid, checkpoint.
+        if run.sync_check_every and done % run.sync_check_every == 0:
+            _check_ranks_agree(model, done)
+        if done % run.log_every == 0 or done == train.steps:
+            record = interval.record(done, train, optimizer, scaler)
+            if rank == 0:
+                metrics.append(record)
+                progress.set_postfix(loss=f"{record['loss']:.4g}", skipped=record["skipped_steps"])
+        if preview is not None and run.image_every and done % run.image_every == 0 and rank == 0:
+            _write_preview(preview, model, fileio.join(run.dir, f"samples-{done:08d}.png"))
+        if done % run.checkpoint_every == 0 or done == train.steps:
+            last_checkpoint = _save(config, done, model, ema, optimizer, scaler)
+    progress.close()
+    return model
+
+
+class _Interval:
+    """Sums over the steps since the last log record."""
+
+    def __init__(self):
+        self.start, self.steps, self.loss, self.grad_norm, self.skipped = time.perf_counter(), 0, 0.0, 0.0, 0
+
+    def add(self, loss: float, grad_norm: float, skipped: bool) -> None:
+        self.steps += 1
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.skipped += int(skipped)
+
+    def record(self, step: int, train: TrainConfig, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler) -> dict:
+        """The log record of the interval ending at `step`, then a fresh interval."""
+        seconds = time.perf_counter() - self.start
+        record = {
+            "step": step,
+            "loss": self.loss / self.steps,  # Mean over the interval of the global-batch mean loss.
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": self.grad_norm / self.steps,
+            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
+            "skipped_steps": self.skipped,
+            "images_per_s": train.batch * self.steps / seconds,
+            "s_per_step": seconds / self.steps,
+            "time": time.time(),
+        }
+        self.__init__()
+        return record
+
+
+@torch.no_grad()
+def _write_preview(preview: Preview, model: nn.Module, path: str) -> None:
+    model.eval()
+    try:
+        _save_grid(preview(model), path)
+    finally:
+        model.train()
+
+
+def _save(config: TrainingConfig, step: int, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
+          scaler: torch.amp.GradScaler) -> str:
+    """Write checkpoint `step` (rank 0, with every rank's RNG state), prune old ones; returns its path."""
+    states = [None] * dist.world_size() if dist.rank() == 0 else None
+    torch_dist.gather_object(checkpoint.capture_rng(), states, dst=0)
+    path = checkpoint.checkpoint_path(config.run.dir, step)
+    if dist.rank() == 0:
+        fileio.atomic_torch_save({
+            "step": step,
+            "config": to_dict(config),
+            "model_spec": checkpoint.model_spec(model),
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": states,
+        }, path)
+        checkpoint.prune_checkpoints(config.run.dir, config.run.keep_checkpoints)
+    dist.barrier()
+    return path
+
+
+def _resume(config: TrainingConfig, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler) -> tuple[int, str | None]:
+    """Load the newest checkpoint of the run folder into the training state: (its step, its path).
+
+    Without one, seed the global generators and return (0, None). The stored configuration must equal
+    `config` except for the step limit (and the run folder, which may have been moved).
+    """
+    train, rank, world_size = config.train, dist.rank(), dist.world_size()
+    latest = checkpoint.latest_checkpoint(config.run.dir)
+    if latest is None:
+        _seed_globals(train.seed, rank, 0)
+        return 0, None
+    step, path = latest
+    state = fileio.torch_load(path)  # On the CPU: RNG states must stay there; load_state_dict moves the rest.
+    stored = from_dict(type(config), state["config"])
+    # The step limit may grow; the run folder may have been moved or copied. Anything else changes the run.
+    changed = [key for key in diff(stored, config) if key not in ("train.steps", "run.dir")]
+    if changed:
+        raise ConfigError(f"{path} was written with a different configuration ({', '.join(changed)} differ). "
+                          f"Resume with the stored options (see config.json) or start a new run folder")
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if len(state["rng"]) == world_size:
+        checkpoint.restore_rng(state["rng"][rank])
+    else:
+        # Another number of ranks: the run continues, but its random numbers differ from an uninterrupted one.
+        dist.print0(f"{path} holds RNG states of {len(state['rng'])} ranks, this job has {world_size}; "
+                    f"reseeding the global generators from (seed, rank, step)")
+        _seed_globals(train.seed, rank, step)
+    dist.print0(f"Resuming from {path} at step {step}")
+    return step, path

@@ -1,0 +1,159 @@
+"""Configuration: presets hold the paper's numbers, overrides are typed and validated, unknown keys fail."""
+
+import dataclasses
+import inspect
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pid_diffusion import config as cfg
+from pid_diffusion.cli import distill
+from pid_diffusion.config import (
+    ConfigError, DISTILL_PRESETS, DistillConfig, OptimizerKind, Precision, Presets, diff, from_dict,
+    parse_overrides, resolve, to_dict, to_json,
+)
+from pid_diffusion.loss import Derivative, ResidualForm
+from pid_diffusion.metrics import Metric
+from pid_diffusion.student import StudentInit
+
+PAPER_EMA = (0.999, 0.9999, 0.99995)
+
+
+def test_cifar10_preset_is_the_paper_run():
+    c = resolve("cifar10")
+    assert (c.train.batch, c.train.micro_batch, c.train.steps) == (512, None, 800_000)
+    assert (c.train.lr, c.train.eps) == (2e-4, 1e-8)
+    assert (c.train.optimizer, c.train.precision, c.train.ema_rates) == (OptimizerKind.RADAM, Precision.FP32, PAPER_EMA)
+    assert (c.train.weight_decay, c.train.warmup_steps, c.train.grad_clip) == (0.0, 0, None)
+    assert (c.pid.num_points, c.pid.rho, c.pid.sigma_min, c.pid.sigma_max) == (250, 7.0, 0.002, 80.0)
+    assert (c.pid.metric, c.pid.derivative, c.pid.form) == (Metric.LPIPS_PIQ, Derivative.FORWARD, ResidualForm.DENOISER)
+    assert (c.student.init, c.student.dropout, c.run.checkpoint_every) == (StudentInit.TEACHER, 0.0, 10_000)
+    assert "cifar10" in c.teacher.path
+
+
+def test_imagenet64_preset_is_the_paper_run():
+    c = resolve("imagenet64")
+    assert (c.train.batch, c.train.micro_batch, c.train.steps, c.train.lr) == (2048, 32, 400_000, 1e-4)
+    assert (c.train.precision, c.train.ema_rates, c.pid.metric) == (Precision.FP16, PAPER_EMA, Metric.LPIPS_PIQ)
+    assert "imagenet-64x64-cond" in c.teacher.path
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet64"])
+def test_central_presets_differ_only_in_the_scheme(name):
+    plain, central = resolve(name), resolve(f"{name}-central")
+    assert diff(plain, central) == ["pid.derivative", "run.dir"]
+    assert central.pid.derivative is Derivative.CENTRAL
+
+
+def test_default_preset_runs_on_the_cpu_without_pretrained_weights():
+    c = resolve("default")
+    assert c.pid.metric is Metric.L2 and c.train.precision is Precision.FP32
+    assert c.teacher.path.startswith("model_zoo/")
+
+
+@pytest.mark.parametrize("name", DISTILL_PRESETS.names())
+def test_every_preset_survives_the_json_round_trip(name):
+    c = resolve(name)
+    assert from_dict(DistillConfig, json.loads(to_json(c))) == c
+
+
+def test_overrides_are_parsed_by_field_type():
+    c = resolve("default", parse_overrides([
+        "--train.lr=1e-3", "--batch=64", "--train.micro_batch=16", "--precision=bf16", "--train.ema_rates=0.9,0.99",
+        "--train.grad_clip=1.5", "--stop_neighbour_grad=true", "--pid.metric=pseudo_huber", "--pseudo_huber_c=0.03",
+        "--teacher.preset=edm-cifar10-32x32-uncond-vp", "--student.init=random", "--run.dir=gs://bucket/run",
+    ]))
+    assert (c.train.lr, c.train.batch, c.train.micro_batch, c.train.precision) == (1e-3, 64, 16, Precision.BF16)
+    assert (c.train.ema_rates, c.train.grad_clip, c.pid.stop_neighbour_grad) == ((0.9, 0.99), 1.5, True)
+    assert (c.pid.metric, c.pid.pseudo_huber_c, c.student.init) == (Metric.PSEUDO_HUBER, 0.03, StudentInit.RANDOM)
+    assert (c.teacher.preset, c.run.dir) == ("edm-cifar10-32x32-uncond-vp", "gs://bucket/run")
+    assert resolve("cifar10", {"train.micro_batch": "none"}).train.micro_batch is None
+    assert resolve("imagenet64", {"micro_batch": "null"}).train.micro_batch is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.lr": "fast"}, "train.lr: expected float, got 'fast'"),
+    ({"train.batch": "1.5"}, "train.batch: expected int"),
+    ({"train.precision": "fp8"}, "fp8' is not one of fp32, fp16, bf16"),
+    ({"pid.metric": "lpips"}, "is not one of lpips_piq, lpips_vgg, l2, l1, pseudo_huber"),
+    ({"pid.stop_neighbour_grad": "maybe"}, "expected true or false"),
+    ({"train.betas": "0.9"}, "train.betas: expected 2 values"),
+    ({"train.batch": "none"}, "train.batch: expected int, got 'none'"),
+    ({"train.batch": "0"}, "train.batch: must be ≥ 1"),
+    ({"train.micro_batch": "64"}, "train.micro_batch: must be None or between 1 and train.batch = 32"),
+    ({"train.ema_rates": "0.9,1.0"}, "train.ema_rates: need 0 < rate < 1"),
+    ({"train.ema_rates": "0.9,0.9"}, "rates must be distinct"),
+    ({"train.seed": "-1"}, "train.seed: must be in"),
+    ({"train.grad_clip": "0"}, "train.grad_clip: must be > 0"),
+    ({"pid.sigma_min": "90"}, "need 0 < sigma_min < sigma_max"),
+    ({"pid.num_points": "2", "pid.derivative": "central"}, "the central scheme needs ≥ 3 grid points"),
+    ({"pid.pseudo_huber_c": "0.1"}, "applies to metric=pseudo_huber only (metric is l2)"),
+    ({"pid.derivative": "jvp", "pid.stop_neighbour_grad": "true"}, "applies to finite differences only"),
+    ({"student.dropout": "1"}, "need 0 ≤ dropout < 1"),
+    ({"run.checkpoint_every": "0"}, "run.checkpoint_every: must be ≥ 1"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve("default", overrides)
+
+
+def test_unknown_keys_are_errors():
+    with pytest.raises(ConfigError, match=re.escape("unknown option --train.lrate; did you mean --train.lr")):
+        resolve("default", {"train.lrate": "1"})
+    with pytest.raises(ConfigError, match="unknown option --nonsense"):
+        resolve("default", {"nonsense": "1"})
+    with pytest.raises(ConfigError, match="unknown key train.momentum"):
+        from_dict(DistillConfig, {"train": {"momentum": 0.9}})
+    with pytest.raises(ConfigError, match="unknown preset 'cifar100'"):
+        resolve("cifar100")
+
+
+def test_command_line_syntax():
+    assert parse_overrides(["--a.b=1", "--c=x=y"]) == {"a.b": "1", "c": "x=y"}
+    with pytest.raises(ConfigError, match="write overrides as --key=value"):
+        parse_overrides(["--train.lr", "1e-4"])
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_overrides(["--lr=1", "--lr=2"])
+
+
+def test_a_bare_key_must_name_one_field():
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        x: int = 0
+
+    @dataclasses.dataclass(frozen=True)
+    class Twin:
+        a: Section = dataclasses.field(default_factory=Section)
+        b: Section = dataclasses.field(default_factory=Section)
+
+    presets = Presets(Twin)
+    presets.register("twin")(Twin)
+    assert presets.resolve("twin", {"b.x": "3"}) == Twin(b=Section(3))
+    with pytest.raises(ConfigError, match="--x is ambiguous: write one of --a.x, --b.x"):
+        presets.resolve("twin", {"x": "3"})
+
+
+def test_every_option_is_read_by_the_code_that_runs():
+    # An option parsed and never read is a silent no-op: each field must be read by the loop, the CLI or the
+    # configuration's own methods that hand it on (optimizer, learning-rate schedule, metric options).
+    package = Path(cfg.__file__).parent
+    readers = "\n".join([(package / "train.py").read_text(), inspect.getsource(distill),
+                         inspect.getsource(OptimizerKind.build), inspect.getsource(cfg.TrainConfig.lr_at),
+                         inspect.getsource(cfg.PIDConfig.metric_options)])
+    unread = [key for key in cfg._leaf_keys(DistillConfig) if not re.search(rf"\.{key.split('.')[-1]}\b", readers)]
+    assert unread == []
+
+
+def test_dry_run_prints_the_resolved_configuration(capsys):
+    distill.main(["--preset=cifar10", "--train.lr=1e-4", "--dry-run"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == to_dict(resolve("cifar10", {"train.lr": "1e-4"}))
+
+
+def test_command_line_errors_exit_with_a_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        distill.main(["--train.batchsize=3"])
+    assert exit_info.value.code == 2
+    assert "unknown option --train.batchsize; did you mean --train.batch" in capsys.readouterr().err
