@@ -47,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "TrainingConfig",
     "apply_overrides",
+    "check",
     "diff",
     "from_dict",
     "parse_overrides",
@@ -95,7 +96,8 @@ class Precision(enum.Enum):
 # Sections every training task shares.
 
 
-def _check(condition: bool, key: str, message: str) -> None:
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise ConfigError("<key>: <message>") unless `condition` holds: the range checks of every section."""
     if not condition:
         raise ConfigError(f"{key}: {message}")
 
@@ -114,12 +116,12 @@ class RunConfig:
     timeout_minutes: float = 10.0   # A collective waiting longer than this fails the job (a rank died).
 
     def __post_init__(self):
-        _check(bool(self.dir), "run.dir", "must name a folder")
+        check(bool(self.dir), "run.dir", "must name a folder")
         for key in ("checkpoint_every", "log_every", "image_count"):
-            _check(getattr(self, key) >= 1, f"run.{key}", f"must be ≥ 1, got {getattr(self, key)}")
+            check(getattr(self, key) >= 1, f"run.{key}", f"must be ≥ 1, got {getattr(self, key)}")
         for key in ("keep_checkpoints", "image_every", "sync_check_every"):
-            _check(getattr(self, key) >= 0, f"run.{key}", f"must be ≥ 0, got {getattr(self, key)}")
-        _check(self.timeout_minutes > 0, "run.timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
+            check(getattr(self, key) >= 0, f"run.{key}", f"must be ≥ 0, got {getattr(self, key)}")
+        check(self.timeout_minutes > 0, "run.timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,21 +143,21 @@ class TrainConfig:
     ema_rates: tuple[float, ...] = (0.999, 0.9999, 0.99995)  # EMA decay rates, kept side by side.
 
     def __post_init__(self):
-        _check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2^32), got {self.seed}")
+        check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2^32), got {self.seed}")
         for key in ("steps", "batch"):
-            _check(getattr(self, key) >= 1, f"train.{key}", f"must be ≥ 1, got {getattr(self, key)}")
-        _check(self.steps < 2**32, "train.steps", f"must be < 2^32 (step seeds), got {self.steps}")
-        _check(self.micro_batch is None or 1 <= self.micro_batch <= self.batch, "train.micro_batch",
+            check(getattr(self, key) >= 1, f"train.{key}", f"must be ≥ 1, got {getattr(self, key)}")
+        check(self.steps < 2**32, "train.steps", f"must be < 2^32 (step seeds), got {self.steps}")
+        check(self.micro_batch is None or 1 <= self.micro_batch <= self.batch, "train.micro_batch",
                f"must be None or between 1 and train.batch = {self.batch}, got {self.micro_batch}")
-        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"must be > 0, got {self.lr}")
-        _check(all(0 <= b < 1 for b in self.betas), "train.betas", f"need 0 ≤ β < 1, got {self.betas}")
-        _check(self.eps > 0, "train.eps", f"must be > 0, got {self.eps}")
-        _check(self.weight_decay >= 0, "train.weight_decay", f"must be ≥ 0, got {self.weight_decay}")
-        _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be ≥ 0, got {self.warmup_steps}")
-        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip",
+        check(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"must be > 0, got {self.lr}")
+        check(all(0 <= b < 1 for b in self.betas), "train.betas", f"need 0 ≤ β < 1, got {self.betas}")
+        check(self.eps > 0, "train.eps", f"must be > 0, got {self.eps}")
+        check(self.weight_decay >= 0, "train.weight_decay", f"must be ≥ 0, got {self.weight_decay}")
+        check(self.warmup_steps >= 0, "train.warmup_steps", f"must be ≥ 0, got {self.warmup_steps}")
+        check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip",
                f"must be > 0 (or none to disable clipping), got {self.grad_clip}")
-        _check(all(0 < r < 1 for r in self.ema_rates), "train.ema_rates", f"need 0 < rate < 1, got {self.ema_rates}")
-        _check(len(set(self.ema_rates)) == len(self.ema_rates), "train.ema_rates",
+        check(all(0 < r < 1 for r in self.ema_rates), "train.ema_rates", f"need 0 < rate < 1, got {self.ema_rates}")
+        check(len(set(self.ema_rates)) == len(self.ema_rates), "train.ema_rates",
                f"rates must be distinct, got {self.ema_rates}")
 
     def lr_at(self, step: int) -> float:
@@ -185,7 +187,7 @@ class TeacherConfig:
     preset: str | None = None                    # EDM network preset for weights-only files; None: read from the file.
 
     def __post_init__(self):
-        _check(bool(self.path), "teacher.path", "must name the teacher file")
+        check(bool(self.path), "teacher.path", "must name the teacher file")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +198,7 @@ class StudentConfig:
     dropout: float = 0.0                     # Dropout of the student network (the paper uses 0).
 
     def __post_init__(self):
-        _check(0 <= self.dropout < 1, "student.dropout", f"need 0 ≤ dropout < 1, got {self.dropout}")
+        check(0 <= self.dropout < 1, "student.dropout", f"need 0 ≤ dropout < 1, got {self.dropout}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,16 +217,16 @@ class PIDConfig:
 
     def __post_init__(self):
         minimum = 3 if self.derivative is Derivative.CENTRAL else 2
-        _check(self.num_points >= minimum, "pid.num_points",
+        check(self.num_points >= minimum, "pid.num_points",
                f"the {self.derivative.value} scheme needs ≥ {minimum} grid points, got {self.num_points}")
-        _check(self.rho > 0, "pid.rho", f"must be > 0, got {self.rho}")
-        _check(0 < self.sigma_min < self.sigma_max, "pid.sigma_min",
+        check(self.rho > 0, "pid.rho", f"must be > 0, got {self.rho}")
+        check(0 < self.sigma_min < self.sigma_max, "pid.sigma_min",
                f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
-        _check(not (self.stop_neighbour_grad and self.derivative is Derivative.JVP), "pid.stop_neighbour_grad",
+        check(not (self.stop_neighbour_grad and self.derivative is Derivative.JVP), "pid.stop_neighbour_grad",
                "applies to finite differences only; set it to false with derivative=jvp")
-        _check(self.pseudo_huber_c is None or self.metric is Metric.PSEUDO_HUBER, "pid.pseudo_huber_c",
+        check(self.pseudo_huber_c is None or self.metric is Metric.PSEUDO_HUBER, "pid.pseudo_huber_c",
                f"applies to metric=pseudo_huber only (metric is {self.metric.value}); leave it none")
-        _check(self.pseudo_huber_c is None or self.pseudo_huber_c > 0, "pid.pseudo_huber_c",
+        check(self.pseudo_huber_c is None or self.pseudo_huber_c > 0, "pid.pseudo_huber_c",
                f"must be > 0, got {self.pseudo_huber_c}")
 
     def metric_options(self) -> dict[str, Any]:

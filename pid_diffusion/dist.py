@@ -28,7 +28,9 @@ import torch.distributed as torch_dist
 __all__ = [
     "Launcher",
     "abort_on_error",
+    "all_gather_tensors",
     "all_reduce_mean",
+    "all_reduce_sum",
     "barrier",
     "device",
     "init",
@@ -189,6 +191,38 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         torch_dist.all_reduce(result, op=torch_dist.ReduceOp.SUM)
         result /= world_size()
     return result
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over ranks (a new tensor; the input is left alone).
+
+    Exact for integer counts and in the input's dtype (float64 sums stay float64), unlike a mean times the
+    world size. The tensor must be on `device()` (NCCL reduces GPU tensors only).
+    """
+    result = tensor.detach().clone()
+    if is_initialized() and world_size() > 1:
+        torch_dist.all_reduce(result, op=torch_dist.ReduceOp.SUM)
+    return result
+
+
+def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `tensor`, in rank order, on every rank; first dimensions may differ between ranks.
+
+    The other dimensions and the dtype must agree. Each rank pads its tensor to the longest first dimension
+    (collectives need equal shapes), and the padding is cut off again.
+    """
+    if tensor.ndim == 0:
+        raise ValueError("all_gather_tensors gathers along the first dimension: reshape a scalar to shape [1]")
+    if not (is_initialized() and world_size() > 1):
+        return [tensor.detach().clone()]
+    lengths = [torch.zeros(1, dtype=torch.int64, device=tensor.device) for _ in range(world_size())]
+    torch_dist.all_gather(lengths, torch.tensor([len(tensor)], dtype=torch.int64, device=tensor.device))
+    lengths = [int(length) for length in lengths]
+    padded = tensor.detach().new_zeros((max(lengths), *tensor.shape[1:]))
+    padded[: len(tensor)] = tensor
+    shards = [torch.empty_like(padded) for _ in lengths]
+    torch_dist.all_gather(shards, padded)
+    return [shard[:length] for shard, length in zip(shards, lengths)]
 
 
 def print0(*args, **kwargs) -> None:

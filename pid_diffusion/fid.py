@@ -11,7 +11,6 @@ from collections.abc import Iterable
 import numpy as np
 import scipy.linalg
 import torch
-import torch.distributed as torch_dist
 
 from pid_diffusion import dist, fileio
 from pid_diffusion.inception import FEATURE_DIM, NUM_CLASSES, Detector
@@ -27,12 +26,6 @@ __all__ = [
 ]
 
 IS_SPLITS = 10  # Salimans et al. 2016, kept by StyleGAN2-ADA
-
-
-def _sum_over_ranks(tensor: torch.Tensor) -> None:
-    """In place: the sum of `tensor` over ranks (exact for counts, unlike a mean times the world size)."""
-    if dist.is_initialized() and dist.world_size() > 1:
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
 
 
 class FeatureStats:
@@ -55,8 +48,7 @@ class FeatureStats:
 
     def all_reduce(self) -> None:
         """Sum the accumulators of every rank (call once, on every rank, after the last update)."""
-        for tensor in (self.num, self.sum, self.sum_outer):
-            _sum_over_ranks(tensor)
+        self.num, self.sum, self.sum_outer = (dist.all_reduce_sum(t) for t in (self.num, self.sum, self.sum_outer))
 
     def mean_and_covariance(self) -> tuple[np.ndarray, np.ndarray]:
         """mu [dim] and the unbiased covariance sigma [dim, dim], float64."""
@@ -109,8 +101,8 @@ class InceptionScoreStats:
 
     def all_reduce(self) -> None:
         """Sum the accumulators of every rank (call once, on every rank, after the last update)."""
-        for tensor in (self.count, self.sum_p, self.sum_plogp):
-            _sum_over_ranks(tensor)
+        self.count, self.sum_p, self.sum_plogp = (dist.all_reduce_sum(t)
+                                                  for t in (self.count, self.sum_p, self.sum_plogp))
 
     def score(self) -> tuple[float, float]:
         """Inception Score: mean and (population) standard deviation over the splits."""

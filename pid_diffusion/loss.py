@@ -22,6 +22,7 @@ import enum
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from pid_diffusion.grid import KarrasGrid
@@ -34,7 +35,7 @@ class Derivative(enum.Enum):
 
     FORWARD = "forward"  # (y_i − y_j) / (t_i − t_j), j = i + 1 (j = N − 2 at the last point): official
     CENTRAL = "central"  # (y_{i−1} − y_{i+1}) / (t_{i−1} − t_{i+1}), interior i only: second order
-    JVP = "jvp"  # the exact ∂x_θ/∂t by forward-mode AD (torch.func.jvp): an ablation
+    JVP = "jvp"  # the exact ∂x_θ/∂t by forward-mode AD (torch.autograd.forward_ad): an ablation
 
 
 class ResidualForm(enum.Enum):
@@ -125,8 +126,7 @@ def _trajectory_and_derivative(student: nn.Module, z: torch.Tensor, indices: tor
                                stop_neighbour_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """y_i = x_θ(z, t_i) and the estimate of dy/dt at t_i that `derivative` names."""
     if derivative is Derivative.JVP:
-        t_i = grid.times(indices).to(device=z.device, dtype=z.dtype)
-        return torch.func.jvp(lambda t: student(z, t, class_labels), (t_i,), (torch.ones_like(t_i),))
+        return _time_jvp(student, z, grid.times(indices).to(device=z.device, dtype=z.dtype), class_labels)
 
     # Finite difference dy/dt ≈ (y_a − y_b) / (t_a − t_b) between grid indices a and b.
     if derivative is Derivative.FORWARD:
@@ -142,6 +142,25 @@ def _trajectory_and_derivative(student: nn.Module, z: torch.Tensor, indices: tor
         y_b = y_b.detach()
     step = _per_sample(grid.times(a) - grid.times(b), z)  # differenced in float64, then cast
     return y_i, (y_a - y_b) / step
+
+
+def _time_jvp(student: nn.Module, z: torch.Tensor, t_i: torch.Tensor, class_labels: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """y_i = x_θ(z, t_i) and the exact ∂x_θ/∂t at t_i, by one forward-mode pass with tangent 1 on each t_i.
+
+    torch.autograd.forward_ad rather than torch.func.jvp: the functional transform forbids the in-place
+    buffer broadcast DDP runs at every forward; dual tensors pass through it. Both outputs stay
+    differentiable with respect to the student's parameters (the loss backpropagates through dy/dt), so
+    every op of the student must support reverse mode through a tangent; torch's softmax does not
+    (pytorch#162350), which is why the networks' attention writes its softmax out.
+    """
+    with fwAD.dual_level():
+        y = student(z, fwAD.make_dual(t_i, torch.ones_like(t_i)), class_labels)
+        y_i, dy_dt = fwAD.unpack_dual(y)
+    if dy_dt is None:
+        raise RuntimeError(f"{type(student).__name__} dropped the time tangent (its output does not depend on t "
+                           f"through differentiable operations): Derivative.JVP needs forward-mode AD through t")
+    return y_i, dy_dt
 
 
 def _evaluate(student: nn.Module, z: torch.Tensor, index_sets: list[torch.Tensor],

@@ -266,7 +266,11 @@ def multi_head_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     q, k, v = qkv.reshape(batch * num_heads, channels // num_heads, 3, height * width).unbind(2)
     with _float32_region(qkv.device.type):
         logits = torch.einsum("ncq,nck->nqk", q.to(torch.float32), (k / math.sqrt(k.shape[1])).to(torch.float32))
-        weights = logits.softmax(dim=2).to(q.dtype)
+        # The softmax written out: torch's own forward-mode rule modifies a saved tensor in place, which
+        # breaks backpropagation through a time-derivative tangent (PID's Derivative.JVP). Subtracting the
+        # detached row maximum changes nothing mathematically and keeps exp() from overflowing.
+        weights = (logits - logits.amax(dim=2, keepdim=True).detach()).exp()
+        weights = (weights / weights.sum(dim=2, keepdim=True)).to(q.dtype)
     a = torch.einsum("nqk,nck->ncq", weights, v)
     return a.reshape(batch, channels, height, width)
 

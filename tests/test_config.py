@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pid_diffusion import config as cfg
-from pid_diffusion.cli import distill
+from pid_diffusion import distill
+from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.config import (
     ConfigError, DISTILL_PRESETS, DistillConfig, OptimizerKind, Precision, Presets, diff, from_dict,
     parse_overrides, resolve, to_dict, to_json,
@@ -136,10 +137,11 @@ def test_a_bare_key_must_name_one_field():
 
 
 def test_every_option_is_read_by_the_code_that_runs():
-    # An option parsed and never read is a silent no-op: each field must be read by the loop, the CLI or the
-    # configuration's own methods that hand it on (optimizer, learning-rate schedule, metric options).
+    # An option parsed and never read is a silent no-op: each field must be read by the loop, the assembly of
+    # the task (distill.py), its CLI or the configuration's own methods that hand it on (optimizer,
+    # learning-rate schedule, metric options).
     package = Path(cfg.__file__).parent
-    readers = "\n".join([(package / "train.py").read_text(), inspect.getsource(distill),
+    readers = "\n".join([(package / "train.py").read_text(), inspect.getsource(distill), inspect.getsource(distill_cli),
                          inspect.getsource(OptimizerKind.build), inspect.getsource(cfg.TrainConfig.lr_at),
                          inspect.getsource(cfg.PIDConfig.metric_options)])
     unread = [key for key in cfg._leaf_keys(DistillConfig) if not re.search(rf"\.{key.split('.')[-1]}\b", readers)]
@@ -147,13 +149,19 @@ def test_every_option_is_read_by_the_code_that_runs():
 
 
 def test_dry_run_prints_the_resolved_configuration(capsys):
-    distill.main(["--preset=cifar10", "--train.lr=1e-4", "--dry-run"])
+    distill_cli.main(["--preset=cifar10", "--train.lr=1e-4", "--dry-run"])
     printed = json.loads(capsys.readouterr().out)
     assert printed == to_dict(resolve("cifar10", {"train.lr": "1e-4"}))
 
 
 def test_command_line_errors_exit_with_a_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        distill.main(["--train.batchsize=3"])
+        distill_cli.main(["--train.batchsize=3"])
     assert exit_info.value.code == 2
     assert "unknown option --train.batchsize; did you mean --train.batch" in capsys.readouterr().err
+
+
+def test_check_raises_a_config_error_naming_the_key():
+    cfg.check(True, "train.lr", "unused")
+    with pytest.raises(ConfigError, match=r"^train.lr: must be > 0, got -1$"):
+        cfg.check(False, "train.lr", "must be > 0, got -1")

@@ -51,6 +51,45 @@ def test_launcher_is_read_from_the_environment(monkeypatch):
     assert dist.launcher() is dist.Launcher.MPI
 
 
+# Rank r holds 3 − r rows in the first gather and 1 − r in the second (rank 1: none), and counts beyond
+# float64's exact integers: sums must be exact, and gathers must cut each rank's padding off again.
+COLLECTIVES = """
+import torch
+from pid_diffusion import dist
+
+dist.init()
+r = dist.rank()
+count = dist.all_reduce_sum(torch.tensor(2**53 + r, dtype=torch.int64))
+assert count.dtype == torch.int64 and count.item() == 2**54 + 1, count
+total = dist.all_reduce_sum(torch.tensor([0.1, 0.2], dtype=torch.float64)[r:r + 1])
+assert total.dtype == torch.float64 and total.item() == 0.1 + 0.2, total
+for lengths in ((3, 2), (1, 0)):
+    local = torch.arange(2 * lengths[r]).reshape(-1, 2) + 100 * r
+    shards = dist.all_gather_tensors(local)
+    expected = [torch.arange(2 * n).reshape(-1, 2) + 100 * k for k, n in enumerate(lengths)]
+    assert all(torch.equal(a, b) for a, b in zip(shards, expected, strict=True)), shards
+dist.shutdown()
+print("collectives ok")
+"""
+
+
+def test_collectives_in_one_process_return_copies():
+    local = torch.arange(6.0).reshape(3, 2)
+    (gathered,) = dist.all_gather_tensors(local)
+    total = dist.all_reduce_sum(local)
+    assert torch.equal(gathered, local) and torch.equal(total, local)
+    assert gathered.data_ptr() != local.data_ptr() and total.data_ptr() != local.data_ptr()
+    with pytest.raises(ValueError, match="reshape a scalar"):
+        dist.all_gather_tensors(torch.tensor(1.0))
+
+
+@needs_mpirun
+def test_collectives_on_two_ranks_are_exact():
+    job = mpirun(2, "-c", COLLECTIVES)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stdout.count("collectives ok") == 2
+
+
 @needs_mpirun
 def test_pid_student_on_two_ranks_matches_one_rank(tmp_path):
     # The real distillation task: PIDStudent wrapped in DDP, the residual's concatenated forward, micro-batches.

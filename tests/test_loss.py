@@ -1,8 +1,12 @@
 """The PID residual (Eq. 8 / Eq. 9) on real EDM networks, and the PIDObjective protocol."""
 
+import copy
+
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from pid_diffusion import dist
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, pid_residual
 from pid_diffusion.metrics import L2
@@ -112,7 +116,7 @@ def test_teacher_receives_no_gradient(student, grid):
 
 
 def test_jvp_is_the_exact_time_derivative(student, teacher, grid):
-    # Reference: the same Eq. 9 with ∂x_θ/∂t from reverse-mode double backward instead of torch.func.jvp.
+    # Reference: the same Eq. 9 with ∂x_θ/∂t from reverse-mode double backward instead of forward-mode AD.
     z, indices = latents(), torch.tensor([0, 3, 7, 11])
     result = residual_and_grads(student, teacher, z, indices, grid, derivative=Derivative.JVP)
     student.zero_grad()
@@ -124,6 +128,40 @@ def test_jvp_is_the_exact_time_derivative(student, teacher, grid):
     residual.mean().backward()
     assert_same(result, (residual.detach(), [p.grad.clone() for p in student.parameters()]))
     assert all(torch.isfinite(g).all() for g in result[1]) and any(g.abs().max() > 0 for g in result[1])
+
+
+def test_jvp_trains_through_ddp_like_the_bare_student(student, teacher, grid):
+    # The training loop hands the objective a DDP-wrapped student, whose forward broadcasts buffers in place
+    # at every step (torch.func.jvp rejected that from the second step on). On a one-process group DDP must
+    # change nothing: three SGD steps equal those of the bare student.
+    dist.init()
+    try:
+        bare = copy.deepcopy(student)
+        wrapped = DistributedDataParallel(student)
+        objective = PIDObjective(teacher, grid, L2(), derivative=Derivative.JVP)
+        optimizers = [torch.optim.SGD(model.parameters(), lr=1e-3) for model in (student, bare)]
+        for step in range(3):
+            batch = objective.sample_batch(torch.Generator().manual_seed(step), 4)
+            for model, optimizer in zip((wrapped, bare), optimizers):
+                optimizer.zero_grad()
+                objective(model, batch).mean().backward()
+                optimizer.step()
+    finally:
+        dist.shutdown()
+    for (name, trained), expected in zip(student.named_parameters(), bare.parameters()):
+        torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-7, msg=name)
+    # The bottleneck's attention (a softmax under forward-mode AD) was trained too.
+    assert not torch.equal(student.model.dec["4x4_in0"].qkv.weight, teacher.model.dec["4x4_in0"].qkv.weight)
+
+
+def test_jvp_rejects_a_student_blind_to_the_time_tangent(teacher, grid):
+    class TimeBlind(torch.nn.Module):
+        def forward(self, z, t, class_labels=None):
+            return z * float(t[0])  # t leaves the graph through a Python float
+
+    with pytest.raises(RuntimeError, match="TimeBlind dropped the time tangent"):
+        pid_residual(TimeBlind(), teacher, latents(2), torch.tensor([0, 3]), grid=grid, metric=L2(),
+                     derivative=Derivative.JVP)
 
 
 @pytest.mark.parametrize("derivative, indices", [

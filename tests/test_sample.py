@@ -18,6 +18,7 @@ import torch
 
 from pid_diffusion import checkpoint, dist, fileio, samplers
 from pid_diffusion.cli import sample
+from pid_diffusion.generate import SamplerKind, make_sampler
 from pid_diffusion.networks import EDMPrecond
 from pid_diffusion.student import PIDStudent
 
@@ -147,7 +148,7 @@ def test_images_are_the_same_for_any_number_of_ranks_and_batch_size(tmp_path, st
         np.testing.assert_array_equal(np.array(PIL.Image.open(tmp_path / "pngs" / f"{seed:06d}.png")), images[seed])
 
 
-@pytest.mark.parametrize("kind", [sample.SamplerKind.HEUN, sample.SamplerKind.EULER])
+@pytest.mark.parametrize("kind", [SamplerKind.HEUN, SamplerKind.EULER])
 def test_teacher_samples_with_its_sampler_on_seeded_latents_and_given_classes(tmp_path, edm_fixtures_dir, kind):
     steps = 3
     teacher = tiny_teacher(edm_fixtures_dir)
@@ -159,7 +160,7 @@ def test_teacher_samples_with_its_sampler_on_seeded_latents_and_given_classes(tm
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     latents = torch.stack([seeded_latent_and_label(seed, shape, teacher.label_dim)[0] for seed in range(4)])
     labels = torch.tensor([2, 5, 2, 5])  # image k gets classes[k mod 2]
-    reference_sampler = (samplers.HeunSampler(num_steps=steps) if kind is sample.SamplerKind.HEUN
+    reference_sampler = (samplers.HeunSampler(num_steps=steps) if kind is SamplerKind.HEUN
                          else samplers.EulerSampler.on_grid(num_points=steps))
     expected = reference_sampler(teacher, latents, torch.nn.functional.one_hot(labels, teacher.label_dim).float())
     np.testing.assert_array_equal(out["labels"], labels.numpy())
@@ -169,12 +170,14 @@ def test_teacher_samples_with_its_sampler_on_seeded_latents_and_given_classes(tm
 def test_sampler_must_fit_the_network(edm_fixtures_dir):
     teacher = tiny_teacher(edm_fixtures_dir)
     student = PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX)
-    assert isinstance(sample.make_sampler(None, None, student), samplers.OneStepSampler)
-    assert sample.make_sampler(None, None, teacher) == samplers.HeunSampler()
+    assert isinstance(make_sampler(None, None, student), samplers.OneStepSampler)
+    assert make_sampler(None, None, teacher) == samplers.HeunSampler()
     with pytest.raises(ValueError, match="cannot sample a PID student"):
-        sample.make_sampler(sample.SamplerKind.HEUN, 18, student)
+        make_sampler(SamplerKind.HEUN, 18, student)
     with pytest.raises(ValueError, match="cannot sample a denoiser"):
-        sample.make_sampler(sample.SamplerKind.ONE_STEP, None, teacher)
+        make_sampler(SamplerKind.ONE_STEP, None, teacher)
+    with pytest.raises(ValueError, match="steps does not apply to the one-step sampler"):
+        make_sampler(None, 4, student)
 
 
 def test_seed_lists_follow_edm_syntax():

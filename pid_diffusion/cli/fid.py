@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from pid_diffusion import checkpoint, dist, fileio, samplers
-from pid_diffusion.cli.sample import add_sampler_arguments, generate, make_sampler, parse_int_list
+from pid_diffusion.cli.sample import add_sampler_arguments, parse_int_list
 from pid_diffusion.fid import compute_statistics, fid_from_stats, load_reference
+from pid_diffusion.generate import generate, make_sampler
 from pid_diffusion.inception import Detector, load_detector
 
 __all__ = ["Result", "ResultsTable", "evaluate", "main", "plot_results"]

@@ -1,13 +1,11 @@
 """pid-sample: images from a PID student (one network call) or an EDM teacher (Heun, Euler), as EDM's
-`generate.py` makes them.
+`generate.py` makes them (`pid_diffusion.generate`).
 
-Every image has its own seed (STYLE.md habit 6): latent k is drawn from a generator seeded with seed k, then,
-for a conditional model without `--classes`, its class from the same generator. Ranks take
-`seeds[rank::world_size]`, so image k is the same whatever the number of ranks, and whatever the batch size
-up to the last bits of the network's batched float arithmetic (a rare uint8 value may move by one level).
-The generators live on the sampling device, as in EDM, so on a GPU a teacher reproduces EDM's own images.
+Every image has its own seed: latent k, and without `--classes` its class, come from a generator seeded
+with seed k, so image k is the same whatever the number of ranks and, up to the last bits of the network's
+batched arithmetic, the batch size.
 
-Outputs (rank 0 gathers and writes each atomically; `--png-dir` images are written by their own rank):
+Outputs (rank 0 writes each atomically, `--png-dir` images excepted: each rank writes its own):
   --grid PATH     one PNG with the images in seed order, `--grid-cols` per row;
   --npz PATH      `images` uint8 [N, H, W, C] (the layout of openai's `arr_0`), `seeds` int64 [N], and for a
                   conditional model `labels` int64 [N] (class indices);
@@ -21,50 +19,27 @@ Outputs (rank 0 gathers and writes each atomically; `--png-dir` images are writt
 from __future__ import annotations
 
 import argparse
-import enum
 import io
 import math
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
-from pid_diffusion import checkpoint, dist, fileio, samplers
-from pid_diffusion.student import PIDStudent
+from pid_diffusion import checkpoint, dist, fileio
+from pid_diffusion.generate import Batch, SamplerKind, gather_rows, generate, make_sampler
 from pid_diffusion.teacher import load_teacher
 
-__all__ = [
-    "Batch",
-    "SamplerKind",
-    "add_model_arguments",
-    "add_sampler_arguments",
-    "gather_rows",
-    "generate",
-    "load_model",
-    "make_sampler",
-    "main",
-    "parse_int_list",
-]
+__all__ = ["add_model_arguments", "add_sampler_arguments", "load_model", "main", "parse_int_list"]
 
-_SEED_MODULUS = 1 << 32  # torch generators take 64-bit seeds; EDM reduces seeds modulo 2^32
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
 
-class SamplerKind(enum.Enum):
-    """How images are drawn from the network."""
-
-    ONE_STEP = "onestep"  # PID student: x_θ(T z, ε)
-    HEUN = "heun"  # teacher: EDM's deterministic Heun sampler (EDM.md §4)
-    EULER = "euler"  # teacher: explicit Euler on PID's Karras grid (the PID ceiling, PID.md §6)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Seeds, models and samplers.
+# Seeds, models and samplers: the command-line options.
 
 def parse_int_list(text: str) -> list[int]:
     """EDM's integer lists: '0-63' or '1,2,5-10' (ranges inclusive)."""
@@ -107,90 +82,6 @@ def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     if args.preset is not None:
         raise ValueError("--preset names a teacher state dict's architecture; a checkpoint records its own")
     return checkpoint.load_generator(args.checkpoint, ema_rate=args.ema, device=device)
-
-
-def make_sampler(kind: SamplerKind | None, steps: int | None, net: nn.Module) -> samplers.Sampler:
-    """The sampler for `net`: a student samples in one step, a denoiser with Heun or Euler."""
-    is_student = isinstance(net, PIDStudent)
-    kind = kind or (SamplerKind.ONE_STEP if is_student else SamplerKind.HEUN)
-    if (kind is SamplerKind.ONE_STEP) != is_student:
-        network = "a PID student" if is_student else f"a denoiser ({type(net).__name__})"
-        usable = "onestep" if is_student else "heun or euler"
-        raise ValueError(f"--sampler {kind.value} cannot sample {network}; use {usable}")
-    if kind is SamplerKind.ONE_STEP:
-        if steps is not None:
-            raise ValueError("--steps does not apply to the one-step sampler")
-        return samplers.OneStepSampler()
-    if kind is SamplerKind.HEUN:
-        return samplers.HeunSampler() if steps is None else samplers.HeunSampler(num_steps=steps)
-    return samplers.EulerSampler.on_grid() if steps is None else samplers.EulerSampler.on_grid(num_points=steps)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Generation.
-
-@dataclass(frozen=True)
-class Batch:
-    """Generated images with their place in the seed list."""
-
-    positions: torch.Tensor  # int64 [n]: index of each image in the seed list
-    seeds: torch.Tensor  # int64 [n]
-    images: torch.Tensor  # uint8 [n, H, W, C], on the sampling device
-    labels: torch.Tensor | None  # int64 [n] class indices; None for an unconditional model
-
-
-def _latents_and_labels(net: nn.Module, seeds: torch.Tensor, classes: Sequence[int] | None,
-                        positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Latent k ~ N(0, I) from a generator seeded with seed k, then its class from the same generator
-    (EDM's StackedRandomGenerator), or `classes[position % len(classes)]` when classes are given."""
-    shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    latents, labels = [], []
-    for seed, position in zip(seeds.tolist(), positions.tolist()):
-        generator = torch.Generator(device).manual_seed(seed % _SEED_MODULUS)
-        latents.append(torch.randn(shape, generator=generator, device=device))
-        if net.label_dim and classes is None:
-            labels.append(torch.randint(net.label_dim, size=[], generator=generator, device=device))
-        elif net.label_dim:
-            labels.append(torch.tensor(classes[position % len(classes)], device=device))
-    return torch.stack(latents), (torch.stack(labels) if labels else None)
-
-
-@torch.no_grad()
-def generate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], *, batch_size: int,
-             classes: Sequence[int] | None = None, device: torch.device | None = None) -> Iterator[Batch]:
-    """This rank's images, `seeds[rank::world_size]`, in batches of at most `batch_size`."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if classes is not None:
-        if not net.label_dim:
-            raise ValueError("classes were given but the model is unconditional (label_dim = 0)")
-        if not classes or not all(0 <= c < net.label_dim for c in classes):
-            raise ValueError(f"classes must be a non-empty list in [0, {net.label_dim}), got {list(classes)}")
-    device = device or dist.device()
-    seed_list = torch.as_tensor(list(seeds), dtype=torch.int64)
-    positions = torch.arange(dist.rank(), len(seed_list), dist.world_size())
-    for chunk in positions.split(batch_size):
-        latents, labels = _latents_and_labels(net, seed_list[chunk], classes, chunk, device)
-        one_hot = None if labels is None else nn.functional.one_hot(labels, net.label_dim).to(torch.float32)
-        images = samplers.to_uint8(sampler(net, latents, one_hot))
-        yield Batch(chunk, seed_list[chunk], images, labels)
-
-
-def gather_rows(local: torch.Tensor, num_rows: int) -> torch.Tensor | None:
-    """Every rank's rows in seed order on rank 0 (None on the others), when rank r holds positions r, r + W,
-    r + 2W, ... of `num_rows`: an all-gather of shards padded to ceil(N / W) rows, then interleaved."""
-    world = dist.world_size()
-    if world == 1:
-        return local
-    shard_rows = math.ceil(num_rows / world)
-    padded = local.new_zeros((shard_rows, *local.shape[1:]))
-    padded[: len(local)] = local
-    shards = [torch.empty_like(padded) for _ in range(world)]
-    torch_dist.all_gather(shards, padded)
-    if dist.rank() != 0:
-        return None
-    # Row j of rank r is position j W + r; padding lands at positions >= N and is cut off.
-    return torch.stack(shards, dim=1).reshape(shard_rows * world, *local.shape[1:])[:num_rows]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""Images from a PID student (one network call) or an EDM teacher (Heun, Euler), as EDM's `generate.py`
+makes them; `pid-sample` and `pid-fid` are thin command lines over this module.
+
+Every image has its own seed (STYLE.md habit 6): latent k is drawn from a generator seeded with seed k, then,
+for a conditional model without given classes, its class from the same generator. Ranks take
+`seeds[rank::world_size]`, so image k is the same whatever the number of ranks, and whatever the batch size
+up to the last bits of the network's batched float arithmetic (a rare uint8 value may move by one level).
+The generators live on the sampling device, as in EDM, so on a GPU a teacher reproduces EDM's own images.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pid_diffusion import dist, samplers
+from pid_diffusion.student import PIDStudent
+
+__all__ = ["Batch", "SamplerKind", "gather_rows", "generate", "make_sampler"]
+
+_SEED_MODULUS = 1 << 32  # torch generators take 64-bit seeds; EDM reduces seeds modulo 2^32
+
+
+class SamplerKind(enum.Enum):
+    """How images are drawn from the network."""
+
+    ONE_STEP = "onestep"  # PID student: x_θ(T z, ε)
+    HEUN = "heun"  # teacher: EDM's deterministic Heun sampler (EDM.md §4)
+    EULER = "euler"  # teacher: explicit Euler on PID's Karras grid (the PID ceiling, PID.md §6)
+
+
+def make_sampler(kind: SamplerKind | None, steps: int | None, net: nn.Module) -> samplers.Sampler:
+    """The sampler for `net`: a student samples in one step, a denoiser with Heun or Euler.
+
+    `kind` None picks the network's natural sampler; `steps` None keeps the sampler's default (Heun: EDM's
+    18 Karras steps; Euler: the points of PID's grid).
+    """
+    is_student = isinstance(net, PIDStudent)
+    kind = kind or (SamplerKind.ONE_STEP if is_student else SamplerKind.HEUN)
+    if (kind is SamplerKind.ONE_STEP) != is_student:
+        network = "a PID student" if is_student else f"a denoiser ({type(net).__name__})"
+        usable = "onestep" if is_student else "heun or euler"
+        raise ValueError(f"sampler {kind.value} cannot sample {network}; use {usable}")
+    if kind is SamplerKind.ONE_STEP:
+        if steps is not None:
+            raise ValueError("a number of steps does not apply to the one-step sampler; leave steps unset")
+        return samplers.OneStepSampler()
+    if kind is SamplerKind.HEUN:
+        return samplers.HeunSampler() if steps is None else samplers.HeunSampler(num_steps=steps)
+    return samplers.EulerSampler.on_grid() if steps is None else samplers.EulerSampler.on_grid(num_points=steps)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Generated images with their place in the seed list."""
+
+    positions: torch.Tensor  # int64 [n]: index of each image in the seed list
+    seeds: torch.Tensor  # int64 [n]
+    images: torch.Tensor  # uint8 [n, H, W, C], on the sampling device
+    labels: torch.Tensor | None  # int64 [n] class indices; None for an unconditional model
+
+
+def _latents_and_labels(net: nn.Module, seeds: torch.Tensor, classes: Sequence[int] | None,
+                        positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Latent k ~ N(0, I) from a generator seeded with seed k, then its class from the same generator
+    (EDM's StackedRandomGenerator), or `classes[position % len(classes)]` when classes are given."""
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    latents, labels = [], []
+    for seed, position in zip(seeds.tolist(), positions.tolist()):
+        generator = torch.Generator(device).manual_seed(seed % _SEED_MODULUS)
+        latents.append(torch.randn(shape, generator=generator, device=device))
+        if net.label_dim and classes is None:
+            labels.append(torch.randint(net.label_dim, size=[], generator=generator, device=device))
+        elif net.label_dim:
+            labels.append(torch.tensor(classes[position % len(classes)], device=device))
+    return torch.stack(latents), (torch.stack(labels) if labels else None)
+
+
+@torch.no_grad()
+def generate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], *, batch_size: int,
+             classes: Sequence[int] | None = None, device: torch.device | None = None) -> Iterator[Batch]:
+    """This rank's images, `seeds[rank::world_size]`, in batches of at most `batch_size`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if classes is not None:
+        if not net.label_dim:
+            raise ValueError("classes were given but the model is unconditional (label_dim = 0)")
+        if not classes or not all(0 <= c < net.label_dim for c in classes):
+            raise ValueError(f"classes must be a non-empty list in [0, {net.label_dim}), got {list(classes)}")
+    device = device or dist.device()
+    seed_list = torch.as_tensor(list(seeds), dtype=torch.int64)
+    positions = torch.arange(dist.rank(), len(seed_list), dist.world_size())
+    for chunk in positions.split(batch_size):
+        latents, labels = _latents_and_labels(net, seed_list[chunk], classes, chunk, device)
+        one_hot = None if labels is None else nn.functional.one_hot(labels, net.label_dim).to(torch.float32)
+        images = samplers.to_uint8(sampler(net, latents, one_hot))
+        yield Batch(chunk, seed_list[chunk], images, labels)
+
+
+def gather_rows(local: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Every rank's rows in seed order, on every rank, when rank r holds positions r, r + W, r + 2W, ... of
+    `num_rows` (the positions `generate` gives it). Call on every rank, even one that holds no rows."""
+    shards = dist.all_gather_tensors(local)
+    world = len(shards)
+    rows = local.new_empty((num_rows, *local.shape[1:]))
+    for rank, shard in enumerate(shards):
+        expected = len(range(rank, num_rows, world))
+        if len(shard) != expected:
+            raise ValueError(f"rank {rank} holds {len(shard)} rows; positions {rank}, {rank + world}, ... of "
+                             f"{num_rows} are {expected}: gather what `generate` gave each rank")
+        rows[rank::world] = shard
+    return rows
