@@ -1,0 +1,212 @@
+"""Activation checkpointing: the same numbers, the same state_dict, less saved activation memory, and a clear
+error where it cannot work (forward-mode AD). LPIPS runs on random weight files in a temporary TORCH_HOME."""
+
+import copy
+import math
+import resource
+
+import pytest
+import torch
+import torchvision
+
+from pid_diffusion import hub
+from pid_diffusion.grid import KarrasGrid
+from pid_diffusion.loss import Derivative, pid_residual
+from pid_diffusion.metrics import L2, PiqLPIPS, VGGLPIPS
+from pid_diffusion.networks import EDMPrecond, UNetBlock
+from pid_diffusion.perf import (ActivationCheckpointingError, CheckpointedSequential, CheckpointedUNetBlock,
+                                disable_activation_checkpointing, enable_activation_checkpointing,
+                                enable_lpips_checkpointing, retain_freed_cpu_memory)
+from pid_diffusion.student import PIDStudent
+
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+# Tiny networks with every block kind: resampling, attention (SongUNet at 8×8, ADM everywhere), dropout on.
+SONG = dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
+            num_blocks=1, attn_resolutions=[8], dropout=0.2)
+ADM = dict(img_resolution=8, img_channels=3, label_dim=4, model_type="DhariwalUNet", model_channels=64,
+           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.2)
+
+
+def make_student(kwargs: dict) -> PIDStudent:
+    torch.manual_seed(0)
+    return PIDStudent(kwargs, SIGMA_MIN, SIGMA_MAX, sigma_data=0.5).train()
+
+
+def inputs(student: PIDStudent, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    generator = torch.Generator().manual_seed(1)
+    shape = (batch, student.img_channels, student.img_resolution, student.img_resolution)
+    z = SIGMA_MAX * torch.randn(shape, generator=generator)
+    t = torch.tensor([0.01, 1.0, 40.0])[:batch]
+    labels = torch.eye(student.label_dim)[:batch] if student.label_dim else None
+    return z, t, labels
+
+
+def output_and_grads(student: PIDStudent) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """x_θ and d(Σ x_θ²)/dθ on fixed inputs, the dropout masks drawn from a fixed seed."""
+    student.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
+    out = student(*inputs(student))
+    out.square().sum().backward()
+    return out.detach(), [p.grad.clone() for p in student.parameters()]
+
+
+@pytest.mark.parametrize("kwargs", [SONG, ADM], ids=["SongUNet", "DhariwalUNet"])
+def test_identical_outputs_gradients_and_state_dict(kwargs):
+    plain, wrapped = make_student(kwargs), make_student(kwargs)
+    blocks = sum(isinstance(m, UNetBlock) for m in wrapped.modules())
+    assert enable_activation_checkpointing(wrapped) == blocks > 0
+    assert all(type(m) is CheckpointedUNetBlock for m in wrapped.modules() if isinstance(m, UNetBlock))
+
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(wrapped.state_dict().values(), plain.state_dict().values()))
+    out_plain, grads_plain = output_and_grads(plain)
+    out_wrapped, grads_wrapped = output_and_grads(wrapped)
+    # Bit for bit: the recomputation replays the same kernels and, through the restored RNG, the same dropout.
+    assert torch.equal(out_plain, out_wrapped)
+    assert all(torch.equal(a, b) for a, b in zip(grads_plain, grads_wrapped))
+    assert not all(torch.equal(g, torch.zeros_like(g)) for g in grads_wrapped)
+
+
+def test_pid_residual_gradients_unchanged():
+    """Through the PID loss (one concatenated student batch, a teacher under no_grad), as training runs it."""
+    torch.manual_seed(3)
+    teacher = EDMPrecond(**{**SONG, "dropout": 0.0}).eval().requires_grad_(False)
+    grid = KarrasGrid(num_points=10, rho=7.0, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+    z, _, _ = inputs(make_student(SONG))
+    indices = torch.tensor([0, 4, 9])
+
+    def loss_grads(student):
+        torch.manual_seed(4)
+        pid_residual(student, teacher, z, indices, grid=grid, metric=L2()).sum().backward()
+        return [p.grad for p in student.parameters()]
+
+    plain, wrapped = make_student(SONG), make_student(SONG)
+    enable_activation_checkpointing(wrapped)
+    assert all(torch.equal(a, b) for a, b in zip(loss_grads(plain), loss_grads(wrapped)))
+
+
+def saved_activation_bytes(module: torch.nn.Module, *args: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of `module(*args)` (parameters excluded)."""
+    parameters = {p.data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in parameters:
+            saved[tensor.data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(*args)
+    return sum(saved.values())
+
+
+def test_saves_less_activation_memory():
+    plain, wrapped = make_student(SONG), make_student(SONG)
+    enable_activation_checkpointing(wrapped)
+    # Only each block's inputs are kept: far below half of what the plain network stores.
+    assert saved_activation_bytes(wrapped, *inputs(wrapped)) < 0.5 * saved_activation_bytes(plain, *inputs(plain))
+
+
+def test_forward_mode_ad_is_refused_with_a_clear_error():
+    student = make_student(SONG)
+    teacher = EDMPrecond(**{**SONG, "dropout": 0.0}).eval().requires_grad_(False)
+    grid = KarrasGrid(num_points=10, rho=7.0, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+    z, _, _ = inputs(student)
+    indices = torch.tensor([0, 4, 9])
+
+    def jvp_loss():
+        return pid_residual(student, teacher, z, indices, grid=grid, metric=L2(), derivative=Derivative.JVP).sum()
+
+    assert torch.isfinite(jvp_loss())  # without checkpointing the JVP residual evaluates
+    enable_activation_checkpointing(student)
+    with pytest.raises(ActivationCheckpointingError, match="forward-mode AD"):
+        jvp_loss()
+
+
+def test_disable_copy_and_bad_input():
+    student = make_student(SONG)
+    reference, _ = output_and_grads(student)
+    count = enable_activation_checkpointing(student)
+    assert enable_activation_checkpointing(student) == count  # idempotent
+    clone = copy.deepcopy(student)  # what the EMA does
+    assert all(type(m) is CheckpointedUNetBlock for m in clone.modules() if isinstance(m, UNetBlock))
+    assert torch.equal(output_and_grads(clone)[0], reference)
+    assert disable_activation_checkpointing(student) == count
+    assert all(type(m) is UNetBlock for m in student.modules() if isinstance(m, UNetBlock))
+    assert torch.equal(output_and_grads(student)[0], reference)
+    with pytest.raises(TypeError, match="no SongUNet or DhariwalUNet"):
+        enable_activation_checkpointing(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LPIPS.
+
+LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # piq's five layer weights, relu1_2 … relu5_3
+LPIPS_SIZE = 32  # upsampling target: the code path of the official 224×224 at a fiftieth of the cost
+
+
+@pytest.fixture(scope="module")
+def lpips_metrics(tmp_path_factory):
+    """Two builds of each LPIPS metric on random weight files: (plain, to checkpoint)."""
+    checkpoints = tmp_path_factory.mktemp("torch_home") / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    with torch.device("meta"):
+        shapes = {key: value.shape for key, value in torchvision.models.vgg16().state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    # He-initialised features keep activations of order 1 through the 13 layers; LPIPS never uses the classifier.
+    vgg = {key: torch.randn(shape, generator=generator) * math.sqrt(2 / math.prod(shape[1:]))
+           if key.startswith("features.") and len(shape) > 1 else torch.zeros(shape) for key, shape in shapes.items()}
+    torch.save(vgg, checkpoints / hub.VGG16_IMAGENET.filename)
+    torch.save([torch.rand(1, c, 1, 1, generator=generator) for c in LPIPS_CHANNELS],
+               checkpoints / hub.PIQ_LPIPS_WEIGHTS.filename)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(checkpoints.parents[1]))
+        return {name: (cls(size=LPIPS_SIZE), cls(size=LPIPS_SIZE)) for name, cls in
+                (("piq", PiqLPIPS), ("vgg", VGGLPIPS))}
+
+
+@pytest.mark.parametrize("name", ["piq", "vgg"])
+def test_lpips_checkpointing_keeps_distances_and_gradients(lpips_metrics, name):
+    plain, wrapped = lpips_metrics[name]
+    assert enable_lpips_checkpointing(wrapped) == enable_lpips_checkpointing(wrapped) >= len(LPIPS_CHANNELS)
+    generator = torch.Generator().manual_seed(5)
+    a = (torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1).requires_grad_(True)
+    b = torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1
+
+    def distances_and_gradient(metric):
+        a.grad = None
+        distances = metric(a, b)
+        distances.sum().backward()
+        return distances.detach(), a.grad.clone()
+
+    (d_plain, g_plain), (d_wrapped, g_wrapped) = distances_and_gradient(plain), distances_and_gradient(wrapped)
+    assert torch.equal(d_plain, d_wrapped) and torch.equal(g_plain, g_wrapped)
+    assert d_plain.min() > 0 and g_plain.abs().max() > 0
+    assert any(isinstance(m, CheckpointedSequential) for m in wrapped.modules())
+    # The five feature maps stay (the distances need them), the activations inside each stage go.
+    assert saved_activation_bytes(wrapped, a, b) < 0.7 * saved_activation_bytes(plain, a, b)
+
+
+def test_lpips_checkpointing_rejects_other_metrics():
+    with pytest.raises(TypeError, match="not an LPIPS metric"):
+        enable_lpips_checkpointing(L2())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU memory reuse.
+
+def page_faults_of_a_large_tensor(num_bytes: int) -> int:
+    """Minor page faults while a tensor of `num_bytes` is allocated, written and freed."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    tensor = torch.ones(num_bytes // 4)
+    del tensor
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_retained_memory_is_reused_without_page_faults():
+    if not retain_freed_cpu_memory():
+        pytest.skip("the C library is not glibc")
+    num_bytes = 64 * 2 ** 20  # above glibc's largest dynamic mmap threshold (32 MiB): always mmap-ed by default
+    page_faults_of_a_large_tensor(num_bytes)  # the first allocation faults its pages in once
+    pages = num_bytes // resource.getpagesize()
+    assert page_faults_of_a_large_tensor(num_bytes) < 0.1 * pages
