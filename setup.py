@@ -39,6 +39,7 @@ setup(
             "pid-sample = pid_diffusion.cli.sample:main",
             "pid-fid = pid_diffusion.cli.fid:main",
             "pid-fid-ref = pid_diffusion.cli.fid_ref:main",
+            "pid-fit-dode = pid_diffusion.cli.fit_dode:main",
         ]
     },
 )
