@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pid_diffusion import perf
 from pid_diffusion.config import DistillConfig
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import PIDObjective
@@ -27,6 +28,11 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
     teacher = load_teacher(config.teacher.path, config.teacher.preset, device=device)
     grid = KarrasGrid(num_points=pid.num_points, rho=pid.rho, sigma_min=pid.sigma_min, sigma_max=pid.sigma_max)
     metric = pid.metric.build(**pid.metric_options()).to(device)
+    # The training loop applies the speed options to the student; the teacher and the metric are built here.
+    if config.train.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    if config.train.activation_checkpointing and pid.metric.is_lpips:
+        perf.enable_lpips_checkpointing(metric)
     objective = PIDObjective(teacher, grid, metric, derivative=pid.derivative, form=pid.form,
                              stop_neighbour_grad=pid.stop_neighbour_grad)
     torch.manual_seed(config.train.seed)  # The random initialisation of the ablation; DDP broadcasts rank 0's.

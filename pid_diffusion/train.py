@@ -32,7 +32,7 @@ import tqdm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pid_diffusion import checkpoint, dist, fileio
+from pid_diffusion import checkpoint, dist, fileio, perf
 from pid_diffusion.config import ConfigError, TrainConfig, TrainingConfig, diff, from_dict, to_dict, to_json
 
 __all__ = ["EMA", "NonFiniteLossError", "Objective", "Preview", "step_generator", "training_loop"]
@@ -137,6 +137,19 @@ def _seed_globals(seed: int, rank: int, step: int) -> None:
     random.seed(int(state[0]) << 32 | int(state[1]))
 
 
+def _apply_speed_options(model: nn.Module, train: TrainConfig, device: torch.device) -> None:
+    """Memory format, activation checkpointing and CPU memory reuse, in place: the state_dict keys and the maths
+    stay (channels-last kernels sum in another order)."""
+    if train.channels_last:
+        model.to(memory_format=torch.channels_last)  # Activations follow: a convolution outputs its weight's format.
+    if train.activation_checkpointing:
+        perf.enable_activation_checkpointing(model)
+    if device.type == "cpu":
+        # Without it glibc unmaps freed activations and the next step faults every page in again
+        # (benchmarks/RESULTS.md); the process keeps its peak memory instead.
+        perf.retain_freed_cpu_memory()
+
+
 def _grad_norm(model: nn.Module) -> torch.Tensor:
     """Euclidean norm of all gradients together."""
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
@@ -210,10 +223,15 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
     # Build the training state, then replace it with the newest checkpoint, if any.
     checkpoint.model_spec(model)  # Fail now, not at the first checkpoint, if the model cannot be saved.
     model.to(device).train()
+    _apply_speed_options(model, train, device)
     optimizer = train.optimizer.build(model.parameters(), train)
     ema = EMA(model, train.ema_rates)
     scaler = torch.amp.GradScaler(device.type, enabled=train.precision.needs_loss_scaling)
     start_step, last_checkpoint = _resume(config, model, ema, optimizer, scaler)
+    if train.compile:
+        # In place, after the EMA copies and before DDP: the EMAs stay plain modules, and the state_dict keys
+        # stay those of the model (the `_orig_mod.` prefix belongs to the wrapper `torch.compile(model)` returns).
+        model.compile()
     if rank == 0:
         fileio.atomic_write_text(to_json(config), fileio.join(run.dir, "config.json"))
         metrics = _MetricsLog(fileio.join(run.dir, "metrics.jsonl"), start_step)

@@ -65,8 +65,10 @@ def test_overrides_are_parsed_by_field_type():
         "--train.lr=1e-3", "--batch=64", "--train.micro_batch=16", "--precision=bf16", "--train.ema_rates=0.9,0.99",
         "--train.grad_clip=1.5", "--stop_neighbour_grad=true", "--pid.metric=pseudo_huber", "--pseudo_huber_c=0.03",
         "--teacher.preset=edm-cifar10-32x32-uncond-vp", "--student.init=random", "--run.dir=gs://bucket/run",
+        "--activation_checkpointing=true", "--channels_last=yes", "--train.compile=on",
     ]))
     assert (c.train.lr, c.train.batch, c.train.micro_batch, c.train.precision) == (1e-3, 64, 16, Precision.BF16)
+    assert (c.train.activation_checkpointing, c.train.channels_last, c.train.compile) == (True, True, True)
     assert (c.train.ema_rates, c.train.grad_clip, c.pid.stop_neighbour_grad) == ((0.9, 0.99), 1.5, True)
     assert (c.pid.metric, c.pid.pseudo_huber_c, c.student.init) == (Metric.PSEUDO_HUBER, 0.03, StudentInit.RANDOM)
     assert (c.teacher.preset, c.run.dir) == ("edm-cifar10-32x32-uncond-vp", "gs://bucket/run")
@@ -93,6 +95,8 @@ def test_overrides_are_parsed_by_field_type():
     ({"pid.pseudo_huber_c": "0.1"}, "applies to metric=pseudo_huber only (metric is l2)"),
     ({"pid.derivative": "jvp", "pid.stop_neighbour_grad": "true"}, "applies to finite differences only"),
     ({"student.dropout": "1"}, "need 0 ≤ dropout < 1"),
+    ({"train.activation_checkpointing": "true", "pid.derivative": "jvp"},
+     "train.activation_checkpointing: cannot combine with pid.derivative=jvp"),
     ({"run.checkpoint_every": "0"}, "run.checkpoint_every: must be ≥ 1"),
 ])
 def test_bad_values_name_the_key(overrides, message):

@@ -220,3 +220,49 @@ def test_lpips_is_a_frozen_differentiable_distance(lpips_metrics, name):
     metric.train()  # a distance has no training mode: the lpips package's dropout stays off
     assert not any(module.training for module in metric.modules())
     torch.testing.assert_close(metric(a.detach(), b), distance.detach(), rtol=0, atol=0)
+
+
+def saved_activation_bytes(module: torch.nn.Module, compute) -> int:
+    """Bytes of the storages autograd keeps for the backward pass of `compute()`, each counted once, except
+    `module`'s parameters."""
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        compute()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("name", ["piq", "vgg"])
+def test_lpips_target_without_gradient_runs_outside_autograd(lpips_metrics, name):
+    # PID's target needs no gradient: its VGG pass runs under no_grad, with the same distances and gradients
+    # as the one-batch pass (up to the summation order of another batch size) and the library's own forward.
+    metric, (a, b) = lpips_metrics[name], image_pair()
+    up = lambda x: upsample_for_lpips(x, 256, TEST_SIZE)  # noqa: E731
+    reference = (metric.lpips((up(a) + 1) / 2, (up(b) + 1) / 2) if name == "piq" else metric.lpips(up(a), up(b))).flatten()
+
+    def distances_and_gradient(target_needs_grad: bool):
+        live, target = a.clone().requires_grad_(True), b.clone().requires_grad_(target_needs_grad)
+        distances = metric(live, target)
+        distances.sum().backward()
+        return distances.detach(), live.grad
+
+    (split, grad_split), (joint, grad_joint) = distances_and_gradient(False), distances_and_gradient(True)
+    torch.testing.assert_close(split, reference, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(split, joint, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_split, grad_joint, rtol=1e-4, atol=1e-8)
+    assert grad_split.abs().max() > 0
+    # Either argument may be the target: the split is symmetric.
+    torch.testing.assert_close(metric(b, a.clone().requires_grad_(True)).detach(), metric(b, a), rtol=1e-5,
+                               atol=1e-7)
+    # Autograd keeps activations of the live half only (0.64 of the one-batch pass here; 1.0 without the split).
+    live = a.clone().requires_grad_(True)
+    frozen_bytes = saved_activation_bytes(metric, lambda: metric(live, b))
+    joint_bytes = saved_activation_bytes(metric, lambda: metric(live, b.clone().requires_grad_(True)))
+    assert frozen_bytes < 0.75 * joint_bytes

@@ -3,20 +3,21 @@ error where it cannot work (forward-mode AD). LPIPS runs on random weight files 
 
 import copy
 import math
-import resource
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from pid_diffusion import hub
+from pid_diffusion import distill, hub
+from pid_diffusion.config import resolve
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, pid_residual
 from pid_diffusion.metrics import L2, PiqLPIPS, VGGLPIPS
 from pid_diffusion.networks import EDMPrecond, UNetBlock
 from pid_diffusion.perf import (ActivationCheckpointingError, CheckpointedSequential, CheckpointedUNetBlock,
                                 disable_activation_checkpointing, enable_activation_checkpointing,
-                                enable_lpips_checkpointing, retain_freed_cpu_memory)
+                                enable_lpips_checkpointing)
 from pid_diffusion.student import PIDStudent
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -107,7 +108,7 @@ def test_saves_less_activation_memory():
     assert saved_activation_bytes(wrapped, *inputs(wrapped)) < 0.5 * saved_activation_bytes(plain, *inputs(plain))
 
 
-def test_forward_mode_ad_is_refused_with_a_clear_error():
+def test_forward_mode_ad_trains_without_checkpointing_and_is_refused_with_it():
     student = make_student(SONG)
     teacher = EDMPrecond(**{**SONG, "dropout": 0.0}).eval().requires_grad_(False)
     grid = KarrasGrid(num_points=10, rho=7.0, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
@@ -117,7 +118,14 @@ def test_forward_mode_ad_is_refused_with_a_clear_error():
     def jvp_loss():
         return pid_residual(student, teacher, z, indices, grid=grid, metric=L2(), derivative=Derivative.JVP).sum()
 
-    assert torch.isfinite(jvp_loss())  # without checkpointing the JVP residual evaluates
+    # Without checkpointing the JVP residual trains: reverse mode through the forward-mode tangent (attention
+    # included) reaches every weight that x_θ depends on.
+    loss = jvp_loss()
+    loss.backward()
+    grads = {name: p.grad for name, p in student.named_parameters()}
+    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    attention = [g for name, g in grads.items() if ".qkv." in name]
+    assert attention and all(g.abs().max() > 0 for g in attention)
     enable_activation_checkpointing(student)
     with pytest.raises(ActivationCheckpointingError, match="forward-mode AD"):
         jvp_loss()
@@ -146,8 +154,8 @@ LPIPS_SIZE = 32  # upsampling target: the code path of the official 224×224 at 
 
 
 @pytest.fixture(scope="module")
-def lpips_metrics(tmp_path_factory):
-    """Two builds of each LPIPS metric on random weight files: (plain, to checkpoint)."""
+def torch_home(tmp_path_factory):
+    """A TORCH_HOME whose hub cache holds random VGG16 and piq LPIPS weight files."""
     checkpoints = tmp_path_factory.mktemp("torch_home") / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     with torch.device("meta"):
@@ -159,8 +167,14 @@ def lpips_metrics(tmp_path_factory):
     torch.save(vgg, checkpoints / hub.VGG16_IMAGENET.filename)
     torch.save([torch.rand(1, c, 1, 1, generator=generator) for c in LPIPS_CHANNELS],
                checkpoints / hub.PIQ_LPIPS_WEIGHTS.filename)
+    return checkpoints.parents[1]
+
+
+@pytest.fixture(scope="module")
+def lpips_metrics(torch_home):
+    """Two builds of each LPIPS metric on random weight files: (plain, to checkpoint)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TORCH_HOME", str(checkpoints.parents[1]))
+        patch.setenv("TORCH_HOME", str(torch_home))
         return {name: (cls(size=LPIPS_SIZE), cls(size=LPIPS_SIZE)) for name, cls in
                 (("piq", PiqLPIPS), ("vgg", VGGLPIPS))}
 
@@ -187,26 +201,22 @@ def test_lpips_checkpointing_keeps_distances_and_gradients(lpips_metrics, name):
     assert saved_activation_bytes(wrapped, a, b) < 0.7 * saved_activation_bytes(plain, a, b)
 
 
+def test_distillation_applies_the_speed_options_to_teacher_and_metric(torch_home, monkeypatch):
+    # The training loop applies them to the student; distill.build to the teacher and the metric it builds.
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    options = {"pid.metric": "lpips_vgg", "train.activation_checkpointing": "true", "train.channels_last": "true"}
+    options["teacher.path"] = str(Path(__file__).parents[1] / "model_zoo" / "edm-shapes-16x16.pt")
+    objective, _ = distill.build(resolve("default", options), torch.device("cpu"))
+    assert sum(isinstance(m, CheckpointedSequential) for m in objective.metric.modules()) == len(LPIPS_CHANNELS)
+    convolutions = [p for p in objective.teacher.parameters() if p.ndim == 4]
+    assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+    plain, _ = distill.build(resolve("default", {**options, "train.activation_checkpointing": "false",
+                                                 "train.channels_last": "false"}), torch.device("cpu"))
+    assert not any(isinstance(m, CheckpointedSequential) for m in plain.metric.modules())
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in plain.teacher.parameters()
+                   if p.ndim == 4)
+
+
 def test_lpips_checkpointing_rejects_other_metrics():
     with pytest.raises(TypeError, match="not an LPIPS metric"):
         enable_lpips_checkpointing(L2())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CPU memory reuse.
-
-def page_faults_of_a_large_tensor(num_bytes: int) -> int:
-    """Minor page faults while a tensor of `num_bytes` is allocated, written and freed."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    tensor = torch.ones(num_bytes // 4)
-    del tensor
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-
-def test_retained_memory_is_reused_without_page_faults():
-    if not retain_freed_cpu_memory():
-        pytest.skip("the C library is not glibc")
-    num_bytes = 64 * 2 ** 20  # above glibc's largest dynamic mmap threshold (32 MiB): always mmap-ed by default
-    page_faults_of_a_large_tensor(num_bytes)  # the first allocation faults its pages in once
-    pages = num_bytes // resource.getpagesize()
-    assert page_faults_of_a_large_tensor(num_bytes) < 0.1 * pages

@@ -1,5 +1,6 @@
 """The training loop in one process: batch splitting, precision, EMA, checkpoints, exact resume, guards."""
 
+import copy
 import math
 import os
 import shutil
@@ -13,7 +14,13 @@ import torch
 from PIL import Image
 
 from pid_diffusion import checkpoint, fileio
-from pid_diffusion.config import ConfigError, TrainConfig
+from pid_diffusion.config import ConfigError, DistillConfig, RunConfig, TrainConfig
+from pid_diffusion.grid import KarrasGrid
+from pid_diffusion.loss import PIDObjective
+from pid_diffusion.metrics import L2
+from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.perf import CheckpointedUNetBlock
+from pid_diffusion.student import PIDStudent, StudentInit
 from pid_diffusion.train import NonFiniteLossError, _batch_plan, training_loop
 
 import toy_training
@@ -185,3 +192,81 @@ def test_sample_grid_png(tmp_path):
     rows = math.ceil(6 / nrow)
     assert image.size == (nrow * (toy_training.SIZE + 2) + 2, rows * (toy_training.SIZE + 2) + 2)
     assert seen == [False]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Speed options: the same training on a tiny PID task (a SongUNet student with dropout and attention).
+
+TINY_SONG = dict(img_resolution=8, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
+                 num_blocks=1, attn_resolutions=[4])
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+
+
+def train_tiny_pid(folder, channels_last: bool = False, **options) -> tuple[dict, PIDStudent, dict]:
+    """Two PID steps on a random tiny SongUNet teacher with `train` options: the checkpoint, the trained student
+    and its initial state_dict."""
+    torch.manual_seed(0)
+    teacher = EDMPrecond(**TINY_SONG, dropout=0.0).eval().requires_grad_(False)
+    if channels_last:  # what distill.build does with the teacher
+        teacher.to(memory_format=torch.channels_last)
+    grid = KarrasGrid(num_points=10, rho=7.0, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+    objective = PIDObjective(teacher, grid, L2())
+    # A random student: far from the teacher, its gradients move the weights well beyond the tolerances below.
+    student = PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX, init=StudentInit.RANDOM,
+                                      network_overrides={"dropout": 0.1})
+    config = DistillConfig(run=RunConfig(dir=str(folder), image_every=0, sync_check_every=0),
+                           train=TrainConfig(steps=2, batch=4, lr=1e-2, ema_rates=(0.9,), channels_last=channels_last,
+                                             **options))
+    initial = copy.deepcopy(student.state_dict())
+    student = training_loop(config, objective, student)
+    return fileio.torch_load(checkpoint.checkpoint_path(str(folder), 2)), student, initial
+
+
+def assert_same_training(state: dict, reference: dict, initial: dict, atol: float) -> None:
+    """Equal keys, weights within `atol`, and updates θ₂ − θ₀ within 0.1 % of the largest reference update
+    (the PID gradients of a fresh network are small: most weights move by far less than `atol`)."""
+    assert list(state["model"]) == list(reference["model"]) == list(initial)
+    largest = max((reference["model"][key] - initial[key]).abs().max() for key in initial)
+    assert largest > 0
+    for key in initial:
+        torch.testing.assert_close(state["model"][key], reference["model"][key], rtol=0, atol=atol, msg=key)
+        torch.testing.assert_close(state["model"][key] - initial[key], reference["model"][key] - initial[key],
+                                   rtol=0, atol=1e-3 * largest.item(), msg=key)
+
+
+@pytest.fixture(scope="module")
+def plain_tiny_pid(tmp_path_factory):
+    return train_tiny_pid(tmp_path_factory.mktemp("plain"))
+
+
+def test_activation_checkpointing_trains_like_the_plain_student(tmp_path, plain_tiny_pid):
+    plain, _, initial = plain_tiny_pid
+    state, student, _ = train_tiny_pid(tmp_path, activation_checkpointing=True)
+    assert any(isinstance(module, CheckpointedUNetBlock) for module in student.modules())
+    # The recomputation replays the same kernels and, through the restored RNG, the same dropout masks.
+    assert_same_training(state, plain, initial, atol=1e-6)
+
+
+def test_channels_last_trains_like_the_plain_student(tmp_path, plain_tiny_pid):
+    plain, _, initial = plain_tiny_pid
+    state, student, _ = train_tiny_pid(tmp_path, channels_last=True)
+    weight = student.model.enc["8x8_conv"].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert_same_training(state, plain, initial, atol=1e-5)  # other kernels, other summation orders
+
+
+def test_compile_reaches_the_model_in_place_and_keeps_the_keys(tmp_path, monkeypatch):
+    # Compiling in place keeps the state_dict keys (compilation itself waits for the first call); the wrapper
+    # torch.compile returns would prefix them with `_orig_mod.`.
+    module = ToyNet()
+    module.compile()
+    assert list(module.state_dict()) == list(ToyNet().state_dict())
+    assert list(torch.compile(ToyNet()).state_dict())[0].startswith("_orig_mod.")
+    # Compiling is too slow for a CPU test: the loop's call is recorded instead.
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *args, **kwargs: compiled.append(module))
+    model = toy_training.main([f"--run.dir={tmp_path / 'compiled'}", "--train.steps=1", "--train.compile=true"])
+    assert compiled == [model] and isinstance(model, ToyNet)
+    plain = train_toy(tmp_path / "plain", "--train.steps=1")
+    state = fileio.torch_load(checkpoint.latest_checkpoint(str(tmp_path / "compiled"))[1])
+    assert list(state["model"]) == list(plain["model"]) == list(ToyNet().state_dict())
