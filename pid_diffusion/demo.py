@@ -1,0 +1,247 @@
+"""The one-command demo: distil the bundled teacher into a one-step student on a CPU, and show the change.
+
+From the same latents, the teacher's Heun samples (35 network calls) are compared with the student's
+one-step samples before and after distillation: a labelled PNG of the three rows, and a table of the
+agreement (RMSE and PSNR of images in [0, 1]) and, when EDM's Inception detector is on disk, FID against
+the bundled data set.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from pid_diffusion import checkpoint, dist, fileio, hub, inception
+from pid_diffusion.distill import build, one_step_preview
+from pid_diffusion.config import DistillConfig
+from pid_diffusion.fid import compute_statistics, fid_from_stats, load_reference, save_reference
+from pid_diffusion.samplers import HeunSampler, OneStepSampler, to_uint8
+from pid_diffusion.toydata import ShapesSpec, make_shapes
+from pid_diffusion.train import training_loop
+
+__all__ = ["DemoOptions", "Row", "agreement", "evaluation_latents", "labelled_rows_png", "run_demo",
+           "format_table"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoOptions:
+    """What the demo measures and draws, besides the distillation configuration."""
+
+    eval_images: int = 64                # Latents compared between teacher and student (RMSE, PSNR).
+    eval_seed: int = 1_000_000           # Latent k comes from seed eval_seed + k (EDM's per-image seeds).
+    grid_columns: int = 10               # Images per row in the PNG.
+    grid_scale: int = 4                  # Pixel magnification in the PNG (16×16 → 64×64).
+    ema_rate: float | None = None        # Evaluate the student's EMA at this rate; None: the raw weights.
+    fid_images: int = 1000               # Samples and data images per FID (only with a detector).
+    detector: str | None = None          # Inception detector file; None: the torch hub cache (never downloaded).
+    data: ShapesSpec = ShapesSpec()      # The data set the bundled teacher was trained on (FID reference).
+
+    def __post_init__(self):
+        if self.eval_images < 1:
+            raise ValueError(f"eval_images must be ≥ 1, got {self.eval_images}")
+        if not 1 <= self.grid_columns:
+            raise ValueError(f"grid_columns must be ≥ 1, got {self.grid_columns}")
+        if self.grid_scale < 1:
+            raise ValueError(f"grid_scale must be ≥ 1, got {self.grid_scale}")
+        if self.fid_images < 2:
+            raise ValueError(f"fid_images must be ≥ 2 (a covariance needs two samples), got {self.fid_images}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the result table."""
+
+    name: str
+    network_calls: int
+    rmse: float | None          # Against the teacher's Heun output from the same latents, images in [0, 1].
+    psnr: float | None          # 20 log10(1 / rmse), in dB.
+    fid: float | None = None    # Against the data set; None without a detector.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces.
+
+
+def evaluation_latents(count: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """N(0, I) latents [count, *shape]; latent k depends only on seed + k (EDM generate.py)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + k)) for k in range(count)])
+
+
+def agreement(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """RMSE and PSNR (dB) between two image batches in [−1, 1], measured on the [0, 1] scale over all pixels."""
+    rmse = ((images - reference) / 2).square().mean().sqrt().item()
+    psnr = math.inf if rmse == 0 else -20 * math.log10(rmse)
+    return rmse, psnr
+
+
+def _batches(images: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(positions, uint8 NCHW) batches of images in [−1, 1], as fid.compute_statistics reads them."""
+    for start in range(0, len(images), size):
+        chunk = images[start:start + size]
+        yield torch.arange(start, start + len(chunk)), to_uint8(chunk).permute(0, 3, 1, 2)
+
+
+def labelled_rows_png(rows: list[tuple[str, torch.Tensor]], columns: int, scale: int) -> bytes:
+    """A PNG with one labelled row per (label, images in [−1, 1]), the first `columns` images of each."""
+    import PIL.Image  # Here: only the demo draws labelled figures.
+    import PIL.ImageDraw
+    import PIL.ImageFont
+
+    font = PIL.ImageFont.load_default(size=14)
+    gap, label_height = 2, 20
+    _, channels, height, width = rows[0][1].shape
+    columns = min(columns, min(len(images) for _, images in rows))
+    cell_w, cell_h = width * scale, height * scale
+    canvas_w = gap + columns * (cell_w + gap)
+    canvas_h = len(rows) * (label_height + cell_h + gap) + gap
+    canvas = PIL.Image.new("RGB", (canvas_w, canvas_h), "white")
+    draw = PIL.ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        top = gap + r * (label_height + cell_h + gap)
+        draw.text((gap, top + 2), label, fill="black", font=font)
+        pixels = to_uint8(images[:columns].clamp(-1, 1)).numpy()  # NHWC
+        for c, image in enumerate(pixels):
+            tile = PIL.Image.fromarray(image.squeeze(-1) if channels == 1 else image)
+            tile = tile.resize((cell_w, cell_h), PIL.Image.NEAREST)
+            canvas.paste(tile, (gap + c * (cell_w + gap), top + label_height))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="png")
+    return buffer.getvalue()
+
+
+def format_table(rows: list[Row], fid_note: str) -> str:
+    """The result table as text, with a line about FID."""
+    lines = [f"{'':44} {'calls':>5} {'RMSE':>8} {'PSNR (dB)':>10} {'FID':>8}"]
+    for row in rows:
+        rmse = "—" if row.rmse is None else f"{row.rmse:.4f}"
+        psnr = "—" if row.psnr is None else f"{row.psnr:.2f}"
+        fid = "—" if row.fid is None else f"{row.fid:.2f}"
+        lines.append(f"{row.name:44} {row.network_calls:>5} {rmse:>8} {psnr:>10} {fid:>8}")
+    lines.append(fid_note)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FID, when the detector is on disk.
+
+
+def _find_detector(options: DemoOptions) -> tuple[inception.Detector | None, str]:
+    """The detector, or None and the reason; the demo installs nothing, so it never downloads one."""
+    path = options.detector or str(hub.checkpoints_dir() / inception.DETECTOR_FILENAME)
+    if not fileio.exists(path):
+        return None, (f"FID: not measured — no Inception detector at {path}. Copy {inception.DETECTOR_URL} there "
+                      f"(or pass --detector) to add FID against the data set.")
+    return inception.load_detector(path), f"FID: {options.fid_images} samples against {options.fid_images} data images."
+
+
+def _reference_statistics(detector: inception.Detector, options: DemoOptions, run_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Inception statistics of the first `fid_images` data images, cached in the run folder."""
+    path = fileio.join(run_dir, f"fid-ref-shapes-{options.fid_images}.npz")
+    if not fileio.exists(path):
+        data = make_shapes(dataclasses.replace(options.data, num_images=options.fid_images))
+        images = data.images.to(torch.float32) / 127.5 - 1
+        stats, _ = compute_statistics(_batches(images, 100), detector, len(images), inception_score=False)
+        save_reference(path, *stats.mean_and_covariance())
+    return load_reference(path)
+
+
+def _fid(sample: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, detector: inception.Detector,
+         reference: tuple[np.ndarray, np.ndarray], batch: int = 100) -> float:
+    images = torch.cat([sample(latents[start:start + batch]) for start in range(0, len(latents), batch)])
+    stats, _ = compute_statistics(_batches(images, batch), detector, len(images), inception_score=False)
+    return fid_from_stats(*stats.mean_and_covariance(), *reference)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The demo.
+
+
+def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> list[Row]:
+    """Distil as `config` says, compare teacher and student before/after; write demo.png and results.json.
+
+    Works under plain python, torchrun or mpirun: every rank trains, rank 0 evaluates and writes.
+    """
+    dist.init()
+    device = dist.device()
+    objective, student = build(config, device)
+    teacher = objective.teacher
+    if teacher.label_dim:
+        raise ValueError("the demo compares unconditional samples; the teacher is class-conditional "
+                         f"(label_dim = {teacher.label_dim})")
+    pid = config.pid
+    heun = HeunSampler(sigma_min=pid.sigma_min, sigma_max=pid.sigma_max)
+    one_step = OneStepSampler()
+    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    latents = evaluation_latents(options.eval_images, options.eval_seed, shape).to(device)
+    is_main = dist.rank() == 0
+
+    # Before: the teacher's reference trajectories and the initialised student (kept for FID).
+    if is_main:
+        dist.print0(f"Teacher: Heun, {heun.num_network_calls} network calls, on {options.eval_images} latents ...")
+        reference = heun(teacher, latents).clamp(-1, 1)
+        initial = copy.deepcopy(student).eval()
+        before = one_step(initial, latents)
+
+    # Distil: every rank trains.
+    preview = one_step_preview(student, config.run.image_count, config.train.seed, device)
+    training_loop(config, objective, student, preview)
+
+    # After: the newest checkpoint's weights, as pid-sample would load them.
+    rows: list[Row] = []
+    if is_main:
+        _, path = checkpoint.latest_checkpoint(config.run.dir)
+        distilled = checkpoint.load_generator(path, ema_rate=options.ema_rate, device=device)
+        after = one_step(distilled, latents)
+        fids, fid_note = _fids(config, options, heun, teacher, initial, distilled, latents)
+        weights = "raw weights" if options.ema_rate is None else f"EMA {options.ema_rate}"
+        rows = [
+            Row("teacher, Heun", heun.num_network_calls, None, None, fids[0]),
+            Row("student initialised from teacher", one_step.num_network_calls, *agreement(before, reference),
+                fids[1]),
+            Row(f"student distilled ({config.train.steps} steps, {weights})", one_step.num_network_calls,
+                *agreement(after, reference), fids[2]),
+        ]
+        _write_outputs(config, options, rows, fid_note, [reference, before, after], heun.num_network_calls)
+    dist.barrier()
+    return rows
+
+
+def _fids(config: DistillConfig, options: DemoOptions, heun: HeunSampler, teacher: nn.Module,
+          initial: nn.Module, distilled: nn.Module, latents: torch.Tensor) -> tuple[list[float | None], str]:
+    """FID of the teacher and of the student before and after, when a detector is on disk; and a note."""
+    detector, note = _find_detector(options)
+    if detector is None:
+        return [None, None, None], note
+    dist.print0(f"FID over {options.fid_images} images each (teacher, student before, student after) ...")
+    reference = _reference_statistics(detector, options, config.run.dir)
+    fid_latents = evaluation_latents(options.fid_images, options.eval_seed, tuple(latents.shape[1:]))
+    fid_latents = fid_latents.to(latents.device)
+    one_step = OneStepSampler()
+    samplers = [lambda z: heun(teacher, z).clamp(-1, 1), lambda z: one_step(initial, z),
+                lambda z: one_step(distilled, z)]
+    return [_fid(sample, fid_latents, detector, reference) for sample in samplers], note
+
+
+def _write_outputs(config: DistillConfig, options: DemoOptions, rows: list[Row], fid_note: str,
+                   images: list[torch.Tensor], heun_calls: int) -> None:
+    """demo.png (three labelled rows from the same latents), demo-results.json, and the table on stdout."""
+    reference, before, after = images
+    png = fileio.join(config.run.dir, "demo.png")
+    fileio.atomic_write_bytes(labelled_rows_png([
+        (f"teacher: Heun, {heun_calls} network calls", reference),
+        ("student before distillation: 1 call", before),
+        (f"student after {config.train.steps} PID steps: 1 call", after),
+    ], options.grid_columns, options.grid_scale), png)
+    results = {"rows": [dataclasses.asdict(row) for row in rows], "fid_note": fid_note, "png": png,
+               "eval_images": options.eval_images, "eval_seed": options.eval_seed}
+    fileio.atomic_write_text(json.dumps(results, indent=2) + "\n", fileio.join(config.run.dir, "demo-results.json"))
+    dist.print0("\n" + format_table(rows, fid_note))
+    dist.print0(f"Teacher and student from the same latents: {png}")

@@ -1,0 +1,57 @@
+"""The one-command demo at reduced size on the bundled teacher, and its measuring and drawing pieces."""
+
+import io
+import json
+import math
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+
+from pid_diffusion.cli import demo as demo_cli
+from pid_diffusion.demo import agreement, evaluation_latents, labelled_rows_png
+
+BUNDLED_TEACHER = Path(__file__).resolve().parents[1] / "model_zoo" / "edm-shapes-16x16.pt"
+
+
+def test_agreement_of_a_constant_offset():
+    reference = torch.zeros(2, 3, 4, 4)
+    rmse, psnr = agreement(reference + 0.2, reference)   # 0.2 in [−1, 1] is 0.1 on the [0, 1] scale
+    assert rmse == pytest.approx(0.1) and psnr == pytest.approx(20.0)
+    assert agreement(reference, reference) == (0.0, math.inf)
+
+
+def test_latent_k_depends_only_on_its_seed():
+    few, many = evaluation_latents(2, 10, (3, 4, 4)), evaluation_latents(5, 9, (3, 4, 4))
+    assert torch.equal(few[0], many[1]) and torch.equal(few[1], many[2])
+    assert torch.equal(few[0], torch.randn((3, 4, 4), generator=torch.Generator().manual_seed(10)))
+
+
+def test_labelled_rows_png_layout():
+    rows = [("a", torch.zeros(5, 3, 16, 16)), ("b", torch.ones(5, 3, 16, 16)), ("c", -torch.ones(5, 3, 16, 16))]
+    image = PIL.Image.open(io.BytesIO(labelled_rows_png(rows, columns=4, scale=2)))
+    gap, label, cell = 2, 20, 32
+    assert image.size == (gap + 4 * (cell + gap), 3 * (label + cell + gap) + gap)
+    # First image of row "b" (all +1) is white, of row "c" (all −1) black.
+    top_b = gap + (label + cell + gap) + label
+    assert image.getpixel((gap + 1, top_b + 1)) == (255, 255, 255)
+    assert image.getpixel((gap + 1, top_b + label + cell + gap + 1)) == (0, 0, 0)
+
+
+@pytest.mark.skipif(not BUNDLED_TEACHER.is_file(), reason=f"bundled teacher {BUNDLED_TEACHER} is missing")
+def test_demo_distils_the_bundled_teacher(tmp_path, capsys):
+    # The demo's own command at reduced size: fewer steps and images, the default preset otherwise.
+    run_dir = tmp_path / "demo"
+    demo_cli.main([f"--run.dir={run_dir}", f"--teacher.path={BUNDLED_TEACHER}", "--train.steps=40",
+                   "--train.batch=16", "--eval-images=16", "--grid-columns=8", "--run.image_every=0"])
+
+    results = json.loads((run_dir / "demo-results.json").read_text())
+    teacher, before, after = results["rows"]
+    assert teacher["network_calls"] == 35 and before["network_calls"] == after["network_calls"] == 1
+    # Distillation must bring the one-step output much closer to the teacher's Heun output.
+    assert after["rmse"] < 0.75 * before["rmse"]
+    assert after["psnr"] == pytest.approx(-20 * math.log10(after["rmse"]))
+    assert PIL.Image.open(run_dir / "demo.png").size == (2 + 8 * (64 + 2), 3 * (20 + 64 + 2) + 2)
+    printed = capsys.readouterr().out
+    assert "student distilled" in printed and "FID" in printed
