@@ -17,6 +17,7 @@ A second task (teacher training) subclasses `TrainingConfig` with its own sectio
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import enum
@@ -449,6 +450,28 @@ class Presets(Generic[C]):
         if name not in self._makers:
             raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(self._makers)}")
         return apply_overrides(self.schema, to_dict(self._makers[name]()), overrides or {})
+
+    def argument_parser(self, prog: str, description: str | None) -> argparse.ArgumentParser:
+        """A command-line parser with the options every training command shares: --preset and --dry-run.
+
+        Commands add their own arguments; `parse` then reads the configuration overrides from the rest.
+        """
+        parser = argparse.ArgumentParser(
+            prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False, epilog="Configuration options: --section.key=value (all of them: --dry-run).")
+        parser.add_argument("--preset", default="default", choices=self.names(),
+                            help="the configuration to start from (default: %(default)s)")
+        parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+        return parser
+
+    def parse(self, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, C]:
+        """The parsed arguments and the preset they name with the remaining `--key=value` overrides applied;
+        a configuration error exits through `parser.error`, naming the key."""
+        args, rest = parser.parse_known_args(argv)
+        try:
+            return args, self.resolve(args.preset, parse_overrides(rest))
+        except ConfigError as error:
+            parser.error(str(error))
 
 
 DISTILL_PRESETS: Presets[DistillConfig] = Presets(DistillConfig)

@@ -14,23 +14,13 @@ import argparse
 from collections.abc import Sequence
 
 from pid_diffusion import dist
-from pid_diffusion.config import DISTILL_PRESETS, ConfigError, DistillConfig, parse_overrides, resolve, to_json
+from pid_diffusion.config import DISTILL_PRESETS, DistillConfig, to_json
 from pid_diffusion.distill import build, one_step_preview
 from pid_diffusion.train import training_loop
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, DistillConfig]:
-    parser = argparse.ArgumentParser(
-        prog="pid-distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False, epilog="Options of the configuration: see --dry-run and docs/training.md.")
-    parser.add_argument("--preset", default="default", choices=DISTILL_PRESETS.names(),
-                        help="the configuration to start from (default: %(default)s)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
-    args, rest = parser.parse_known_args(argv)
-    try:
-        return args, resolve(args.preset, parse_overrides(rest))
-    except ConfigError as error:
-        parser.error(str(error))
+    return DISTILL_PRESETS.parse(DISTILL_PRESETS.argument_parser("pid-distill", __doc__), argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

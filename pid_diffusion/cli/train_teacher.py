@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from pid_diffusion import checkpoint, dist, fileio
-from pid_diffusion.config import (ConfigError, OptimizerKind, Presets, RunConfig, TrainConfig, TrainingConfig,
-                                  check, parse_overrides, to_json)
+from pid_diffusion.config import (OptimizerKind, Presets, RunConfig, TrainConfig, TrainingConfig, check,
+                                  to_json)
 from pid_diffusion.edm_loss import EDMObjective
 from pid_diffusion.networks import EDMPrecond
 from pid_diffusion.samplers import HeunSampler
@@ -175,21 +175,12 @@ def grid_path(teacher_path: str) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TeacherTrainingConfig]:
-    parser = argparse.ArgumentParser(
-        prog="pid-train-teacher", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False, epilog="Options of the configuration: see --dry-run.")
-    parser.add_argument("--preset", default="default", choices=TEACHER_PRESETS.names(),
-                        help="the configuration to start from (default: %(default)s)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    parser = TEACHER_PRESETS.argument_parser("pid-train-teacher", __doc__)
     parser.add_argument("--export", metavar="PATH",
                         help="after training, write the EMA teacher to PATH (and its Heun grid beside it)")
     parser.add_argument("--export-ema", type=float, metavar="RATE",
                         help="EMA rate to export (default: the first of train.ema_rates)")
-    args, rest = parser.parse_known_args(argv)
-    try:
-        config = TEACHER_PRESETS.resolve(args.preset, parse_overrides(rest))
-    except ConfigError as error:
-        parser.error(str(error))
+    args, config = TEACHER_PRESETS.parse(parser, argv)
     if args.export_ema is not None and args.export_ema not in config.train.ema_rates:
         parser.error(f"--export-ema={args.export_ema} is not one of train.ema_rates {config.train.ema_rates}")
     return args, config
