@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from pid_diffusion import checkpoint, dist, fileio, hub, inception
-from pid_diffusion.distill import build, one_step_preview
+from pid_diffusion.distill import build
 from pid_diffusion.config import DistillConfig
 from pid_diffusion.fid import compute_statistics, fid_from_stats, load_reference, save_reference
 from pid_diffusion.samplers import HeunSampler, OneStepSampler, to_uint8
 from pid_diffusion.toydata import ShapesSpec, make_shapes
-from pid_diffusion.train import training_loop
+from pid_diffusion.train import sampler_preview, training_loop
 
 __all__ = ["DemoOptions", "Row", "agreement", "evaluation_latents", "labelled_rows_png", "run_demo",
            "format_table"]
@@ -191,7 +191,7 @@ def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> lis
         before = one_step(initial, latents)
 
     # Distil: every rank trains.
-    preview = one_step_preview(student, config.run.image_count, config.train.seed, device)
+    preview = sampler_preview(one_step, student, config.run.image_count, config.train.seed, device)
     training_loop(config, objective, student, preview)
 
     # After: the newest checkpoint's weights, as pid-sample would load them.

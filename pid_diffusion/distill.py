@@ -1,25 +1,23 @@
 """PID distillation assembled from a `DistillConfig` (PID.md §5): the frozen teacher, the time grid, the
-distance, the objective and the student it trains, plus the one-step sample grid the training loop writes.
+distance, the objective and the student it trains.
 
     objective, student = build(config, device)
-    training_loop(config, objective, student, one_step_preview(student, 64, config.train.seed, device))
+    preview = sampler_preview(OneStepSampler(), student, config.run.image_count, config.train.seed, device)
+    training_loop(config, objective, student, preview)
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from pid_diffusion import perf
 from pid_diffusion.config import DistillConfig
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import PIDObjective
-from pid_diffusion.samplers import OneStepSampler
 from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
-from pid_diffusion.train import Preview
 
-__all__ = ["build", "one_step_preview"]
+__all__ = ["build"]
 
 
 def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PIDStudent]:
@@ -39,19 +37,3 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
     student = PIDStudent.from_teacher(teacher, pid.sigma_min, pid.sigma_max, init=config.student.init,
                                       network_overrides={"dropout": config.student.dropout})
     return objective, student.to(device)
-
-
-def one_step_preview(student: PIDStudent, count: int, seed: int, device: torch.device) -> Preview:
-    """One-step samples x_θ(z, ε) of `count` fixed latents (seeded by `seed`), classes cycling 0, 1, 2, …"""
-    shape = (count, student.img_channels, student.img_resolution, student.img_resolution)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    labels = None
-    if student.label_dim:
-        labels = torch.nn.functional.one_hot(torch.arange(count) % student.label_dim, student.label_dim)
-        labels = labels.to(device=device, dtype=torch.float32)
-    sampler = OneStepSampler()
-
-    def preview(model: nn.Module) -> torch.Tensor:
-        return sampler(model, latents, labels)
-
-    return preview

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pid_diffusion import checkpoint, dist, fileio, perf
 from pid_diffusion.config import ConfigError, TrainConfig, TrainingConfig, diff, from_dict, to_dict, to_json
 
-__all__ = ["EMA", "NonFiniteLossError", "Objective", "Preview", "step_generator", "training_loop"]
+__all__ = ["EMA", "NonFiniteLossError", "Objective", "Preview", "sampler_preview", "step_generator", "training_loop"]
 
 _STEP_SEED_STRIDE = 2**32  # Step s of run seed r draws its batch from generator seed r · 2³² + s.
 
@@ -51,6 +51,20 @@ class Objective(Protocol):
 
 
 Preview = Callable[[nn.Module], torch.Tensor]  # model -> images in [−1, 1] from fixed noise, for sample grids.
+
+
+def sampler_preview(sampler: Callable, net: nn.Module, count: int, seed: int, device: torch.device) -> Preview:
+    """A `Preview` that runs `sampler` on `count` fixed latents seeded by `seed`, classes cycling 0, 1, 2, …
+
+    `net` gives the image shape and label count; the preview may then be called on any model of that shape.
+    """
+    shape = (count, net.img_channels, net.img_resolution, net.img_resolution)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    labels = None
+    if net.label_dim:
+        labels = torch.nn.functional.one_hot(torch.arange(count) % net.label_dim, net.label_dim)
+        labels = labels.to(device=device, dtype=torch.float32)
+    return lambda model: sampler(model, latents, labels).clamp(-1, 1)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -32,13 +32,7 @@ case "${PRESET}" in
     ;;
 esac
 
-MPI_OPTIONS=(-np "${NUM_PROCESSES}" --bind-to none)
-for VARIABLE in PATH PYTHONPATH LD_LIBRARY_PATH; do   # Export the environment to processes on other nodes.
-  if [[ -n "${!VARIABLE:-}" ]]; then MPI_OPTIONS+=(-x "${VARIABLE}"); fi
-done
-if [[ -n "${HOSTFILE}" ]]; then
-  MPI_OPTIONS+=(--hostfile "${HOSTFILE}")
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/mpi_options.sh"
 
 mpirun "${MPI_OPTIONS[@]}" \
   python -m pid_diffusion.cli.distill \

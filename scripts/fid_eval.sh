@@ -26,13 +26,7 @@ case "${DATASET}" in
     ;;
 esac
 
-MPI_OPTIONS=(-np "${NUM_PROCESSES}" --bind-to none)
-for VARIABLE in PATH PYTHONPATH LD_LIBRARY_PATH TORCH_HOME; do   # Export the environment to other nodes.
-  if [[ -n "${!VARIABLE:-}" ]]; then MPI_OPTIONS+=(-x "${VARIABLE}"); fi
-done
-if [[ -n "${HOSTFILE}" ]]; then
-  MPI_OPTIONS+=(--hostfile "${HOSTFILE}")
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/mpi_options.sh"
 
 # shellcheck disable=SC2086  # SEED_RANGES is a list of ranges, one argument each.
 mpirun "${MPI_OPTIONS[@]}" \

@@ -21,13 +21,7 @@ if [[ $# -gt 0 && "$1" != -* ]]; then
   SOURCE=(--checkpoint "$1" --ema "${EMA}"); shift
 fi
 
-MPI_OPTIONS=(-np "${NUM_PROCESSES}" --bind-to none)
-for VARIABLE in PATH PYTHONPATH LD_LIBRARY_PATH TORCH_HOME; do   # Export the environment to other nodes.
-  if [[ -n "${!VARIABLE:-}" ]]; then MPI_OPTIONS+=(-x "${VARIABLE}"); fi
-done
-if [[ -n "${HOSTFILE}" ]]; then
-  MPI_OPTIONS+=(--hostfile "${HOSTFILE}")
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/mpi_options.sh"
 
 mpirun "${MPI_OPTIONS[@]}" \
   python -m pid_diffusion.cli.sample \

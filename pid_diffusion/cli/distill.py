@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 from pid_diffusion import dist
 from pid_diffusion.config import DISTILL_PRESETS, DistillConfig, to_json
-from pid_diffusion.distill import build, one_step_preview
-from pid_diffusion.train import training_loop
+from pid_diffusion.distill import build
+from pid_diffusion.samplers import OneStepSampler
+from pid_diffusion.train import sampler_preview, training_loop
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, DistillConfig]:
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         device = dist.device()
         objective, student = build(config, device)
-        preview = one_step_preview(student, config.run.image_count, config.train.seed, device)
+        preview = sampler_preview(OneStepSampler(), student, config.run.image_count, config.train.seed, device)
         training_loop(config, objective, student, preview)
     dist.shutdown()
 

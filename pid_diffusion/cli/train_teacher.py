@@ -19,7 +19,6 @@ import io
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from pid_diffusion import checkpoint, dist, fileio
 from pid_diffusion.config import (OptimizerKind, Presets, RunConfig, TrainConfig, TrainingConfig, check,
@@ -29,7 +28,7 @@ from pid_diffusion.networks import EDMPrecond
 from pid_diffusion.samplers import HeunSampler
 from pid_diffusion.teacher import CheckpointFormat, TeacherCheckpoint
 from pid_diffusion.toydata import ShapesSpec, make_shapes
-from pid_diffusion.train import Preview, training_loop
+from pid_diffusion.train import sampler_preview, training_loop
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration of the teacher-training task (config.py: a task subclasses TrainingConfig).
@@ -132,22 +131,6 @@ def build(config: TeacherTrainingConfig) -> tuple[EDMObjective, EDMPrecond]:
     return objective, net
 
 
-def heun_preview(net: EDMPrecond, count: int, seed: int, device: torch.device) -> Preview:
-    """Heun samples (EDM's 35-call sampler) of `count` fixed latents seeded by `seed`; classes cycle."""
-    latents = torch.randn((count, net.img_channels, net.img_resolution, net.img_resolution),
-                          generator=torch.Generator().manual_seed(seed)).to(device)
-    labels = None
-    if net.label_dim:
-        labels = torch.nn.functional.one_hot(torch.arange(count) % net.label_dim, net.label_dim)
-        labels = labels.to(device=device, dtype=torch.float32)
-    sampler = HeunSampler()
-
-    def preview(model: nn.Module) -> torch.Tensor:
-        return sampler(model, latents, labels).clamp(-1, 1)
-
-    return preview
-
-
 def export_teacher(config: TeacherTrainingConfig, path: str, ema_rate: float) -> EDMPrecond:
     """Write the EMA network of the run's newest checkpoint as a teacher file; returns that network."""
     latest = checkpoint.latest_checkpoint(config.run.dir)
@@ -195,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         device = dist.device()
         objective, net = build(config)
-        preview = heun_preview(net, config.run.image_count, config.train.seed, device)
+        preview = sampler_preview(HeunSampler(), net, config.run.image_count, config.train.seed, device)
         training_loop(config, objective, net, preview)
         if args.export and dist.rank() == 0:
             rate = args.export_ema if args.export_ema is not None else config.train.ema_rates[0]
