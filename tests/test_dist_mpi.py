@@ -2,7 +2,6 @@
 fails ends the whole job."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,19 +14,9 @@ from pid_diffusion.networks import EDMPrecond
 from pid_diffusion.student import PIDStudent
 
 import toy_training
-from test_train import subprocess_env
+from launch import JOB_TIMEOUT_S, REPO, mpirun, needs_mpirun, subprocess_env
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "toy_training.py")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOB_TIMEOUT_S = 600  # A guard against a hung job, far above its normal duration.
-
-needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (Open MPI) is not installed")
-
-
-def mpirun(processes: int, *command: str) -> subprocess.CompletedProcess:
-    env = {**subprocess_env(), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    return subprocess.run(["mpirun", "-np", str(processes), "--oversubscribe", sys.executable, *command],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
 
 
 def latest(folder) -> dict:

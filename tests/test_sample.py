@@ -6,10 +6,7 @@ last bits (about 1e-6 here), which can move a rare uint8 value by one level, on 
 """
 
 import argparse
-import os
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
@@ -22,12 +19,11 @@ from pid_diffusion.generate import SamplerKind, make_sampler
 from pid_diffusion.networks import EDMPrecond
 from pid_diffusion.student import PIDStudent
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOB_TIMEOUT_S = 600  # a guard against a hung job, far above its normal duration
+import launch
+from launch import needs_mpirun
+
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # PID's ε and T
 WEIGHT_NOISE = 0.02  # how far test weights are moved from the teacher's, so every checkpoint and EMA differs
-
-needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (Open MPI) is not installed")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,9 +57,8 @@ def write_teacher_file(path: str, teacher: EDMPrecond) -> None:
 
 
 def mpirun(processes: int, module: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    result = subprocess.run(["mpirun", "-np", str(processes), "--oversubscribe", sys.executable, "-m", module, *args],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    """`python -m module args` on `processes` ranks, threads pinned to this process's count (bits are compared)."""
+    result = launch.mpirun(processes, "-m", module, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 

