@@ -1,6 +1,6 @@
 """An exact teacher for tests: the ideal denoiser of Gaussian data and its closed-form ODE solution.
 
-For data N(μ, s² I) the noisy marginal at σ is N(μ, (s² + σ²) I), so (PID.md §4)
+For data N(μ, s² I) the noisy marginal at σ is N(μ, (s² + σ²) I), so (docs/method.md §4)
 
     D(x, σ) = (s² x + σ² μ) / (s² + σ²)
     x(σ)    = μ + (z − μ) · sqrt(s² + σ²) / sqrt(s² + T²)    solves dx/dσ = (x − D(x, σ)) / σ, x(T) = z.

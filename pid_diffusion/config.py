@@ -67,7 +67,7 @@ class ConfigError(ValueError):
 
 
 class OptimizerKind(enum.Enum):
-    """The optimizer; no weight decay unless configured (PID.md §5)."""
+    """The optimizer; no weight decay unless configured (docs/method.md §5)."""
 
     RADAM = "radam"
     ADAM = "adam"
@@ -180,7 +180,7 @@ class TrainingConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Distillation (PID.md §5).
+# Distillation (docs/method.md §5).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +207,7 @@ class StudentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PIDConfig:
-    """The PID residual: time grid, distance, differentiation scheme (PID.md §3)."""
+    """The PID residual: time grid, distance, differentiation scheme (docs/method.md §3)."""
 
     num_points: int = 250                           # N, points of the Karras grid.
     rho: float = 7.0                                # ρ of the Karras grid.
@@ -504,7 +504,7 @@ def _default() -> DistillConfig:
 
 @DISTILL_PRESETS.register("cifar10")
 def _cifar10() -> DistillConfig:
-    """The paper's CIFAR-10 run (PID.md §5): EDM DDPM++ teacher, LPIPS, RAdam 2e-4, batch 512, 800k steps."""
+    """The paper's CIFAR-10 run (docs/method.md §5): EDM DDPM++ teacher, LPIPS, RAdam 2e-4, batch 512, 800k steps."""
     return DistillConfig(
         run=RunConfig(dir="runs/pid-cifar10", checkpoint_every=10_000, image_every=10_000),
         train=TrainConfig(steps=800_000, batch=512, precision=Precision.FP32, optimizer=OptimizerKind.RADAM,
@@ -527,7 +527,7 @@ def _imagenet64() -> DistillConfig:
 
 
 def _central(config: DistillConfig, suffix: str) -> DistillConfig:
-    """The same run with the second-order central difference (PID.md §3, variants)."""
+    """The same run with the second-order central difference (docs/method.md §3, variants)."""
     return dataclasses.replace(
         config, run=dataclasses.replace(config.run, dir=config.run.dir + suffix),
         pid=dataclasses.replace(config.pid, derivative=Derivative.CENTRAL))

@@ -1,4 +1,4 @@
-"""PID distillation assembled from a `DistillConfig` (PID.md §5): the frozen teacher, the time grid, the
+"""PID distillation assembled from a `DistillConfig` (docs/method.md §5): the frozen teacher, the time grid, the
 distance, the objective and the student it trains.
 
     objective, student = build(config, device)

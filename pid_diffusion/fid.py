@@ -1,6 +1,6 @@
 """Fréchet Inception Distance and Inception Score, computed as EDM and StyleGAN2-ADA compute them.
 
-Images stream through the detector into accumulators of float64 sums (habit 7 of STYLE.md): nothing is
+Images stream through the detector into accumulators of float64 sums, reduced over ranks: nothing is
 kept per image, any number of ranks and any batch size give the same statistics up to summation order,
 and a generator of image batches can feed them directly, so FID needs no PNGs on disk.
 """

@@ -1,7 +1,7 @@
 """Images from a PID student (one network call) or an EDM teacher (Heun, Euler), as EDM's `generate.py`
 makes them; `pid-sample` and `pid-fid` are thin command lines over this module.
 
-Every image has its own seed (STYLE.md habit 6): latent k is drawn from a generator seeded with seed k, then,
+Every image has its own seed (as in EDM's generate.py): latent k is drawn from a generator seeded with seed k, then,
 for a conditional model without given classes, its class from the same generator. Ranks take
 `seeds[rank::world_size]`, so image k is the same whatever the number of ranks, and whatever the batch size
 up to the last bits of the network's batched float arithmetic (a rare uint8 value may move by one level).
@@ -29,8 +29,8 @@ class SamplerKind(enum.Enum):
     """How images are drawn from the network."""
 
     ONE_STEP = "onestep"  # PID student: x_θ(T z, ε)
-    HEUN = "heun"  # teacher: EDM's deterministic Heun sampler (EDM.md §4)
-    EULER = "euler"  # teacher: explicit Euler on PID's Karras grid (the PID ceiling, PID.md §6)
+    HEUN = "heun"  # teacher: EDM's deterministic Heun sampler (docs/edm_formats.md §4)
+    EULER = "euler"  # teacher: explicit Euler on PID's Karras grid (the PID ceiling, docs/method.md §6)
 
 
 def make_sampler(kind: SamplerKind | None, steps: int | None, net: nn.Module) -> samplers.Sampler:

@@ -1,7 +1,7 @@
 """The PID residual loss (paper Eq. 8 and Eq. 9) and the distillation objective the training loop runs.
 
 The student x_θ(z, t) should solve the teacher's probability-flow ODE dx/dt = (x − D_φ(x, t)) / t. At a
-grid time t_i, with y_i = x_θ(z, t_i) and a derivative estimate dy/dt, PID penalises (PID.md §3)
+grid time t_i, with y_i = x_θ(z, t_i) and a derivative estimate dy/dt, PID penalises (docs/method.md §3)
 
     Eq. 8 (derivative form):  d( dy/dt,  (y_i − D_φ(y_i, t_i)) / t_i )
     Eq. 9 (denoiser form):    d( y_i − t_i · dy/dt,  D_φ(y_i, t_i) )       the official, default form

@@ -1,4 +1,4 @@
-"""Per-sample distances d(a, b) for the PID residual (PID.md §3), on image batches in [−1, 1].
+"""Per-sample distances d(a, b) for the PID residual (docs/method.md §3), on image batches in [−1, 1].
 
 Every metric is a frozen `nn.Module` called as `metric(a, b) -> Tensor[B]`, differentiable with respect to
 its inputs. The configuration names one by `Metric` and builds it with `Metric.build()`.

@@ -75,7 +75,7 @@ def _validated_sigmas(sigmas: torch.Tensor | tuple[float, ...], device: torch.de
 def euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor | tuple[float, ...],
           class_labels: torch.Tensor | None = None) -> torch.Tensor:
     """Explicit Euler from x at σ = sigmas[0] to sigmas[-1]: one denoiser call per step (float64 result).
-    On PID's grid this is the trajectory that a zero-residual PID student reproduces (PID.md §4)."""
+    On PID's grid this is the trajectory that a zero-residual PID student reproduces (docs/method.md §4)."""
     sigmas = _validated_sigmas(sigmas, x.device)
     x = x.to(torch.float64)
     for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
@@ -143,7 +143,7 @@ class HeunSampler:
 @dataclass(frozen=True)
 class EulerSampler:
     """Explicit Euler on any schedule; `EulerSampler.on_grid(...)` is the teacher's Euler solver on PID's
-    grid, the ceiling a PID student trained with that grid can reach (PID.md §4, §6)."""
+    grid, the ceiling a PID student trained with that grid can reach (docs/method.md §4, §6)."""
 
     sigmas: tuple[float, ...]  # decreasing noise levels, sigmas[0] scales the latents
 
@@ -170,7 +170,7 @@ class EulerSampler:
 
 @dataclass(frozen=True)
 class OneStepSampler:
-    """PID's sampler: one student call x_θ(z, ε) with z = T · latents (PID.md §2, §6); the student owns T
+    """PID's sampler: one student call x_θ(z, ε) with z = T · latents (docs/method.md §2, §6); the student owns T
     (`student.sigma_max`), ε and the clamp to [−1, 1] (`student.sample`)."""
 
     num_network_calls: ClassVar[int] = 1

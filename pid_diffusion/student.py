@@ -1,4 +1,4 @@
-"""The PID student: a trajectory x_θ(z, t) with the boundary condition x_θ(z, T) = z built in (PID.md §2).
+"""The PID student: a trajectory x_θ(z, t) with the boundary condition x_θ(z, T) = z built in (docs/method.md §2).
 
     x_θ(z, t) = (t / T) · z + (1 − t / T) · F_θ(c_in · z, c_noise(t), class_labels)
     c_in = 1 / sqrt(σ_d² + T²)   (constant: the image input is always z ~ N(0, T² I))
@@ -60,7 +60,7 @@ class PIDStudent(nn.Module):
         """A student with the teacher's architecture (and weights, with `StudentInit.TEACHER`).
 
         `network_overrides` replace constructor arguments of the teacher, e.g. `{"dropout": 0.0}`: the
-        released EDM teachers were trained with dropout, PID trains the student without (PID.md §5).
+        released EDM teachers were trained with dropout, PID trains the student without (docs/method.md §5).
         """
         network_kwargs = {**teacher.init_kwargs, **(network_overrides or {})}
         student = cls(network_kwargs, sigma_min, sigma_max, teacher.sigma_data)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's PID runs (Tee et al. 2024, PID.md §5) under Open MPI, one process per GPU.
+# The paper's PID runs (Tee et al. 2024, docs/method.md §5) under Open MPI, one process per GPU.
 #
 #   bash scripts/distill_pid_diffusion.sh cifar10            # CIFAR-10 32×32, EDM DDPM++ teacher
 #   bash scripts/distill_pid_diffusion.sh imagenet64         # ImageNet 64×64, EDM ADM teacher

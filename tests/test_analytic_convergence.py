@@ -1,4 +1,4 @@
-"""PID's theory (PID.md §4) checked against an exact teacher: the ideal denoiser of Gaussian data.
+"""PID's theory (docs/method.md §4) checked against an exact teacher: the ideal denoiser of Gaussian data.
 
 - A student whose values on the grid are the teacher's Euler iterates has zero first-order residual
   (Lemma 1); the zero-residual solution of the central scheme is the two-step recursion derived below.
@@ -19,8 +19,8 @@ from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, pid_resid
 from pid_diffusion.metrics import L2
 from pid_diffusion.student import PIDStudent
 
-T, EPS, RHO = 80.0, 0.002, 7.0  # the paper's grid (PID.md §3)
-S = 0.4  # data standard deviation of PID.md §4's reference numbers (d = 16)
+T, EPS, RHO = 80.0, 0.002, 7.0  # the paper's grid (docs/method.md §3)
+S = 0.4  # data standard deviation of docs/method.md §4's reference numbers (d = 16)
 CHANNELS, RESOLUTION = 1, 4  # d = 16
 BATCH = 3
 
@@ -179,7 +179,7 @@ def test_exact_trajectory_residual_shrinks_with_the_scheme_order(teacher, z, der
 
 
 def test_euler_error_halves_like_the_reference(teacher, z):
-    # PID.md §4 (d = 16, s = 0.4): 0.0781, 0.0396, 0.0199, 0.0064 at N = 20, 40, 80, 250. The error is
+    # docs/method.md §4 (d = 16, s = 0.4): 0.0781, 0.0396, 0.0199, 0.0064 at N = 20, 40, 80, 250. The error is
     # (z − μ) · δ(N) with a scalar δ, so its ratios do not depend on the normalisation of the reference.
     reference = {20: 0.0781, 40: 0.0396, 80: 0.0199, 250: 0.0064}
     errors = {n: rms_error_at_eps(euler_solution(teacher, KarrasGrid(n, RHO, EPS, T), z), teacher, z)

@@ -1,4 +1,4 @@
-"""KarrasGrid: PID's time grid (PID.md §3), index sampling and neighbours."""
+"""KarrasGrid: PID's time grid (docs/method.md §3), index sampling and neighbours."""
 
 import math
 

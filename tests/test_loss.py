@@ -13,7 +13,7 @@ from pid_diffusion.metrics import L2
 from pid_diffusion.networks import EDMPrecond
 from pid_diffusion.student import PIDStudent
 
-T, EPS, RHO = 80.0, 0.002, 7.0  # PID's grid (PID.md §3)
+T, EPS, RHO = 80.0, 0.002, 7.0  # PID's grid (docs/method.md §3)
 NUM_POINTS = 12
 TINY_SONG_UNET = dict(img_resolution=8, img_channels=3, model_type="SongUNet", model_channels=8, channel_mult=[1, 2],
                       num_blocks=1, attn_resolutions=[4], dropout=0.0)

@@ -12,7 +12,7 @@ from pid_diffusion.samplers import EulerSampler, HeunSampler, OneStepSampler, ed
 from pid_diffusion.student import PIDStudent
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
-# The Gaussian teacher of PID.md §4: d = 16, s = 0.4.
+# The Gaussian teacher of docs/method.md §4: d = 16, s = 0.4.
 GAUSS_S, GAUSS_CHANNELS, GAUSS_RESOLUTION = 0.4, 1, 4
 
 
@@ -89,7 +89,7 @@ def test_edm_sigmas():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Euler and Heun on the exact Gaussian teacher (PID.md §4).
+# Euler and Heun on the exact Gaussian teacher (docs/method.md §4).
 
 def test_euler_equals_its_closed_form_on_the_gaussian_teacher():
     """On Gaussian data (x − D(x, σ)) / σ = (x − μ)·σ/(s² + σ²): each Euler step scales x − μ."""

@@ -1,4 +1,4 @@
-"""PIDStudent: the boundary-preserving parametrization x_θ(z, t) of PID.md §2 around EDM networks."""
+"""PIDStudent: the boundary-preserving parametrization x_θ(z, t) of docs/method.md §2 around EDM networks."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import torch
 from pid_diffusion.networks import EDMPrecond
 from pid_diffusion.student import PIDStudent, StudentInit
 
-T, EPS = 80.0, 0.002  # PID's σ range (PID.md §3)
+T, EPS = 80.0, 0.002  # PID's σ range (docs/method.md §3)
 
 
 def load_teacher(fixtures_dir, name):
