@@ -101,12 +101,74 @@ def test_one_concatenated_batch_equals_separate_calls(student, teacher, grid, de
     assert (result[0] > 0).all()
 
 
-def test_stop_neighbour_grad_changes_gradients_not_values(student, teacher, grid):
-    z, indices = latents(), torch.tensor([0, 3, 6, 10])
-    full = residual_and_grads(student, teacher, z, indices, grid)
-    stopped = residual_and_grads(student, teacher, z, indices, grid, stop_neighbour_grad=True)
-    assert torch.equal(full[0], stopped[0])
-    assert not all(torch.allclose(a, b) for a, b in zip(full[1], stopped[1]))
+class RecordingStudent(torch.nn.Module):
+    """The student, keeping each output with its gradient: pid_residual's one call returns the concatenated
+    [y_i, neighbours...] batch, whose chunks' gradients are the loss's gradients with respect to each value."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+        self.outputs = []
+
+    def forward(self, z, t, class_labels=None):
+        y = self.student(z, t, class_labels)
+        y.retain_grad()
+        self.outputs.append(y)
+        return y
+
+
+def value_gradients(residual_fn, student, teacher, z, indices, grid, derivative, stop_neighbour_grad):
+    """The residual, and the gradients of its mean with respect to y_i and to each neighbour value."""
+    recording = RecordingStudent(student)
+    residual = residual_fn(recording, teacher, z, indices, grid=grid, metric=L2(), derivative=derivative,
+                           stop_neighbour_grad=stop_neighbour_grad)
+    residual.mean().backward()
+    (output,) = recording.outputs
+    y_i, *neighbours = output.grad.chunk(2 if derivative is Derivative.FORWARD else 3)
+    return residual.detach(), y_i, neighbours
+
+
+def check_stop_neighbour_grad(residual_fn, student, teacher, grid, derivative, indices):
+    """stop_neighbour_grad leaves the loss value and its gradient through y_i unchanged, and gives every
+    neighbour value a gradient of exactly zero, where without it the neighbours receive a gradient ≥ 100× the
+    tolerance of the y_i comparison. Returns that margin."""
+    z = latents()
+    full = value_gradients(residual_fn, student, teacher, z, indices, grid, derivative, False)
+    stopped = value_gradients(residual_fn, student, teacher, z, indices, grid, derivative, True)
+    assert torch.equal(full[0], stopped[0]), "the loss value changed"
+    tolerance = 1e-6 * full[1].abs().max().item()
+    torch.testing.assert_close(stopped[1], full[1], rtol=0, atol=tolerance)
+    signal = min(n.abs().max().item() for n in full[2])
+    assert signal > 100 * tolerance, f"neighbour gradients {signal:.3g} are too small to see"
+    for neighbour in stopped[2]:
+        assert torch.count_nonzero(neighbour) == 0, "a neighbour value received a gradient"
+    return signal / tolerance
+
+
+@pytest.mark.parametrize("derivative, indices", [
+    (Derivative.FORWARD, [0, 3, 6, NUM_POINTS - 1]),  # the last: a backward difference
+    (Derivative.CENTRAL, [1, 3, 6, NUM_POINTS - 2]),
+])
+def test_stop_neighbour_grad_zeroes_the_neighbours_gradient_not_the_value(student, teacher, grid, derivative,
+                                                                          indices):
+    margin = check_stop_neighbour_grad(pid_residual, student, teacher, grid, derivative, torch.tensor(indices))
+    assert margin > 1e3  # measured 2e6 (forward), 5e5 (central): neighbours get gradients like y_i's
+
+
+@pytest.mark.parametrize("mutant", ["flag ignored", "y_i detached instead"])
+def test_stop_neighbour_grad_check_fails_on_mutants(student, teacher, grid, monkeypatch, mutant):
+    import pid_diffusion.loss as loss_module
+    original = loss_module._trajectory_and_derivative
+
+    def broken(student, z, indices, class_labels, grid, derivative, stop_neighbour_grad):
+        if mutant == "flag ignored":
+            return original(student, z, indices, class_labels, grid, derivative, False)
+        y_i, dy_dt = original(student, z, indices, class_labels, grid, derivative, False)
+        return (y_i.detach(), dy_dt) if stop_neighbour_grad else (y_i, dy_dt)
+
+    monkeypatch.setattr(loss_module, "_trajectory_and_derivative", broken)
+    with pytest.raises(AssertionError):
+        check_stop_neighbour_grad(pid_residual, student, teacher, grid, Derivative.FORWARD, torch.tensor([0, 3, 6, 9]))
 
 
 def test_teacher_receives_no_gradient(student, grid):

@@ -1,6 +1,7 @@
 """Distances: closed forms, and the real LPIPS code paths (piq and the lpips package) on weight files that
 the tests write into a temporary TORCH_HOME (a random VGG16, random positive piq layer weights)."""
 
+import functools
 import inspect
 import math
 import urllib.error
@@ -193,6 +194,108 @@ def test_vgg_lpips_equals_the_packages_two_pass_forward(lpips_metrics):
     # The same as handing the package [0, 1] images with normalize=True: no double normalisation.
     normalized = metric.lpips((up(a) + 1) / 2, (up(b) + 1) / 2, normalize=True).flatten()
     torch.testing.assert_close(metric(a, b), normalized, rtol=1e-4, atol=1e-6)
+
+
+# The independent reference: VGG16 written out here from the state_dict (torchvision's `features` indices),
+# and both LPIPS formulas term by term, without piq or lpips code. The values, printed by this reference on
+# the test weights and images, are written down as well.
+VGG16_BLOCKS = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))  # conv indices; relu{b}_last ends each
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # piq's input standardisation
+LPIPS_SHIFT, LPIPS_SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)  # the lpips package's ScalingLayer
+WRITTEN_DOWN = {"piq": (0.17206697, 0.18348899), "vgg": (0.032025695, 0.036243662)}  # of image_pair(), TEST_SIZE
+LPIPS_RTOL = 1e-5
+
+
+def plain_vgg16_features(state: dict[str, torch.Tensor], x: torch.Tensor, pool) -> list[torch.Tensor]:
+    """relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 of VGG16, channel-normalised as both LPIPS do."""
+    features = []
+    for block, convs in enumerate(VGG16_BLOCKS):
+        if block:
+            x = pool(x, 2)
+        for index in convs:
+            x = torch.relu(torch.nn.functional.conv2d(x, state[f"features.{index}.weight"],
+                                                      state[f"features.{index}.bias"], padding=1))
+        features.append(x / (x.square().sum(1, keepdim=True).sqrt() + 1e-10))
+    return features
+
+
+@functools.lru_cache(maxsize=1)
+def saved_vgg16(path: str) -> dict[str, torch.Tensor]:
+    """The VGG16 convolutions of a weight file (read once: the file holds 0.5 GB, mostly the classifier)."""
+    return {key: value for key, value in torch.load(path, weights_only=True).items() if key.startswith("features.")}
+
+
+def channel_constants(values) -> torch.Tensor:
+    return torch.tensor(values).reshape(1, 3, 1, 1)
+
+
+def reference_lpips(name: str, a: torch.Tensor, b: torch.Tensor, weights_home) -> torch.Tensor:
+    """LPIPS of the official PID code (piq: [0, 1] images, ImageNet standardisation, average pooling, piq's
+    layer weights) or of the lpips package ([−1, 1] images, its scaling layer, max pooling, its linear layers)."""
+    checkpoints = weights_home / "hub" / "checkpoints"
+    state = saved_vgg16(str(checkpoints / hub.VGG16_IMAGENET.filename))
+    up = lambda x: torch.nn.functional.interpolate(x, size=(TEST_SIZE, TEST_SIZE), mode="bilinear",  # noqa: E731
+                                                   align_corners=False)
+    if name == "piq":
+        prepare = lambda x: ((up(x) + 1) / 2 - channel_constants(IMAGENET_MEAN)) / channel_constants(IMAGENET_STD)  # noqa: E731
+        pool = torch.nn.functional.avg_pool2d
+        layer_weights = torch.load(checkpoints / hub.PIQ_LPIPS_WEIGHTS.filename, weights_only=True)
+    else:
+        prepare = lambda x: (up(x) - channel_constants(LPIPS_SHIFT)) / channel_constants(LPIPS_SCALE)  # noqa: E731
+        pool = torch.nn.functional.max_pool2d
+        packaged = torch.load(lpips.__path__[0] + "/weights/v0.1/vgg.pth", map_location="cpu", weights_only=True)
+        layer_weights = [packaged[f"lin{k}.model.1.weight"] for k in range(len(LPIPS_CHANNELS))]
+    total = 0
+    for fa, fb, w in zip(plain_vgg16_features(state, prepare(a), pool), plain_vgg16_features(state, prepare(b), pool),
+                         layer_weights, strict=True):
+        total = total + ((fa - fb).square() * w.reshape(1, -1, 1, 1)).sum(1).mean((1, 2))
+    return total
+
+
+def check_lpips(metric, name: str, weights_home) -> float:
+    """The metric equals the independent reference to LPIPS_RTOL; returns the margin (distance ÷ tolerance)."""
+    a, b = image_pair()
+    expected = reference_lpips(name, a, b, weights_home)
+    torch.testing.assert_close(metric(a, b), expected, rtol=LPIPS_RTOL, atol=0)
+    return (expected.min() / (LPIPS_RTOL * expected.max())).item()
+
+
+@pytest.mark.parametrize("name", ["piq", "vgg"])
+def test_lpips_equals_an_independent_vgg_forward(lpips_metrics, weights_home, name):
+    # Measured: the metric is within 1e-7 (relative) of the reference; the distances are ≈ 9e4 tolerances.
+    assert check_lpips(lpips_metrics[name], name, weights_home) > 1e4
+    a, b = image_pair()
+    torch.testing.assert_close(reference_lpips(name, a, b, weights_home), torch.tensor(WRITTEN_DOWN[name]),
+                               rtol=1e-4, atol=0)
+
+
+def max_pooling_mutant(metric, monkeypatch):
+    """piq's LPIPS without replace_pooling: max pooling, not the official average pooling."""
+    for index, module in enumerate(metric.lpips.model):
+        if isinstance(module, torch.nn.AvgPool2d):
+            monkeypatch.setitem(metric.lpips.model._modules, str(index), torch.nn.MaxPool2d(2, 2))
+
+
+def unnormalised_mutant(metric, monkeypatch):
+    """piq's features without LPIPS' channel normalisation."""
+    monkeypatch.setattr(metric.lpips, "normalize_features", False)
+
+
+def doubly_normalised_mutant(metric, monkeypatch):
+    """(x + 1) / 2 before the lpips package's own [−1, 1] scaling layer."""
+    features = metric._features
+    monkeypatch.setattr(metric, "_features", lambda x: features((x + 1) / 2))
+
+
+@pytest.mark.parametrize("mutate, name", [(max_pooling_mutant, "piq"), (unnormalised_mutant, "piq"),
+                                          (doubly_normalised_mutant, "vgg")])
+def test_lpips_check_fails_on_mutants(lpips_metrics, weights_home, monkeypatch, mutate, name):
+    # The module's own metric objects, broken for this test only (monkeypatch restores them). Measured:
+    # the mutants miss the reference by 1e4 (max pooling), 1e7 (unnormalised), 8e4 (doubly normalised)
+    # tolerances.
+    mutate(lpips_metrics[name], monkeypatch)
+    with pytest.raises(AssertionError):
+        check_lpips(lpips_metrics[name], name, weights_home)
 
 
 def test_vgg_lpips_uses_the_packaged_linear_layers(lpips_metrics):
