@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -77,3 +78,35 @@ def wait_for(condition: Callable[[], bool], job: subprocess.Popen, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout_s} s")
         time.sleep(0.02)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Ids of this machine's processes whose command line contains `text` (e.g. a test's run folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:  # the process ended meanwhile
+                continue
+    return found
+
+
+def kill_job(job: subprocess.Popen, folder: str, timeout_s: float = 60.0) -> None:
+    """SIGKILL the job's process group (started with start_new_session=True), then make sure that no process of
+    it (found by its run folder on the command line) survives, within `timeout_s`."""
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    job.wait(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while (survivors := processes_mentioning(folder)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in survivors:  # only processes of this job: their command line names its folder
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not survivors, f"processes {survivors} of the killed job outlived it by {timeout_s} s"
