@@ -228,36 +228,39 @@ TINY_SONG = dict(img_resolution=8, img_channels=3, model_type="SongUNet", model_
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-def train_tiny_pid(folder, channels_last: bool = False, **options) -> tuple[dict, PIDStudent, dict]:
-    """Two PID steps on a random tiny SongUNet teacher with `train` options: the checkpoint, the trained student
+# From step 6 RAdam's update is adaptive (≈ lr / 40 per weight whatever the gradient's size): after 8 steps
+# every tensor has moved ≥ 500 tolerances.
+TINY_PID_STEPS = 8
+
+
+def perturbed(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """`module` with every parameter moved by scale · N(0, 1), as EDM's reference fixtures are."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn_like(parameter))
+    return module
+
+
+def train_tiny_pid(folder, channels_last: bool = False, dropout: float = 0.1, **options
+                   ) -> tuple[dict, PIDStudent, dict]:
+    """PID steps on a tiny perturbed SongUNet teacher with `train` options: the checkpoint, the trained student
     and its initial state_dict."""
     torch.manual_seed(0)
-    teacher = EDMPrecond(**TINY_SONG, dropout=0.0).eval().requires_grad_(False)
+    teacher = perturbed(EDMPrecond(**TINY_SONG, dropout=0.0)).eval().requires_grad_(False)
     if channels_last:  # what distill.build does with the teacher
         teacher.to(memory_format=torch.channels_last)
     grid = KarrasGrid(num_points=10, rho=7.0, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
     objective = PIDObjective(teacher, grid, L2())
-    # A random student: far from the teacher, its gradients move the weights well beyond the tolerances below.
-    student = PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX, init=StudentInit.RANDOM,
-                                      network_overrides={"dropout": 0.1})
+    # A random student, perturbed like the teacher: EDM initialises output layers near zero, where the PID
+    # gradients of a fresh network vanish (updates of 1e-16) and no tolerance could see a wrong one.
+    student = perturbed(PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX, init=StudentInit.RANDOM,
+                                                network_overrides={"dropout": dropout}))
     config = DistillConfig(run=RunConfig(dir=str(folder), image_every=0, sync_check_every=0),
-                           train=TrainConfig(steps=2, batch=4, lr=1e-2, ema_rates=(0.9,), channels_last=channels_last,
-                                             **options))
+                           train=TrainConfig(steps=TINY_PID_STEPS, batch=4, lr=1e-2, ema_rates=(0.9,),
+                                             channels_last=channels_last, **options))
     initial = copy.deepcopy(student.state_dict())
     student = training_loop(config, objective, student)
-    return fileio.torch_load(checkpoint.checkpoint_path(str(folder), 2)), student, initial
-
-
-def assert_same_training(state: dict, reference: dict, initial: dict, atol: float) -> None:
-    """Equal keys, weights within `atol`, and updates θ₂ − θ₀ within 0.1 % of the largest reference update
-    (the PID gradients of a fresh network are small: most weights move by far less than `atol`)."""
-    assert list(state["model"]) == list(reference["model"]) == list(initial)
-    largest = max((reference["model"][key] - initial[key]).abs().max() for key in initial)
-    assert largest > 0
-    for key in initial:
-        torch.testing.assert_close(state["model"][key], reference["model"][key], rtol=0, atol=atol, msg=key)
-        torch.testing.assert_close(state["model"][key] - initial[key], reference["model"][key] - initial[key],
-                                   rtol=0, atol=1e-3 * largest.item(), msg=key)
+    return fileio.torch_load(checkpoint.checkpoint_path(str(folder), TINY_PID_STEPS)), student, initial
 
 
 @pytest.fixture(scope="module")
@@ -265,20 +268,33 @@ def plain_tiny_pid(tmp_path_factory):
     return train_tiny_pid(tmp_path_factory.mktemp("plain"))
 
 
+@pytest.fixture(scope="module")
+def plain_tiny_pid_without_dropout(tmp_path_factory):
+    return train_tiny_pid(tmp_path_factory.mktemp("plain_without_dropout"), dropout=0.0)
+
+
 def test_activation_checkpointing_trains_like_the_plain_student(tmp_path, plain_tiny_pid):
     plain, _, initial = plain_tiny_pid
     state, student, _ = train_tiny_pid(tmp_path, activation_checkpointing=True)
     assert any(isinstance(module, CheckpointedUNetBlock) for module in student.modules())
-    # The recomputation replays the same kernels and, through the restored RNG, the same dropout masks.
-    assert_same_training(state, plain, initial, atol=1e-6)
+    # The recomputation replays the same kernels and, through the restored RNG, the same dropout masks
+    # (measured: bitwise equal; every update ≥ 1000 tolerances of 1e-4 of its size).
+    assert list(state["model"]) == list(plain["model"]) == list(initial)
+    assert_same_update(state["model"], plain["model"], initial, rel=1e-4)
+    assert_mutants_fail(state["model"], plain["model"], initial, rel=1e-4)
 
 
-def test_channels_last_trains_like_the_plain_student(tmp_path, plain_tiny_pid):
-    plain, _, initial = plain_tiny_pid
-    state, student, _ = train_tiny_pid(tmp_path, channels_last=True)
+def test_channels_last_trains_like_the_plain_student(tmp_path, plain_tiny_pid_without_dropout):
+    # Without dropout: dropout draws its mask in memory order, so a channels-last run drops other activations
+    # than a contiguous one (a different, equally valid run, off by ~100 % of some updates).
+    plain, _, initial = plain_tiny_pid_without_dropout
+    state, student, _ = train_tiny_pid(tmp_path, channels_last=True, dropout=0.0)
     weight = student.model.enc["8x8_conv"].weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-    assert_same_training(state, plain, initial, atol=1e-5)  # other kernels, other summation orders
+    # Other kernels, other summation orders (measured: 0.09 tolerances of 1e-3; margin ≈ 530).
+    assert list(state["model"]) == list(plain["model"]) == list(initial)
+    assert_same_update(state["model"], plain["model"], initial, rel=1e-3)
+    assert_mutants_fail(state["model"], plain["model"], initial, rel=1e-3)
 
 
 def test_compile_trains_for_real_in_place_and_keeps_the_keys(tmp_path, monkeypatch):
