@@ -234,14 +234,17 @@ def reference_lpips(name: str, a: torch.Tensor, b: torch.Tensor, weights_home) -
     layer weights) or of the lpips package ([−1, 1] images, its scaling layer, max pooling, its linear layers)."""
     checkpoints = weights_home / "hub" / "checkpoints"
     state = saved_vgg16(str(checkpoints / hub.VGG16_IMAGENET.filename))
-    up = lambda x: torch.nn.functional.interpolate(x, size=(TEST_SIZE, TEST_SIZE), mode="bilinear",  # noqa: E731
-                                                   align_corners=False)
+    def up(x):
+        return torch.nn.functional.interpolate(x, size=(TEST_SIZE, TEST_SIZE), mode="bilinear", align_corners=False)
+
     if name == "piq":
-        prepare = lambda x: ((up(x) + 1) / 2 - channel_constants(IMAGENET_MEAN)) / channel_constants(IMAGENET_STD)  # noqa: E731
+        def prepare(x):
+            return ((up(x) + 1) / 2 - channel_constants(IMAGENET_MEAN)) / channel_constants(IMAGENET_STD)
         pool = torch.nn.functional.avg_pool2d
         layer_weights = torch.load(checkpoints / hub.PIQ_LPIPS_WEIGHTS.filename, weights_only=True)
     else:
-        prepare = lambda x: (up(x) - channel_constants(LPIPS_SHIFT)) / channel_constants(LPIPS_SCALE)  # noqa: E731
+        def prepare(x):
+            return (up(x) - channel_constants(LPIPS_SHIFT)) / channel_constants(LPIPS_SCALE)
         pool = torch.nn.functional.max_pool2d
         packaged = torch.load(lpips.__path__[0] + "/weights/v0.1/vgg.pth", map_location="cpu", weights_only=True)
         layer_weights = [packaged[f"lin{k}.model.1.weight"] for k in range(len(LPIPS_CHANNELS))]

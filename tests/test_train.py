@@ -321,7 +321,7 @@ def test_compile_trains_for_real_in_place_and_keeps_the_keys(tmp_path, monkeypat
     state = fileio.torch_load(checkpoint.latest_checkpoint(str(tmp_path / "compiled"))[1])
     plain = train_toy(tmp_path / "plain", "--train.steps=2")
     assert list(state["model"]) == list(plain["model"]) == list(ToyNet().state_dict())
-    # The compiled steps train as the eager ones (measured: equal; margin ≈ 4.6e3), and a compiled run that did
+    # The compiled steps train as the eager ones (measured: bitwise; margin ≈ 4.6e3), and a compiled run that did
     # not update, or updated with the wrong sign or size, would fail this.
     assert_same_update(state["model"], plain["model"], initial_toy_state(), rel=1e-4)
     assert_mutants_fail(state["model"], plain["model"], initial_toy_state(), rel=1e-4)
