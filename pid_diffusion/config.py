@@ -38,6 +38,7 @@ __all__ = [
     "ConfigError",
     "DISTILL_PRESETS",
     "DistillConfig",
+    "LRDecay",
     "OptimizerKind",
     "PIDConfig",
     "Precision",
@@ -75,6 +76,26 @@ class OptimizerKind(enum.Enum):
     def build(self, params, train: TrainConfig) -> torch.optim.Optimizer:
         cls = {OptimizerKind.RADAM: torch.optim.RAdam, OptimizerKind.ADAM: torch.optim.Adam}[self]
         return cls(params, lr=train.lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay)
+
+
+class LRDecay(enum.Enum):
+    """The learning rate after warm-up: constant (the paper), or decayed to 0 at the last step.
+
+    A decay to zero helps a short run most (the final steps average out the gradient noise, as an EMA does);
+    the paper's runs are long and keep it constant.
+    """
+
+    CONSTANT = "constant"
+    COSINE = "cosine"  # lr · ½ (1 + cos(π p)), p the fraction of the post-warm-up steps done
+    LINEAR = "linear"  # lr · (1 − p)
+
+    def factor(self, progress: float) -> float:
+        """The multiplier of the learning rate at `progress` ∈ [0, 1] of the post-warm-up steps."""
+        if self is LRDecay.COSINE:
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if self is LRDecay.LINEAR:
+            return 1 - progress
+        return 1.0
 
 
 class Precision(enum.Enum):
@@ -129,17 +150,18 @@ class RunConfig:
 class TrainConfig:
     """The optimisation: steps, batch, precision, optimizer, EMA."""
 
-    seed: int = 0                                  # Step s draws its batch with seed · 2³² + s; seeds the RNGs.
+    seed: int = 0                                  # Step s draws its batch from a hash of (seed, s); seeds the RNGs.
     steps: int = 1000                              # Optimizer steps; the run stops after this many.
     batch: int = 32                                # Global batch: samples per step over all ranks.
     micro_batch: int | None = None                 # Samples per forward pass and rank; None: the rank's whole share.
     precision: Precision = Precision.FP32          # fp32, fp16 (dynamic loss scaling) or bf16 autocast.
     optimizer: OptimizerKind = OptimizerKind.RADAM  # radam or adam.
-    lr: float = 2e-4                               # Learning rate after warm-up (constant).
+    lr: float = 2e-4                               # Learning rate after warm-up (peak, with a decay).
     betas: tuple[float, float] = (0.9, 0.999)      # Adam β1, β2.
     eps: float = 1e-8                              # Adam ε.
     weight_decay: float = 0.0                      # The optimizer's L2 weight decay (the paper uses none).
     warmup_steps: int = 0                          # Linear learning-rate warm-up from 0 over this many steps.
+    lr_decay: LRDecay = LRDecay.CONSTANT           # After warm-up: constant, or cosine / linear decay to 0 at `steps`.
     grad_clip: float | None = None                 # Clip the global gradient norm to this value; None: no clipping.
     ema_rates: tuple[float, ...] = (0.999, 0.9999, 0.99995)  # EMA decay rates, kept side by side.
     activation_checkpointing: bool = False         # Recompute U-Net blocks (and LPIPS' VGG stages) in the backward pass.
@@ -165,10 +187,11 @@ class TrainConfig:
                f"rates must be distinct, got {self.ema_rates}")
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant."""
+        """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or decayed so that the
+        step after the last would have lr 0 (the last step itself still moves)."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        return self.lr
+        return self.lr * self.lr_decay.factor((step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 checkpoints, exact resume, logging.
 
 The loop knows a task only through its `Objective` (ARCHITECTURE.md): at step s every rank seeds a CPU
-generator with `train.seed · 2³² + s`, draws the *global* batch with `objective.sample_batch`, keeps its
+generator from (`train.seed`, s) (`step_generator`), draws the *global* batch with `objective.sample_batch`, keeps its
 slice `[rank · b, (rank + 1) · b)` and splits it into micro-batches. Sample k of step s is therefore the
 same for any number of ranks and micro-batches, and the loss of a step is the mean of the per-sample losses
 over the global batch: K ranks × B/K train like one rank × B, up to the order of floating-point sums.
@@ -37,7 +37,6 @@ from pid_diffusion.config import ConfigError, TrainConfig, TrainingConfig, diff,
 
 __all__ = ["EMA", "NonFiniteLossError", "Objective", "Preview", "sampler_preview", "step_generator", "training_loop"]
 
-_STEP_SEED_STRIDE = 2**32  # Step s of run seed r draws its batch from generator seed r · 2³² + s.
 
 
 class Objective(Protocol):
@@ -72,8 +71,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """The CPU generator of step `step`: the batch it draws depends only on (seed, step)."""
-    return torch.Generator().manual_seed(seed * _STEP_SEED_STRIDE + step)
+    """The CPU generator of step `step`: the batch it draws depends only on (seed, step).
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so (seed, step) is mixed into
+    32 bits by numpy's SeedSequence (a hash) rather than packed as seed · 2³² + step, which ignored the seed.
+    """
+    mixed = np.random.SeedSequence((seed, step)).generate_state(1, np.uint32)[0]
+    return torch.Generator().manual_seed(int(mixed))
 
 
 class EMA:

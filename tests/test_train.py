@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -15,7 +16,7 @@ from PIL import Image
 
 from pid_diffusion import checkpoint, fileio
 from pid_diffusion import train as train_module
-from pid_diffusion.config import ConfigError, DistillConfig, RunConfig, TrainConfig
+from pid_diffusion.config import ConfigError, DistillConfig, LRDecay, RunConfig, TrainConfig
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import PIDObjective
 from pid_diffusion.metrics import L2
@@ -89,6 +90,15 @@ def test_first_step_matches_closed_form(tmp_path):
 def test_warmup_scales_the_learning_rate():
     train = TrainConfig(lr=1e-3, warmup_steps=4)
     assert [train.lr_at(s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_lr_decay_reaches_zero_after_the_last_step():
+    # 2 warm-up steps, then 4 decayed ones: progress 0, ¼, ½, ¾ of the way to lr 0 (the step after the last).
+    cosine = TrainConfig(lr=1e-3, steps=6, warmup_steps=2, lr_decay=LRDecay.COSINE)
+    half_cos = [0.5 * (1 + math.cos(math.pi * p)) for p in (0, 0.25, 0.5, 0.75)]
+    assert [cosine.lr_at(s) for s in range(6)] == pytest.approx([5e-4, 1e-3] + [1e-3 * f for f in half_cos])
+    linear = dataclasses.replace(cosine, lr_decay=LRDecay.LINEAR)
+    assert [linear.lr_at(s) for s in range(2, 6)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -326,3 +336,11 @@ def test_compile_trains_for_real_in_place_and_keeps_the_keys(tmp_path, monkeypat
     assert_same_update(state["model"], plain["model"], initial_toy_state(), rel=1e-4)
     assert_mutants_fail(state["model"], plain["model"], initial_toy_state(), rel=1e-4)
     torch._dynamo.reset()
+
+
+def test_the_run_seed_changes_the_batches():
+    # mt19937 keeps 32 bits of its seed: seed · 2³² + step would give every run seed the same batches.
+    from pid_diffusion.train import step_generator
+    draws = {(seed, step): torch.randn(4, generator=step_generator(seed, step)) for seed in (0, 1) for step in (0, 1)}
+    assert not torch.equal(draws[0, 0], draws[1, 0]) and not torch.equal(draws[0, 0], draws[0, 1])
+    assert torch.equal(draws[1, 1], torch.randn(4, generator=step_generator(1, 1)))

@@ -1,0 +1,51 @@
+"""benchmarks/trends.py end to end at its smallest configuration (files and table, not the study's conclusions)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "trends.py"
+
+
+def _trends_module():
+    spec = importlib.util.spec_from_file_location("trends", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smallest_study_writes_results_table_and_figures(tmp_path):
+    page = tmp_path / "docs" / "trends.md"
+    page.parent.mkdir()
+    page.write_text("# Trends\n\nHand-written reading above.\n\n<!-- trends.py: generated, begin -->\nold\n"
+                    "<!-- trends.py: generated, end -->\n\nHand-written reading below.\n")
+    subprocess.run([sys.executable, str(SCRIPT), "--settings", "baseline", "--seeds", "1", "--steps", "2",
+                    "--batch", "2", "--checkpoint-every", "1", "--eval-images", "2", "--out", str(tmp_path / "out"),
+                    "--page", str(page)], cwd=ROOT, check=True, capture_output=True)
+
+    results = json.loads((tmp_path / "out" / "trends.json").read_text())
+    (run,) = results["results"]
+    assert run["setting"] == "baseline" and [point["step"] for point in run["curve"]] == [0, 1, 2]
+    assert set(results["euler_ceiling"]) == {"10", "20", "40", "80", "160", "250"}
+    text = page.read_text()
+    assert "Hand-written reading above." in text and "Hand-written reading below." in text and "\nold\n" not in text
+    assert "| baseline | N (forward) |" in text and "--settings baseline" in text
+    assert "LPIPS: " in text  # measured, or said not to be
+    for figure in ("psnr-vs-n.png", "psnr-vs-steps.png"):
+        assert (page.parent / "trends" / figure).read_bytes().startswith(b"\x89PNG")
+
+
+def test_settings_change_one_thing_from_the_baseline():
+    trends = _trends_module()
+    settings = trends.all_settings(lpips=True)
+    names = [s.name for s in settings]
+    assert len(names) == len(set(names)) and "LPIPS" in names and "LPIPS" not in [s.name for s in trends.all_settings(False)]
+    for setting in settings:
+        config = trends.config_of(setting, trends.QUICK, seed=0, out=Path("unused"))
+        assert config.train.steps == trends.QUICK.steps and config.train.batch == trends.QUICK.batch
+    # Every row of the axes' panels names a setting of the study.
+    assert {name for rows in trends.AXES.values() for name in rows} <= set(names)
