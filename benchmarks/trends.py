@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 
 from pid_diffusion import checkpoint, fileio, hub
-from pid_diffusion.config import DistillConfig, diff, from_dict, resolve
+from pid_diffusion.config import diff, from_dict
 from pid_diffusion.demo import agreement, evaluation_latents
-from pid_diffusion.distill import build
+from pid_diffusion.distill import DistillConfig, build, resolve
 from pid_diffusion.samplers import EulerSampler, HeunSampler, OneStepSampler
 from pid_diffusion.teacher import load_teacher
 from pid_diffusion.train import training_loop

@@ -12,9 +12,9 @@ temporary name and renamed (fileio), so a file with that name is always complete
     scaler      GradScaler state_dict (fp16 loss scaling)
     rng         one entry per rank: {"torch", "cuda", "numpy", "python"} generator states
 
-Every entry holds only tensors and plain Python values, so it loads with `weights_only=True`.
-`load_generator` needs nothing but the file: sampling and FID need neither the teacher nor the
-configuration code.
+Every entry holds only tensors and plain Python values, so it loads with `weights_only=True`. `save` and
+`resume` write and read the whole training state (the training loop calls them); `load_generator` needs
+nothing but the file: sampling and FID need neither the teacher nor the configuration code.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 
-from pid_diffusion import fileio
+from pid_diffusion import dist, fileio
+from pid_diffusion.config import ConfigError, TrainingConfig, diff, from_dict, to_dict
 
 __all__ = [
     "MODEL_CLASSES",
@@ -41,6 +43,8 @@ __all__ = [
     "model_spec",
     "prune_checkpoints",
     "restore_rng",
+    "resume",
+    "save",
 ]
 
 # Classes a checkpoint can rebuild, as "module:attribute", imported only when needed (no import cycles).
@@ -138,3 +142,65 @@ def restore_rng(state: dict[str, Any]) -> None:
                          "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training state: written and resumed by the training loop.
+
+
+def save(config: TrainingConfig, step: int, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
+         scaler: torch.amp.GradScaler) -> str:
+    """Write checkpoint `step` (rank 0, with every rank's RNG state), prune old ones; returns its path.
+    Call on every rank: the RNG states are gathered."""
+    states = [None] * dist.world_size() if dist.rank() == 0 else None
+    torch_dist.gather_object(capture_rng(), states, dst=0)
+    path = checkpoint_path(config.run.dir, step)
+    if dist.rank() == 0:
+        fileio.atomic_torch_save({
+            "step": step,
+            "config": to_dict(config),
+            "model_spec": model_spec(model),
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": states,
+        }, path)
+        prune_checkpoints(config.run.dir, config.run.keep_checkpoints)
+    dist.barrier()
+    return path
+
+
+def resume(config: TrainingConfig, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
+           scaler: torch.amp.GradScaler) -> tuple[int, str | None, bool]:
+    """Load the newest checkpoint of the run folder into the training state: (its step, its path, whether
+    this rank's RNG state was restored); (0, None, False) without one.
+
+    The stored configuration must equal `config` except for the step limit (and the run folder, which may
+    have been moved). A job with another number of ranks than the one that wrote the checkpoint continues
+    with fresh RNG states (the caller seeds them), so its random numbers differ from an uninterrupted run's.
+    """
+    rank, world_size = dist.rank(), dist.world_size()
+    latest = latest_checkpoint(config.run.dir)
+    if latest is None:
+        return 0, None, False
+    step, path = latest
+    state = fileio.torch_load(path)  # On the CPU: RNG states must stay there; load_state_dict moves the rest.
+    stored = from_dict(type(config), state["config"])
+    # The step limit may grow; the run folder may have been moved or copied. Anything else changes the run.
+    changed = [key for key in diff(stored, config) if key not in ("train.steps", "run.dir")]
+    if changed:
+        raise ConfigError(f"{path} was written with a different configuration ({', '.join(changed)} differ). "
+                          f"Resume with the stored options (see config.json) or start a new run folder")
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    restored = len(state["rng"]) == world_size
+    if restored:
+        restore_rng(state["rng"][rank])
+    else:
+        dist.print0(f"{path} holds RNG states of {len(state['rng'])} ranks, this job has {world_size}; "
+                    f"reseeding the global generators from (seed, rank, step)")
+    dist.print0(f"Resuming from {path} at step {step}")
+    return step, path, restored

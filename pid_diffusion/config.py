@@ -1,23 +1,21 @@
-"""Typed, validated configuration: sections as frozen dataclasses, presets, command-line overrides.
+"""Typed, validated configuration: sections as frozen dataclasses, preset files, command-line overrides.
 
 A configuration is a tree of frozen dataclasses. Every task has the two sections the training loop reads
-(`run`: where and how often to write; `train`: batch, optimizer, precision, EMA) and its own sections
-(distillation: `teacher`, `student`, `pid`). Values pass one boundary, `from_dict`, which checks each
-field's type, parses enum members from their string values and runs each section's range checks; presets
-and stored configurations (`config.json`, checkpoints) go through the same boundary.
+(`run`: where and how often to write; `train`: batch, optimizer, precision, EMA) and adds its own (distill.py:
+`teacher`, `student`, `pid`; teacher_training.py: `data`, `network`, `edm`). The defaults are the paper's
+CIFAR-10 run. Values pass one boundary, `from_dict`, which checks each field's type, parses enum members from
+their string values and runs each section's range checks; preset files, stored configurations (`config.json`,
+checkpoints) and command-line overrides all go through it.
 
-Overrides come from the command line as `--section.key=value`, or `--key=value` when the key names one
-field of the whole tree. An unknown key is an error that lists the close matches.
+Presets are JSON files holding only what differs from these defaults (`pid_diffusion.configs`). Overrides
+come as `--section.key=value`, or `--key=value` when the key names one field of the whole tree; an unknown
+key is an error that lists the close matches.
 
-    config = resolve("cifar10", parse_overrides(["--train.lr=1e-4", "--run.dir=runs/c10"]))
-
-A second task (teacher training) subclasses `TrainingConfig` with its own sections and keeps its own
-`Presets` registry; the training loop reads only `config.run` and `config.train`.
+    config = apply_overrides(DistillConfig, {"train": {"batch": 64}}, parse_overrides(["--train.lr=1e-4"]))
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import enum
@@ -25,38 +23,13 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 
-from pid_diffusion.loss import Derivative, ResidualForm
-from pid_diffusion.metrics import Metric
-from pid_diffusion.student import StudentInit
-
-__all__ = [
-    "ConfigError",
-    "DISTILL_PRESETS",
-    "DistillConfig",
-    "LRDecay",
-    "OptimizerKind",
-    "PIDConfig",
-    "Precision",
-    "Presets",
-    "RunConfig",
-    "StudentConfig",
-    "TeacherConfig",
-    "TrainConfig",
-    "TrainingConfig",
-    "apply_overrides",
-    "check",
-    "diff",
-    "from_dict",
-    "parse_overrides",
-    "resolve",
-    "to_dict",
-    "to_json",
-]
+__all__ = ["ConfigError", "LRDecay", "OptimizerKind", "Precision", "RunConfig", "TrainConfig", "TrainingConfig",
+           "apply_overrides", "check", "diff", "from_dict", "leaf_keys", "parse_overrides", "to_dict", "to_json"]
 
 
 class ConfigError(ValueError):
@@ -72,10 +45,6 @@ class OptimizerKind(enum.Enum):
 
     RADAM = "radam"
     ADAM = "adam"
-
-    def build(self, params, train: TrainConfig) -> torch.optim.Optimizer:
-        cls = {OptimizerKind.RADAM: torch.optim.RAdam, OptimizerKind.ADAM: torch.optim.Adam}[self]
-        return cls(params, lr=train.lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay)
 
 
 class LRDecay(enum.Enum):
@@ -136,6 +105,7 @@ class RunConfig:
     image_count: int = 64           # Images in a sample grid (fixed noise, seeded by train.seed).
     sync_check_every: int = 1000    # Steps between checks that all ranks hold identical weights; 0 never.
     timeout_minutes: float = 10.0   # A collective waiting longer than this fails the job (a rank died).
+    tensorboard: bool = False       # Also write TensorBoard event files to the run folder (pip install tensorboard).
 
     def __post_init__(self):
         check(bool(self.dir), "run.dir", "must name a folder")
@@ -151,8 +121,8 @@ class TrainConfig:
     """The optimisation: steps, batch, precision, optimizer, EMA."""
 
     seed: int = 0                                  # Step s draws its batch from a hash of (seed, s); seeds the RNGs.
-    steps: int = 1000                              # Optimizer steps; the run stops after this many.
-    batch: int = 32                                # Global batch: samples per step over all ranks.
+    steps: int = 800_000                           # Optimizer steps; the run stops after this many.
+    batch: int = 512                               # Global batch: samples per step over all ranks.
     micro_batch: int | None = None                 # Samples per forward pass and rank; None: the rank's whole share.
     precision: Precision = Precision.FP32          # fp32, fp16 (dynamic loss scaling) or bf16 autocast.
     optimizer: OptimizerKind = OptimizerKind.RADAM  # radam or adam.
@@ -186,13 +156,6 @@ class TrainConfig:
         check(len(set(self.ema_rates)) == len(self.ema_rates), "train.ema_rates",
                f"rates must be distinct, got {self.ema_rates}")
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or decayed so that the
-        step after the last would have lr 0 (the last step itself still moves)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        return self.lr * self.lr_decay.factor((step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
@@ -200,81 +163,6 @@ class TrainingConfig:
 
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Distillation (docs/method.md §5).
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherConfig:
-    """The pretrained EDM teacher."""
-
-    path: str = "model_zoo/edm-shapes-16x16.pt"  # Teacher file (converted .pt or EDM .pkl); local, gs:// or az://.
-    preset: str | None = None                    # EDM network preset for weights-only files; None: read from the file.
-
-    def __post_init__(self):
-        check(bool(self.path), "teacher.path", "must name the teacher file")
-
-
-@dataclasses.dataclass(frozen=True)
-class StudentConfig:
-    """The student x_θ(z, t): the teacher's architecture."""
-
-    init: StudentInit = StudentInit.TEACHER  # Start from the teacher's weights, or random (an ablation).
-    dropout: float = 0.0                     # Dropout of the student network (the paper uses 0).
-
-    def __post_init__(self):
-        check(0 <= self.dropout < 1, "student.dropout", f"need 0 ≤ dropout < 1, got {self.dropout}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PIDConfig:
-    """The PID residual: time grid, distance, differentiation scheme (docs/method.md §3)."""
-
-    num_points: int = 250                           # N, points of the Karras grid.
-    rho: float = 7.0                                # ρ of the Karras grid.
-    sigma_min: float = 0.002                        # ε = σ_min, the end of the trajectory.
-    sigma_max: float = 80.0                         # T = σ_max, where x_θ(z, T) = z.
-    metric: Metric = Metric.LPIPS_PIQ               # Distance d(a, b).
-    derivative: Derivative = Derivative.FORWARD     # forward (official), central, or jvp.
-    form: ResidualForm = ResidualForm.DENOISER      # denoiser (Eq. 9, official) or derivative (Eq. 8).
-    stop_neighbour_grad: bool = False               # Detach the neighbour evaluation y_j.
-    pseudo_huber_c: float | None = None             # c of metric=pseudo_huber; None: iCT's 0.00054·sqrt(d).
-
-    def __post_init__(self):
-        minimum = 3 if self.derivative is Derivative.CENTRAL else 2
-        check(self.num_points >= minimum, "pid.num_points",
-               f"the {self.derivative.value} scheme needs ≥ {minimum} grid points, got {self.num_points}")
-        check(self.rho > 0, "pid.rho", f"must be > 0, got {self.rho}")
-        check(0 < self.sigma_min < self.sigma_max, "pid.sigma_min",
-               f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
-        check(not (self.stop_neighbour_grad and self.derivative is Derivative.JVP), "pid.stop_neighbour_grad",
-               "applies to finite differences only; set it to false with derivative=jvp")
-        check(self.pseudo_huber_c is None or self.metric is Metric.PSEUDO_HUBER, "pid.pseudo_huber_c",
-               f"applies to metric=pseudo_huber only (metric is {self.metric.value}); leave it none")
-        check(self.pseudo_huber_c is None or self.pseudo_huber_c > 0, "pid.pseudo_huber_c",
-               f"must be > 0, got {self.pseudo_huber_c}")
-
-    def metric_options(self) -> dict[str, Any]:
-        """Constructor options of the configured distance (`Metric.build`)."""
-        return {"c": self.pseudo_huber_c} if self.metric is Metric.PSEUDO_HUBER else {}
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillConfig(TrainingConfig):
-    """A PID distillation run."""
-
-    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
-    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
-    pid: PIDConfig = dataclasses.field(default_factory=PIDConfig)
-
-    def __post_init__(self):
-        # perf.CheckpointedUNetBlock raises at the first step; a configuration should fail before the run starts.
-        check(not (self.train.activation_checkpointing and self.pid.derivative is Derivative.JVP),
-              "train.activation_checkpointing",
-              "cannot combine with pid.derivative=jvp (checkpointing does not recompute forward-mode tangents): "
-              "set it to false, or use derivative=forward or central")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -378,12 +266,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"{key}: fields of type {tp!r} are not supported by the configuration boundary")
 
 
-def _leaf_keys(cls: type, prefix: str = "") -> Iterator[str]:
+def leaf_keys(cls: type, prefix: str = "") -> Iterator[str]:
     """Dotted names of every field of a configuration class, sections expanded."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[field.name]):
-            yield from _leaf_keys(hints[field.name], f"{prefix}{field.name}.")
+            yield from leaf_keys(hints[field.name], f"{prefix}{field.name}.")
         else:
             yield prefix + field.name
 
@@ -403,7 +291,7 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
 
 def apply_overrides(cls: type[C], base: Mapping[str, Any], overrides: Mapping[str, str]) -> C:
     """`base` (a dictionary of `cls`) with `overrides` applied, converted and validated."""
-    leaves = list(_leaf_keys(cls))
+    leaves = list(leaf_keys(cls))
     data = json.loads(json.dumps(base))  # A deep copy.
     for key, value in overrides.items():
         path = _full_key(key, leaves)
@@ -443,118 +331,3 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + key] = value
     return flat
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Presets.
-
-
-class Presets(Generic[C]):
-    """Named configurations of one task, each a function returning its configuration."""
-
-    def __init__(self, schema: type[C]):
-        self.schema = schema
-        self._makers: dict[str, Callable[[], C]] = {}
-
-    def register(self, name: str) -> Callable[[Callable[[], C]], Callable[[], C]]:
-        def decorate(maker: Callable[[], C]) -> Callable[[], C]:
-            if name in self._makers:
-                raise ValueError(f"preset {name!r} is registered twice")
-            self._makers[name] = maker
-            return maker
-
-        return decorate
-
-    def names(self) -> list[str]:
-        return list(self._makers)
-
-    def resolve(self, name: str, overrides: Mapping[str, str] | None = None) -> C:
-        """Preset `name` with `overrides` (dotted or unique bare keys to strings) applied and validated."""
-        if name not in self._makers:
-            raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(self._makers)}")
-        return apply_overrides(self.schema, to_dict(self._makers[name]()), overrides or {})
-
-    def argument_parser(self, prog: str, description: str | None) -> argparse.ArgumentParser:
-        """A command-line parser with the options every training command shares: --preset and --dry-run.
-
-        Commands add their own arguments; `parse` then reads the configuration overrides from the rest.
-        """
-        parser = argparse.ArgumentParser(
-            prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-            allow_abbrev=False, epilog="Configuration options: --section.key=value (all of them: --dry-run).")
-        parser.add_argument("--preset", default="default", choices=self.names(),
-                            help="the configuration to start from (default: %(default)s)")
-        parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
-        return parser
-
-    def parse(self, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, C]:
-        """The parsed arguments and the preset they name with the remaining `--key=value` overrides applied;
-        a configuration error exits through `parser.error`, naming the key."""
-        args, rest = parser.parse_known_args(argv)
-        try:
-            return args, self.resolve(args.preset, parse_overrides(rest))
-        except ConfigError as error:
-            parser.error(str(error))
-
-
-DISTILL_PRESETS: Presets[DistillConfig] = Presets(DistillConfig)
-
-
-def resolve(preset: str, overrides: Mapping[str, str] | None = None) -> DistillConfig:
-    """The distillation configuration of `preset` with `overrides` applied."""
-    return DISTILL_PRESETS.resolve(preset, overrides)
-
-
-_PAPER_EMA_RATES = (0.999, 0.9999, 0.99995)
-
-
-@DISTILL_PRESETS.register("default")
-def _default() -> DistillConfig:
-    """The CPU default on the bundled 16×16 teacher: a few minutes on two cores (`pid-demo`).
-
-    Tuned by measurement (README, "The bundled default"): 40 grid points instead of 250 give each point
-    six times the samples of a short run (its zero-residual solution, Euler on 40 Karras points, is still
-    close to the teacher), lr 1e-3 suits the 1.2M-parameter network, and L2 needs no pretrained weights.
-    """
-    return DistillConfig(
-        run=RunConfig(dir="runs/pid-default", checkpoint_every=250, log_every=10, image_every=250,
-                      image_count=64, sync_check_every=100),
-        train=TrainConfig(steps=500, batch=32, lr=1e-3, ema_rates=(0.99, 0.999)),
-        teacher=TeacherConfig(path="model_zoo/edm-shapes-16x16.pt"),
-        pid=PIDConfig(num_points=40, metric=Metric.L2),
-    )
-
-
-@DISTILL_PRESETS.register("cifar10")
-def _cifar10() -> DistillConfig:
-    """The paper's CIFAR-10 run (docs/method.md §5): EDM DDPM++ teacher, LPIPS, RAdam 2e-4, batch 512, 800k steps."""
-    return DistillConfig(
-        run=RunConfig(dir="runs/pid-cifar10", checkpoint_every=10_000, image_every=10_000),
-        train=TrainConfig(steps=800_000, batch=512, precision=Precision.FP32, optimizer=OptimizerKind.RADAM,
-                          lr=2e-4, eps=1e-8, ema_rates=_PAPER_EMA_RATES),
-        teacher=TeacherConfig(path="teachers/edm-cifar10-32x32-uncond-vp.pkl"),
-        pid=PIDConfig(metric=Metric.LPIPS_PIQ),
-    )
-
-
-@DISTILL_PRESETS.register("imagenet64")
-def _imagenet64() -> DistillConfig:
-    """The paper's ImageNet-64 run: EDM ADM teacher, RAdam 1e-4, batch 2048 in micro-batches of 32, fp16."""
-    return DistillConfig(
-        run=RunConfig(dir="runs/pid-imagenet64", checkpoint_every=10_000, image_every=10_000),
-        train=TrainConfig(steps=400_000, batch=2048, micro_batch=32, precision=Precision.FP16,
-                          optimizer=OptimizerKind.RADAM, lr=1e-4, eps=1e-8, ema_rates=_PAPER_EMA_RATES),
-        teacher=TeacherConfig(path="teachers/edm-imagenet-64x64-cond-adm.pkl"),
-        pid=PIDConfig(metric=Metric.LPIPS_PIQ),
-    )
-
-
-def _central(config: DistillConfig, suffix: str) -> DistillConfig:
-    """The same run with the second-order central difference (docs/method.md §3, variants)."""
-    return dataclasses.replace(
-        config, run=dataclasses.replace(config.run, dir=config.run.dir + suffix),
-        pid=dataclasses.replace(config.pid, derivative=Derivative.CENTRAL))
-
-
-DISTILL_PRESETS.register("cifar10-central")(lambda: _central(_cifar10(), "-central"))
-DISTILL_PRESETS.register("imagenet64-central")(lambda: _central(_imagenet64(), "-central"))

@@ -10,25 +10,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import json
 import math
-from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, dist, fileio, hub, inception
-from pid_diffusion.distill import build
-from pid_diffusion.config import DistillConfig
-from pid_diffusion.fid import compute_statistics, fid_from_stats, load_reference, save_reference
-from pid_diffusion.samplers import HeunSampler, OneStepSampler, to_uint8
+from pid_diffusion import checkpoint, dist, evaluation, fileio, hub, inception
+from pid_diffusion.distill import DistillConfig, build
+from pid_diffusion.fid import load_reference, save_reference
+from pid_diffusion.images import labelled_rows_png
+from pid_diffusion.samplers import HeunSampler, OneStepSampler, Sampler
 from pid_diffusion.toydata import ShapesSpec, make_shapes
 from pid_diffusion.train import sampler_preview, training_loop
 
-__all__ = ["DemoOptions", "Row", "agreement", "evaluation_latents", "labelled_rows_png", "run_demo",
-           "format_table"]
+__all__ = ["DemoOptions", "Row", "agreement", "evaluation_latents", "run_demo", "format_table"]
+
+_FID_BATCH = 100  # Images per detector batch.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,41 +81,6 @@ def agreement(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, flo
     return rmse, psnr
 
 
-def _batches(images: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(positions, uint8 NCHW) batches of images in [−1, 1], as fid.compute_statistics reads them."""
-    for start in range(0, len(images), size):
-        chunk = images[start:start + size]
-        yield torch.arange(start, start + len(chunk)), to_uint8(chunk).permute(0, 3, 1, 2)
-
-
-def labelled_rows_png(rows: list[tuple[str, torch.Tensor]], columns: int, scale: int) -> bytes:
-    """A PNG with one labelled row per (label, images in [−1, 1]), the first `columns` images of each."""
-    import PIL.Image  # Here: only the demo draws labelled figures.
-    import PIL.ImageDraw
-    import PIL.ImageFont
-
-    font = PIL.ImageFont.load_default(size=14)
-    gap, label_height = 2, 20
-    _, channels, height, width = rows[0][1].shape
-    columns = min(columns, min(len(images) for _, images in rows))
-    cell_w, cell_h = width * scale, height * scale
-    canvas_w = gap + columns * (cell_w + gap)
-    canvas_h = len(rows) * (label_height + cell_h + gap) + gap
-    canvas = PIL.Image.new("RGB", (canvas_w, canvas_h), "white")
-    draw = PIL.ImageDraw.Draw(canvas)
-    for r, (label, images) in enumerate(rows):
-        top = gap + r * (label_height + cell_h + gap)
-        draw.text((gap, top + 2), label, fill="black", font=font)
-        pixels = to_uint8(images[:columns].clamp(-1, 1)).numpy()  # NHWC
-        for c, image in enumerate(pixels):
-            tile = PIL.Image.fromarray(image.squeeze(-1) if channels == 1 else image)
-            tile = tile.resize((cell_w, cell_h), PIL.Image.NEAREST)
-            canvas.paste(tile, (gap + c * (cell_w + gap), top + label_height))
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="png")
-    return buffer.getvalue()
-
-
 def format_table(rows: list[Row], fid_note: str) -> str:
     """The result table as text, with a line about FID."""
     lines = [f"{'':44} {'calls':>5} {'RMSE':>8} {'PSNR (dB)':>10} {'FID':>8}"]
@@ -143,21 +107,15 @@ def _find_detector(options: DemoOptions) -> tuple[inception.Detector | None, str
 
 
 def _reference_statistics(detector: inception.Detector, options: DemoOptions, run_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """Inception statistics of the first `fid_images` data images, cached in the run folder."""
+    """Inception statistics of the first `fid_images` data images, cached in the run folder (every rank)."""
     path = fileio.join(run_dir, f"fid-ref-shapes-{options.fid_images}.npz")
     if not fileio.exists(path):
         data = make_shapes(dataclasses.replace(options.data, num_images=options.fid_images))
-        images = data.images.to(torch.float32) / 127.5 - 1
-        stats, _ = compute_statistics(_batches(images, 100), detector, len(images), inception_score=False)
-        save_reference(path, *stats.mean_and_covariance())
+        stats = evaluation.reference_statistics(data.images.permute(0, 2, 3, 1).numpy(), detector, _FID_BATCH)
+        if dist.rank() == 0:
+            save_reference(path, *stats)
+        dist.barrier()
     return load_reference(path)
-
-
-def _fid(sample: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, detector: inception.Detector,
-         reference: tuple[np.ndarray, np.ndarray], batch: int = 100) -> float:
-    images = torch.cat([sample(latents[start:start + batch]) for start in range(0, len(latents), batch)])
-    stats, _ = compute_statistics(_batches(images, batch), detector, len(images), inception_score=False)
-    return fid_from_stats(*stats.mean_and_covariance(), *reference)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,23 +142,23 @@ def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> lis
     is_main = dist.rank() == 0
 
     # Before: the teacher's reference trajectories and the initialised student (kept for FID).
+    initial = copy.deepcopy(student).eval()
     if is_main:
         dist.print0(f"Teacher: Heun, {heun.num_network_calls} network calls, on {options.eval_images} latents ...")
         reference = heun(teacher, latents).clamp(-1, 1)
-        initial = copy.deepcopy(student).eval()
         before = one_step(initial, latents)
 
     # Distil: every rank trains.
     preview = sampler_preview(one_step, student, config.run.image_count, config.train.seed, device)
     training_loop(config, objective, student, preview)
 
-    # After: the newest checkpoint's weights, as pid-sample would load them.
+    # After: the newest checkpoint's weights, as pid-sample would load them; every rank shares the FIDs.
+    _, path = checkpoint.latest_checkpoint(config.run.dir)
+    distilled = checkpoint.load_generator(path, ema_rate=options.ema_rate, device=device)
+    fids, fid_note = _fids(config, options, [(teacher, heun), (initial, one_step), (distilled, one_step)])
     rows: list[Row] = []
     if is_main:
-        _, path = checkpoint.latest_checkpoint(config.run.dir)
-        distilled = checkpoint.load_generator(path, ema_rate=options.ema_rate, device=device)
         after = one_step(distilled, latents)
-        fids, fid_note = _fids(config, options, heun, teacher, initial, distilled, latents)
         weights = "raw weights" if options.ema_rate is None else f"EMA {options.ema_rate}"
         rows = [
             Row("teacher, Heun", heun.num_network_calls, None, None, fids[0]),
@@ -214,20 +172,21 @@ def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> lis
     return rows
 
 
-def _fids(config: DistillConfig, options: DemoOptions, heun: HeunSampler, teacher: nn.Module,
-          initial: nn.Module, distilled: nn.Module, latents: torch.Tensor) -> tuple[list[float | None], str]:
-    """FID of the teacher and of the student before and after, when a detector is on disk; and a note."""
+def _fids(config: DistillConfig, options: DemoOptions, models: list[tuple[nn.Module, Sampler]]
+          ) -> tuple[list[float | None], str]:
+    """FID of each (network, sampler) against the data set, when a detector is on disk (on rank 0; None
+    elsewhere and without a detector); and a note. Every rank takes its share of the images."""
     detector, note = _find_detector(options)
     if detector is None:
-        return [None, None, None], note
+        return [None] * len(models), note
     dist.print0(f"FID over {options.fid_images} images each (teacher, student before, student after) ...")
     reference = _reference_statistics(detector, options, config.run.dir)
-    fid_latents = evaluation_latents(options.fid_images, options.eval_seed, tuple(latents.shape[1:]))
-    fid_latents = fid_latents.to(latents.device)
-    one_step = OneStepSampler()
-    samplers = [lambda z: heun(teacher, z).clamp(-1, 1), lambda z: one_step(initial, z),
-                lambda z: one_step(distilled, z)]
-    return [_fid(sample, fid_latents, detector, reference) for sample in samplers], note
+    seeds = range(options.eval_seed, options.eval_seed + options.fid_images)  # Image k: evaluation_latents' k.
+    fids = []
+    for net, sampler in models:
+        scores = evaluation.evaluate(net, sampler, seeds, detector, reference, _FID_BATCH, inception_score=False)
+        fids.append(None if scores is None else scores[0])
+    return fids, note
 
 
 def _write_outputs(config: DistillConfig, options: DemoOptions, rows: list[Row], fid_note: str,

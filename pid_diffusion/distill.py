@@ -1,23 +1,118 @@
-"""PID distillation assembled from a `DistillConfig` (docs/method.md §5): the frozen teacher, the time grid, the
-distance, the objective and the student it trains.
+"""PID distillation (docs/method.md §5): its configuration sections, and the frozen teacher, time grid, distance,
+objective and student assembled from them.
 
+    config = resolve("cifar10", {"train.lr": "1e-4"})          # configs/distill/cifar10.json + overrides
     objective, student = build(config, device)
     preview = sampler_preview(OneStepSampler(), student, config.run.image_count, config.train.seed, device)
     training_loop(config, objective, student, preview)
+
+The dataclass defaults are the paper's CIFAR-10 run; the preset files hold what differs from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
-from pid_diffusion import perf
-from pid_diffusion.config import DistillConfig
-from pid_diffusion.grid import KarrasGrid
-from pid_diffusion.loss import PIDObjective
-from pid_diffusion.student import PIDStudent
+from pid_diffusion import configs, perf
+from pid_diffusion.config import ConfigError, TrainingConfig, check
+from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
+from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_options
+from pid_diffusion.metrics import Metric
+from pid_diffusion.student import PIDStudent, StudentInit
 from pid_diffusion.teacher import load_teacher
 
-__all__ = ["build"]
+__all__ = ["DistillConfig", "PIDConfig", "StudentConfig", "TASK", "TeacherConfig", "build", "resolve"]
+
+TASK = "distill"  # Its presets: configs/distill/<name>.json.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration.
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """The pretrained EDM teacher."""
+
+    path: str = "teachers/edm-cifar10-32x32-uncond-vp.pkl"  # Teacher file (converted .pt or EDM .pkl); local, gs:// or az://.
+    preset: str | None = None                    # EDM network preset for weights-only files; None: read from the file.
+
+    def __post_init__(self):
+        check(bool(self.path), "teacher.path", "must name the teacher file")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    """The student x_θ(z, t): the teacher's architecture."""
+
+    init: StudentInit = StudentInit.TEACHER  # Start from the teacher's weights, or random (an ablation).
+    dropout: float = 0.0                     # Dropout of the student network (the paper uses 0).
+
+    def __post_init__(self):
+        check(0 <= self.dropout < 1, "student.dropout", f"need 0 ≤ dropout < 1, got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PIDConfig:
+    """The PID residual: time grid, distance, differentiation scheme (docs/method.md §3)."""
+
+    num_points: int = NUM_POINTS                    # N, points of the Karras grid.
+    rho: float = RHO                                # ρ of the Karras grid.
+    sigma_min: float = SIGMA_MIN                    # ε = σ_min, the end of the trajectory.
+    sigma_max: float = SIGMA_MAX                    # T = σ_max, where x_θ(z, T) = z.
+    metric: Metric = Metric.LPIPS_PIQ               # Distance d(a, b).
+    derivative: Derivative = Derivative.FORWARD     # forward (official), central, or jvp.
+    form: ResidualForm = ResidualForm.DENOISER      # denoiser (Eq. 9, official) or derivative (Eq. 8).
+    stop_neighbour_grad: bool = False               # Detach the neighbour evaluation y_j.
+    pseudo_huber_c: float | None = None             # c of metric=pseudo_huber; None: iCT's 0.00054·sqrt(d).
+
+    def __post_init__(self):
+        # The grid's and the residual's own checks, reported under this section's name.
+        try:
+            check_grid(self.num_points, self.rho, self.sigma_min, self.sigma_max)
+            check_options(self.derivative, self.form, self.stop_neighbour_grad)
+        except ValueError as error:
+            raise ConfigError(f"pid: {error}") from None
+        minimum = 3 if self.derivative is Derivative.CENTRAL else 2
+        check(self.num_points >= minimum, "pid.num_points",
+              f"the {self.derivative.value} scheme needs ≥ {minimum} grid points, got {self.num_points}")
+        check(self.pseudo_huber_c is None or self.metric is Metric.PSEUDO_HUBER, "pid.pseudo_huber_c",
+              f"applies to metric=pseudo_huber only (metric is {self.metric.value}); leave it none")
+        check(self.pseudo_huber_c is None or self.pseudo_huber_c > 0, "pid.pseudo_huber_c",
+              f"must be > 0, got {self.pseudo_huber_c}")
+
+    def metric_options(self) -> dict[str, Any]:
+        """Constructor options of the configured distance (`Metric.build`)."""
+        return {"c": self.pseudo_huber_c} if self.metric is Metric.PSEUDO_HUBER else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(TrainingConfig):
+    """A PID distillation run."""
+
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
+    pid: PIDConfig = dataclasses.field(default_factory=PIDConfig)
+
+    def __post_init__(self):
+        # perf.CheckpointedUNetBlock raises at the first step; a configuration should fail before the run starts.
+        check(not (self.train.activation_checkpointing and self.pid.derivative is Derivative.JVP),
+              "train.activation_checkpointing",
+              "cannot combine with pid.derivative=jvp (checkpointing does not recompute forward-mode tangents): "
+              "set it to false, or use derivative=forward or central")
+
+
+def resolve(preset: str = "default", overrides: Mapping[str, str] | None = None) -> DistillConfig:
+    """The distillation preset `preset` (configs/distill/<preset>.json) with `overrides` applied."""
+    return configs.load(DistillConfig, configs.preset_file(TASK, preset), overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Assembly.
 
 
 def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PIDStudent]:

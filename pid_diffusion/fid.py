@@ -13,6 +13,7 @@ import scipy.linalg
 import torch
 
 from pid_diffusion import dist, fileio
+from pid_diffusion.images import write_npz
 from pid_diffusion.inception import FEATURE_DIM, NUM_CLASSES, Detector
 
 __all__ = [
@@ -177,6 +178,4 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def save_reference(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Write reference statistics in EDM's format, atomically."""
-    buffer = io.BytesIO()
-    np.savez(buffer, mu=mu, sigma=sigma)
-    fileio.atomic_write_bytes(buffer.getvalue(), path)
+    write_npz(path, mu=mu, sigma=sigma)

@@ -18,7 +18,6 @@ __all__ = [
     "atomic_write_text",
     "exists",
     "is_local",
-    "is_temporary",
     "join",
     "listdir",
     "makedirs",
@@ -63,11 +62,6 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     if not bf.exists(path):
         raise FileNotFoundError(f"No such file: {path}")
     return bf.read_bytes(path)
-
-
-def is_temporary(name: str) -> bool:
-    """True for the names `atomic_write_bytes` uses while a write is in flight (never complete files)."""
-    return name.endswith(_TEMP_SUFFIX)
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pid_diffusion import dist, samplers
+from pid_diffusion.images import to_uint8
 from pid_diffusion.student import PIDStudent
 
 __all__ = ["Batch", "SamplerKind", "gather_rows", "generate", "make_sampler"]
@@ -97,7 +98,7 @@ def generate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], *,
     for chunk in positions.split(batch_size):
         latents, labels = _latents_and_labels(net, seed_list[chunk], classes, chunk, device)
         one_hot = None if labels is None else nn.functional.one_hot(labels, net.label_dim).to(torch.float32)
-        images = samplers.to_uint8(sampler(net, latents, one_hot))
+        images = to_uint8(sampler(net, latents, one_hot))
         yield Batch(chunk, seed_list[chunk], images, labels)
 
 

@@ -9,17 +9,34 @@ from __future__ import annotations
 
 import torch
 
+# The paper constants, defined here once (EDM's schedule; PID's grid of N points, docs/method.md §5).
+SIGMA_MIN = 0.002  # ε, the end of the trajectory.
+SIGMA_MAX = 80.0   # T, where x_θ(z, T) = z.
+RHO = 7.0          # ρ, the Karras exponent.
+NUM_POINTS = 250   # N, points of PID's grid.
+
+
+def check_noise_range(sigma_min: float, sigma_max: float) -> None:
+    """The range check of every (ε, T) pair: grids, samplers and students."""
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
+
+
+def check_grid(num_points: int, rho: float, sigma_min: float, sigma_max: float, count: str = "num_points") -> None:
+    """The range checks of a Karras grid or schedule, as ValueErrors naming the parameter (`count`: the name of
+    the number of points at the caller)."""
+    if num_points < 2:
+        raise ValueError(f"{count}={num_points}: the grid needs at least 2 points (N ≥ 2)")
+    check_noise_range(sigma_min, sigma_max)
+    if not rho > 0:
+        raise ValueError(f"rho={rho}: the Karras exponent must be positive")
+
 
 class KarrasGrid:
     """N points from T = σ_max down to ε = σ_min, spaced as in Karras et al. (2022) with exponent ρ."""
 
     def __init__(self, num_points: int, rho: float, sigma_min: float, sigma_max: float):
-        if num_points < 2:
-            raise ValueError(f"num_points={num_points}: the grid needs at least 2 points (N ≥ 2)")
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
-        if not rho > 0:
-            raise ValueError(f"rho={rho}: the Karras exponent must be positive")
+        check_grid(num_points, rho, sigma_min, sigma_max)
         self.num_points = int(num_points)
         self.rho = float(rho)
         self.sigma_min = float(sigma_min)

@@ -46,7 +46,7 @@ class Detector:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(
                 f"The detector takes uint8 NCHW images with 1 or 3 channels, got {images.dtype} of shape "
-                f"{tuple(images.shape)}; quantise samples with samplers.to_uint8 first."
+                f"{tuple(images.shape)}; quantise samples with images.to_uint8 first."
             )
         if images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)  # grayscale images, as EDM's fid.py repeats them

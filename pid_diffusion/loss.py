@@ -56,7 +56,7 @@ def pid_residual(student: nn.Module, teacher: nn.Module, z: torch.Tensor, indice
     the difference scheme needs go through the network as one concatenated batch. `stop_neighbour_grad`
     detaches the neighbour values (finite differences only). Grid times are float64, cast to z's dtype.
     """
-    _check_options(derivative, form, stop_neighbour_grad)
+    check_options(derivative, form, stop_neighbour_grad)
     if indices.shape != (z.shape[0],):
         raise ValueError(f"indices have shape {tuple(indices.shape)}; need one grid index per latent, "
                          f"shape ({z.shape[0]},)")
@@ -90,7 +90,7 @@ class PIDObjective:
     def __init__(self, teacher: nn.Module, grid: KarrasGrid, metric: PerSampleDistance,
                  derivative: Derivative = Derivative.FORWARD, form: ResidualForm = ResidualForm.DENOISER,
                  stop_neighbour_grad: bool = False):
-        _check_options(derivative, form, stop_neighbour_grad)
+        check_options(derivative, form, stop_neighbour_grad)
         for name in ("img_channels", "img_resolution", "label_dim"):
             if not hasattr(teacher, name):
                 raise TypeError(f"the teacher has no `{name}`; pass an EDMPrecond or a GaussianTeacher")
@@ -177,12 +177,12 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def _check_options(derivative: Derivative, form: ResidualForm, stop_neighbour_grad: bool) -> None:
+def check_options(derivative: Derivative, form: ResidualForm, stop_neighbour_grad: bool) -> None:
     """Reject option values and combinations that have no meaning."""
     if not isinstance(derivative, Derivative):
         raise TypeError(f"derivative={derivative!r}: pass a Derivative member ({[d.name for d in Derivative]})")
     if not isinstance(form, ResidualForm):
         raise TypeError(f"form={form!r}: pass a ResidualForm member ({[f.name for f in ResidualForm]})")
     if derivative is Derivative.JVP and stop_neighbour_grad:
-        raise ValueError("stop_neighbour_grad detaches finite-difference neighbours; Derivative.JVP has none: "
-                         "set stop_neighbour_grad=False")
+        raise ValueError("stop_neighbour_grad applies to finite differences only (it detaches the neighbour; "
+                         "Derivative.JVP has none): set stop_neighbour_grad=False")

@@ -13,7 +13,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from pid_diffusion.grid import KarrasGrid
+from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
 
 __all__ = [
     "Denoiser",
@@ -24,7 +24,6 @@ __all__ = [
     "edm_sigmas",
     "euler",
     "heun",
-    "to_uint8",
 ]
 
 
@@ -112,18 +111,12 @@ class HeunSampler:
     CIFAR-10 setting (35 network calls)."""
 
     num_steps: int = 18  # Karras points before the final σ = 0
-    sigma_min: float = 0.002  # ε
-    sigma_max: float = 80.0  # T
-    rho: float = 7.0  # ρ of the Karras schedule
+    sigma_min: float = SIGMA_MIN  # ε
+    sigma_max: float = SIGMA_MAX  # T
+    rho: float = RHO  # ρ of the Karras schedule
 
     def __post_init__(self) -> None:
-        if self.num_steps < 2:
-            raise ValueError(f"num_steps must be at least 2, got {self.num_steps}")
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
-                             f"sigma_max={self.sigma_max}")
-        if self.rho <= 0:
-            raise ValueError(f"rho must be positive, got {self.rho}")
+        check_grid(self.num_steps, self.rho, self.sigma_min, self.sigma_max, count="num_steps")
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -152,8 +145,8 @@ class EulerSampler:
         _validated_sigmas(self.sigmas, torch.device("cpu"))
 
     @classmethod
-    def on_grid(cls, num_points: int = 250, rho: float = 7.0, sigma_min: float = 0.002,
-                sigma_max: float = 80.0) -> "EulerSampler":
+    def on_grid(cls, num_points: int = NUM_POINTS, rho: float = RHO, sigma_min: float = SIGMA_MIN,
+                sigma_max: float = SIGMA_MAX) -> "EulerSampler":
         """Euler through PID's Karras grid from T down to ε (no step to σ = 0, like the student)."""
         grid = KarrasGrid(num_points=num_points, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max)
         return cls(tuple(grid.sigmas.tolist()))
@@ -179,14 +172,3 @@ class OneStepSampler:
     def __call__(self, student: torch.nn.Module, latents: torch.Tensor,
                  class_labels: torch.Tensor | None = None) -> torch.Tensor:
         return student.sample(student.sigma_max * latents, class_labels).to(torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Output.
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [−1, 1], NCHW → uint8 NHWC exactly as EDM saves them: x·127.5 + 128, clipped, truncated
-    (the + 128 rather than + 127.5 makes truncation round to nearest)."""
-    if images.ndim != 4:
-        raise ValueError(f"expected NCHW images, got shape {tuple(images.shape)}")
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

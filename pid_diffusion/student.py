@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pid_diffusion.grid import check_noise_range
 from pid_diffusion.networks import EDMPrecond
 
 
@@ -36,8 +37,7 @@ class PIDStudent(nn.Module):
     """
 
     def __init__(self, network_kwargs: Mapping[str, Any], sigma_min: float, sigma_max: float, sigma_data: float):
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
+        check_noise_range(sigma_min, sigma_max)
         if not sigma_data > 0:
             raise ValueError(f"sigma_data={sigma_data} must be positive")
         super().__init__()

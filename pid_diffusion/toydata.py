@@ -15,11 +15,10 @@ import dataclasses
 import enum
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pid_diffusion import fileio
+from pid_diffusion.images import write_npz
 
 
 class Shape(enum.IntEnum):
@@ -148,15 +147,7 @@ def write_images_npz(images: torch.Tensor, path: str) -> None:
     """Write uint8 images [N, C, H, W] as an .npz with key `images`, NHWC (the layout of image files)."""
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")
-    arrays = {"images": images.permute(0, 2, 3, 1).contiguous().numpy()}
-    fileio.atomic_write_bytes(_npz_bytes(arrays), path)
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    import io
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+    write_npz(path, images=images.permute(0, 2, 3, 1).contiguous().numpy())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import io
 import json
 import math
 import random
@@ -32,10 +31,11 @@ import tqdm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pid_diffusion import checkpoint, dist, fileio, perf
-from pid_diffusion.config import ConfigError, TrainConfig, TrainingConfig, diff, from_dict, to_dict, to_json
+from pid_diffusion import checkpoint, dist, fileio, images, perf
+from pid_diffusion.config import ConfigError, OptimizerKind, RunConfig, TrainConfig, TrainingConfig, to_json
 
-__all__ = ["EMA", "NonFiniteLossError", "Objective", "Preview", "sampler_preview", "step_generator", "training_loop"]
+__all__ = ["EMA", "NonFiniteLossError", "Objective", "Preview", "build_optimizer", "lr_at", "sampler_preview",
+           "step_generator", "training_loop"]
 
 
 
@@ -142,6 +142,20 @@ def _micro_batches(batch: dict[str, torch.Tensor], micro: int) -> Iterator[dict[
         yield {key: value[start:start + micro] for key, value in batch.items()}
 
 
+def build_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer; no weight decay unless configured (docs/method.md §5)."""
+    cls = {OptimizerKind.RADAM: torch.optim.RAdam, OptimizerKind.ADAM: torch.optim.Adam}[train.optimizer]
+    return cls(params, lr=train.lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay)
+
+
+def lr_at(train: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or decayed so that the
+    step after the last would have lr 0 (the last step itself still moves)."""
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    return train.lr * train.lr_decay.factor((step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
+
+
 def _autocast(train: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     dtype = train.precision.autocast_dtype
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -194,32 +208,54 @@ def _check_ranks_agree(model: nn.Module, step: int) -> None:
 
 
 class _MetricsLog:
-    """metrics.jsonl in the run folder, one JSON record per log step; rank 0 only.
+    """metrics.jsonl in the run folder, one JSON record per log step, TensorBoard event files beside it when
+    `run.tensorboard` is set, and the plot of the records (training.png); rank 0 only.
 
     The file is rewritten atomically (blob stores cannot append); a resumed run drops the records of steps
     after its checkpoint, which it trains again.
     """
 
-    def __init__(self, path: str, resume_step: int):
-        self.path = path
-        self.lines: list[str] = []
-        if fileio.exists(path):
-            lines = fileio.read_bytes(path).decode("utf-8").splitlines()
-            self.lines = [line for line in lines if line and json.loads(line)["step"] <= resume_step]
+    def __init__(self, run: RunConfig, resume_step: int):
+        self.folder = run.dir
+        self.path = fileio.join(run.dir, "metrics.jsonl")
+        self.records: list[dict] = []
+        if fileio.exists(self.path):
+            lines = fileio.read_bytes(self.path).decode("utf-8").splitlines()
+            self.records = [record for line in lines if line and (record := json.loads(line))["step"] <= resume_step]
+        self.tensorboard = _tensorboard_writer(run.dir, resume_step) if run.tensorboard else None
 
     def append(self, record: dict) -> None:
-        self.lines.append(json.dumps(record))
-        fileio.atomic_write_text("\n".join(self.lines) + "\n", self.path)
+        self.records.append(record)
+        fileio.atomic_write_text("".join(json.dumps(r) + "\n" for r in self.records), self.path)
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and value is not None:
+                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"], walltime=record["time"])
+            self.tensorboard.flush()
+
+    def plot(self) -> None:
+        if self.records:
+            from pid_diffusion import plots  # Here: matplotlib costs a second at import, only when plotting.
+
+            plots.plot_training(self.records, fileio.join(self.folder, plots.TRAINING_PLOT))
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
-def _save_grid(images: torch.Tensor, path: str) -> None:
-    """A PNG grid of images in [−1, 1], written atomically."""
-    import torchvision.utils  # Here, not at the top: importing torchvision costs seconds at every launch.
-
-    buffer = io.BytesIO()
-    nrow = max(1, round(math.sqrt(images.shape[0])))
-    torchvision.utils.save_image((images.float() + 1) / 2, buffer, format="png", nrow=nrow)
-    fileio.atomic_write_bytes(buffer.getvalue(), path)
+def _tensorboard_writer(folder: str, resume_step: int):
+    """A TensorBoard SummaryWriter on the run folder (local folders only), as EDM's training loop opens one."""
+    if not fileio.is_local(folder):
+        raise ConfigError(f"run.tensorboard: TensorBoard writes local files only; {folder} is a blob URL. "
+                          "Set run.tensorboard=false (metrics.jsonl has the same records)")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install 'pid-diffusion[tensorboard]' "
+                          "(or set run.tensorboard=false)") from None
+    # purge_step: a resumed run drops the events of steps it trains again, as metrics.jsonl drops its records.
+    return SummaryWriter(folder, purge_step=resume_step + 1 if resume_step else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,17 +278,19 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
     checkpoint.model_spec(model)  # Fail now, not at the first checkpoint, if the model cannot be saved.
     model.to(device).train()
     _apply_speed_options(model, train, device)
-    optimizer = train.optimizer.build(model.parameters(), train)
+    optimizer = build_optimizer(model.parameters(), train)
     ema = EMA(model, train.ema_rates)
     scaler = torch.amp.GradScaler(device.type, enabled=train.precision.needs_loss_scaling)
-    start_step, last_checkpoint = _resume(config, model, ema, optimizer, scaler)
+    start_step, last_checkpoint, rng_restored = checkpoint.resume(config, model, ema, optimizer, scaler)
+    if not rng_restored:
+        _seed_globals(train.seed, rank, start_step)
     if train.compile:
         # In place, after the EMA copies and before DDP: the EMAs stay plain modules, and the state_dict keys
         # stay those of the model (the `_orig_mod.` prefix belongs to the wrapper `torch.compile(model)` returns).
         model.compile()
     if rank == 0:
         fileio.atomic_write_text(to_json(config), fileio.join(run.dir, "config.json"))
-        metrics = _MetricsLog(fileio.join(run.dir, "metrics.jsonl"), start_step)
+        metrics = _MetricsLog(run, start_step)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dist.print0(f"Training {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) "
                 f"on {world_size} rank(s), {per_rank} samples per rank in micro-batches of {micro}, "
@@ -263,7 +301,7 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
     for step in range(start_step, train.steps):
         done = step + 1
         for group in optimizer.param_groups:
-            group["lr"] = train.lr_at(step)
+            group["lr"] = lr_at(train, step)
 
         # Accumulate gradients: each rank's share of the global mean, synchronised on the last micro-batch.
         batch = _rank_slice(objective, train, step, per_rank, rank, device)
@@ -314,8 +352,12 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
         if preview is not None and run.image_every and done % run.image_every == 0 and rank == 0:
             _write_preview(preview, model, fileio.join(run.dir, f"samples-{done:08d}.png"))
         if done % run.checkpoint_every == 0 or done == train.steps:
-            last_checkpoint = _save(config, done, model, ema, optimizer, scaler)
+            last_checkpoint = checkpoint.save(config, done, model, ema, optimizer, scaler)
+            if rank == 0:
+                metrics.plot()
     progress.close()
+    if rank == 0:
+        metrics.close()
     return model
 
 
@@ -354,63 +396,6 @@ class _Interval:
 def _write_preview(preview: Preview, model: nn.Module, path: str) -> None:
     model.eval()
     try:
-        _save_grid(preview(model), path)
+        images.write_grid(preview(model), path)
     finally:
         model.train()
-
-
-def _save(config: TrainingConfig, step: int, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
-          scaler: torch.amp.GradScaler) -> str:
-    """Write checkpoint `step` (rank 0, with every rank's RNG state), prune old ones; returns its path."""
-    states = [None] * dist.world_size() if dist.rank() == 0 else None
-    torch_dist.gather_object(checkpoint.capture_rng(), states, dst=0)
-    path = checkpoint.checkpoint_path(config.run.dir, step)
-    if dist.rank() == 0:
-        fileio.atomic_torch_save({
-            "step": step,
-            "config": to_dict(config),
-            "model_spec": checkpoint.model_spec(model),
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": states,
-        }, path)
-        checkpoint.prune_checkpoints(config.run.dir, config.run.keep_checkpoints)
-    dist.barrier()
-    return path
-
-
-def _resume(config: TrainingConfig, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler) -> tuple[int, str | None]:
-    """Load the newest checkpoint of the run folder into the training state: (its step, its path).
-
-    Without one, seed the global generators and return (0, None). The stored configuration must equal
-    `config` except for the step limit (and the run folder, which may have been moved).
-    """
-    train, rank, world_size = config.train, dist.rank(), dist.world_size()
-    latest = checkpoint.latest_checkpoint(config.run.dir)
-    if latest is None:
-        _seed_globals(train.seed, rank, 0)
-        return 0, None
-    step, path = latest
-    state = fileio.torch_load(path)  # On the CPU: RNG states must stay there; load_state_dict moves the rest.
-    stored = from_dict(type(config), state["config"])
-    # The step limit may grow; the run folder may have been moved or copied. Anything else changes the run.
-    changed = [key for key in diff(stored, config) if key not in ("train.steps", "run.dir")]
-    if changed:
-        raise ConfigError(f"{path} was written with a different configuration ({', '.join(changed)} differ). "
-                          f"Resume with the stored options (see config.json) or start a new run folder")
-    model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    if len(state["rng"]) == world_size:
-        checkpoint.restore_rng(state["rng"][rank])
-    else:
-        # Another number of ranks: the run continues, but its random numbers differ from an uninterrupted one.
-        dist.print0(f"{path} holds RNG states of {len(state['rng'])} ranks, this job has {world_size}; "
-                    f"reseeding the global generators from (seed, rank, step)")
-        _seed_globals(train.seed, rank, step)
-    dist.print0(f"Resuming from {path} at step {step}")
-    return step, path

@@ -1,20 +1,25 @@
-"""Configuration: presets hold the paper's numbers, overrides are typed and validated, unknown keys fail."""
+"""Configuration: presets hold the paper's numbers, overrides are typed and validated, unknown keys fail;
+preset files hold only what differs from the defaults and are found by an installed package."""
 
 import dataclasses
 import inspect
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pid_diffusion import config as cfg
-from pid_diffusion import distill
+from pid_diffusion import configs, distill, teacher_training
 from pid_diffusion.cli import distill as distill_cli
+from pid_diffusion.cli import train_teacher as train_teacher_cli
 from pid_diffusion.config import (
-    ConfigError, DISTILL_PRESETS, DistillConfig, OptimizerKind, Precision, Presets, diff, from_dict,
-    parse_overrides, resolve, to_dict, to_json,
+    ConfigError, OptimizerKind, Precision, apply_overrides, diff, from_dict, parse_overrides, to_dict, to_json,
 )
+from pid_diffusion.distill import DistillConfig, resolve
 from pid_diffusion.loss import Derivative, ResidualForm
 from pid_diffusion.metrics import Metric
 from pid_diffusion.student import StudentInit
@@ -54,7 +59,7 @@ def test_default_preset_runs_on_the_cpu_without_pretrained_weights():
     assert c.teacher.path.startswith("model_zoo/")
 
 
-@pytest.mark.parametrize("name", DISTILL_PRESETS.names())
+@pytest.mark.parametrize("name", configs.preset_names("distill"))
 def test_every_preset_survives_the_json_round_trip(name):
     c = resolve(name)
     assert from_dict(DistillConfig, json.loads(to_json(c))) == c
@@ -133,22 +138,20 @@ def test_a_bare_key_must_name_one_field():
         a: Section = dataclasses.field(default_factory=Section)
         b: Section = dataclasses.field(default_factory=Section)
 
-    presets = Presets(Twin)
-    presets.register("twin")(Twin)
-    assert presets.resolve("twin", {"b.x": "3"}) == Twin(b=Section(3))
+    assert apply_overrides(Twin, {}, {"b.x": "3"}) == Twin(b=Section(3))
     with pytest.raises(ConfigError, match="--x is ambiguous: write one of --a.x, --b.x"):
-        presets.resolve("twin", {"x": "3"})
+        apply_overrides(Twin, {}, {"x": "3"})
 
 
 def test_every_option_is_read_by_the_code_that_runs():
     # An option parsed and never read is a silent no-op: each field must be read by the loop, the assembly of
-    # the task (distill.py), its CLI or the configuration's own methods that hand it on (optimizer,
-    # learning-rate schedule, metric options).
+    # the task (distill.build, with the metric options it hands on), the checkpoints the loop writes, or the
+    # task's CLI. The training loop builds the optimizer and the learning-rate schedule.
     package = Path(cfg.__file__).parent
-    readers = "\n".join([(package / "train.py").read_text(), inspect.getsource(distill), inspect.getsource(distill_cli),
-                         inspect.getsource(OptimizerKind.build), inspect.getsource(cfg.TrainConfig.lr_at),
-                         inspect.getsource(cfg.PIDConfig.metric_options)])
-    unread = [key for key in cfg._leaf_keys(DistillConfig) if not re.search(rf"\.{key.split('.')[-1]}\b", readers)]
+    readers = "\n".join([(package / "train.py").read_text(), (package / "checkpoint.py").read_text(),
+                         inspect.getsource(distill.build), inspect.getsource(distill.PIDConfig.metric_options),
+                         inspect.getsource(distill_cli)])
+    unread = [key for key in cfg.leaf_keys(DistillConfig) if not re.search(rf"\.{key.split('.')[-1]}\b", readers)]
     assert unread == []
 
 
@@ -169,3 +172,94 @@ def test_check_raises_a_config_error_naming_the_key():
     cfg.check(True, "train.lr", "unused")
     with pytest.raises(ConfigError, match=r"^train.lr: must be > 0, got -1$"):
         cfg.check(False, "train.lr", "must be > 0, got -1")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preset files.
+
+PRESET_FOLDER = Path(configs.PRESETS_DIR)
+TASKS = {"distill": DistillConfig, "teacher": teacher_training.TeacherTrainingConfig}
+
+
+def test_every_preset_of_both_tasks_is_a_file():
+    assert configs.preset_names("distill") == ["cifar10", "cifar10-central", "default", "imagenet64",
+                                               "imagenet64-central"]
+    assert configs.preset_names("teacher") == ["default"]
+
+
+def _flat_file(path: Path) -> dict:
+    """The dotted keys a file sets itself (not its _base), without its _doc notes."""
+    data = json.loads(path.read_text())
+    data.pop("_base", None)
+    return cfg._flatten(configs._without_docs(data))
+
+
+@pytest.mark.parametrize("task, name", [(task, name) for task in TASKS for name in configs.preset_names(task)])
+def test_a_preset_file_holds_only_what_differs(task, name):
+    path = PRESET_FOLDER / task / f"{name}.json"
+    base = json.loads(path.read_text()).get("_base")
+    start = configs.read_config_file(str(PRESET_FOLDER / task / base)) if base else {}
+    below = cfg._flatten(to_dict(apply_overrides(TASKS[task], start, {})))
+    restated = [key for key, value in _flat_file(path).items() if below[key] == value]
+    assert restated == []
+
+
+def test_the_defaults_are_the_papers_cifar10_run():
+    assert diff(DistillConfig(), resolve("cifar10")) == ["run.dir"]
+
+
+def test_config_file_and_preset_print_the_same_dry_run(capsys):
+    distill_cli.main(["--preset=cifar10", "--dry-run"])
+    by_name = capsys.readouterr().out
+    distill_cli.main([f"--config={PRESET_FOLDER / 'distill' / 'cifar10.json'}", "--dry-run"])
+    assert capsys.readouterr().out == by_name
+    train_teacher_cli.main(["--dry-run"])
+    by_default = capsys.readouterr().out
+    train_teacher_cli.main([f"--config={PRESET_FOLDER / 'teacher' / 'default.json'}", "--dry-run"])
+    assert capsys.readouterr().out == by_default
+
+
+def test_a_run_folders_config_json_replays_the_run(tmp_path, capsys):
+    distill_cli.main(["--preset=imagenet64-central", "--train.lr=3e-5", "--dry-run"])
+    stored = capsys.readouterr().out
+    (tmp_path / "config.json").write_text(stored)
+    distill_cli.main([f"--config={tmp_path / 'config.json'}", "--dry-run"])
+    assert capsys.readouterr().out == stored
+    # Overrides apply on top of a file.
+    distill_cli.main([f"--config={tmp_path / 'config.json'}", "--train.steps=7", "--dry-run"])
+    assert json.loads(capsys.readouterr().out)["train"]["steps"] == 7
+
+
+def test_own_files_with_docs_and_a_base(tmp_path):
+    (tmp_path / "base.json").write_text(json.dumps({"_doc": "why", "train": {"batch": 64, "_doc": "why"}}))
+    (tmp_path / "mine.json").write_text(json.dumps({"_base": "base.json", "train": {"lr": 1e-3}}))
+    config = configs.load(DistillConfig, str(tmp_path / "mine.json"), {"micro_batch": "16"})
+    assert (config.train.batch, config.train.lr, config.train.micro_batch) == (64, 1e-3, 16)
+    (tmp_path / "bad.json").write_text(json.dumps({"train": {"batchsize": 64}}))
+    with pytest.raises(ConfigError, match="unknown key train.batchsize"):
+        configs.load(DistillConfig, str(tmp_path / "bad.json"))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match="cannot read the configuration file"):
+        configs.load(DistillConfig, str(tmp_path / "broken.json"))
+
+
+def test_preset_and_config_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        distill_cli.main(["--preset=cifar10", "--config=x.json", "--dry-run"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_preset_files_are_installed_as_package_data(tmp_path):
+    # A non-editable install copies what setuptools' build step collects: run it on a copy of the sources (it
+    # writes beside them) and look for every preset file among the installed package's files.
+    repo, source = Path(cfg.__file__).parents[1], tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.py", "README.md", "pid_diffusion"):
+        (shutil.copytree if (repo / name).is_dir() else shutil.copy)(repo / name, source / name)
+    subprocess.run([sys.executable, "setup.py", "-q", "build", f"--build-base={tmp_path / 'build'}"], cwd=source,
+                   check=True, capture_output=True)
+    installed = tmp_path / "build" / "lib" / "pid_diffusion" / "configs"
+    for task in TASKS:
+        for name in configs.preset_names(task):
+            assert json.loads((installed / task / f"{name}.json").read_text()) == \
+                json.loads((PRESET_FOLDER / task / f"{name}.json").read_text())

@@ -1,6 +1,5 @@
 """The one-command demo at reduced size on the bundled teacher, and its measuring and drawing pieces."""
 
-import io
 import json
 import math
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from pid_diffusion.cli import demo as demo_cli
-from pid_diffusion.demo import agreement, evaluation_latents, labelled_rows_png
+from pid_diffusion.demo import agreement, evaluation_latents
 
 BUNDLED_TEACHER = Path(__file__).resolve().parents[1] / "model_zoo" / "edm-shapes-16x16.pt"
 
@@ -26,17 +25,6 @@ def test_latent_k_depends_only_on_its_seed():
     few, many = evaluation_latents(2, 10, (3, 4, 4)), evaluation_latents(5, 9, (3, 4, 4))
     assert torch.equal(few[0], many[1]) and torch.equal(few[1], many[2])
     assert torch.equal(few[0], torch.randn((3, 4, 4), generator=torch.Generator().manual_seed(10)))
-
-
-def test_labelled_rows_png_layout():
-    rows = [("a", torch.zeros(5, 3, 16, 16)), ("b", torch.ones(5, 3, 16, 16)), ("c", -torch.ones(5, 3, 16, 16))]
-    image = PIL.Image.open(io.BytesIO(labelled_rows_png(rows, columns=4, scale=2)))
-    gap, label, cell = 2, 20, 32
-    assert image.size == (gap + 4 * (cell + gap), 3 * (label + cell + gap) + gap)
-    # First image of row "b" (all +1) is white, of row "c" (all −1) black.
-    top_b = gap + (label + cell + gap) + label
-    assert image.getpixel((gap + 1, top_b + 1)) == (255, 255, 255)
-    assert image.getpixel((gap + 1, top_b + label + cell + gap + 1)) == (0, 0, 0)
 
 
 def test_demo_distils_the_bundled_teacher(tmp_path, capsys):

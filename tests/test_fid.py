@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pid_diffusion import dist, fileio
+from pid_diffusion import evaluation, image_sources
 from pid_diffusion.cli import fid as fid_cli
 from pid_diffusion.cli import fid_ref, sample
 from pid_diffusion.fid import FeatureStats, InceptionScoreStats, fid_from_stats, load_reference, save_reference
@@ -125,7 +126,7 @@ def test_reference_statistics_match_edm(tmp_path, fid_fixture, processes):
 
     # The whole matrix equals one numpy pass over EDM's selection of the images ...
     selected = case["images_uint8"][case["selected_raw_indices"]]
-    np.testing.assert_array_equal(fid_ref.edm_subset(len(case["images_uint8"]), case["num_expected"], case["seed"]),
+    np.testing.assert_array_equal(image_sources.edm_subset(len(case["images_uint8"]), case["num_expected"], case["seed"]),
                                   case["selected_raw_indices"].numpy())
     features = load_detector(detector).features(selected).double().numpy()
     np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=0, atol=1e-12)
@@ -157,7 +158,7 @@ def test_folder_zip_and_npz_give_the_same_images_in_name_order(tmp_path):
     np.savez(tmp_path / "images.npz", arr_0=images)
 
     for source in ("folder", "images.zip", "images.npz"):
-        found = fid_ref.open_images(str(tmp_path / source))
+        found = image_sources.open_images(str(tmp_path / source))
         np.testing.assert_array_equal(np.stack([found[i] for i in range(len(found))]), images, err_msg=source)
 
 
@@ -260,7 +261,7 @@ def test_pid_fid_equals_a_numpy_pass_over_pid_sample_images_on_one_and_two_ranks
 def test_csv_survives_an_interruption_and_a_bad_checkpoint(tmp_path, run_folder, monkeypatch):
     fileio.atomic_write_bytes(b"not a checkpoint", f"{run_folder['run']}/checkpoint-00000300.pt")
     evaluated = []
-    real_evaluate = fid_cli.evaluate
+    real_evaluate = evaluation.evaluate
 
     def interrupted_after_two(*args, **kwargs):
         if len(evaluated) == 2:
@@ -268,25 +269,25 @@ def test_csv_survives_an_interruption_and_a_bad_checkpoint(tmp_path, run_folder,
         evaluated.append(args)
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(fid_cli, "evaluate", interrupted_after_two)
+    monkeypatch.setattr(evaluation, "evaluate", interrupted_after_two)
     with pytest.raises(KeyboardInterrupt):
         fid_cli.main(fid_args(run_folder))
     rows = read_rows(run_folder["csv"])
     assert [(r["checkpoint"], r["ema"]) for r in rows] == [
-        ("checkpoint-00000100.pt", "0.999"), ("checkpoint-00000100.pt", fid_cli.TRAINED_WEIGHTS)]
+        ("checkpoint-00000100.pt", "0.999"), ("checkpoint-00000100.pt", evaluation.TRAINED_WEIGHTS)]
     assert all(r["fid"] and not r["error"] for r in rows)
     dist.shutdown()
 
     # Re-running the same command evaluates only what is missing and records the unreadable checkpoint.
     evaluated.clear()
-    monkeypatch.setattr(fid_cli, "evaluate", lambda *args, **kwargs: (evaluated.append(args),
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: (evaluated.append(args),
                                                                      real_evaluate(*args, **kwargs))[1])
     fid_cli.main(fid_args(run_folder))
     assert len(evaluated) == 2
     rows = read_rows(run_folder["csv"])
     assert [(r["step"], r["ema"], bool(r["error"])) for r in rows] == [
-        ("100", "0.999", False), ("100", fid_cli.TRAINED_WEIGHTS, False), ("200", "0.999", False),
-        ("200", fid_cli.TRAINED_WEIGHTS, False), ("300", "", True)]
+        ("100", "0.999", False), ("100", evaluation.TRAINED_WEIGHTS, False), ("200", "0.999", False),
+        ("200", evaluation.TRAINED_WEIGHTS, False), ("300", "", True)]
     assert "checkpoint-00000300.pt" in rows[-1]["checkpoint"] and rows[-1]["error"]
     fids = [float(r["fid"]) for r in rows[:4]]
     assert len(set(fids)) == 4  # four different sets of weights
@@ -300,9 +301,9 @@ def test_csv_survives_an_interruption_and_a_bad_checkpoint(tmp_path, run_folder,
 
 
 def test_results_are_read_back_exactly(tmp_path):
-    result = fid_cli.Result("checkpoint-00000100.pt", 100, "0.9999", "0-49999", 50000, fid=3.9182736451,
+    result = evaluation.Result("checkpoint-00000100.pt", 100, "0.9999", "0-49999", 50000, fid=3.9182736451,
                             is_mean=9.5, is_std=0.125, sampler="OneStepSampler (1 NFE)", detector="d.pt",
                             reference="cifar10-32x32.npz")
-    table = fid_cli.ResultsTable(str(tmp_path / "fid.csv"))
+    table = evaluation.ResultsTable(str(tmp_path / "fid.csv"))
     table.record(result, write=True)
-    assert fid_cli.ResultsTable(str(tmp_path / "fid.csv")).results == {result.key: result}
+    assert evaluation.ResultsTable(str(tmp_path / "fid.csv")).results == {result.key: result}

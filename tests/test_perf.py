@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from pid_diffusion import distill, hub
-from pid_diffusion.config import resolve
+from pid_diffusion.distill import resolve
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, pid_residual
 from pid_diffusion.metrics import L2, PiqLPIPS, VGGLPIPS

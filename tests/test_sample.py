@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pid_diffusion import checkpoint, dist, fileio, samplers
-from pid_diffusion.cli import sample
+from pid_diffusion import images as images_module
+from pid_diffusion.cli import options, sample
 from pid_diffusion.generate import SamplerKind, make_sampler
 from pid_diffusion.networks import EDMPrecond
 from pid_diffusion.student import PIDStudent
@@ -105,7 +106,7 @@ def test_image_k_is_the_student_on_latent_and_class_of_seed_k(tmp_path, student_
     latents = torch.stack([latent for latent, _ in pairs])
     labels = torch.stack([label for _, label in pairs])
     one_hot = torch.nn.functional.one_hot(labels, student.label_dim).float()
-    expected = samplers.to_uint8(samplers.OneStepSampler()(student, latents, one_hot)).numpy()
+    expected = images_module.to_uint8(samplers.OneStepSampler()(student, latents, one_hot)).numpy()
 
     np.testing.assert_array_equal(out["seeds"], seeds)
     np.testing.assert_array_equal(out["labels"], labels.numpy())
@@ -159,7 +160,7 @@ def test_teacher_samples_with_its_sampler_on_seeded_latents_and_given_classes(tm
                          else samplers.EulerSampler.on_grid(num_points=steps))
     expected = reference_sampler(teacher, latents, torch.nn.functional.one_hot(labels, teacher.label_dim).float())
     np.testing.assert_array_equal(out["labels"], labels.numpy())
-    np.testing.assert_array_equal(out["images"], samplers.to_uint8(expected).numpy())
+    np.testing.assert_array_equal(out["images"], images_module.to_uint8(expected).numpy())
 
 
 def test_sampler_must_fit_the_network(edm_fixtures_dir):
@@ -176,14 +177,7 @@ def test_sampler_must_fit_the_network(edm_fixtures_dir):
 
 
 def test_seed_lists_follow_edm_syntax():
-    assert sample.parse_int_list("0-3,7,10-11") == [0, 1, 2, 3, 7, 10, 11]
+    assert options.parse_int_list("0-3,7,10-11") == [0, 1, 2, 3, 7, 10, 11]
     for bad in ("3-1", "a", "1,,2", "-3"):
         with pytest.raises(argparse.ArgumentTypeError, match="not a list"):
-            sample.parse_int_list(bad)
-
-
-def test_grid_pads_the_last_row_with_black():
-    images = np.arange(1, 6, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 3, 1), dtype=np.uint8)
-    grid = np.array(sample.image_grid(images, columns=2))
-    assert grid.shape == (6, 6)
-    np.testing.assert_array_equal(grid[::2, ::3], [[1, 2], [3, 4], [5, 0]])
+            options.parse_int_list(bad)

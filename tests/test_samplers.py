@@ -8,7 +8,8 @@ import torch
 from pid_diffusion.analytic import GaussianTeacher
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.networks import EDMPrecond
-from pid_diffusion.samplers import EulerSampler, HeunSampler, OneStepSampler, edm_sigmas, euler, heun, to_uint8
+from pid_diffusion.images import to_uint8
+from pid_diffusion.samplers import EulerSampler, HeunSampler, OneStepSampler, edm_sigmas, euler, heun
 from pid_diffusion.student import PIDStudent
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
@@ -159,21 +160,6 @@ def test_one_step_sampler_is_the_students_clamped_output_at_epsilon(edm_fixtures
     with torch.no_grad():
         expected = student(SIGMA_MAX * latents, SIGMA_MIN, labels).clamp(-1, 1)  # x_θ(T·latents, ε)
     torch.testing.assert_close(images, expected, rtol=0, atol=0)
-
-
-def test_to_uint8_matches_edms_formula():
-    x = torch.tensor([-1.5, -1.0, -0.996, 0.0, 0.5, 0.996, 1.0, 2.0]).reshape(1, 2, 2, 2)
-    # (x·127.5 + 128) clipped to [0, 255] and truncated: -0.996 → 1.01, 0.5 → 191.75, 0.996 → 254.99.
-    expected = torch.tensor([0, 0, 1, 128, 191, 254, 255, 255], dtype=torch.uint8).reshape(1, 2, 2, 2)
-    out = to_uint8(x)
-    assert out.shape == (1, 2, 2, 2) and out.dtype == torch.uint8
-    assert torch.equal(out, expected.permute(0, 2, 3, 1))
-
-
-def test_to_uint8_is_nhwc():
-    assert to_uint8(torch.zeros(2, 3, 4, 5)).shape == (2, 4, 5, 3)
-    with pytest.raises(ValueError, match="NCHW"):
-        to_uint8(torch.zeros(3, 4, 5))
 
 
 @pytest.mark.parametrize("sigmas", [(1.0,), (1.0, 2.0), (2.0, 2.0, 1.0), (1.0, -0.5), (1.0, 0.0, 0.0),

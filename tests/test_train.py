@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -16,19 +17,20 @@ from PIL import Image
 
 from pid_diffusion import checkpoint, fileio
 from pid_diffusion import train as train_module
-from pid_diffusion.config import ConfigError, DistillConfig, LRDecay, RunConfig, TrainConfig
+from pid_diffusion.config import ConfigError, LRDecay, RunConfig, TrainConfig
+from pid_diffusion.distill import DistillConfig
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import PIDObjective
 from pid_diffusion.metrics import L2
 from pid_diffusion.networks import EDMPrecond
 from pid_diffusion.perf import CheckpointedUNetBlock
 from pid_diffusion.student import PIDStudent, StudentInit
-from pid_diffusion.train import NonFiniteLossError, _batch_plan, training_loop
+from pid_diffusion.train import NonFiniteLossError, _batch_plan, lr_at, training_loop
 
 import toy_training
 from equality import assert_mutants_fail, assert_same_update
 from launch import JOB_TIMEOUT_S, REPO, subprocess_env, wait_for
-from toy_training import TOY_PRESETS, ToyNet, ToyObjective
+from toy_training import ToyNet, ToyObjective
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "toy_training.py")
 def train_toy(folder, *overrides: str) -> dict:
@@ -89,16 +91,16 @@ def test_first_step_matches_closed_form(tmp_path):
 
 def test_warmup_scales_the_learning_rate():
     train = TrainConfig(lr=1e-3, warmup_steps=4)
-    assert [train.lr_at(s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert [lr_at(train, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
 
 
 def test_lr_decay_reaches_zero_after_the_last_step():
     # 2 warm-up steps, then 4 decayed ones: progress 0, ¼, ½, ¾ of the way to lr 0 (the step after the last).
     cosine = TrainConfig(lr=1e-3, steps=6, warmup_steps=2, lr_decay=LRDecay.COSINE)
     half_cos = [0.5 * (1 + math.cos(math.pi * p)) for p in (0, 0.25, 0.5, 0.75)]
-    assert [cosine.lr_at(s) for s in range(6)] == pytest.approx([5e-4, 1e-3] + [1e-3 * f for f in half_cos])
+    assert [lr_at(cosine, s) for s in range(6)] == pytest.approx([5e-4, 1e-3] + [1e-3 * f for f in half_cos])
     linear = dataclasses.replace(cosine, lr_decay=LRDecay.LINEAR)
-    assert [linear.lr_at(s) for s in range(2, 6)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert [lr_at(linear, s) for s in range(2, 6)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -212,7 +214,7 @@ def test_checkpoints_pruned_and_generator_rebuilt(tmp_path):
 
 
 def test_sample_grid_png(tmp_path):
-    config = TOY_PRESETS.resolve("toy", {"run.dir": str(tmp_path), "train.steps": "2", "run.image_every": "2"})
+    config = toy_training.resolve({"run.dir": str(tmp_path), "train.steps": "2", "run.image_every": "2"})
     torch.manual_seed(0)
     noise = torch.randn(6, toy_training.CHANNELS, toy_training.SIZE, toy_training.SIZE)
     seen = []
@@ -228,6 +230,26 @@ def test_sample_grid_png(tmp_path):
     rows = math.ceil(6 / nrow)
     assert image.size == (nrow * (toy_training.SIZE + 2) + 2, rows * (toy_training.SIZE + 2) + 2)
     assert seen == [False]
+
+
+def test_metrics_are_plotted_and_written_as_tensorboard_events(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    train_toy(tmp_path, "--train.steps=4", "--run.tensorboard=true")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert Image.open(tmp_path / "training.png").size[0] > 0  # redrawn at each checkpoint
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    accumulator = event_accumulator.EventAccumulator(str(events))
+    accumulator.Reload()
+    losses = accumulator.Scalars("train/loss")
+    assert [event.step for event in losses] == [1, 2, 3, 4]
+    assert [event.value for event in losses] == pytest.approx([r["loss"] for r in records])
+    assert {"train/lr", "train/grad_norm", "train/images_per_s"} <= set(accumulator.Tags()["scalars"])
+
+
+def test_tensorboard_is_off_by_default(tmp_path):
+    train_toy(tmp_path, "--train.steps=2")
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pid_diffusion import checkpoint, dist  # noqa: E402
-from pid_diffusion.config import Presets, RunConfig, TrainConfig, TrainingConfig, parse_overrides  # noqa: E402
+from pid_diffusion.config import TrainingConfig, apply_overrides, parse_overrides  # noqa: E402
 from pid_diffusion.train import training_loop  # noqa: E402
 
 checkpoint.MODEL_CLASSES["ToyNet"] = "toy_training:ToyNet"
@@ -59,14 +59,13 @@ class ToyConfig(TrainingConfig):
     toy: ToySection = dataclasses.field(default_factory=ToySection)
 
 
-TOY_PRESETS: Presets[ToyConfig] = Presets(ToyConfig)
+# The toy task's preset: what differs from the defaults, as the files of pid_diffusion/configs hold it.
+TOY_PRESET = {"run": {"dir": "runs/toy", "checkpoint_every": 2, "log_every": 1, "image_every": 0, "sync_check_every": 1},
+              "train": {"steps": 4, "batch": 8, "lr": 1e-2, "ema_rates": [0.9, 0.99]}}
 
 
-@TOY_PRESETS.register("toy")
-def _toy() -> ToyConfig:
-    return ToyConfig(run=RunConfig(dir="runs/toy", checkpoint_every=2, log_every=1, image_every=0,
-                                   sync_check_every=1),
-                     train=TrainConfig(steps=4, batch=8, lr=1e-2, ema_rates=(0.9, 0.99)))
+def resolve(overrides: dict[str, str]) -> ToyConfig:
+    return apply_overrides(ToyConfig, TOY_PRESET, overrides)
 
 
 class ToyObjective:
@@ -94,7 +93,7 @@ class ToyObjective:
 
 
 def main(argv: list[str] | None = None) -> nn.Module:
-    config = TOY_PRESETS.resolve("toy", parse_overrides(sys.argv[1:] if argv is None else argv))
+    config = resolve(parse_overrides(sys.argv[1:] if argv is None else argv))
     torch.manual_seed(0)  # The initial weights; DDP broadcasts rank 0's anyway.
     model = ToyNet(config.toy.width, config.toy.dropout)
     return training_loop(config, ToyObjective(config.toy), model)

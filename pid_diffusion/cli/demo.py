@@ -1,35 +1,32 @@
 """`pid-demo`: the whole job in one command, on a CPU, in a few minutes.
 
 Distils the bundled 16×16 shapes teacher (model_zoo/edm-shapes-16x16.pt) into a one-step student with the
-`default` preset, then writes `<run.dir>/demo.png` (teacher Heun samples, student before and after, all
-from the same latents) and prints the agreement of student and teacher (RMSE, PSNR) and, when EDM's
-Inception detector is on disk, FID.
+`default` preset (configs/distill/default.json), then writes `<run.dir>/demo.png` (teacher Heun samples,
+student before and after, all from the same latents) and prints the agreement of student and teacher
+(RMSE, PSNR) and, when EDM's Inception detector is on disk, FID.
 
-    pid-demo                                   # or: bash scripts/demo.sh
+    pid-demo
     pid-demo --run.dir=runs/demo2 --train.steps=200
     mpirun -np 2 pid-demo                      # two processes
 
-Configuration overrides are those of pid-distill (`--section.key=value`); re-running resumes the run folder.
+The configuration options are those of pid-distill (`--preset`, `--config`, `--section.key=value`);
+re-running resumes the run folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Sequence
 
 from pid_diffusion import dist
-from pid_diffusion.config import ConfigError, parse_overrides, resolve, to_json
+from pid_diffusion.cli import options
 from pid_diffusion.demo import DemoOptions, run_demo
-
-PRESET = "default"  # The CPU preset of config.py; the demo is its showcase.
+from pid_diffusion.distill import TASK, DistillConfig
 
 
 def parse_args(argv: Sequence[str] | None):
     defaults = DemoOptions()
-    parser = argparse.ArgumentParser(prog="pid-demo", description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    parser = options.training_parser("pid-demo", __doc__, TASK)
     parser.add_argument("--eval-images", type=int, default=defaults.eval_images,
                         help="latents on which teacher and student are compared (default: %(default)s)")
     parser.add_argument("--grid-columns", type=int, default=defaults.grid_columns,
@@ -40,25 +37,23 @@ def parse_args(argv: Sequence[str] | None):
                         help="samples (and data images) per FID, when a detector is present (default: %(default)s)")
     parser.add_argument("--detector", default=defaults.detector,
                         help="Inception detector file (default: the torch hub cache; never downloaded)")
-    args, rest = parser.parse_known_args(argv)
+    args, config = options.parse_training(parser, DistillConfig, TASK, argv)
     try:
-        config = resolve(PRESET, parse_overrides(rest))
-        options = dataclasses.replace(defaults, eval_images=args.eval_images, grid_columns=args.grid_columns,
-                                      ema_rate=args.ema_rate, fid_images=args.fid_images, detector=args.detector)
-    except (ConfigError, ValueError) as error:
+        demo = dataclasses.replace(defaults, eval_images=args.eval_images, grid_columns=args.grid_columns,
+                                   ema_rate=args.ema_rate, fid_images=args.fid_images, detector=args.detector)
+    except ValueError as error:
         parser.error(str(error))
-    if options.ema_rate is not None and options.ema_rate not in config.train.ema_rates:
-        parser.error(f"--ema-rate={options.ema_rate} is not one of train.ema_rates {config.train.ema_rates}")
-    return args, config, options
+    if demo.ema_rate is not None and demo.ema_rate not in config.train.ema_rates:
+        parser.error(f"--ema-rate={demo.ema_rate} is not one of train.ema_rates {config.train.ema_rates}")
+    return args, config, demo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     with dist.abort_on_error():
-        args, config, options = parse_args(argv)
-        if args.dry_run:
-            dist.print0(to_json(config), end="")
+        args, config, demo = parse_args(argv)
+        if options.dry_run(args, config):
             return
-        run_demo(config, options)
+        run_demo(config, demo)
     dist.shutdown()
 
 

@@ -56,9 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-samples", type=_int_at_least(1), default=256,
                         help="B: latents in the fitting batch, solved together (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fitting batch (default 0)")
-    parser.add_argument("--sigma-min", type=float, default=HeunSampler.sigma_min, help="ε (default EDM's 0.002)")
-    parser.add_argument("--sigma-max", type=float, default=HeunSampler.sigma_max, help="T (default EDM's 80)")
-    parser.add_argument("--rho", type=float, default=HeunSampler.rho, help="Karras ρ (default EDM's 7)")
+    parser.add_argument("--sigma-min", type=float, default=HeunSampler.sigma_min, help="ε (default: EDM's %(default)s)")
+    parser.add_argument("--sigma-max", type=float, default=HeunSampler.sigma_max, help="T (default: EDM's %(default)s)")
+    parser.add_argument("--rho", type=float, default=HeunSampler.rho, help="Karras ρ (default: EDM's %(default)s)")
     parser.add_argument("--out", help="sampler file to write (default: beside the teacher)")
     parser.add_argument("--device", type=torch.device, help="default: the first GPU, else the CPU")
     return parser

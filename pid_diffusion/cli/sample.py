@@ -18,118 +18,30 @@ Outputs (rank 0 writes each atomically, `--png-dir` images excepted: each rank w
 
 from __future__ import annotations
 
-import argparse
-import io
 import math
-import re
 from collections.abc import Sequence
 
 import numpy as np
-import PIL.Image
 import torch
-from torch import nn
 
-from pid_diffusion import checkpoint, dist, fileio
-from pid_diffusion.generate import Batch, SamplerKind, gather_rows, generate, make_sampler
-from pid_diffusion.teacher import load_teacher
-
-__all__ = ["add_model_arguments", "add_sampler_arguments", "load_model", "main", "parse_int_list"]
-
-_RANGE = re.compile(r"^(\d+)-(\d+)$")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Seeds, models and samplers: the command-line options.
-
-def parse_int_list(text: str) -> list[int]:
-    """EDM's integer lists: '0-63' or '1,2,5-10' (ranges inclusive)."""
-    values = []
-    for part in text.split(","):
-        match = _RANGE.match(part)
-        if match and int(match[1]) <= int(match[2]):
-            values.extend(range(int(match[1]), int(match[2]) + 1))
-        elif part.isdigit():
-            values.append(int(part))
-        else:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a list of non-negative integers and ranges such as '0-63' or '1,2,5-10'")
-    return values
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint/--ema or --teacher/--preset: where the network comes from."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="training checkpoint (a PID student or an EDM network)")
-    source.add_argument("--teacher", help="teacher: EDM .pkl, converted teacher .pt, or a state dict with --preset")
-    parser.add_argument("--ema", type=float, help="EMA rate to sample from, e.g. 0.9999 (default: the trained weights)")
-    parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (--teacher only)")
-
-
-def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """--sampler/--steps: how the network is sampled."""
-    parser.add_argument("--sampler", type=SamplerKind, choices=list(SamplerKind), metavar="{onestep,heun,euler}",
-                        help="default: onestep for a PID student, heun for a denoiser")
-    parser.add_argument("--steps", type=int,
-                        help="heun: Karras steps (EDM default 18); euler: points of PID's grid (default 250)")
-
-
-def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    """The network named by add_model_arguments' options, in eval mode on `device`."""
-    if args.teacher is not None:
-        if args.ema is not None:
-            raise ValueError("--ema applies to a training checkpoint; a teacher file holds one network")
-        return load_teacher(args.teacher, preset=args.preset, device=device)
-    if args.preset is not None:
-        raise ValueError("--preset names a teacher state dict's architecture; a checkpoint records its own")
-    return checkpoint.load_generator(args.checkpoint, ema_rate=args.ema, device=device)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Output.
-
-def image_grid(images: np.ndarray, columns: int) -> PIL.Image.Image:
-    """uint8 [N, H, W, C] images tiled row by row, `columns` per row (the last row padded with black)."""
-    num, height, width, channels = images.shape
-    rows = math.ceil(num / columns)
-    canvas = np.zeros((rows * columns, height, width, channels), dtype=np.uint8)
-    canvas[:num] = images
-    canvas = canvas.reshape(rows, columns, height, width, channels).transpose(0, 2, 1, 3, 4)
-    canvas = canvas.reshape(rows * height, columns * width, channels)
-    return PIL.Image.fromarray(canvas[:, :, 0] if channels == 1 else canvas)
-
-
-def _png_bytes(image: PIL.Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+from pid_diffusion import dist, fileio, images as image_io
+from pid_diffusion.cli import options
+from pid_diffusion.generate import Batch, gather_rows, generate, make_sampler
 
 
 def write_pngs(batch: Batch, folder: str) -> None:
     """One PNG per image, `<seed:06d>.png` (EDM's names), each written atomically."""
     for seed, image in zip(batch.seeds.tolist(), batch.images.cpu().numpy()):
-        pil = PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-        fileio.atomic_write_bytes(_png_bytes(pil), fileio.join(folder, f"{seed:06d}.png"))
+        image_io.write_png(image, fileio.join(folder, f"{seed:06d}.png"))
 
 
-def write_npz(path: str, images: np.ndarray, seeds: np.ndarray, labels: np.ndarray | None) -> None:
-    """`images` uint8 NHWC, `seeds`, and `labels` for a conditional model, atomically."""
-    arrays = dict(images=images, seeds=seeds) | ({} if labels is None else dict(labels=labels))
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    fileio.atomic_write_bytes(buffer.getvalue(), path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line.
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pid-sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
-    add_sampler_arguments(parser)
-    parser.add_argument("--seeds", type=parse_int_list, default=parse_int_list("0-63"),
+def build_parser():
+    parser = options.parser("pid-sample", __doc__)
+    options.add_model_arguments(parser)
+    options.add_sampler_arguments(parser)
+    parser.add_argument("--seeds", type=options.parse_int_list, default=options.parse_int_list("0-63"),
                         help="one image per seed, e.g. 0-63 or 1,2,5-10 (default 0-63)")
-    parser.add_argument("--classes", type=parse_int_list,
+    parser.add_argument("--classes", type=options.parse_int_list,
                         help="class of image k: classes[k mod len] (default: drawn from image k's generator)")
     parser.add_argument("--batch", type=int, default=64, help="images per rank and network call (default 64)")
     parser.add_argument("--grid", help="PNG grid of all images, in seed order")
@@ -152,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dist.init()
     with dist.abort_on_error():
         device = dist.device()
-        net = load_model(args, device)
+        net = options.load_model(args, device)
         sampler = make_sampler(args.sampler, args.steps, net)
         dist.print0(f"{len(args.seeds)} images, {sampler.num_network_calls} network call(s) each, "
                     f"{dist.world_size()} rank(s)")
@@ -172,10 +84,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if dist.rank() == 0:
             images = images.cpu().numpy()
             if args.grid:
-                fileio.atomic_write_bytes(_png_bytes(image_grid(images, columns)), args.grid)
+                image_io.write_png(image_io.grid(images, columns), args.grid)
             if args.npz:
-                write_npz(args.npz, images, np.asarray(args.seeds, dtype=np.int64),
-                          None if labels is None else labels.cpu().numpy())
+                extra = {} if labels is None else dict(labels=labels.cpu().numpy())
+                image_io.write_npz(args.npz, images=images, seeds=np.asarray(args.seeds, dtype=np.int64), **extra)
         dist.barrier()
     dist.shutdown()
 

@@ -1,0 +1,141 @@
+"""The command-line options the commands share, in one place: the training commands' configuration
+(`--preset`, `--config`, `--dry-run`, `--section.key=value` overrides), and the seed lists, networks,
+samplers and weights of the sampling and evaluation commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from pid_diffusion import checkpoint, configs, dist
+from pid_diffusion.config import ConfigError, parse_overrides, to_json
+from pid_diffusion.evaluation import TRAINED_WEIGHTS
+from pid_diffusion.generate import SamplerKind
+from pid_diffusion.grid import NUM_POINTS
+from pid_diffusion.teacher import load_teacher
+
+__all__ = ["add_model_arguments", "add_sampler_arguments", "dry_run", "load_model", "parse_int_list", "parse_training",
+           "seed_range", "training_parser", "weights_name"]
+
+C = TypeVar("C")
+_RANGE = re.compile(r"^(\d+)-(\d+)$")
+
+
+def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """An argument parser that shows a command's module docstring as its help text."""
+    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training commands: a configuration from a preset or a file, with overrides.
+
+
+def training_parser(prog: str, description: str | None, task: str) -> argparse.ArgumentParser:
+    """A parser with the options every training command shares: --preset or --config, and --dry-run.
+
+    Commands add their own arguments; `parse_training` reads the configuration overrides from the rest.
+    """
+    result = parser(prog, description)
+    result.epilog = "Configuration options: --section.key=value (all of them: --dry-run)."
+    source = result.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=configs.preset_names(task),
+                        help=f"the preset to start from, configs/{task}/<name>.json (default: default)")
+    source.add_argument("--config", metavar="FILE",
+                        help="a configuration file to start from: a preset's, your own, or a run folder's config.json")
+    result.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    return result
+
+
+def parse_training(parser: argparse.ArgumentParser, schema: type[C], task: str,
+                   argv: Sequence[str] | None) -> tuple[argparse.Namespace, C]:
+    """The parsed arguments and the configuration they name, the remaining `--key=value` overrides applied;
+    a configuration error exits through `parser.error`, naming the key."""
+    args, rest = parser.parse_known_args(argv)
+    try:
+        path = args.config or configs.preset_file(task, args.preset or "default")
+        return args, configs.load(schema, path, parse_overrides(rest))
+    except ConfigError as error:
+        parser.error(str(error))
+
+
+def dry_run(args: argparse.Namespace, config: Any) -> bool:
+    """With --dry-run: print the resolved configuration (rank 0) and return True; the command then stops."""
+    if args.dry_run:
+        dist.print0(to_json(config), end="")
+    return args.dry_run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeds, networks, samplers and weights: the sampling and evaluation commands.
+
+
+def parse_int_list(text: str) -> list[int]:
+    """EDM's integer lists: '0-63' or '1,2,5-10' (ranges inclusive)."""
+    values = []
+    for part in text.split(","):
+        match = _RANGE.match(part)
+        if match and int(match[1]) <= int(match[2]):
+            values.extend(range(int(match[1]), int(match[2]) + 1))
+        elif part.isdigit():
+            values.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a list of non-negative integers and ranges such as '0-63' or '1,2,5-10'")
+    return values
+
+
+def seed_range(text: str) -> tuple[str, list[int]]:
+    """A seed range as written (for the results table) and its seeds, each used once."""
+    seeds = parse_int_list(text)
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seed range {text} lists a seed twice")
+    return text, seeds
+
+
+def weights_name(text: str) -> str:
+    """'none' or an EMA rate written as the checkpoint's `ema` keys write it (str of the float)."""
+    if text == TRAINED_WEIGHTS:
+        return text
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not 0 < rate < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an EMA rate in (0, 1) nor '{TRAINED_WEIGHTS}'")
+    return str(rate)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint/--ema or --teacher/--preset: where the network comes from."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="training checkpoint (a PID student or an EDM network)")
+    source.add_argument("--teacher", help="teacher: EDM .pkl, converted teacher .pt, or a state dict with --preset")
+    parser.add_argument("--ema", type=float, help="EMA rate to sample from, e.g. 0.9999 (default: the trained weights)")
+    parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (--teacher only)")
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """--sampler/--steps: how the network is sampled."""
+    parser.add_argument("--sampler", type=SamplerKind, choices=list(SamplerKind), metavar="{onestep,heun,euler}",
+                        help="default: onestep for a PID student, heun for a denoiser")
+    parser.add_argument("--steps", type=int,
+                        help=f"heun: Karras steps (EDM default 18); euler: points of PID's grid (default {NUM_POINTS})")
+
+
+def load_model(args: Any, device: torch.device) -> nn.Module:
+    """The network named by add_model_arguments' options, in eval mode on `device`."""
+    if args.teacher is not None:
+        if args.ema is not None:
+            raise ValueError("--ema applies to a training checkpoint; a teacher file holds one network")
+        return load_teacher(args.teacher, preset=args.preset, device=device)
+    if args.preset is not None:
+        raise ValueError("--preset names a teacher state dict's architecture; a checkpoint records its own")
+    return checkpoint.load_generator(args.checkpoint, ema_rate=args.ema, device=device)

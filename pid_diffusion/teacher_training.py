@@ -1,0 +1,133 @@
+"""EDM teacher training on the generated shapes data set (the bundled small teacher): its configuration
+sections, the objective and network assembled from them, and the export of a trained run as a teacher file.
+The counterpart of distill.py for `pid-train-teacher`.
+
+    config = resolve("default", {"train.steps": "100"})        # configs/teacher/default.json + overrides
+    objective, net = build(config)
+    training_loop(config, objective, net, sampler_preview(HeunSampler(), net, 64, config.train.seed, device))
+    export_teacher(config, "model_zoo/my-teacher.pt", ema_rate=0.999)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+
+from pid_diffusion import checkpoint, configs, fileio
+from pid_diffusion.config import TrainingConfig, check
+from pid_diffusion.edm_loss import EDMObjective
+from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.teacher import CheckpointFormat, TeacherCheckpoint
+from pid_diffusion.toydata import ShapesSpec, make_shapes
+
+__all__ = ["DataConfig", "EDMLossConfig", "NetworkConfig", "TASK", "TeacherTrainingConfig", "build",
+           "export_teacher", "grid_path", "resolve"]
+
+TASK = "teacher"  # Its presets: configs/teacher/<name>.json.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The generated shapes data set (toydata.ShapesSpec)."""
+
+    num_images: int = 10_000  # Images drawn.
+    seed: int = 0             # Seed of the drawing.
+    resolution: int = 16      # Height and width in pixels.
+
+    def __post_init__(self):
+        check(self.num_images >= 1, "data.num_images", f"must be ≥ 1, got {self.num_images}")
+        check(self.resolution >= 8, "data.resolution", f"must be ≥ 8, got {self.resolution}")
+
+    def spec(self) -> ShapesSpec:
+        return ShapesSpec(num_images=self.num_images, seed=self.seed, resolution=self.resolution)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+    """The denoiser: EDMPrecond around a SongUNet (DDPM++), sized for a CPU."""
+
+    model_channels: int = 32                   # Base channel count.
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # Channel multiplier per resolution (16, 8, 4 at 16×16).
+    num_blocks: int = 1                        # Residual blocks per resolution.
+    attn_resolutions: tuple[int, ...] = ()     # Resolutions with self-attention (the bottleneck always has one).
+    dropout: float = 0.0                       # Dropout of the residual blocks.
+
+    def __post_init__(self):
+        check(self.model_channels >= 4 and self.model_channels % 4 == 0, "network.model_channels",
+               f"must be a positive multiple of 4 (GroupNorm groups), got {self.model_channels}")
+        check(len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult), "network.channel_mult",
+               f"must list positive multipliers, got {self.channel_mult}")
+        check(self.num_blocks >= 1, "network.num_blocks", f"must be ≥ 1, got {self.num_blocks}")
+        check(0 <= self.dropout < 1, "network.dropout", f"need 0 ≤ dropout < 1, got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMLossConfig:
+    """EDM's training objective (Karras et al. 2022, Table 1)."""
+
+    P_mean: float = -1.2       # Mean of ln σ.
+    P_std: float = 1.2         # Standard deviation of ln σ.
+    sigma_data: float = 0.5    # σ_d of the preconditioning and the loss weight.
+    conditional: bool = False  # Condition on the shape class (label_dim = number of shapes).
+
+    def __post_init__(self):
+        check(self.P_std > 0, "edm.P_std", f"must be > 0, got {self.P_std}")
+        check(self.sigma_data > 0, "edm.sigma_data", f"must be > 0, got {self.sigma_data}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherTrainingConfig(TrainingConfig):
+    """An EDM teacher-training run."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
+    edm: EDMLossConfig = dataclasses.field(default_factory=EDMLossConfig)
+
+
+def resolve(preset: str = "default", overrides: Mapping[str, str] | None = None) -> TeacherTrainingConfig:
+    """The teacher-training preset `preset` (configs/teacher/<preset>.json) with `overrides` applied."""
+    return configs.load(TeacherTrainingConfig, configs.preset_file(TASK, preset), overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The task.
+
+
+def build(config: TeacherTrainingConfig) -> tuple[EDMObjective, EDMPrecond]:
+    """The EDM objective on the generated data set and a freshly initialised denoiser."""
+    data = make_shapes(config.data.spec())
+    label_dim = data.num_classes if config.edm.conditional else 0
+    objective = EDMObjective(data, P_mean=config.edm.P_mean, P_std=config.edm.P_std,
+                             sigma_data=config.edm.sigma_data, label_dim=label_dim)
+    torch.manual_seed(config.train.seed)  # The initial weights; DDP broadcasts rank 0's.
+    network = config.network
+    net = EDMPrecond(img_resolution=data.resolution, img_channels=data.channels, label_dim=label_dim,
+                     sigma_data=config.edm.sigma_data, model_type="SongUNet",
+                     model_channels=network.model_channels, channel_mult=list(network.channel_mult),
+                     num_blocks=network.num_blocks, attn_resolutions=list(network.attn_resolutions),
+                     dropout=network.dropout)
+    return objective, net
+
+
+def export_teacher(config: TeacherTrainingConfig, path: str, ema_rate: float) -> EDMPrecond:
+    """Write the EMA network of the run's newest checkpoint as a teacher file; returns that network."""
+    latest = checkpoint.latest_checkpoint(config.run.dir)
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {config.run.dir}: train first (run without --export)")
+    _, source = latest
+    net = checkpoint.load_generator(source, ema_rate=ema_rate)
+    teacher = TeacherCheckpoint(net.init_kwargs, net.state_dict(), CheckpointFormat.CONVERTED)
+    fileio.atomic_torch_save(teacher.to_file_dict(source=f"{source} (EMA {ema_rate})"), path)
+    return net
+
+
+def grid_path(teacher_path: str) -> str:
+    """Where the Heun sample grid of a teacher file goes: beside it, `<name>-heun35.png`."""
+    stem = teacher_path[:-len(".pt")] if teacher_path.endswith(".pt") else teacher_path
+    return f"{stem}-heun35.png"
