@@ -43,6 +43,7 @@ setup(
             "pid-fid-ref = pid_diffusion.cli.fid_ref:main",
             "pid-fit-dode = pid_diffusion.cli.fit_dode:main",
             "pid-plot = pid_diffusion.cli.plot:main",
+            "pid-fetch-weights = pid_diffusion.cli.fetch_weights:main",
         ]
     },
 )

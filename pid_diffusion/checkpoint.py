@@ -1,27 +1,36 @@
-"""Training checkpoints: the file format, finding the newest, pruning, and rebuilding a model for inference.
+"""Snapshots and training states: the file formats, finding them, pruning, resuming, and rebuilding a model
+for inference.
 
-A checkpoint `checkpoint-<step:08d>.pt` in the run folder is one `torch.save`d dictionary, written to a
-temporary name and renamed (fileio), so a file with that name is always complete:
+Two kinds of file live in a run folder, as in EDM: a *snapshot* `snapshot-<step:08d>.pt` holds what FID and
+sampling need, every `run.snapshot_every` steps and all kept by default (FID against the step); a *training
+state* `checkpoint-<step:08d>.pt` holds everything resume needs, every `run.checkpoint_every` steps, the
+newest `run.keep_checkpoints` kept. Each is one `torch.save`d dictionary written to a temporary name and
+renamed (fileio), so a file with its name is always complete:
 
-    step        optimizer steps done
-    config      the resolved configuration (config.to_dict)
-    model_spec  {"class": "PIDStudent" | "EDMPrecond", "kwargs": model.init_kwargs}
-    model       model state_dict
-    ema         {"0.999": state_dict, ...}, one per EMA rate
-    optimizer   optimizer state_dict
-    scaler      GradScaler state_dict (fp16 loss scaling)
-    rng         one entry per rank: {"torch", "cuda", "numpy", "python"} generator states
+    step          optimizer steps done                                      snapshot  training state
+    config        the resolved configuration (config.to_dict)                  ✓           ✓
+    model_spec    {"class": "PIDStudent" | "EDMPrecond", "kwargs": ...}         ✓           ✓
+    model         model state_dict                                             ✓           ✓
+    ema           {"0.999": state_dict, ...}, one per EMA rate                 ✓           ✓
+    optimizer     optimizer state_dict                                                     ✓
+    scaler        GradScaler state_dict (fp16 loss scaling)                                ✓
+    rng           one entry per rank: {"torch", "cuda", "numpy", "python"}                 ✓
+    fingerprints  {"teacher.path": sha256, ...}: hashes of the files CONTENT fields name   ✓
 
 Every entry holds only tensors and plain Python values, so it loads with `weights_only=True`. `save` and
-`resume` write and read the whole training state (the training loop calls them); `load_generator` needs
-nothing but the file: sampling and FID need neither the teacher nor the configuration code.
+`resume` write and read the whole training state (the training loop calls them); `load_generator` reads
+either kind and needs nothing but the file: sampling and FID need neither the teacher nor the configuration.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
+import json
 import random
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -30,21 +39,31 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from pid_diffusion import dist, fileio
-from pid_diffusion.config import ConfigError, TrainingConfig, diff, from_dict, to_dict
+from pid_diffusion.config import (ConfigError, OnResume, TrainingConfig, flatten, from_dict, resume_classes,
+                                  to_dict)
 
 __all__ = [
     "MODEL_CLASSES",
+    "Change",
     "build_model",
     "capture_rng",
     "checkpoint_path",
     "find_checkpoints",
+    "find_snapshots",
+    "find_weights",
     "latest_checkpoint",
     "load_generator",
     "model_spec",
+    "network_hash",
     "prune_checkpoints",
+    "read_header",
     "restore_rng",
     "resume",
+    "resume_changes",
     "save",
+    "save_snapshot",
+    "snapshot_path",
+    "step_of",
 ]
 
 # Classes a checkpoint can rebuild, as "module:attribute", imported only when needed (no import cycles).
@@ -53,36 +72,82 @@ MODEL_CLASSES: dict[str, str] = {
     "EDMPrecond": "pid_diffusion.networks:EDMPrecond",
 }
 
-_NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
+_TRAINING_STATE = re.compile(r"^checkpoint-(\d{8})\.pt$")
+_SNAPSHOT = re.compile(r"^snapshot-(\d{8})\.pt$")
 
 
 def checkpoint_path(folder: str, step: int) -> str:
+    """The training state of `step` in `folder`."""
     return fileio.join(folder, f"checkpoint-{step:08d}.pt")
 
 
-def find_checkpoints(folder: str) -> list[tuple[int, str]]:
-    """Complete checkpoints in `folder` as (step, path), oldest first; temporary files are skipped."""
+def snapshot_path(folder: str, step: int) -> str:
+    """The snapshot of `step` in `folder`."""
+    return fileio.join(folder, f"snapshot-{step:08d}.pt")
+
+
+def _find(folder: str, pattern: re.Pattern) -> list[tuple[int, str]]:
     if not fileio.exists(folder):
         return []
     found = []
     for name in fileio.listdir(folder):
-        match = _NAME.match(name)
+        match = pattern.match(name)
         if match:
             found.append((int(match.group(1)), fileio.join(folder, name)))
     return sorted(found)
 
 
+def step_of(path: str) -> int | None:
+    """The step a snapshot's or training state's file name carries, or None for another name."""
+    name = path.rsplit("/", 1)[-1]
+    match = _TRAINING_STATE.match(name) or _SNAPSHOT.match(name)
+    return int(match.group(1)) if match else None
+
+
+def find_checkpoints(folder: str) -> list[tuple[int, str]]:
+    """Complete training states in `folder` as (step, path), oldest first; temporary files are skipped."""
+    return _find(folder, _TRAINING_STATE)
+
+
+def find_snapshots(folder: str) -> list[tuple[int, str]]:
+    """Complete snapshots in `folder` as (step, path), oldest first."""
+    return _find(folder, _SNAPSHOT)
+
+
+def find_weights(folder: str) -> list[tuple[int, str]]:
+    """One file per step that has trained weights, oldest first: its snapshot, or its training state where
+    no snapshot was written (a folder of an older version, or with run.snapshot_every=0)."""
+    by_step = dict(find_checkpoints(folder))
+    by_step.update(find_snapshots(folder))
+    return sorted(by_step.items())
+
+
 def latest_checkpoint(folder: str) -> tuple[int, str] | None:
-    """The newest complete checkpoint in `folder`, or None."""
+    """The newest complete training state in `folder`, or None."""
     found = find_checkpoints(folder)
     return found[-1] if found else None
 
 
-def prune_checkpoints(folder: str, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep = 0 keeps all). Call after a new one is complete."""
+def _prune(found: list[tuple[int, str]], keep: int) -> None:
     if keep > 0:
-        for _, path in find_checkpoints(folder)[:-keep]:
+        for _, path in found[:-keep]:
             fileio.remove(path)
+
+
+def prune_checkpoints(folder: str, keep: int) -> None:
+    """Delete all but the newest `keep` training states (keep = 0 keeps all). Call after a new one is complete."""
+    _prune(find_checkpoints(folder), keep)
+
+
+def read_header(path: str) -> dict[str, Any]:
+    """The small entries of a snapshot or training state (step, config, model_spec, the EMA names), without
+    reading its weights where the file is local: a local file is memory-mapped."""
+    try:
+        data = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError):  # A blob URL, or not torch.save's zip format: read it whole.
+        data = fileio.torch_load(path)
+    return {"step": data["step"], "config": data.get("config"), "model_spec": data["model_spec"],
+            "ema": list(data["ema"]), "fingerprints": data.get("fingerprints", {})}
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
@@ -104,7 +169,8 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
 
 def load_generator(path: str, ema_rate: float | None = None, device: torch.device | str = "cpu") -> nn.Module:
-    """The trained model of a checkpoint (its EMA at `ema_rate`, or the raw weights), in eval mode, frozen."""
+    """The trained model of a snapshot or training state (its EMA at `ema_rate`, or the raw weights), in eval
+    mode, frozen."""
     checkpoint = fileio.torch_load(path)
     model = build_model(checkpoint["model_spec"])
     if ema_rate is None:
@@ -116,6 +182,19 @@ def load_generator(path: str, ema_rate: float | None = None, device: torch.devic
         state = checkpoint["ema"][rates[float(ema_rate)]]
     model.load_state_dict(state)
     return model.eval().requires_grad_(False).to(device)
+
+
+def network_hash(model: nn.Module) -> str:
+    """SHA-256 of a network's class, constructor arguments and every tensor of its state_dict (names, dtypes,
+    shapes, values): equal for an EDM .pkl and the .pt converted from it, different for any other weights."""
+    digest = hashlib.sha256()
+    spec = {"class": type(model).__name__, "kwargs": getattr(model, "init_kwargs", None)}
+    digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()  # Memory format (channels-last) is not content.
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def capture_rng() -> dict[str, Any]:
@@ -148,9 +227,21 @@ def restore_rng(state: dict[str, Any]) -> None:
 # The training state: written and resumed by the training loop.
 
 
+def save_snapshot(config: TrainingConfig, step: int, model: nn.Module, ema) -> str | None:
+    """Write snapshot `step` (rank 0): the trained weights and every EMA, for FID and sampling; prunes to
+    `run.keep_snapshots`. Returns its path on rank 0."""
+    if dist.rank() != 0:
+        return None
+    path = snapshot_path(config.run.dir, step)
+    fileio.atomic_torch_save({"step": step, "config": to_dict(config), "model_spec": model_spec(model),
+                              "model": model.state_dict(), "ema": ema.state_dict()}, path)
+    _prune(find_snapshots(config.run.dir), config.run.keep_snapshots)
+    return path
+
+
 def save(config: TrainingConfig, step: int, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
-         scaler: torch.amp.GradScaler) -> str:
-    """Write checkpoint `step` (rank 0, with every rank's RNG state), prune old ones; returns its path.
+         scaler: torch.amp.GradScaler, fingerprints: Mapping[str, str] | None = None) -> str:
+    """Write training state `step` (rank 0, with every rank's RNG state), prune old ones; returns its path.
     Call on every rank: the RNG states are gathered."""
     states = [None] * dist.world_size() if dist.rank() == 0 else None
     torch_dist.gather_object(capture_rng(), states, dst=0)
@@ -165,33 +256,66 @@ def save(config: TrainingConfig, step: int, model: nn.Module, ema, optimizer: to
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "rng": states,
+            "fingerprints": dict(fingerprints or {}),
         }, path)
         prune_checkpoints(config.run.dir, config.run.keep_checkpoints)
     dist.barrier()
     return path
 
 
-def resume(config: TrainingConfig, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
-           scaler: torch.amp.GradScaler) -> tuple[int, str | None, bool]:
-    """Load the newest checkpoint of the run folder into the training state: (its step, its path, whether
-    this rank's RNG state was restored); (0, None, False) without one.
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """An option that differs between the stored run and the command resuming it."""
 
-    The stored configuration must equal `config` except for the step limit (and the run folder, which may
-    have been moved). A job with another number of ranks than the one that wrote the checkpoint continues
-    with fresh RNG states (the caller seeds them), so its random numbers differ from an uninterrupted run's.
+    key: str
+    stored: Any
+    now: Any
+    kind: OnResume
+
+    def __str__(self) -> str:
+        return f"{self.key}: {json.dumps(self.stored)} → {json.dumps(self.now)}"
+
+
+def resume_changes(stored: TrainingConfig, config: TrainingConfig, stored_fingerprints: Mapping[str, str],
+                   fingerprints: Mapping[str, str] | None, path: str) -> list[Change]:
+    """The changes between a stored configuration and `config` that a resumed run may make, or one
+    ConfigError naming every change it may not: a MATCH field (the run's maths), or a CONTENT field whose file
+    now holds other weights. `fingerprints` None (the dry-run, which loads nothing) leaves CONTENT changes to
+    the run, which compares the hashes."""
+    classes = resume_classes(type(config))
+    old, new = flatten(to_dict(stored)), flatten(to_dict(config))
+    changes = [Change(key, old.get(key), new.get(key), classes.get(key, OnResume.MATCH))
+               for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    refused = [str(change) for change in changes if change.kind is OnResume.MATCH]
+    if fingerprints is not None:
+        for change in changes:
+            if change.kind is OnResume.CONTENT and stored_fingerprints.get(change.key) != fingerprints.get(change.key):
+                refused.append(f"{change} (its network's weights differ from the stored run's)")
+    if refused:
+        raise ConfigError(f"{path} was written with other options that define the run's maths: {'; '.join(refused)}. "
+                          "Resume with the stored values (see config.json) or start a new run folder")
+    return changes
+
+
+def resume(config: TrainingConfig, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
+           scaler: torch.amp.GradScaler, fingerprints: Mapping[str, str] | None = None
+           ) -> tuple[int, str | None, bool, list[Change]]:
+    """Load the newest training state of the run folder: (its step, its path, whether this rank's RNG state
+    was restored, the allowed option changes); (0, None, False, []) without one.
+
+    Options that define the run's maths must equal the stored ones (`resume_changes`); the others (intervals,
+    folders, the step limit, speed options, a teacher file holding the same weights) may change. A job with
+    another number of ranks than the one that wrote the state continues with fresh RNG states (the caller
+    seeds them), so its random numbers differ from an uninterrupted run's.
     """
     rank, world_size = dist.rank(), dist.world_size()
     latest = latest_checkpoint(config.run.dir)
     if latest is None:
-        return 0, None, False
+        return 0, None, False, []
     step, path = latest
     state = fileio.torch_load(path)  # On the CPU: RNG states must stay there; load_state_dict moves the rest.
     stored = from_dict(type(config), state["config"])
-    # The step limit may grow; the run folder may have been moved or copied. Anything else changes the run.
-    changed = [key for key in diff(stored, config) if key not in ("train.steps", "run.dir")]
-    if changed:
-        raise ConfigError(f"{path} was written with a different configuration ({', '.join(changed)} differ). "
-                          f"Resume with the stored options (see config.json) or start a new run folder")
+    changes = resume_changes(stored, config, state.get("fingerprints", {}), fingerprints or {}, path)
     model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
@@ -203,4 +327,6 @@ def resume(config: TrainingConfig, model: nn.Module, ema, optimizer: torch.optim
         dist.print0(f"{path} holds RNG states of {len(state['rng'])} ranks, this job has {world_size}; "
                     f"reseeding the global generators from (seed, rank, step)")
     dist.print0(f"Resuming from {path} at step {step}")
-    return step, path, restored
+    for change in changes:
+        dist.print0(f"  changed on resume ({change.kind.value}): {change}")
+    return step, path, restored, changes

@@ -16,11 +16,16 @@ key is an error that lists the close matches.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import enum
+import inspect
+import io
 import json
 import math
+import textwrap
+import tokenize
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,12 +33,43 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["ConfigError", "LRDecay", "OptimizerKind", "Precision", "RunConfig", "TrainConfig", "TrainingConfig",
-           "apply_overrides", "check", "diff", "from_dict", "leaf_keys", "parse_overrides", "to_dict", "to_json"]
+__all__ = ["ConfigError", "LRDecay", "OnResume", "OptimizerKind", "Precision", "RunConfig", "TrainConfig",
+           "TrainingConfig", "apply_overrides", "check", "diff", "field_docs", "flatten", "from_dict", "leaf_fields",
+           "leaf_keys", "on_resume", "parse_overrides", "resume_classes", "setting", "to_dict", "to_json"]
 
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What may change when a run is resumed: a property of each field, declared beside it.
+
+
+class OnResume(enum.Enum):
+    """How a field may differ between a run's stored configuration and the command that resumes it.
+
+    A field is MATCH unless its declaration says otherwise (`setting(default, OnResume.FREE)`), so a new
+    field is safe until someone decides it is not part of the run's maths.
+    """
+
+    MATCH = "must match"       # Defines the run's maths: a resumed run must use the stored value.
+    FREE = "may change"        # Where and how often the run writes, how far it goes: the weights never see it.
+    NUMERICS = "may change (same maths, other rounding)"  # The same sums in another order or memory layout.
+    CONTENT = "may change if the file's weights are equal"  # A file compared by the hash of what it holds.
+
+
+_ON_RESUME = "on_resume"  # The field-metadata key.
+
+
+def setting(default: Any = dataclasses.MISSING, resume: OnResume = OnResume.MATCH, *,
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its resume class in the field's metadata."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={_ON_RESUME: resume})
+
+
+def on_resume(field: dataclasses.Field) -> OnResume:
+    return field.metadata.get(_ON_RESUME, OnResume.MATCH)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,21 +133,23 @@ def check(condition: bool, key: str, message: str) -> None:
 class RunConfig:
     """Where the run writes and how often."""
 
-    dir: str = "runs/default"       # Run folder (local path, gs:// or az://): config, checkpoints, logs, images.
-    checkpoint_every: int = 10_000  # Steps between checkpoints (the last step always writes one).
-    keep_checkpoints: int = 3       # Newest checkpoints kept (0: all); older ones go once a new one is complete.
-    log_every: int = 100            # Steps between log lines (metrics.jsonl and the progress bar).
-    image_every: int = 10_000       # Steps between one-step sample grids (samples-<step>.png); 0 never.
-    image_count: int = 64           # Images in a sample grid (fixed noise, seeded by train.seed).
-    sync_check_every: int = 1000    # Steps between checks that all ranks hold identical weights; 0 never.
-    timeout_minutes: float = 10.0   # A collective waiting longer than this fails the job (a rank died).
-    tensorboard: bool = False       # Also write TensorBoard event files to the run folder (pip install tensorboard).
+    dir: str = setting("runs/default", OnResume.FREE)       # Run folder (local path, gs:// or az://): config, snapshots, training states, logs.
+    snapshot_every: int = setting(10_000, OnResume.FREE)    # Steps between snapshots (student and EMA weights, for FID); 0 never.
+    keep_snapshots: int = setting(0, OnResume.FREE)         # Newest snapshots kept (0: all, for FID against the step).
+    checkpoint_every: int = setting(10_000, OnResume.FREE)  # Steps between training states (resume); the last step always writes one.
+    keep_checkpoints: int = setting(2, OnResume.FREE)       # Newest training states kept (0: all); older ones go once a new one is complete.
+    log_every: int = setting(100, OnResume.FREE)            # Steps between log records (metrics.jsonl, the progress line).
+    image_every: int = setting(10_000, OnResume.FREE)       # Steps between one-step sample grids (samples-<step>.png); 0 never.
+    image_count: int = setting(64, OnResume.FREE)           # Images in a sample grid (fixed noise, seeded by train.seed).
+    sync_check_every: int = setting(1000, OnResume.FREE)    # Steps between checks that all ranks hold identical weights; 0 never.
+    timeout_minutes: float = setting(10.0, OnResume.FREE)   # A collective waiting longer than this fails the job (a rank died).
+    tensorboard: bool = setting(False, OnResume.FREE)       # Also write TensorBoard event files to the run folder (pip install tensorboard).
 
     def __post_init__(self):
         check(bool(self.dir), "run.dir", "must name a folder")
         for key in ("checkpoint_every", "log_every", "image_count"):
             check(getattr(self, key) >= 1, f"run.{key}", f"must be ≥ 1, got {getattr(self, key)}")
-        for key in ("keep_checkpoints", "image_every", "sync_check_every"):
+        for key in ("snapshot_every", "keep_snapshots", "keep_checkpoints", "image_every", "sync_check_every"):
             check(getattr(self, key) >= 0, f"run.{key}", f"must be ≥ 0, got {getattr(self, key)}")
         check(self.timeout_minutes > 0, "run.timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
 
@@ -121,9 +159,9 @@ class TrainConfig:
     """The optimisation: steps, batch, precision, optimizer, EMA."""
 
     seed: int = 0                                  # Step s draws its batch from a hash of (seed, s); seeds the RNGs.
-    steps: int = 800_000                           # Optimizer steps; the run stops after this many.
+    steps: int = setting(800_000, OnResume.FREE)   # Optimizer steps; the run stops after this many.
     batch: int = 512                               # Global batch: samples per step over all ranks.
-    micro_batch: int | None = None                 # Samples per forward pass and rank; None: the rank's whole share.
+    micro_batch: int | None = setting(None, OnResume.NUMERICS)  # Samples per forward pass and rank; None: the rank's whole share.
     precision: Precision = Precision.FP32          # fp32, fp16 (dynamic loss scaling) or bf16 autocast.
     optimizer: OptimizerKind = OptimizerKind.RADAM  # radam or adam.
     lr: float = 2e-4                               # Learning rate after warm-up (peak, with a decay).
@@ -134,9 +172,9 @@ class TrainConfig:
     lr_decay: LRDecay = LRDecay.CONSTANT           # After warm-up: constant, or cosine / linear decay to 0 at `steps`.
     grad_clip: float | None = None                 # Clip the global gradient norm to this value; None: no clipping.
     ema_rates: tuple[float, ...] = (0.999, 0.9999, 0.99995)  # EMA decay rates, kept side by side.
-    activation_checkpointing: bool = False         # Recompute U-Net blocks (and LPIPS' VGG stages) in the backward pass.
-    channels_last: bool = False                    # Channels-last memory format for the student and the teacher.
-    compile: bool = False                          # torch.compile the model in place (state_dict keys unchanged).
+    activation_checkpointing: bool = setting(False, OnResume.NUMERICS)  # Recompute U-Net blocks (and LPIPS' VGG stages) in the backward pass.
+    channels_last: bool = setting(False, OnResume.NUMERICS)  # Channels-last memory format for the student and the teacher.
+    compile: bool = setting(False, OnResume.NUMERICS)  # torch.compile the model in place (state_dict keys unchanged).
 
     def __post_init__(self):
         check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2^32), got {self.seed}")
@@ -266,14 +304,39 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"{key}: fields of type {tp!r} are not supported by the configuration boundary")
 
 
-def leaf_keys(cls: type, prefix: str = "") -> Iterator[str]:
-    """Dotted names of every field of a configuration class, sections expanded."""
+def leaf_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, type, dataclasses.Field]]:
+    """(dotted name, section class, field) of every field of a configuration class, sections expanded."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[field.name]):
-            yield from leaf_keys(hints[field.name], f"{prefix}{field.name}.")
+            yield from leaf_fields(hints[field.name], f"{prefix}{field.name}.")
         else:
-            yield prefix + field.name
+            yield prefix + field.name, cls, field
+
+
+def leaf_keys(cls: type, prefix: str = "") -> Iterator[str]:
+    """Dotted names of every field of a configuration class, sections expanded."""
+    return (key for key, _, _ in leaf_fields(cls, prefix))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line comment beside each field declared in `cls`'s own source: the schema documents itself,
+    and `--help` reads it from here."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # Defined where no source is kept (an interactive session).
+        return {}
+    lines = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            lines[token.start[0]] = token.string.lstrip("#").strip()
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            comment = lines.get(node.end_lineno) or lines.get(node.lineno)
+            if comment:
+                docs[node.target.id] = comment
+    return docs
 
 
 def parse_overrides(args: Sequence[str]) -> dict[str, str]:
@@ -319,15 +382,20 @@ def _full_key(key: str, leaves: list[str]) -> str:
 
 def diff(a: Any, b: Any) -> list[str]:
     """Dotted keys whose values differ between two configurations of the same class."""
-    flat_a, flat_b = _flatten(to_dict(a)), _flatten(to_dict(b))
+    flat_a, flat_b = flatten(to_dict(a)), flatten(to_dict(b))
     return sorted(key for key in flat_a.keys() | flat_b.keys() if flat_a.get(key) != flat_b.get(key))
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def resume_classes(cls: type) -> dict[str, OnResume]:
+    """The resume class of every dotted key of a configuration class (`OnResume`, declared per field)."""
+    return {key: on_resume(field) for key, _, field in leaf_fields(cls)}
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in data.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = value
     return flat

@@ -17,15 +17,19 @@ from typing import Any
 
 import torch
 
-from pid_diffusion import configs, perf
-from pid_diffusion.config import ConfigError, TrainingConfig, check
+import blobfile as bf
+
+from pid_diffusion import checkpoint, configs, hub, perf
+from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_options
 from pid_diffusion.metrics import Metric
+from pid_diffusion.networks import EDM_PRESETS
 from pid_diffusion.student import PIDStudent, StudentInit
-from pid_diffusion.teacher import load_teacher
+from pid_diffusion.teacher import EDM_RELEASE_URL, load_teacher, require_teacher_file
 
-__all__ = ["DistillConfig", "PIDConfig", "StudentConfig", "TASK", "TeacherConfig", "build", "resolve"]
+__all__ = ["DistillConfig", "PIDConfig", "StudentConfig", "TASK", "TeacherConfig", "build", "check_files",
+           "fingerprints", "resolve", "teacher_release", "weight_files"]
 
 TASK = "distill"  # Its presets: configs/distill/<name>.json.
 
@@ -38,8 +42,9 @@ TASK = "distill"  # Its presets: configs/distill/<name>.json.
 class TeacherConfig:
     """The pretrained EDM teacher."""
 
-    path: str = "teachers/edm-cifar10-32x32-uncond-vp.pkl"  # Teacher file (converted .pt or EDM .pkl); local, gs:// or az://.
-    preset: str | None = None                    # EDM network preset for weights-only files; None: read from the file.
+    # Both may change on resume (a .pkl for its converted .pt) when the network they give hashes the same.
+    path: str = setting("teachers/edm-cifar10-32x32-uncond-vp.pkl", OnResume.CONTENT)  # Teacher file (converted .pt or EDM .pkl); local, gs:// or az://.
+    preset: str | None = setting(None, OnResume.CONTENT)  # EDM network preset for weights-only files; None: read from the file.
 
     def __post_init__(self):
         check(bool(self.path), "teacher.path", "must name the teacher file")
@@ -132,3 +137,44 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
     student = PIDStudent.from_teacher(teacher, pid.sigma_min, pid.sigma_max, init=config.student.init,
                                       network_overrides={"dropout": config.student.dropout})
     return objective, student.to(device)
+
+
+def fingerprints(objective: PIDObjective) -> dict[str, str]:
+    """Hashes of what the CONTENT fields name (`training_loop`'s fingerprints): the teacher's network, the
+    same whichever file (EDM .pkl, converted .pt, state dict with a preset) holds it."""
+    digest = checkpoint.network_hash(objective.teacher)
+    return {"teacher.path": digest, "teacher.preset": digest}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The files a run reads: checked by --dry-run, fetched by pid-fetch-weights.
+
+
+def weight_files(config: DistillConfig) -> tuple[hub.WeightFile, ...]:
+    """The pretrained files of torch hub's cache the run reads (the distance's)."""
+    return config.pid.metric.weight_files
+
+
+def teacher_release(config: DistillConfig) -> str | None:
+    """The URL of EDM's release file the teacher path names (`.../edm-cifar10-32x32-uncond-vp.pkl`), or None
+    when the path names a file of another origin."""
+    name = config.teacher.path.rsplit("/", 1)[-1]
+    stem = name[:-len(".pkl")] if name.endswith(".pkl") else None
+    return f"{EDM_RELEASE_URL}{name}" if stem in EDM_PRESETS else None
+
+
+def check_files(config: DistillConfig) -> list[str]:
+    """Check, without reading them, that the teacher and the pretrained weight files exist: the error the run
+    would give otherwise (FileNotFoundError, hub.MissingWeightsError), or one line per file found."""
+    require_teacher_file(config.teacher.path)
+    hub.require_present(*weight_files(config))
+    found = [f"teacher {config.teacher.path}: found ({_size(config.teacher.path)})"]
+    found += [f"{file.filename} ({file.used_by}): found in {hub.checkpoints_dir()}" for file in weight_files(config)]
+    return found
+
+
+def _size(path: str) -> str:
+    try:
+        return f"{bf.stat(path).size / 2**20:.1f} MiB"
+    except (OSError, AttributeError):
+        return "size unknown"

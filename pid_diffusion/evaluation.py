@@ -1,11 +1,12 @@
 """The FID / Inception Score pipeline: batches of uint8 images → detector statistics → scores, for generated
 images (`pid-fid`, the demo) and for data sets (`pid-fid-ref`, the demo's reference); and the results table
-of a run folder's evaluations.
+of the evaluations: of every snapshot of a run folder, of one snapshot or training state, of a teacher with
+its sampler, or of a file of images.
 
 Images stream from the sampler (or the image source) into the accumulators of fid.py batch by batch, with no
 PNGs on disk; every rank measures its share and the sums are reduced across ranks, so
-every rank must call these functions. The results table is a CSV with one row per (checkpoint, weights,
-seed range), rewritten atomically after each evaluation: an interrupted run loses only the evaluation in
+every rank must call these functions. The results table is a CSV with one row per (source, weights, seed
+range, sampler), rewritten atomically after each evaluation: an interrupted run loses only the evaluation in
 flight, and the same command run again evaluates only what is missing. A checkpoint that cannot be loaded
 gets a row with the error, retried on the next run. Several seed ranges give one row each; `best` keeps the
 lowest FID, as EDM reports the best of three.
@@ -24,12 +25,13 @@ from torch import nn
 
 from pid_diffusion import checkpoint, dist, fileio, samplers
 from pid_diffusion.fid import compute_statistics, fid_from_stats
-from pid_diffusion.generate import SamplerKind, generate, make_sampler
+from pid_diffusion.generate import SamplerKind, generate, make_sampler, sampler_for
 from pid_diffusion.image_sources import ImageSource
 from pid_diffusion.inception import Detector
 
-__all__ = ["CSV_FIELDS", "Result", "ResultsTable", "TRAINED_WEIGHTS", "evaluate", "evaluate_run",
-           "generated_batches", "image_batches", "reference_statistics"]
+__all__ = ["CSV_FIELDS", "Result", "ResultsTable", "TRAINED_WEIGHTS", "evaluate", "evaluate_file", "evaluate_images",
+           "evaluate_network", "evaluate_run", "generated_batches", "image_batches", "reference_statistics",
+           "sampler_label"]
 
 TRAINED_WEIGHTS = "none"  # The `ema` column of the trained (not averaged) weights.
 
@@ -87,12 +89,12 @@ def evaluate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], de
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """One CSV row: the scores of one set of weights of one checkpoint on one seed range."""
+    """One CSV row: the scores of one set of weights of one file on one seed range with one sampler."""
 
-    checkpoint: str  # File name inside the run folder.
-    step: int
-    ema: str  # EMA rate as the checkpoint names it, or TRAINED_WEIGHTS.
-    seeds: str  # The seed range as given, e.g. 0-49999.
+    checkpoint: str  # What was scored: a snapshot or training state (file name), a teacher or image file.
+    step: int | None  # Training step of a snapshot or training state; None for a teacher or images.
+    ema: str  # EMA rate as the checkpoint names it, TRAINED_WEIGHTS; empty for a teacher or images.
+    seeds: str  # The seed range as given, e.g. 0-49999; empty for images.
     num_samples: int
     fid: float | None = None
     is_mean: float | None = None
@@ -103,8 +105,8 @@ class Result:
     error: str = ""  # Why the checkpoint could not be evaluated; empty when it was.
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return self.checkpoint, self.ema, self.seeds
+    def key(self) -> tuple[str, str, str, str]:
+        return self.checkpoint, self.ema, self.seeds, self.sampler
 
     def to_row(self) -> dict[str, str]:
         return {field.name: "" if (value := getattr(self, field.name)) is None else str(value)
@@ -113,7 +115,12 @@ class Result:
     @classmethod
     def from_row(cls, row: dict[str, str]) -> Result:
         numbers = {name: float(row[name]) if row[name] else None for name in ("fid", "is_mean", "is_std")}
-        return cls(**{**row, **numbers, "step": int(row["step"]), "num_samples": int(row["num_samples"])})
+        step = int(row["step"]) if row["step"] else None
+        return cls(**{**row, **numbers, "step": step, "num_samples": int(row["num_samples"])})
+
+    @property
+    def order(self) -> tuple:
+        return -1 if self.step is None else self.step, self.checkpoint, self.ema, self.seeds, self.sampler
 
 
 CSV_FIELDS = [field.name for field in dataclasses.fields(Result)]
@@ -124,7 +131,7 @@ class ResultsTable:
 
     def __init__(self, path: str):
         self.path = path
-        self.results: dict[tuple[str, str, str], Result] = {}
+        self.results: dict[tuple[str, str, str, str], Result] = {}
         if fileio.exists(path):
             reader = csv.DictReader(io.StringIO(fileio.read_bytes(path).decode("utf-8")))
             if reader.fieldnames != CSV_FIELDS:
@@ -134,7 +141,7 @@ class ResultsTable:
                 result = Result.from_row(row)
                 self.results[result.key] = result
 
-    def is_done(self, key: tuple[str, str, str]) -> bool:
+    def is_done(self, key: tuple[str, str, str, str]) -> bool:
         result = self.results.get(key)
         return result is not None and not result.error
 
@@ -151,76 +158,119 @@ class ResultsTable:
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, lineterminator="\n")
         writer.writeheader()
-        for result in sorted(self.results.values(), key=lambda r: (r.step, r.ema, r.seeds)):
+        for result in sorted(self.results.values(), key=lambda r: r.order):
             writer.writerow(result.to_row())
         fileio.atomic_write_text(text.getvalue(), self.path)
 
     def best(self) -> list[Result]:
-        """Per (checkpoint, ema), the seed range with the lowest FID (EDM reports the best of three)."""
-        best: dict[tuple[str, str], Result] = {}
+        """Per (source, weights, sampler), the seed range with the lowest FID (EDM reports the best of three)."""
+        best: dict[tuple[str, str, str], Result] = {}
         for result in self.results.values():
             if result.error:
                 continue
-            key = (result.checkpoint, result.ema)
+            key = (result.checkpoint, result.ema, result.sampler)
             if key not in best or result.fid < best[key].fid:
                 best[key] = result
-        return sorted(best.values(), key=lambda r: (r.step, r.ema))
+        return sorted(best.values(), key=lambda r: r.order)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A run folder.
+# What can be scored: a run folder, one snapshot or training state, a network with its sampler, images.
 
 
-def _ema_names(path: str) -> list[str]:
-    """The EMA rates a checkpoint holds, as it names them. A local file is memory-mapped, so listing them
-    reads no weights and a re-run over a long run folder stays cheap."""
-    try:
-        data = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    except (OSError, RuntimeError):  # A blob URL, or not torch.save's zip format: read it whole.
-        data = fileio.torch_load(path)
-    return list(data["ema"])
+def sampler_label(sampler: samplers.Sampler) -> str:
+    """The `sampler` column: the sampler and its number of network calls, e.g. 'HeunSampler (35 NFE)'."""
+    return f"{type(sampler).__name__} ({sampler.num_network_calls} NFE)"
 
 
 def _error(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def evaluate_run(run_dir: str, table: ResultsTable, seed_ranges: dict[str, list[int]], detector: Detector,
-                 reference: tuple[np.ndarray, np.ndarray], reference_name: str, *, weights: Sequence[str] | None,
-                 sampler_kind: SamplerKind | None, steps: int | None, batch_size: int,
-                 on_result: Callable[[Result], None] = lambda result: None) -> None:
-    """Every missing (checkpoint, weights, seed range) of `run_dir`, each recorded in `table` (written by rank
-    0) as soon as it is measured; `on_result` is called on rank 0 after each recorded score. `weights`:
-    EMA names and/or TRAINED_WEIGHTS; None: all that each checkpoint holds."""
+def _score(table: ResultsTable, result: Result, net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int],
+           detector: Detector, reference: tuple[np.ndarray, np.ndarray], batch_size: int,
+           on_result: Callable[[Result], None]) -> None:
+    scores = evaluate(net, sampler, seeds, detector, reference, batch_size)
+    if dist.rank() == 0:
+        fid, is_mean, is_std = scores
+        result = dataclasses.replace(result, fid=fid, is_mean=is_mean, is_std=is_std)
+        table.record(result, write=True)
+        on_result(result)
+
+
+def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[int]], detector: Detector,
+                  reference: tuple[np.ndarray, np.ndarray], reference_name: str, *, weights: Sequence[str] | None,
+                  sampler_kind: SamplerKind | None, steps: int | None, batch_size: int,
+                  on_result: Callable[[Result], None] = lambda result: None) -> None:
+    """Every missing (weights, seed range) of one snapshot or training state, each recorded in `table`
+    (written by rank 0) as soon as it is measured; `on_result` is called on rank 0 after each recorded score.
+    `weights`: EMA names and/or TRAINED_WEIGHTS; None: all the file holds. A file or a set of weights that
+    cannot be loaded gets a row with the error."""
     is_writer = dist.rank() == 0
-    for step, path in checkpoint.find_checkpoints(run_dir):
-        name = path.rsplit("/", 1)[-1]
-        try:
-            available = [TRAINED_WEIGHTS, *_ema_names(path)]
-        except Exception as error:  # An unreadable file of any kind: record it and go on with the others.
-            for text, seeds in seed_ranges.items():
-                table.record(Result(name, step, "", text, len(seeds), error=_error(error)), write=is_writer)
-            dist.print0(f"{name}: cannot be read: {error}")
-            continue
-        for ema in weights or available:
-            for text, seeds in seed_ranges.items():
-                if table.is_done((name, ema, text)):
-                    continue
-                result = Result(name, step, ema, text, len(seeds), detector=detector.source, reference=reference_name)
-                try:
-                    if ema not in available:
-                        raise ValueError(f"no weights {ema!r}; it has {', '.join(available)}")
-                    net = checkpoint.load_generator(
-                        path, ema_rate=None if ema == TRAINED_WEIGHTS else float(ema), device=detector.device)
-                except Exception as error:
-                    table.record(dataclasses.replace(result, error=_error(error)), write=is_writer)
-                    dist.print0(f"{name} ema {ema}: cannot be loaded: {error}")
-                    continue
-                sampler = make_sampler(sampler_kind, steps, net)
-                scores = evaluate(net, sampler, seeds, detector, reference, batch_size)
-                if is_writer:
-                    fid, is_mean, is_std = scores
-                    sampler_name = f"{type(sampler).__name__} ({sampler.num_network_calls} NFE)"
-                    result = dataclasses.replace(result, fid=fid, is_mean=is_mean, is_std=is_std, sampler=sampler_name)
-                    table.record(result, write=True)
-                    on_result(result)
+    name = path.rsplit("/", 1)[-1]
+    try:
+        header = checkpoint.read_header(path)  # A local file is memory-mapped: a re-run reads no weights.
+        step, available = header["step"], [TRAINED_WEIGHTS, *header["ema"]]
+        model_class = header["model_spec"]["class"]
+        sampler = sampler_for(sampler_kind, steps, model_class, is_student=model_class == "PIDStudent")
+    except Exception as error:  # An unreadable file of any kind: record it and go on with the others.
+        for text, seeds in seed_ranges.items():
+            table.record(Result(name, checkpoint.step_of(path), "", text, len(seeds), error=_error(error)),
+                         write=is_writer)
+        dist.print0(f"{name}: cannot be read: {error}")
+        return
+    for ema in weights or available:
+        for text, seeds in seed_ranges.items():
+            result = Result(name, step, ema, text, len(seeds), sampler=sampler_label(sampler),
+                            detector=detector.source, reference=reference_name)
+            if table.is_done(result.key):
+                continue
+            try:
+                if ema not in available:
+                    raise ValueError(f"no weights {ema!r}; it has {', '.join(available)}")
+                net = checkpoint.load_generator(
+                    path, ema_rate=None if ema == TRAINED_WEIGHTS else float(ema), device=detector.device)
+            except Exception as error:
+                table.record(dataclasses.replace(result, error=_error(error)), write=is_writer)
+                dist.print0(f"{name} ema {ema}: cannot be loaded: {error}")
+                continue
+            _score(table, result, net, sampler, seeds, detector, reference, batch_size, on_result)
+
+
+def evaluate_run(run_dir: str, table: ResultsTable, seed_ranges: dict[str, list[int]], detector: Detector,
+                 reference: tuple[np.ndarray, np.ndarray], reference_name: str, **options) -> None:
+    """`evaluate_file` on every snapshot of `run_dir` (and each training state of a step without one),
+    oldest first: the points of FID against the step."""
+    for _, path in checkpoint.find_weights(run_dir):
+        evaluate_file(path, table, seed_ranges, detector, reference, reference_name, **options)
+
+
+def evaluate_network(name: str, net: nn.Module, sampler: samplers.Sampler, table: ResultsTable,
+                     seed_ranges: dict[str, list[int]], detector: Detector, reference: tuple[np.ndarray, np.ndarray],
+                     reference_name: str, *, batch_size: int,
+                     on_result: Callable[[Result], None] = lambda result: None) -> None:
+    """Every missing seed range of one network with its sampler (a teacher: EDM's baseline), as a row named
+    `name` without a step or weights."""
+    for text, seeds in seed_ranges.items():
+        result = Result(name, None, "", text, len(seeds), sampler=sampler_label(sampler), detector=detector.source,
+                        reference=reference_name)
+        if not table.is_done(result.key):
+            _score(table, result, net, sampler, seeds, detector, reference, batch_size, on_result)
+
+
+def evaluate_images(name: str, source: ImageSource, table: ResultsTable, detector: Detector,
+                    reference: tuple[np.ndarray, np.ndarray], reference_name: str, *, batch_size: int,
+                    on_result: Callable[[Result], None] = lambda result: None) -> None:
+    """FID and IS of every image of `source` (an .npz of samples, a folder, a zip), as EDM's `fid.py calc`
+    scores a folder of images: one row named `name`."""
+    result = Result(name, None, "", "", len(source), detector=detector.source, reference=reference_name)
+    if table.is_done(result.key):
+        return
+    features, scores = compute_statistics(image_batches(source, np.arange(len(source)), batch_size), detector,
+                                          len(source), feature_dim=len(reference[0]), inception_score=True)
+    if dist.rank() == 0:
+        mu, sigma = features.mean_and_covariance()
+        result = dataclasses.replace(result, fid=fid_from_stats(mu, sigma, *reference), **dict(
+            zip(("is_mean", "is_std"), scores.score())))
+        table.record(result, write=True)
+        on_result(result)

@@ -21,7 +21,7 @@ from pid_diffusion import dist, samplers
 from pid_diffusion.images import to_uint8
 from pid_diffusion.student import PIDStudent
 
-__all__ = ["Batch", "SamplerKind", "gather_rows", "generate", "make_sampler"]
+__all__ = ["Batch", "SamplerKind", "gather_rows", "generate", "make_sampler", "sampler_for"]
 
 _SEED_MODULUS = 1 << 32  # torch generators take 64-bit seeds; EDM reduces seeds modulo 2^32
 
@@ -40,10 +40,14 @@ def make_sampler(kind: SamplerKind | None, steps: int | None, net: nn.Module) ->
     `kind` None picks the network's natural sampler; `steps` None keeps the sampler's default (Heun: EDM's
     18 Karras steps; Euler: the points of PID's grid).
     """
-    is_student = isinstance(net, PIDStudent)
+    return sampler_for(kind, steps, type(net).__name__, is_student=isinstance(net, PIDStudent))
+
+
+def sampler_for(kind: SamplerKind | None, steps: int | None, network: str, *, is_student: bool) -> samplers.Sampler:
+    """`make_sampler` for a network known by its class name (a checkpoint's model_spec), before loading it."""
     kind = kind or (SamplerKind.ONE_STEP if is_student else SamplerKind.HEUN)
     if (kind is SamplerKind.ONE_STEP) != is_student:
-        network = "a PID student" if is_student else f"a denoiser ({type(net).__name__})"
+        network = "a PID student" if is_student else f"a denoiser ({network})"
         usable = "onestep" if is_student else "heun or euler"
         raise ValueError(f"sampler {kind.value} cannot sample {network}; use {usable}")
     if kind is SamplerKind.ONE_STEP:

@@ -18,6 +18,8 @@ __all__ = [
     "MissingWeightsError",
     "WeightFile",
     "checkpoints_dir",
+    "missing",
+    "require_present",
     "resolve",
     "resolve_weights",
 ]
@@ -64,6 +66,21 @@ def checkpoints_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def missing(*files: WeightFile) -> list[WeightFile]:
+    """The files absent from the hub cache (nothing is downloaded or read)."""
+    return [file for file in files if not (checkpoints_dir() / file.filename).is_file()]
+
+
+def require_present(*files: WeightFile) -> None:
+    """A MissingWeightsError naming every absent file, its URL and where to put it; nothing is downloaded
+    (a dry-run checks that a job on an offline machine would find its files)."""
+    absent = missing(*files)
+    if absent:
+        why = FileNotFoundError("not in the cache; a run downloads it only where the machine has network access "
+                                "(pid-fetch-weights does it ahead of time)")
+        raise MissingWeightsError(_missing_message([(file, checkpoints_dir() / file.filename, why) for file in absent]))
+
+
 def resolve(*files: WeightFile) -> list[Path]:
     """Paths of `files` in the hub cache, downloading (atomically) those that are absent. Raises one
     MissingWeightsError that lists every file that is still missing."""
@@ -97,12 +114,11 @@ def _download(file: WeightFile, path: Path) -> None:
 
 
 def _missing_message(failures: list[tuple[WeightFile, Path, Exception]]) -> str:
-    lines = [f"{len(failures)} pretrained weight file(s) missing from {failures[0][1].parent} and not "
-             f"downloadable:"]
+    lines = [f"{len(failures)} pretrained weight file(s) missing from {failures[0][1].parent}:"]
     for file, path, error in failures:
         role = f" ({file.used_by})" if file.used_by else ""
         lines.append(f"  - {file.filename}{role}\n      download {file.url}\n      save as  {path}\n"
                      f"      download error: {type(error).__name__}: {error}")
     lines.append("Without network access here, download them elsewhere and copy them to the paths above, or set "
-                 "TORCH_HOME to a folder whose hub/checkpoints/ holds them.")
+                 "TORCH_HOME to a folder whose hub/checkpoints/ holds them; `pid-fetch-weights` downloads them all.")
     return "\n".join(lines)

@@ -13,10 +13,11 @@ import torch
 
 from pid_diffusion import fileio, hub
 
-__all__ = ["DETECTOR_FILENAME", "DETECTOR_URL", "FEATURE_DIM", "NUM_CLASSES", "Detector", "load_detector"]
+__all__ = ["DETECTOR", "DETECTOR_FILENAME", "DETECTOR_URL", "FEATURE_DIM", "NUM_CLASSES", "Detector", "load_detector"]
 
 DETECTOR_FILENAME = "inception-2015-12-05.pt"
 DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + DETECTOR_FILENAME
+DETECTOR = hub.WeightFile(DETECTOR_FILENAME, DETECTOR_URL, used_by="EDM's Inception detector of FID and IS")
 FEATURE_DIM = 2048  # pool_3 features, the FID space
 NUM_CLASSES = 1008  # outputs of the 2015 graph's ImageNet classifier (the Inception Score's p(y|x))
 
@@ -57,7 +58,7 @@ def load_detector(path: str | None = None, device: torch.device | str = "cpu") -
     """Load the TorchScript detector from `path`, or from the torch hub cache when `path` is None
     (`$TORCH_HOME/hub/checkpoints/inception-2015-12-05.pt`, downloaded there only when a network exists)."""
     if path is None:
-        path = hub.resolve_weights(DETECTOR_FILENAME, DETECTOR_URL)
+        (path,) = hub.resolve(DETECTOR)
     elif not fileio.exists(path):
         raise FileNotFoundError(
             f"No Inception detector at {path}. Download {DETECTOR_URL} there, or leave --detector unset to use "

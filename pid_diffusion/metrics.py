@@ -128,7 +128,7 @@ class PiqLPIPS(Distance):
     def __init__(self, replace_pooling: bool = True, resize_below: int = 256, size: int = 224):
         super().__init__()
         _check_resize(resize_below, size)
-        hub.resolve(hub.VGG16_IMAGENET, hub.PIQ_LPIPS_WEIGHTS)
+        hub.resolve(*Metric.LPIPS_PIQ.weight_files)
         self.lpips = _torchvision_vgg16_quietly(lambda: piq.LPIPS(replace_pooling=replace_pooling,
                                                                  reduction="none"))
         self.replace_pooling = replace_pooling
@@ -161,7 +161,7 @@ class VGGLPIPS(Distance):
     def __init__(self, resize_below: int = 256, size: int = 224):
         super().__init__()
         _check_resize(resize_below, size)
-        hub.resolve(hub.VGG16_IMAGENET)
+        hub.resolve(*Metric.LPIPS_VGG.weight_files)
         self.lpips = _torchvision_vgg16_quietly(lambda: lpips.LPIPS(net="vgg", verbose=False))
         self.resize_below = resize_below
         self.size = size
@@ -200,6 +200,12 @@ class Metric(enum.Enum):
     def is_lpips(self) -> bool:
         """Whether the distance runs VGG16, whose activations `perf.enable_lpips_checkpointing` can recompute."""
         return self in (Metric.LPIPS_PIQ, Metric.LPIPS_VGG)
+
+    @property
+    def weight_files(self) -> tuple[hub.WeightFile, ...]:
+        """The pretrained files the distance reads from the hub cache (`pid-fetch-weights` fetches them)."""
+        return {Metric.LPIPS_PIQ: (hub.VGG16_IMAGENET, hub.PIQ_LPIPS_WEIGHTS),
+                Metric.LPIPS_VGG: (hub.VGG16_IMAGENET,)}.get(self, ())
 
     def build(self, **options) -> Distance:
         """A new distance module; `options` go to its constructor (e.g. `c` of PSEUDO_HUBER)."""

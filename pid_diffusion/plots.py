@@ -51,10 +51,11 @@ def _save(figure, path: str) -> None:
 
 
 def plot_fid(results: Sequence[Result], path: str) -> None:
-    """FID (top) and Inception Score (bottom) against the training step, one line per set of weights."""
+    """FID (top) and Inception Score (bottom) against the training step, one line per set of weights; rows
+    without a step (a teacher, images) are left out."""
     figure, axes = plt.subplots(2, 1, figsize=(8, 7), sharex=True, layout="constrained")
     lines: dict[str, list[Result]] = {}
-    for result in sorted(results, key=lambda r: r.step):
+    for result in sorted((r for r in results if r.step is not None), key=lambda r: r.step):
         label = "trained weights" if result.ema == TRAINED_WEIGHTS else f"EMA {result.ema}"
         lines.setdefault(label, []).append(result)
     for axis, (name, value) in zip(axes, (("FID", "fid"), ("Inception Score", "is_mean"))):

@@ -27,7 +27,7 @@ from pid_diffusion.networks import EDMPrecond
 
 __all__ = [
     "EDM_RELEASE_URL", "CheckpointFormat", "TeacherCheckpoint", "TeacherCheckpointError",
-    "read_teacher_checkpoint", "check_state_dict", "convert_edm", "load_teacher",
+    "read_teacher_checkpoint", "check_state_dict", "convert_edm", "load_teacher", "require_teacher_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ class TeacherCheckpoint:
 # ----------------------------------------------------------------------------------------------------------
 # Reading.
 
-def _require_file(path: str) -> None:
+def require_teacher_file(path: str) -> None:
+    """A FileNotFoundError naming where EDM's teachers are, unless `path` exists (nothing is read)."""
     if not bf.exists(path):
         raise FileNotFoundError(
             f"teacher checkpoint {path} not found. EDM's pretrained networks are at {EDM_RELEASE_URL}<name>.pkl "
@@ -176,7 +177,7 @@ def read_teacher_checkpoint(path: str | os.PathLike, preset: str | None = None) 
     `preset` (an `EDM_PRESETS` name) is required for, and only accepted with, a plain state dict.
     """
     path = str(path)
-    _require_file(path)
+    require_teacher_file(path)
     with bf.BlobFile(path, "rb") as file:
         is_zip = file.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
         file.seek(0)

@@ -7,9 +7,14 @@ slice `[rank · b, (rank + 1) · b)` and splits it into micro-batches. Sample k 
 same for any number of ranks and micro-batches, and the loss of a step is the mean of the per-sample losses
 over the global batch: K ranks × B/K train like one rank × B, up to the order of floating-point sums.
 
-Re-running the same command resumes from the newest complete checkpoint in the run folder with the model,
-every EMA, the optimizer, the loss scaler, the step and every rank's random-number state, so the resumed run
-ends with the same weights as one that was never interrupted.
+The loop writes a snapshot (weights and EMAs, for FID) every `run.snapshot_every` steps and a training state
+(everything resume needs) every `run.checkpoint_every` steps (checkpoint.py). Re-running the same command
+resumes from the newest training state with the model, every EMA, the optimizer, the loss scaler, the step and
+every rank's random-number state, so the resumed run ends with the same weights as one that was never
+interrupted. Options that do not define the run's maths (`config.OnResume`) may change on resume; each start
+and resume is recorded in the run folder's history.jsonl with what changed.
+
+Progress goes to a tqdm bar on a terminal and to one plain line per log record otherwise (a batch job's log).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import datetime
 import json
 import math
 import random
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -32,10 +38,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pid_diffusion import checkpoint, dist, fileio, images, perf
-from pid_diffusion.config import ConfigError, OptimizerKind, RunConfig, TrainConfig, TrainingConfig, to_json
+from pid_diffusion.config import (ConfigError, OnResume, OptimizerKind, RunConfig, TrainConfig, TrainingConfig,
+                                  from_dict, to_json)
 
-__all__ = ["EMA", "NonFiniteLossError", "Objective", "Preview", "build_optimizer", "lr_at", "sampler_preview",
-           "step_generator", "training_loop"]
+__all__ = ["EMA", "HISTORY_FILE", "NonFiniteLossError", "Objective", "Preview", "batch_plan", "build_optimizer", "describe_launch",
+           "lr_at", "sampler_preview", "step_generator", "training_loop"]
+
+HISTORY_FILE = "history.jsonl"  # One record per start or resume of a run: when, where, what changed.
 
 
 
@@ -112,7 +121,7 @@ class EMA:
 # Pieces of a step.
 
 
-def _batch_plan(train: TrainConfig, world_size: int) -> tuple[int, int]:
+def batch_plan(train: TrainConfig, world_size: int) -> tuple[int, int]:
     """(per-rank batch, micro-batch), or a ConfigError naming the fix."""
     if train.batch % world_size:
         raise ConfigError(f"train.batch={train.batch} does not split over {world_size} ranks: use a multiple of "
@@ -263,16 +272,18 @@ def _tensorboard_writer(folder: str, resume_step: int):
 
 
 def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module,
-                  preview: Preview | None = None) -> nn.Module:
+                  preview: Preview | None = None, fingerprints: Mapping[str, str] | None = None) -> nn.Module:
     """Train `model` on `objective` as `config.train` says, writing to `config.run.dir`; returns the model.
 
     `model` must have `init_kwargs` and be listed in `checkpoint.MODEL_CLASSES`; the objective receives it
     wrapped in DDP. `preview(model)` draws the sample grid written every `run.image_every` steps.
+    `fingerprints` are the hashes of what the configuration's CONTENT fields name (the teacher's network):
+    stored in each training state, and compared on resume when such a field changes.
     """
     run, train = config.run, config.train
     dist.init(timeout=datetime.timedelta(minutes=run.timeout_minutes))
     rank, world_size, device = dist.rank(), dist.world_size(), dist.device()
-    per_rank, micro = _batch_plan(train, world_size)
+    per_rank, micro = batch_plan(train, world_size)
 
     # Build the training state, then replace it with the newest checkpoint, if any.
     checkpoint.model_spec(model)  # Fail now, not at the first checkpoint, if the model cannot be saved.
@@ -281,7 +292,8 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
     optimizer = build_optimizer(model.parameters(), train)
     ema = EMA(model, train.ema_rates)
     scaler = torch.amp.GradScaler(device.type, enabled=train.precision.needs_loss_scaling)
-    start_step, last_checkpoint, rng_restored = checkpoint.resume(config, model, ema, optimizer, scaler)
+    start_step, last_checkpoint, rng_restored, changes = checkpoint.resume(config, model, ema, optimizer, scaler,
+                                                                           fingerprints)
     if not rng_restored:
         _seed_globals(train.seed, rank, start_step)
     if train.compile:
@@ -290,13 +302,17 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
         model.compile()
     if rank == 0:
         fileio.atomic_write_text(to_json(config), fileio.join(run.dir, "config.json"))
+        _record_history(run.dir, start_step, last_checkpoint, changes, world_size, per_rank, micro)
         metrics = _MetricsLog(run, start_step)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dist.print0(f"Training {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) "
                 f"on {world_size} rank(s), {per_rank} samples per rank in micro-batches of {micro}, "
                 f"steps {start_step} → {train.steps}, run folder {run.dir}")
 
-    progress = tqdm.tqdm(total=train.steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    # A bar on a terminal; in a batch job's log file, the plain line of each log record instead.
+    interactive = sys.stderr.isatty()
+    progress = tqdm.tqdm(total=train.steps, initial=start_step, disable=rank != 0 or not interactive, unit="step",
+                         dynamic_ncols=True)
     interval = _Interval()
     for step in range(start_step, train.steps):
         done = step + 1
@@ -349,16 +365,66 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
             if rank == 0:
                 metrics.append(record)
                 progress.set_postfix(loss=f"{record['loss']:.4g}", skipped=record["skipped_steps"])
+                if not interactive:
+                    print(_progress_line(record, train.steps), flush=True)
         if preview is not None and run.image_every and done % run.image_every == 0 and rank == 0:
             _write_preview(preview, model, fileio.join(run.dir, f"samples-{done:08d}.png"))
+        if (run.snapshot_every and done % run.snapshot_every == 0) or done == train.steps:
+            checkpoint.save_snapshot(config, done, model, ema)
         if done % run.checkpoint_every == 0 or done == train.steps:
-            last_checkpoint = checkpoint.save(config, done, model, ema, optimizer, scaler)
+            last_checkpoint = checkpoint.save(config, done, model, ema, optimizer, scaler, fingerprints)
             if rank == 0:
                 metrics.plot()
     progress.close()
     if rank == 0:
         metrics.close()
     return model
+
+
+def describe_launch(config: TrainingConfig, world_size: int) -> list[str]:
+    """What `training_loop` would do with `config` on `world_size` ranks, reading no weights: the batch split and
+    whether the run folder would start, resume or conflict. Raises the error the run would give (a batch that
+    does not split, options that may not change on resume)."""
+    per_rank, micro = batch_plan(config.train, world_size)
+    lines = [f"{world_size} rank(s): global batch {config.train.batch} = {world_size} × {per_rank} per rank, "
+             f"{per_rank // micro} micro-batch(es) of {micro} per rank and step"]
+    latest = checkpoint.latest_checkpoint(config.run.dir)
+    if latest is None:
+        snapshots = checkpoint.find_snapshots(config.run.dir)
+        note = f" (its {len(snapshots)} snapshot(s) would be overwritten)" if snapshots else ""
+        return lines + [f"run folder {config.run.dir}: would start at step 0{note}"]
+    step, path = latest
+    header = checkpoint.read_header(path)
+    stored = from_dict(type(config), header["config"])
+    changes = checkpoint.resume_changes(stored, config, header["fingerprints"], None, path)
+    if step >= config.train.steps:
+        lines.append(f"run folder {config.run.dir}: complete ({path} is at step {step} ≥ train.steps)")
+    else:
+        lines.append(f"run folder {config.run.dir}: would resume from {path} at step {step}")
+    for change in changes:
+        check = " (compared with the stored hash once loaded)" if change.kind is OnResume.CONTENT else ""
+        lines.append(f"  changed on resume, {change.kind.value}: {change}{check}")
+    return lines
+
+
+def _record_history(folder: str, step: int, resumed_from: str | None, changes: list[checkpoint.Change],
+                    world_size: int, per_rank: int, micro: int) -> None:
+    """Append this start or resume, with the options it changed, to the run folder's history.jsonl."""
+    path = fileio.join(folder, HISTORY_FILE)
+    text = fileio.read_bytes(path).decode("utf-8") if fileio.exists(path) else ""
+    record = {"time": time.time(), "event": "resume" if resumed_from else "start", "step": step,
+              "from": resumed_from, "world_size": world_size, "per_rank_batch": per_rank, "micro_batch": micro,
+              "changes": {change.key: {"stored": change.stored, "now": change.now, "on_resume": change.kind.name}
+                          for change in changes}}
+    fileio.atomic_write_text(text + json.dumps(record) + "\n", path)  # Rewritten whole: blob stores cannot append.
+
+
+def _progress_line(record: dict, steps: int) -> str:
+    """One log record as a plain line: what a batch job's log shows instead of a progress bar."""
+    remaining = datetime.timedelta(seconds=round(record["s_per_step"] * (steps - record["step"])))
+    return (f"step {record['step']}/{steps} ({100 * record['step'] / steps:.1f}%)  loss {record['loss']:.4g}  "
+            f"grad norm {record['grad_norm']:.3g}  {record['s_per_step']:.3g} s/step  "
+            f"{record['images_per_s']:.4g} images/s  remaining {remaining}")
 
 
 class _Interval:

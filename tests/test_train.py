@@ -25,7 +25,7 @@ from pid_diffusion.metrics import L2
 from pid_diffusion.networks import EDMPrecond
 from pid_diffusion.perf import CheckpointedUNetBlock
 from pid_diffusion.student import PIDStudent, StudentInit
-from pid_diffusion.train import NonFiniteLossError, _batch_plan, lr_at, training_loop
+from pid_diffusion.train import NonFiniteLossError, batch_plan, lr_at, training_loop
 
 import toy_training
 from equality import assert_mutants_fail, assert_same_update
@@ -68,10 +68,10 @@ def test_micro_batches_train_like_the_whole_batch(tmp_path):
 
 def test_batch_that_does_not_split_is_an_error():
     with pytest.raises(ConfigError, match="does not split over 3 ranks"):
-        _batch_plan(TrainConfig(batch=8), world_size=3)
+        batch_plan(TrainConfig(batch=8), world_size=3)
     with pytest.raises(ConfigError, match="micro_batch=3 does not divide the per-rank batch 4"):
-        _batch_plan(TrainConfig(batch=8, micro_batch=3), world_size=2)
-    assert _batch_plan(TrainConfig(batch=8, micro_batch=2), world_size=2) == (4, 2)
+        batch_plan(TrainConfig(batch=8, micro_batch=3), world_size=2)
+    assert batch_plan(TrainConfig(batch=8, micro_batch=2), world_size=2) == (4, 2)
 
 
 def test_first_step_matches_closed_form(tmp_path):

@@ -1,14 +1,18 @@
-"""pid-fid: FID and Inception Score of every checkpoint in a run folder, trained weights and each EMA.
+"""pid-fid: FID and Inception Score, as EDM computes them, of a run folder, one snapshot or training state, a
+teacher with its sampler, or a file of images, against reference statistics.
 
 Images are generated, quantised to uint8 and passed to EDM's Inception detector batch by batch (no PNGs on
-disk); FID is measured against an EDM reference file (`cifar10-32x32.npz`, or one made by pid-fid-ref).
-Every (checkpoint, weights, seed range) gets one row of the CSV, rewritten atomically after each
-evaluation: an interrupted run loses only the evaluation in flight, and running the same command again
-evaluates only what is missing (new checkpoints included). A checkpoint that cannot be loaded gets a row
-with the error, retried on the next run. Several seed ranges give one row each; the summary and the plot
-(FID and IS against the step) use the best (lowest FID), as EDM reports the best of three.
+disk); FID is measured against an EDM reference file (`cifar10-32x32.npz`, or one made by pid-fid-ref). Every
+(source, weights, seed range, sampler) gets one row of the CSV, rewritten atomically after each evaluation:
+an interrupted run loses only the evaluation in flight, and running the same command again evaluates only
+what is missing (new snapshots included). A file that cannot be loaded gets a row with the error, retried on
+the next run. Several seed ranges give one row each; the summary and the plot of a run (FID and IS against
+the step) use the best (lowest FID), as EDM reports the best of three.
 
-    pid-fid --run runs/cifar10 --ref cifar10-32x32.npz --seeds 0-49999
+    pid-fid --run runs/cifar10 --ref cifar10-32x32.npz --seeds 0-49999             # every snapshot: the curve
+    pid-fid --checkpoint runs/cifar10/snapshot-00200000.pt --ema 0.9999 --ref cifar10-32x32.npz
+    pid-fid --teacher edm-cifar10-32x32-uncond-vp.pkl --sampler heun --steps 18 --ref cifar10-32x32.npz
+    pid-fid --images samples.npz --ref cifar10-32x32.npz                             # EDM's `fid.py calc`
     mpirun -np 8 pid-fid --run runs/cifar10 --ref cifar10-32x32.npz --seeds 0-49999 50000-99999 --batch 500
 """
 
@@ -19,48 +23,97 @@ from collections.abc import Sequence
 from pid_diffusion import checkpoint, dist, evaluation, fileio, plots
 from pid_diffusion.cli import options
 from pid_diffusion.fid import load_reference
+from pid_diffusion.generate import make_sampler
+from pid_diffusion.image_sources import open_images
 from pid_diffusion.inception import load_detector
+from pid_diffusion.teacher import load_teacher
+
+DEFAULT_SEEDS = "0-49999"  # EDM's 50,000 images.
 
 
 def build_parser():
     parser = options.parser("pid-fid", __doc__)
-    parser.add_argument("--run", required=True, help="folder of checkpoint-<step>.pt files")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run folder: every snapshot (and training state of a step without one)")
+    source.add_argument("--checkpoint", help="one snapshot or training state")
+    source.add_argument("--teacher", help="a teacher (EDM .pkl, converted .pt, or a state dict with --preset)")
+    source.add_argument("--images", help="images to score as they are: an .npz (pid-sample --npz), folder or zip")
     parser.add_argument("--ref", required=True, help="reference statistics (EDM npz with mu, sigma)")
-    parser.add_argument("--seeds", nargs="+", type=options.seed_range, default=[options.seed_range("0-49999")],
-                        help="seed ranges, each evaluated separately, e.g. 0-49999 50000-99999 (default 0-49999)")
+    parser.add_argument("--seeds", nargs="+", type=options.seed_range,
+                        help=f"seed ranges, each evaluated separately, e.g. 0-49999 50000-99999 (default {DEFAULT_SEEDS})")
     parser.add_argument("--ema", nargs="+", type=options.weights_name,
                         help=f"weights to evaluate: EMA rates and/or '{evaluation.TRAINED_WEIGHTS}' (default: all)")
+    parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (--teacher only)")
     parser.add_argument("--batch", type=int, default=250, help="images per rank and batch (default 250)")
     parser.add_argument("--detector", help="inception-2015-12-05.pt (default: the torch hub cache)")
-    parser.add_argument("--csv", help="results table (default <run>/fid.csv)")
-    parser.add_argument("--plot", help=f"PNG plot of FID and IS against step (default <run>/{plots.FID_PLOT})")
+    parser.add_argument("--csv", help="results table (default: fid.csv in the run folder, or beside the "
+                                      "checkpoint or images; in the current folder for a teacher)")
+    parser.add_argument("--plot", help=f"--run: PNG plot of FID and IS against step (default <run>/{plots.FID_PLOT})")
     options.add_sampler_arguments(parser)
     return parser
+
+
+def _check(parser, args) -> None:
+    """Options that do not apply to the source, and missing inputs: errors before anything is loaded."""
+    if args.batch < 1:
+        parser.error("--batch must be positive")
+    if args.images and (args.seeds or args.sampler or args.steps):
+        parser.error("--seeds, --sampler and --steps generate images; --images scores the given ones")
+    if args.ema and not (args.run or args.checkpoint):
+        parser.error("--ema names weights of a snapshot or training state (--run or --checkpoint)")
+    if args.preset and not args.teacher:
+        parser.error("--preset names a teacher state dict's architecture (--teacher only)")
+    if args.plot and not args.run:
+        parser.error("--plot draws FID against the step of a run (--run only)")
+    if args.run and not checkpoint.find_weights(args.run):
+        parser.error(f"no snapshot-<step>.pt or checkpoint-<step>.pt files in {args.run}")
+    for name in ("checkpoint", "teacher", "images", "ref"):
+        path = getattr(args, name)
+        if path and not fileio.exists(path):
+            parser.error(f"--{name} {path}: no such file")
+
+
+def _default_csv(args) -> str:
+    beside = args.run or (args.checkpoint or args.images or "").rpartition("/")[0]
+    return fileio.join(beside, "fid.csv") if beside else "fid.csv"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch < 1:
-        parser.error("--batch must be positive")
-    if not checkpoint.find_checkpoints(args.run):
-        parser.error(f"no checkpoint-<step>.pt files in {args.run}")
-    plot_path = args.plot or fileio.join(args.run, plots.FID_PLOT)
+    _check(parser, args)
+    seed_ranges = dict(args.seeds or [options.seed_range(DEFAULT_SEEDS)])
+    plot_path = args.plot or (fileio.join(args.run, plots.FID_PLOT) if args.run else None)
 
     dist.init()
     with dist.abort_on_error():
         detector = load_detector(args.detector, dist.device())
-        table = evaluation.ResultsTable(args.csv or fileio.join(args.run, "fid.csv"))
+        reference = load_reference(args.ref)
+        table = evaluation.ResultsTable(args.csv or _default_csv(args))
 
         def report(result: evaluation.Result) -> None:
-            plots.plot_fid(table.best(), plot_path)
-            print(f"{result.checkpoint} ema {result.ema} seeds {result.seeds}: FID {result.fid:.4f}  "
+            if plot_path:
+                plots.plot_fid(table.best(), plot_path)
+            weights = f" ema {result.ema}" if result.ema else ""
+            seeds = f" seeds {result.seeds}" if result.seeds else ""
+            print(f"{result.checkpoint}{weights}{seeds} {result.sampler}: FID {result.fid:.4f}  "
                   f"IS {result.is_mean:.3f} ± {result.is_std:.3f}", flush=True)
 
-        evaluation.evaluate_run(args.run, table, dict(args.seeds), detector, load_reference(args.ref), args.ref,
-                                weights=args.ema, sampler_kind=args.sampler, steps=args.steps,
-                                batch_size=args.batch, on_result=report)
-        if dist.rank() == 0:
+        common = dict(batch_size=args.batch, on_result=report)
+        generated = dict(weights=args.ema, sampler_kind=args.sampler, steps=args.steps, **common)
+        if args.run:
+            evaluation.evaluate_run(args.run, table, seed_ranges, detector, reference, args.ref, **generated)
+        elif args.checkpoint:
+            evaluation.evaluate_file(args.checkpoint, table, seed_ranges, detector, reference, args.ref, **generated)
+        elif args.teacher:
+            net = load_teacher(args.teacher, preset=args.preset, device=detector.device)
+            sampler = make_sampler(args.sampler, args.steps, net)
+            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, sampler, table, seed_ranges, detector,
+                                        reference, args.ref, **common)
+        else:
+            evaluation.evaluate_images(args.images.rsplit("/", 1)[-1], open_images(args.images), table, detector,
+                                       reference, args.ref, **common)
+        if dist.rank() == 0 and args.run:
             for result in table.best():
                 print(f"best: {result.checkpoint} ema {result.ema}: FID {result.fid:.4f} (seeds {result.seeds})")
         dist.barrier()

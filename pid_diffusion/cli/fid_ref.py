@@ -5,9 +5,11 @@ an npz of uint8 NHWC images under `images` (pid-sample's files) or `arr_0` (open
 are taken in sorted name order, as EDM's `ImageFolderDataset` takes them; `--num-images N` selects N of them
 as EDM's `fid.py` does (an error if there are fewer, a subset by a shuffle seeded with `--seed` if more).
 Ranks share the images; rank 0 writes `--dest` (an npz with float64 `mu`, `sigma`), atomically.
+`--compare A B` prints the FID between two statistics files (EDM's `fid.py ref` output, or this command's).
 
     pid-fid-ref --data cifar10-32x32.zip --dest cifar10-32x32.npz
     pid-fid-ref --data samples/ --num-images 50000 --dest samples-stats.npz
+    pid-fid-ref --compare samples-stats.npz cifar10-32x32.npz
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ from collections.abc import Sequence
 from pid_diffusion import dist
 from pid_diffusion.cli import options
 from pid_diffusion.evaluation import reference_statistics
-from pid_diffusion.fid import save_reference
+from pid_diffusion.fid import fid_from_stats, load_reference, save_reference
 from pid_diffusion.image_sources import edm_subset, open_images
 from pid_diffusion.inception import load_detector
 
 
 def build_parser():
     parser = options.parser("pid-fid-ref", __doc__)
-    parser.add_argument("--data", required=True, help="folder, .zip or .npz of images")
-    parser.add_argument("--dest", required=True, help="output .npz with mu and sigma")
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--data", help="folder, .zip or .npz of images (with --dest)")
+    task.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print the FID between two statistics files")
+    parser.add_argument("--dest", help="output .npz with mu and sigma")
     parser.add_argument("--num-images", type=int, help="measure exactly this many images (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --num-images subset (default 0)")
     parser.add_argument("--batch", type=int, default=64, help="images per rank and batch (default 64)")
@@ -36,6 +40,14 @@ def build_parser():
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.compare:
+        if args.dest:
+            parser.error("--dest applies to --data; --compare writes nothing")
+        print(f"FID {fid_from_stats(*load_reference(args.compare[0]), *load_reference(args.compare[1])):.4f}  "
+              f"({args.compare[0]} against {args.compare[1]})")
+        return
+    if not args.dest:
+        parser.error("--data needs --dest, the statistics file to write")
     if args.batch < 1 or (args.num_images is not None and args.num_images < 2):
         parser.error("--batch must be positive and --num-images at least 2")
     dist.init()

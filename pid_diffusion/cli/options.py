@@ -15,13 +15,15 @@ import torch
 from torch import nn
 
 from pid_diffusion import checkpoint, configs, dist
-from pid_diffusion.config import ConfigError, parse_overrides, to_json
+from pid_diffusion.config import (ConfigError, OnResume, field_docs, flatten, leaf_fields, on_resume,
+                                  parse_overrides, to_dict, to_json)
 from pid_diffusion.evaluation import TRAINED_WEIGHTS
 from pid_diffusion.generate import SamplerKind
 from pid_diffusion.grid import NUM_POINTS
 from pid_diffusion.teacher import load_teacher
 
-__all__ = ["add_model_arguments", "add_sampler_arguments", "dry_run", "load_model", "parse_int_list", "parse_training",
+__all__ = ["add_configuration_source", "add_model_arguments", "add_sampler_arguments", "configuration_help", "dry_run",
+           "launch_error", "load_model", "parse_int_list", "parse_training",
            "seed_range", "training_parser", "weights_name"]
 
 C = TypeVar("C")
@@ -38,20 +40,65 @@ def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
 # Training commands: a configuration from a preset or a file, with overrides.
 
 
-def training_parser(prog: str, description: str | None, task: str) -> argparse.ArgumentParser:
-    """A parser with the options every training command shares: --preset or --config, and --dry-run.
+def configuration_help(schema: type, task: str) -> str:
+    """Every configuration key with its default and meaning (the schema's comments), and whether it may
+    change on resume: the epilog of a training command's --help."""
+    preset = configs.read_config_file(configs.preset_file(task, "default"))
+    defaults, preset_values = flatten(to_dict(schema())), flatten(preset)
+    lines = ["configuration (--section.key=value; default: the paper's CIFAR-10 run, [default preset: ...] where",
+             "the `default` preset, used without --preset or --config, differs; [resume: ...] whether a resumed",
+             "run may change it):"]
+    docs: dict[type, dict[str, str]] = {}
+    for key, section, field in leaf_fields(schema):
+        doc = docs.setdefault(section, field_docs(section)).get(field.name, "")
+        value = f"--{key}={_shown(defaults[key])}"
+        preset_note = f" [default preset: {_shown(preset_values[key])}]" if key in preset_values else ""
+        resume = on_resume(field)
+        resume_note = "" if resume is OnResume.MATCH else f" [resume: {resume.value}]"
+        lines.append(f"  {value}\n      {doc}{preset_note}{resume_note}")
+    return "\n".join(lines)
 
-    Commands add their own arguments; `parse_training` reads the configuration overrides from the rest.
-    """
-    result = parser(prog, description)
-    result.epilog = "Configuration options: --section.key=value (all of them: --dry-run)."
-    source = result.add_mutually_exclusive_group()
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(_shown(item) for item in value)
+    return str(value)
+
+
+def add_configuration_source(parser: argparse.ArgumentParser, task: str) -> None:
+    """--preset or --config: where a configuration of `task` starts (`parse_training` reads it)."""
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=configs.preset_names(task),
                         help=f"the preset to start from, configs/{task}/<name>.json (default: default)")
     source.add_argument("--config", metavar="FILE",
                         help="a configuration file to start from: a preset's, your own, or a run folder's config.json")
-    result.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+
+
+def training_parser(prog: str, description: str | None, task: str, schema: type) -> argparse.ArgumentParser:
+    """A parser with the options every training command shares: --preset or --config, and --dry-run; its help
+    lists every key of `schema`.
+
+    Commands add their own arguments; `parse_training` reads the configuration overrides from the rest.
+    """
+    result = parser(prog, description)
+    result.epilog = configuration_help(schema, task)
+    add_configuration_source(result, task)
+    result.add_argument("--dry-run", action="store_true",
+                        help="print the resolved configuration, then check the launch (batch split over this job's "
+                             "ranks, input files, the run folder) without loading anything, and exit")
     return result
+
+
+def launch_error(parser: argparse.ArgumentParser, error: Exception) -> None:
+    """Exit with the one-line error (rank 0 prints it) of a launch check that failed: every rank of the job
+    finds the same error, so none aborts the others."""
+    if dist.rank() == 0:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
+    parser.exit(1)
 
 
 def parse_training(parser: argparse.ArgumentParser, schema: type[C], task: str,

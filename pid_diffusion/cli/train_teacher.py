@@ -27,7 +27,7 @@ GRID_COLUMNS = 8  # Images per row of the exported teacher's sample grid.
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TeacherTrainingConfig]:
-    parser = options.training_parser("pid-train-teacher", __doc__, TASK)
+    parser = options.training_parser("pid-train-teacher", __doc__, TASK, TeacherTrainingConfig)
     parser.add_argument("--export", metavar="PATH",
                         help="after training, write the EMA teacher to PATH (and its Heun grid beside it)")
     parser.add_argument("--export-ema", type=float, metavar="RATE",
