@@ -200,7 +200,7 @@ def _flat_file(path: Path) -> dict:
     """The dotted keys a file sets itself (not its _base), without its _doc notes."""
     data = json.loads(path.read_text())
     data.pop("_base", None)
-    return cfg._flatten(configs._without_docs(data))
+    return cfg.flatten(configs._without_docs(data))
 
 
 @pytest.mark.parametrize("task, name", [(task, name) for task in TASKS for name in configs.preset_names(task)])
@@ -208,7 +208,7 @@ def test_a_preset_file_holds_only_what_differs(task, name):
     path = PRESET_FOLDER / task / f"{name}.json"
     base = json.loads(path.read_text()).get("_base")
     start = configs.read_config_file(str(PRESET_FOLDER / task / base)) if base else {}
-    below = cfg._flatten(to_dict(apply_overrides(TASKS[task], start, {})))
+    below = cfg.flatten(to_dict(apply_overrides(TASKS[task], start, {})))
     restated = [key for key, value in _flat_file(path).items() if below[key] == value]
     assert restated == []
 
