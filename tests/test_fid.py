@@ -307,3 +307,58 @@ def test_results_are_read_back_exactly(tmp_path):
     table = evaluation.ResultsTable(str(tmp_path / "fid.csv"))
     table.record(result, write=True)
     assert evaluation.ResultsTable(str(tmp_path / "fid.csv")).results == {result.key: result}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pid-fid of anything: one file, a teacher with its sampler, a file of images; pid-fid-ref --compare.
+
+def single_args(paths: dict, csv_name: str, *source: str) -> list[str]:
+    return [*source, "--ref", paths["ref"], "--detector", paths["detector"], "--csv", paths[csv_name], "--batch", "8"]
+
+
+@pytest.mark.parametrize("run_folder", [(100,)], indirect=True)
+def test_pid_fid_scores_a_file_a_teacher_or_images_as_the_run_does(tmp_path, run_folder, edm_fixtures_dir, capsys):
+    paths = dict(run_folder, one=str(tmp_path / "one.csv"), teacher_csv=str(tmp_path / "teacher.csv"),
+                 images_csv=str(tmp_path / "images.csv"))
+    seeds = ["--seeds", f"0-{NUM_SEEDS - 1}"]
+    # A snapshot beside the training state of step 100: --run scores both steps; --checkpoint one file.
+    snapshot = f"{run_folder['run']}/snapshot-00000200.pt"
+    teacher = tiny_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
+    write_student_checkpoint(snapshot, teacher, 200)
+    fid_cli.main(fid_args(run_folder, "--ema", "0.999"))
+    by_run = {row["checkpoint"]: row for row in read_rows(run_folder["csv"])}
+    assert sorted(by_run) == ["checkpoint-00000100.pt", "snapshot-00000200.pt"]
+    fid_cli.main(single_args(paths, "one", "--checkpoint", snapshot, "--ema", "0.999", *seeds))
+    assert read_rows(paths["one"]) == [by_run["snapshot-00000200.pt"]]
+
+    # The teacher with Heun (2 steps, 3 calls), and the same images written by pid-sample, scored as images.
+    teacher_file = str(tmp_path / "teacher.pt")
+    torch.save(dict(network_kwargs=teacher.init_kwargs, state_dict=teacher.state_dict()), teacher_file)
+    fid_cli.main(single_args(paths, "teacher_csv", "--teacher", teacher_file, "--sampler", "heun", "--steps", "2",
+                             *seeds))
+    (row,) = read_rows(paths["teacher_csv"])
+    assert (row["checkpoint"], row["step"], row["sampler"]) == ("teacher.pt", "", "HeunSampler (3 NFE)")
+    sample.main(["--teacher", teacher_file, "--sampler", "heun", "--steps", "2", *seeds,
+                 "--npz", str(tmp_path / "heun.npz")])
+    fid_cli.main(single_args(paths, "images_csv", "--images", str(tmp_path / "heun.npz")))
+    (images_row,) = read_rows(paths["images_csv"])
+    assert images_row["num_samples"] == str(NUM_SEEDS)
+    for name in ("fid", "is_mean", "is_std"):
+        assert float(images_row[name]) == pytest.approx(float(row[name]), rel=1e-9), name
+
+    # pid-fid-ref --compare: statistics of the same images against the reference give the same FID.
+    images = torch.from_numpy(load_npz(tmp_path / "heun.npz")["images"]).permute(0, 3, 1, 2)
+    features = load_detector(run_folder["detector"]).features(images).double().numpy()
+    save_reference(str(tmp_path / "heun-stats.npz"), features.mean(0), np.cov(features, rowvar=False))
+    capsys.readouterr()
+    fid_ref.main(["--compare", str(tmp_path / "heun-stats.npz"), run_folder["ref"]])
+    assert f"FID {float(row['fid']):.4f}" in capsys.readouterr().out
+
+
+def test_pid_fid_rejects_options_that_do_not_apply(tmp_path, run_folder, capsys):
+    for bad, message in ((["--images", run_folder["ref"], "--seeds", "0-9"], "--images scores the given ones"),
+                         (["--teacher", run_folder["ref"], "--ema", "0.999"], "--ema names weights"),
+                         (["--checkpoint", str(tmp_path / "missing.pt")], "no such file")):
+        with pytest.raises(SystemExit):
+            fid_cli.main([*bad, "--ref", run_folder["ref"]])
+        assert message in capsys.readouterr().err
