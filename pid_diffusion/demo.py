@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pid_diffusion import checkpoint, dist, evaluation, fileio, hub, inception
-from pid_diffusion.distill import DistillConfig, build
+from pid_diffusion.distill import DistillConfig, build, fingerprints
 from pid_diffusion.fid import load_reference, save_reference
 from pid_diffusion.images import labelled_rows_png
 from pid_diffusion.samplers import HeunSampler, OneStepSampler, Sampler
@@ -150,7 +150,7 @@ def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> lis
 
     # Distil: every rank trains.
     preview = sampler_preview(one_step, student, config.run.image_count, config.train.seed, device)
-    training_loop(config, objective, student, preview)
+    training_loop(config, objective, student, preview, fingerprints(objective))
 
     # After: the newest checkpoint's weights, as pid-sample would load them; every rank shares the FIDs.
     _, path = checkpoint.latest_checkpoint(config.run.dir)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from pid_diffusion import dist
+from pid_diffusion import dist, logs
 from pid_diffusion.cli import options
 from pid_diffusion.demo import DemoOptions, run_demo
 from pid_diffusion.distill import TASK, DistillConfig
@@ -26,7 +26,7 @@ from pid_diffusion.distill import TASK, DistillConfig
 
 def parse_args(argv: Sequence[str] | None):
     defaults = DemoOptions()
-    parser = options.training_parser("pid-demo", __doc__, TASK)
+    parser = options.training_parser("pid-demo", __doc__, TASK, DistillConfig)
     parser.add_argument("--eval-images", type=int, default=defaults.eval_images,
                         help="latents on which teacher and student are compared (default: %(default)s)")
     parser.add_argument("--grid-columns", type=int, default=defaults.grid_columns,
@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args, config, demo = parse_args(argv)
         if options.dry_run(args, config):
             return
-        run_demo(config, demo)
+        with logs.tee_output(config.run.dir):
+            run_demo(config, demo)
     dist.shutdown()
 
 

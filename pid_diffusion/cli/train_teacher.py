@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from pid_diffusion import dist, images
+from pid_diffusion import dist, images, logs
 from pid_diffusion.cli import options
 from pid_diffusion.samplers import HeunSampler
 from pid_diffusion.teacher_training import TASK, TeacherTrainingConfig, build, export_teacher, grid_path
@@ -43,15 +43,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         args, config = parse_args(argv)
         if options.dry_run(args, config):
             return
-        device = dist.device()
-        objective, net = build(config)
-        preview = sampler_preview(HeunSampler(), net, config.run.image_count, config.train.seed, device)
-        training_loop(config, objective, net, preview)
-        if args.export and dist.rank() == 0:
-            rate = args.export_ema if args.export_ema is not None else config.train.ema_rates[0]
-            teacher = export_teacher(config, args.export, rate)
-            images.write_grid(preview(teacher.to(device)), grid_path(args.export), columns=GRID_COLUMNS)
-            dist.print0(f"Wrote the teacher {args.export} (EMA {rate}) and its Heun grid {grid_path(args.export)}")
+        with logs.tee_output(config.run.dir):
+            device = dist.device()
+            objective, net = build(config)
+            preview = sampler_preview(HeunSampler(), net, config.run.image_count, config.train.seed, device)
+            training_loop(config, objective, net, preview)
+            if args.export and dist.rank() == 0:
+                rate = args.export_ema if args.export_ema is not None else config.train.ema_rates[0]
+                teacher = export_teacher(config, args.export, rate)
+                images.write_grid(preview(teacher.to(device)), grid_path(args.export), columns=GRID_COLUMNS)
+                dist.print0(f"Wrote the teacher {args.export} (EMA {rate}) and its Heun grid {grid_path(args.export)}")
         dist.barrier()
     dist.shutdown()
 
