@@ -65,7 +65,7 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
     for key, section, field in leaf_fields(DistillConfig):
         assert f"--{key}=" in text, key
         assert field_docs(section)[field.name] in text, key
-    assert "--train.lr=0.0002\n      Learning rate after warm-up (constant). [default preset: 0.001]" in text
+    assert "--train.lr=0.0002\n      Learning rate after warm-up (peak, with a decay). [default preset: 0.001]" in text
     assert "--train.micro_batch=none" in text and "[resume: may change (same maths, other rounding)]" in text
 
 
