@@ -38,7 +38,7 @@ TASK = "distill"  # Its presets: configs/distill/<name>.json.
 class TeacherConfig:
     """The pretrained EDM teacher."""
 
-    path: str = "teachers/edm-cifar10-32x32-uncond-vp.pkl"  # Teacher file (converted .pt or EDM .pkl); local, gs:// or az://.
+    path: str = "teachers/edm-cifar10-32x32-uncond-vp.pt"  # Teacher file (converted .pt or EDM .pkl); local, gs:// or az://.
     preset: str | None = None                    # EDM network preset for weights-only files; None: read from the file.
 
     def __post_init__(self):
