@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from pid_diffusion import dist
+from pid_diffusion.cli import errors
 from pid_diffusion.config import ConfigError, parse_overrides, resolve, to_json
 from pid_diffusion.demo import DemoOptions, run_demo
 
@@ -53,7 +54,7 @@ def parse_args(argv: Sequence[str] | None):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error():
+    with dist.abort_on_error(), errors.reported("pid-demo"):
         args, config, options = parse_args(argv)
         if args.dry_run:
             dist.print0(to_json(config), end="")

@@ -14,6 +14,7 @@ import argparse
 from collections.abc import Sequence
 
 from pid_diffusion import dist
+from pid_diffusion.cli import errors
 from pid_diffusion.config import DISTILL_PRESETS, DistillConfig, to_json
 from pid_diffusion.distill import build
 from pid_diffusion.samplers import OneStepSampler
@@ -25,7 +26,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, DistillC
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error():
+    with dist.abort_on_error(), errors.reported("pid-distill"):
         args, config = parse_args(argv)
         if args.dry_run:
             dist.print0(to_json(config), end="")

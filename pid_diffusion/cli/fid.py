@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from pid_diffusion import checkpoint, dist, fileio, samplers
-from pid_diffusion.cli.sample import add_sampler_arguments, parse_int_list
+from pid_diffusion.cli import errors
+from pid_diffusion.cli.sample import add_sampler_arguments, parse_int_list, sampler_from_args
 from pid_diffusion.fid import compute_statistics, fid_from_stats, load_reference
-from pid_diffusion.generate import generate, make_sampler
+from pid_diffusion.generate import generate
 from pid_diffusion.inception import Detector, load_detector
 
 __all__ = ["Result", "ResultsTable", "evaluate", "main", "plot_results"]
@@ -325,7 +326,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, step: int, path: str, seed_ra
                 table.record(dataclasses.replace(result, error=f"{type(error).__name__}: {error}"), write=is_writer)
                 dist.print0(f"{name} ema {ema}: cannot be loaded: {error}")
                 continue
-            sampler = make_sampler(args.sampler, args.steps, net)
+            sampler = sampler_from_args(args, net)
             scores = evaluate(net, sampler, seeds, detector, reference, args.batch)
             if is_writer:
                 fid, is_mean, is_std = scores
@@ -336,19 +337,19 @@ def _evaluate_checkpoint(args: argparse.Namespace, step: int, path: str, seed_ra
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    seed_ranges = dict(args.seeds)
-    if args.batch < 1:
-        parser.error("--batch must be positive")
-    csv_path = args.csv or fileio.join(args.run, "fid.csv")
-    plot_path = args.plot or fileio.join(args.run, "fid.png")
-    checkpoints = checkpoint.find_checkpoints(args.run)
-    if not checkpoints:
-        parser.error(f"no checkpoint-<step>.pt files in {args.run}")
+    with dist.abort_on_error(), errors.reported("pid-fid"):
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        seed_ranges = dict(args.seeds)
+        if args.batch < 1:
+            parser.error("--batch must be positive")
+        csv_path = args.csv or fileio.join(args.run, "fid.csv")
+        plot_path = args.plot or fileio.join(args.run, "fid.png")
+        checkpoints = checkpoint.find_checkpoints(args.run)
+        if not checkpoints:
+            parser.error(f"no checkpoint-<step>.pt files in {args.run}")
 
-    dist.init()
-    with dist.abort_on_error():
+        dist.init()
         detector = load_detector(args.detector, dist.device())
         reference = load_reference(args.ref)
         table = ResultsTable(csv_path)

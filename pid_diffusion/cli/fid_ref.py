@@ -25,6 +25,7 @@ import PIL.Image
 import torch
 
 from pid_diffusion import dist, fileio
+from pid_diffusion.cli import errors
 from pid_diffusion.fid import compute_statistics, save_reference
 from pid_diffusion.inception import Detector, load_detector
 
@@ -160,12 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch < 1 or (args.num_images is not None and args.num_images < 2):
-        parser.error("--batch must be positive and --num-images at least 2")
-    dist.init()
-    with dist.abort_on_error():
+    with dist.abort_on_error(), errors.reported("pid-fid-ref"):
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.batch < 1 or (args.num_images is not None and args.num_images < 2):
+            parser.error("--batch must be positive and --num-images at least 2")
+        dist.init()
         source = open_images(args.data)
         indices = edm_subset(len(source), args.num_images, args.seed)
         detector = load_detector(args.detector, dist.device())

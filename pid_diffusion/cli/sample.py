@@ -29,11 +29,16 @@ import PIL.Image
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, dist, fileio
+from pid_diffusion import checkpoint, dist, fileio, samplers
+from pid_diffusion.cli import errors
+from pid_diffusion.cli.errors import UserError
+from pid_diffusion.dode import DODESampler
 from pid_diffusion.generate import Batch, SamplerKind, gather_rows, generate, make_sampler
+from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
 
-__all__ = ["add_model_arguments", "add_sampler_arguments", "load_model", "main", "parse_int_list"]
+__all__ = ["add_model_arguments", "add_sampler_arguments", "load_model", "main", "parse_int_list",
+           "sampler_from_args"]
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
@@ -71,6 +76,20 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: onestep for a PID student, heun for a denoiser")
     parser.add_argument("--steps", type=int,
                         help="heun: Karras steps (EDM default 18); euler: points of PID's grid (default 250)")
+    parser.add_argument("--sampler-file", metavar="PATH",
+                        help="a D-ODE sampler written by pid-fit-dode, for a denoiser (instead of --sampler/--steps)")
+
+
+def sampler_from_args(args: argparse.Namespace, net: nn.Module) -> samplers.Sampler:
+    """The sampler add_sampler_arguments' options name for `net`: a D-ODE file, or make_sampler's choice."""
+    if args.sampler_file is None:
+        return make_sampler(args.sampler, args.steps, net)
+    if args.sampler is not None or args.steps is not None:
+        raise UserError("--sampler-file holds its solver and steps: drop --sampler and --steps")
+    if isinstance(net, PIDStudent):
+        raise UserError(f"{args.sampler_file} is a D-ODE sampler for a denoiser; a PID student samples in one "
+                        "step: drop --sampler-file")
+    return DODESampler.load(args.sampler_file)
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -140,20 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not (args.grid or args.npz or args.png_dir):
-        parser.error("nothing to write: give --grid, --npz and/or --png-dir")
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error("--seeds lists a seed twice; every image needs its own seed")
-    if args.batch < 1 or (args.grid_cols is not None and args.grid_cols < 1):
-        parser.error("--batch and --grid-cols must be positive")
-    columns = args.grid_cols or math.ceil(math.sqrt(len(args.seeds)))
-    dist.init()
-    with dist.abort_on_error():
+    with dist.abort_on_error(), errors.reported("pid-sample"):
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not (args.grid or args.npz or args.png_dir):
+            parser.error("nothing to write: give --grid, --npz and/or --png-dir")
+        if len(set(args.seeds)) != len(args.seeds):
+            parser.error("--seeds lists a seed twice; every image needs its own seed")
+        if args.batch < 1 or (args.grid_cols is not None and args.grid_cols < 1):
+            parser.error("--batch and --grid-cols must be positive")
+        columns = args.grid_cols or math.ceil(math.sqrt(len(args.seeds)))
+        dist.init()
         device = dist.device()
         net = load_model(args, device)
-        sampler = make_sampler(args.sampler, args.steps, net)
+        sampler = sampler_from_args(args, net)
         dist.print0(f"{len(args.seeds)} images, {sampler.num_network_calls} network call(s) each, "
                     f"{dist.world_size()} rank(s)")
         image_shape = (net.img_resolution, net.img_resolution, net.img_channels)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from pid_diffusion import checkpoint, dist, fileio
+from pid_diffusion.cli import errors
 from pid_diffusion.config import (OptimizerKind, Presets, RunConfig, TrainConfig, TrainingConfig, check,
                                   to_json)
 from pid_diffusion.edm_loss import EDMObjective
@@ -171,7 +172,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TeacherT
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error():
+    with dist.abort_on_error(), errors.reported("pid-train-teacher"):
         args, config = parse_args(argv)
         if args.dry_run:
             dist.print0(to_json(config), end="")
