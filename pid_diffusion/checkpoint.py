@@ -102,6 +102,10 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 def load_generator(path: str, ema_rate: float | None = None, device: torch.device | str = "cpu") -> nn.Module:
     """The trained model of a checkpoint (its EMA at `ema_rate`, or the raw weights), in eval mode, frozen."""
     checkpoint = fileio.torch_load(path)
+    if not (isinstance(checkpoint, dict) and {"model_spec", "model", "ema"} <= checkpoint.keys()):
+        found = sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path} is not a training checkpoint (model_spec, model, ema), found {found}; a teacher "
+                         "file is read with --teacher (pid-sample), a run folder's checkpoints are checkpoint-<step>.pt")
     model = build_model(checkpoint["model_spec"])
     if ema_rate is None:
         state = checkpoint["model"]

@@ -532,7 +532,7 @@ def _cifar10() -> DistillConfig:
         run=RunConfig(dir="runs/pid-cifar10", checkpoint_every=10_000, image_every=10_000),
         train=TrainConfig(steps=800_000, batch=512, precision=Precision.FP32, optimizer=OptimizerKind.RADAM,
                           lr=2e-4, eps=1e-8, ema_rates=_PAPER_EMA_RATES),
-        teacher=TeacherConfig(path="teachers/edm-cifar10-32x32-uncond-vp.pkl"),
+        teacher=TeacherConfig(path="teachers/edm-cifar10-32x32-uncond-vp.pt"),
         pid=PIDConfig(metric=Metric.LPIPS_PIQ),
     )
 
@@ -544,7 +544,7 @@ def _imagenet64() -> DistillConfig:
         run=RunConfig(dir="runs/pid-imagenet64", checkpoint_every=10_000, image_every=10_000),
         train=TrainConfig(steps=400_000, batch=2048, micro_batch=32, precision=Precision.FP16,
                           optimizer=OptimizerKind.RADAM, lr=1e-4, eps=1e-8, ema_rates=_PAPER_EMA_RATES),
-        teacher=TeacherConfig(path="teachers/edm-imagenet-64x64-cond-adm.pkl"),
+        teacher=TeacherConfig(path="teachers/edm-imagenet-64x64-cond-adm.pt"),
         pid=PIDConfig(metric=Metric.LPIPS_PIQ),
     )
 

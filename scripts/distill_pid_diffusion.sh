@@ -17,12 +17,12 @@ HOSTFILE=${HOSTFILE:-}                          # Open MPI host file for several
 
 case "${PRESET}" in
   cifar10|cifar10-central)
-    TEACHER=${TEACHER:-teachers/edm-cifar10-32x32-uncond-vp.pkl}
+    TEACHER=${TEACHER:-teachers/edm-cifar10-32x32-uncond-vp.pt}
     GLOBAL_BATCH=${GLOBAL_BATCH:-512}           # Paper: 8 GPUs × 64.
     MICRO_BATCH=${MICRO_BATCH:-none}            # Per GPU per forward pass; none: the whole per-GPU share.
     ;;
   imagenet64|imagenet64-central)
-    TEACHER=${TEACHER:-teachers/edm-imagenet-64x64-cond-adm.pkl}
+    TEACHER=${TEACHER:-teachers/edm-imagenet-64x64-cond-adm.pt}
     GLOBAL_BATCH=${GLOBAL_BATCH:-2048}          # Paper: 8 GPUs × 256, in micro-batches of 32.
     MICRO_BATCH=${MICRO_BATCH:-32}
     ;;

@@ -5,7 +5,7 @@ Distils the bundled 16×16 shapes teacher (model_zoo/edm-shapes-16x16.pt) into a
 from the same latents) and prints the agreement of student and teacher (RMSE, PSNR) and, when EDM's
 Inception detector is on disk, FID.
 
-    pid-demo                                   # or: bash scripts/demo.sh
+    pid-demo                                   # or: python -m pid_diffusion.cli.demo
     pid-demo --run.dir=runs/demo2 --train.steps=200
     mpirun -np 2 pid-demo                      # two processes
 
@@ -41,7 +41,11 @@ def parse_args(argv: Sequence[str] | None):
                         help="samples (and data images) per FID, when a detector is present (default: %(default)s)")
     parser.add_argument("--detector", default=defaults.detector,
                         help="Inception detector file (default: the torch hub cache; never downloaded)")
+    parser.add_argument("--preset", help=argparse.SUPPRESS)  # refused below: not a shorthand of teacher.preset
     args, rest = parser.parse_known_args(argv)
+    if args.preset is not None:
+        parser.error(f"--preset={args.preset}: pid-demo always runs the {PRESET!r} preset; distil another preset "
+                     f"with pid-distill --preset={args.preset} (a teacher's architecture is --teacher.preset=...)")
     try:
         config = resolve(PRESET, parse_overrides(rest))
         options = dataclasses.replace(defaults, eval_images=args.eval_images, grid_columns=args.grid_columns,
