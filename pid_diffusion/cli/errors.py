@@ -87,6 +87,16 @@ def _argparse_quiet_off_rank_0() -> Iterator[None]:
         argparse.ArgumentParser._print_message = original
 
 
+def _wait_for_rank_0() -> None:
+    """On a rank ≠ 0: give rank 0 the time to report the same mistake and end the job."""
+    if dist.rank() == 0:
+        return
+    try:
+        time.sleep(SOLO_RANK_GRACE_S)
+    except BaseException:  # the launcher ends this rank (rank 0 has reported): leave quietly
+        os._exit(USAGE_STATUS)
+
+
 @contextlib.contextmanager
 def reported(prog: str) -> Iterator[None]:
     """Report a user's mistake inside the block as `<prog>: error: <message>` (see the module docstring)."""
@@ -96,15 +106,12 @@ def reported(prog: str) -> Iterator[None]:
     except SystemExit as error:
         if error.code in (None, 0) or dist.world_size() == 1:
             raise
+        _wait_for_rank_0()
         _exit(error.code if isinstance(error.code, int) else USAGE_STATUS)  # argparse has printed (rank 0)
     except USER_ERRORS as error:
         if _debug():
             raise
-        if dist.rank() != 0:
-            try:
-                time.sleep(SOLO_RANK_GRACE_S)
-            except BaseException:  # the launcher ends this rank (rank 0 has reported): leave quietly
-                os._exit(USAGE_STATUS)
+        _wait_for_rank_0()
         prefix = "" if dist.rank() == 0 else f"[rank {dist.rank()}] "
         print(f"{prefix}{prog}: error: {_message(error)}", file=sys.stderr)
         _exit(USAGE_STATUS)
