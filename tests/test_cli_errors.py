@@ -12,6 +12,8 @@ import pytest
 
 from pid_diffusion.cli import errors
 
+from launch import MPIRUN
+
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = str(REPO / "model_zoo" / "edm-shapes-16x16.pt")
 
@@ -82,12 +84,12 @@ def test_a_bug_keeps_its_traceback(capsys):
             raise KeyError("a bug")
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (Open MPI) is not installed")
+@pytest.mark.mpirun
 def test_under_mpirun_the_message_is_printed_once(tmp_path):
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMP_NUM_THREADS": "1"}
     env.pop(errors.DEBUG_VARIABLE, None)
-    result = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", console_script("pid-sample"),
+    result = subprocess.run([MPIRUN or "mpirun", "-np", "2", "--oversubscribe", console_script("pid-sample"),
                              "--checkpoint", TEACHER, "--grid", str(tmp_path / "g.png")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == errors.USAGE_STATUS

@@ -28,6 +28,7 @@ from pid_diffusion import checkpoint, fileio, hub
 from pid_diffusion.fid import save_reference
 from pid_diffusion.networks import EDM_PRESETS
 
+from launch import MPIRUN
 from test_fid import SMALL_FEATURE_DIM, write_detector
 from test_metrics import LPIPS_CHANNELS, random_vgg16_state_dict
 from test_release_gradients import random_teacher
@@ -40,7 +41,6 @@ JOB_TIMEOUT_S = 900  # A guard against a hung job, far above its normal duration
 DETECTOR_POOL = 4  # test_fid's stand-in detector pools 4×4 pixels.
 EMA = "0.999"  # One EMA rate: each one is another copy of the network in every checkpoint.
 
-needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (Open MPI) is not installed")
 
 
 def console_script(name: str) -> str:
@@ -72,7 +72,7 @@ def environment(workspace: Path, threads: int) -> dict[str, str]:
 def launch(command: list[str], processes: int) -> list[str]:
     if processes == 1:
         return command
-    return ["mpirun", "-np", str(processes), "--oversubscribe", *command]
+    return [MPIRUN or "mpirun", "-np", str(processes), "--oversubscribe", *command]
 
 
 def run(command: list[str], env: dict[str, str]) -> str:
@@ -176,7 +176,7 @@ def full_path(workspace: Path, name: str, processes: int, batch: int, metric: st
     shutil.rmtree(run_dir)  # Checkpoints of full-size networks are large; free the disk for the next test.
 
 
-@needs_mpirun
+@pytest.mark.mpirun
 def test_cifar10_ddpmpp_whole_path_under_mpirun(workspace):
     """The paper's CIFAR-10 run: two ranks of batch 2, LPIPS (piq)."""
     full_path(workspace, "edm-cifar10-32x32-uncond-vp", processes=2, batch=4, metric="lpips_piq")
