@@ -13,6 +13,10 @@ temporary name and renamed (fileio), so a file with that name is always complete
     rng         one entry per rank: {"torch", "cuda", "numpy", "python"} generator states
 
 Every entry holds only tensors and plain Python values, so it loads with `weights_only=True`.
+
+A checkpoint that does not load (truncated by a disk error or an interrupted copy, corrupt, not a training
+checkpoint) is *damaged*: `newest_loadable` moves it aside to `<name>.damaged` (never deletes it) and
+falls back to the next older one.
 `load_generator` needs nothing but the file: sampling and FID need neither the teacher nor the
 configuration code.
 """
@@ -31,7 +35,10 @@ from torch import nn
 from pid_diffusion import fileio
 
 __all__ = [
+    "CheckpointWriteError",
+    "DAMAGED_SUFFIX",
     "MODEL_CLASSES",
+    "NoLoadableCheckpointError",
     "build_model",
     "capture_rng",
     "checkpoint_path",
@@ -39,7 +46,9 @@ __all__ = [
     "latest_checkpoint",
     "load_generator",
     "model_spec",
+    "newest_loadable",
     "prune_checkpoints",
+    "read_checkpoint",
     "restore_rng",
 ]
 
@@ -50,6 +59,16 @@ MODEL_CLASSES: dict[str, str] = {
 }
 
 _NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
+_KEYS = ("step", "config", "model_spec", "model", "ema", "optimizer", "scaler", "rng")
+DAMAGED_SUFFIX = ".damaged"  # A checkpoint that does not load is renamed <name>.damaged[.<n>].
+
+
+class NoLoadableCheckpointError(RuntimeError):
+    """A run folder has checkpoints, but none of them loads."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions, the blob store); the earlier ones are intact."""
 
 
 def checkpoint_path(folder: str, step: int) -> str:
@@ -79,6 +98,52 @@ def prune_checkpoints(folder: str, keep: int) -> None:
     if keep > 0:
         for _, path in find_checkpoints(folder)[:-keep]:
             fileio.remove(path)
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The training checkpoint at `path`; raises (what torch.load raises, or a ValueError) if it does not load."""
+    state = fileio.torch_load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"not a training checkpoint (a {type(state).__name__}, not a dictionary)")
+    missing = [key for key in _KEYS if key not in state]
+    if missing:
+        raise ValueError(f"not a training checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def _move_aside(path: str) -> str:
+    """Rename a damaged checkpoint to a free `<path>.damaged[.<n>]` name, out of `find_checkpoints`' sight."""
+    target, count = path + DAMAGED_SUFFIX, 1
+    while fileio.exists(target):
+        target, count = f"{path}{DAMAGED_SUFFIX}.{count}", count + 1
+    fileio.rename(path, target)
+    return target
+
+
+def _reason(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+
+
+def newest_loadable(folder: str, log=print) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint of `folder` that loads, as (path, state); None when there is no checkpoint.
+
+    Each newer one that does not load is moved aside, with one line through `log` naming the file and the
+    reason; when none loads, NoLoadableCheckpointError names them all. Call it on one process only.
+    """
+    damaged = []
+    for _, path in reversed(find_checkpoints(folder)):
+        try:
+            return path, read_checkpoint(path)
+        except Exception as error:  # torch.load raises many kinds (zip, unpickling, EOF, OS errors).
+            aside = _move_aside(path)
+            log(f"Skipping damaged checkpoint {path} ({_reason(error)}); moved to {aside}")
+            damaged.append(aside)
+    if damaged:
+        raise NoLoadableCheckpointError(
+            f"no checkpoint in {folder} loads; the damaged ones were moved aside: {', '.join(damaged)}. "
+            f"Restore a good checkpoint into the folder, or start a new run folder")
+    return None
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from pid_diffusion import preemption
 from pid_diffusion.loss import Derivative, ResidualForm
 from pid_diffusion.metrics import Metric
 from pid_diffusion.student import StudentInit
@@ -136,6 +137,8 @@ class RunConfig:
     image_count: int = 64           # Images in a sample grid (fixed noise, seeded by train.seed).
     sync_check_every: int = 1000    # Steps between checks that all ranks hold identical weights; 0 never.
     timeout_minutes: float = 10.0   # A collective waiting longer than this fails the job (a rank died).
+    # Signals that stop the run after the step in flight, with a checkpoint and exit status 75 (preemption.py).
+    preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
 
     def __post_init__(self):
         check(bool(self.dir), "run.dir", "must name a folder")
@@ -144,6 +147,9 @@ class RunConfig:
         for key in ("keep_checkpoints", "image_every", "sync_check_every"):
             check(getattr(self, key) >= 0, f"run.{key}", f"must be ≥ 0, got {getattr(self, key)}")
         check(self.timeout_minutes > 0, "run.timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
+        bad = preemption.check_signal_names(self.preempt_signals)
+        check(not bad, "run.preempt_signals", f"{', '.join(bad)} cannot be caught here: name catchable signals "
+              f"such as SIGTERM,SIGINT,SIGUSR1, or none (--run.preempt_signals=) to leave signals alone")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,12 +26,14 @@ import torch
 import torch.distributed as torch_dist
 
 __all__ = [
+    "JobExit",
     "Launcher",
     "abort_on_error",
     "all_gather_tensors",
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "broadcast_object",
     "device",
     "init",
     "is_initialized",
@@ -184,6 +186,15 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` (any picklable value) on every rank."""
+    if not (is_initialized() and world_size() > 1):
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of `tensor` over ranks (a new tensor; the input is left alone)."""
     result = tensor.detach().clone()
@@ -225,6 +236,11 @@ def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [shard[:length] for shard, length in zip(shards, lengths)]
 
 
+class JobExit(SystemExit):
+    """An exit that every rank takes at the same point (preemption): `abort_on_error` lets it end each
+    process with its status instead of aborting the job."""
+
+
 def print0(*args, **kwargs) -> None:
     """`print` on rank 0 only."""
     if rank() == 0:
@@ -242,7 +258,7 @@ def abort_on_error() -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        if world_size() == 1 or (isinstance(error, SystemExit) and not error.code):
+        if world_size() == 1 or isinstance(error, JobExit) or (isinstance(error, SystemExit) and not error.code):
             raise
         print(f"[rank {rank()}] aborting the job", file=sys.stderr)
         if not isinstance(error, SystemExit):  # argparse has already printed its message.

@@ -77,7 +77,7 @@ class ToyObjective:
         self.calls = 0
 
     def sample_batch(self, generator: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
-        return {"x": torch.randn(batch_size, CHANNELS, SIZE, SIZE, generator=generator)}
+        return {"x": torch.randn(batch_size, CHANNELS, SIZE, SIZE, generator=generator, device=generator.device)}
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         step = self.calls  # One call per step when there is one micro-batch (the fault tests).
