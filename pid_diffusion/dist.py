@@ -1,9 +1,13 @@
-"""One process group under `mpirun`, `torchrun` or plain `python`.
+"""One process group under `mpirun`, `torchrun`, `srun` or plain `python`.
 
 The launcher is recognised from its environment: Open MPI / MPICH / Intel MPI set `OMPI_COMM_WORLD_SIZE`
 or `PMI_SIZE` (rank, size and local rank then come from the MPI communicator, and rank 0 broadcasts the
-rendezvous address over MPI), torchrun sets `RANK`, `WORLD_SIZE` and `LOCAL_RANK`, and anything else is a
-single process. The device is `cuda:<local rank>` when CUDA is present (never a fixed number of GPUs per
+rendezvous address over MPI), torchrun sets `RANK`, `WORLD_SIZE` and `LOCAL_RANK`, a SLURM job step
+(`srun`, without an MPI library in between) sets `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID` and
+`SLURM_STEP_ID` (the batch script itself has no step id, so a plain `python` there is one process), and
+anything else is a single process. Under srun the rendezvous is `MASTER_ADDR:MASTER_PORT` when set, else
+the first host of `SLURM_JOB_NODELIST` and a port derived from `SLURM_JOB_ID` (every rank computes the
+same address without talking to the others). The device is `cuda:<local rank>` when CUDA is present (never a fixed number of GPUs per
 node), the CPU otherwise; the backend is NCCL on GPUs and gloo on the CPU.
 
 The rank helpers work before `init()` (they read the launcher's environment), so a script can decide
@@ -35,6 +39,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "device",
+    "first_host",
     "init",
     "is_initialized",
     "launcher",
@@ -56,16 +61,52 @@ class Launcher(enum.Enum):
 
     MPI = "mpi"
     TORCHRUN = "torchrun"
+    SLURM = "slurm"
     SINGLE = "single"
 
 
+_SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID")
+# Without MASTER_PORT, an srun job rendezvous on port BASE + job id mod RANGE: unprivileged, below Linux's
+# ephemeral range (32768+), and different for jobs that share a node unless their ids agree mod RANGE.
+_SLURM_PORT_BASE, _SLURM_PORT_RANGE = 12000, 20000
+
+
 def launcher() -> Launcher:
-    """The launcher, from its environment variables (MPI first: mpirun may also export RANK)."""
+    """The launcher, from its environment variables. MPI first (mpirun may also export RANK, and inside a
+    SLURM allocation every process sees SLURM variables), then torchrun, then an srun step."""
     if any(name in os.environ for name in _MPI_SIZE_VARIABLES):
         return Launcher.MPI
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return Launcher.TORCHRUN
+    if all(name in os.environ for name in _SLURM_VARIABLES):
+        return Launcher.SLURM
     return Launcher.SINGLE
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list, compressed or not: `node[01-04,07],gpu1` → `node01`,
+    `rack[1-2]-n[3-4]` → `rack1-n3`."""
+    host, position = [], 0
+    while position < len(nodelist) and nodelist[position] != ",":
+        if nodelist[position] == "[":
+            end = nodelist.find("]", position)
+            if end < 0:
+                raise ValueError(f"SLURM host list {nodelist!r} has an unclosed '['")
+            host.append(nodelist[position + 1:end].split(",")[0].split("-")[0])
+            position = end + 1
+        else:
+            host.append(nodelist[position])
+            position += 1
+    if not host or not "".join(host).strip():
+        raise ValueError(f"SLURM host list {nodelist!r} names no host")
+    return "".join(host).strip()
+
+
+def _slurm_rendezvous() -> str:
+    """`tcp://host:port` of an srun job, the same on every rank (module docstring)."""
+    host = os.environ.get("MASTER_ADDR") or first_host(os.environ["SLURM_JOB_NODELIST"])
+    port = os.environ.get("MASTER_PORT") or _SLURM_PORT_BASE + int(os.environ["SLURM_JOB_ID"]) % _SLURM_PORT_RANGE
+    return f"tcp://{host}:{port}"
 
 
 def _mpi():
@@ -82,6 +123,8 @@ def _rank_and_size() -> tuple[int, int]:
         return comm.Get_rank(), comm.Get_size()
     if kind is Launcher.TORCHRUN:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if kind is Launcher.SLURM:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
     return 0, 1
 
 
@@ -101,6 +144,8 @@ def _local_rank() -> int:
         return local
     if kind is Launcher.TORCHRUN:
         return int(os.environ.get("LOCAL_RANK", "0"))
+    if kind is Launcher.SLURM:
+        return int(os.environ.get("SLURM_LOCALID", "0"))
     return 0
 
 
@@ -170,6 +215,8 @@ def init(timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> None:
         torch_dist.init_process_group(init_method=_rendezvous_over_mpi(), **common)
     elif kind is Launcher.TORCHRUN:
         torch_dist.init_process_group(init_method="env://", **common)
+    elif kind is Launcher.SLURM:
+        torch_dist.init_process_group(init_method=_slurm_rendezvous(), **common)
     else:
         # A one-process group needs no rendezvous: an in-memory store avoids picking a port.
         torch_dist.init_process_group(store=torch_dist.HashStore(), **common)
