@@ -26,9 +26,11 @@ __all__ = [
     "join",
     "listdir",
     "makedirs",
+    "open_read",
     "read_bytes",
     "remove",
     "rename",
+    "size",
     "torch_load",
 ]
 
@@ -71,6 +73,16 @@ def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         return
     bf.copy(src, dst, overwrite=True)
     bf.remove(src)
+
+
+def size(path: str | os.PathLike) -> int:
+    """The size of a file in bytes."""
+    return bf.stat(str(path)).size
+
+
+def open_read(path: str | os.PathLike) -> BinaryIO:
+    """A seekable binary file to read, local or blob (blobfile reads blobs in ranges)."""
+    return bf.BlobFile(str(path), "rb")
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -139,6 +151,6 @@ def torch_load(path: str | os.PathLike, *, weights_only: bool = True, map_locati
     path = str(path)
     if not bf.exists(path):
         raise FileNotFoundError(f"No such file: {path}")
-    with bf.BlobFile(path, "rb") as f:
+    with open_read(path) as f:
         return torch.load(f, weights_only=weights_only, map_location=map_location)
 
