@@ -316,3 +316,31 @@ def test_sample_batch_must_honour_size_and_device():
 
     with pytest.raises(ValueError, match="'x' of shape \\(17,\\).*requested batch size 16"):
         _rank_share(Wrong(), 0, 0, 4, 0, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The SLURM batch script, with stand-ins for srun and scontrol.
+
+SBATCH = os.path.join(REPO, "scripts", "slurm_distill.sbatch")
+
+
+@pytest.mark.parametrize("status, requeued", [(preemption.PREEMPTED_EXIT_CODE, True), (1, False)])
+def test_sbatch_script_requeues_a_preempted_job_only(tmp_path, status, requeued):
+    log, tools = tmp_path / "calls.log", tmp_path / "bin"
+    tools.mkdir()
+    # The stand-in srun runs for a moment, during which the batch shell itself gets SIGTERM (a preemption).
+    for name, body in (("srun", f'echo "srun $*" >> {log}; sleep 1; exit {status}'),
+                       ("scontrol", f'echo "scontrol $*" >> {log}')):
+        (tools / name).write_text(f"#!/bin/sh\n{body}\n")
+        (tools / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "77"}
+    job = subprocess.Popen(["bash", SBATCH, "imagenet64", "--train.steps=5"], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(log.exists, job, "srun to start")
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=JOB_TIMEOUT_S)
+    assert job.returncode == status, err
+    calls = log.read_text().splitlines()
+    assert calls[0] == ("srun --kill-on-bad-exit=1 pid-distill --preset=imagenet64 --run.dir=runs/pid-imagenet64 "
+                        "--teacher.path=teachers/edm-imagenet-64x64-cond-adm.pkl --train.steps=5")
+    assert calls[1:] == (["scontrol requeue 77"] if requeued else [])
