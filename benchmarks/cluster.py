@@ -105,7 +105,7 @@ def save_rows() -> list[tuple[str, str, str]]:
     for way in SAVE_WAYS:
         before, peak, size, seconds = results[way]
         rows.append((f"checkpoint save ({way.replace('_', ' ')}), `cifar10` state {size / 2**30:.2f} GiB",
-                     f"+{(peak - before) / 2**30:.2f} GiB above {before / 2**30:.2f} GiB resident",
+                     f"+{(peak - before) / 2**20:.0f} MiB above {before / 2**30:.2f} GiB resident",
                      f"{seconds:.2f} s"))
     return rows
 

@@ -2,10 +2,12 @@
 
     pid-distill --preset=cifar10 --run.dir=runs/c10 --train.batch=512      # one process (or torchrun)
     mpirun -np 8 pid-distill --preset=cifar10 --run.dir=runs/c10           # eight processes
+    srun --ntasks-per-node=8 pid-distill --preset=cifar10                  # eight SLURM tasks
     pid-distill --preset=imagenet64 --dry-run                              # print the resolved options
 
 Any configuration field can be overridden as `--section.key=value` (or `--key=value` when unique);
-re-running the same command resumes from the newest checkpoint in the run folder.
+re-running the same command resumes from the newest checkpoint in the run folder. SIGTERM, SIGINT or
+SIGUSR1 (`--run.preempt_signals`) stops after the step in flight with its checkpoint and exit status 75.
 """
 
 from __future__ import annotations
