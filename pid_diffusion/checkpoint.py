@@ -102,29 +102,13 @@ def prune_checkpoints(folder: str, keep: int) -> None:
 
 def read_checkpoint(path: str) -> dict[str, Any]:
     """The training checkpoint at `path`; raises (what torch.load raises, or a ValueError) if it does not load."""
-    try:
-        state = fileio.torch_load(path)
-    except Exception as error:
-        if not _ends_like_a_zip(path):  # torch.load's own message for a cut file is often a bare "Invalid argument".
-            raise ValueError(f"truncated or not a torch.save file: no zip end record in its "
-                             f"{fileio.size(path)} bytes") from error
-        raise
+    state = fileio.torch_load(path)
     if not isinstance(state, dict):
         raise ValueError(f"not a training checkpoint (a {type(state).__name__}, not a dictionary)")
     missing = [key for key in _KEYS if key not in state]
     if missing:
         raise ValueError(f"not a training checkpoint (no {', '.join(missing)})")
     return state
-
-
-_ZIP_END = b"PK\x05\x06"  # The end-of-central-directory record that closes every zip file (torch.save's format).
-_ZIP_END_SEARCH = 65_557  # The record (22 bytes) plus the longest zip comment (65 535 bytes).
-
-
-def _ends_like_a_zip(path: str) -> bool:
-    with fileio.open_read(path) as f:
-        f.seek(max(0, fileio.size(path) - _ZIP_END_SEARCH))
-        return _ZIP_END in f.read()
 
 
 def _move_aside(path: str) -> str:

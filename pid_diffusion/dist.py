@@ -7,8 +7,10 @@ rendezvous address over MPI), torchrun sets `RANK`, `WORLD_SIZE` and `LOCAL_RANK
 `SLURM_STEP_ID` (the batch script itself has no step id, so a plain `python` there is one process), and
 anything else is a single process. Under srun the rendezvous is `MASTER_ADDR:MASTER_PORT` when set, else
 the first host of `SLURM_JOB_NODELIST` and a port derived from `SLURM_JOB_ID` (every rank computes the
-same address without talking to the others). The device is `cuda:<local rank>` when CUDA is present (never a fixed number of GPUs per
-node), the CPU otherwise; the backend is NCCL on GPUs and gloo on the CPU.
+same address without talking to the others).
+
+The device is `cuda:<local rank>` when CUDA is present (never a fixed number of GPUs per node), the CPU
+otherwise; the backend is NCCL on GPUs and gloo on the CPU.
 
 The rank helpers work before `init()` (they read the launcher's environment), so a script can decide
 what to print or write before it builds the process group.

@@ -151,6 +151,23 @@ def torch_load(path: str | os.PathLike, *, weights_only: bool = True, map_locati
     path = str(path)
     if not bf.exists(path):
         raise FileNotFoundError(f"No such file: {path}")
+    try:
+        with open_read(path) as f:
+            return torch.load(f, weights_only=weights_only, map_location=map_location)
+    except Exception as error:
+        if not _ends_like_a_zip(path):  # torch.load's own message for a cut file is often a bare "Invalid argument".
+            raise ValueError(f"truncated, or not a zip-format torch.save file: no zip end record in its "
+                             f"{size(path)} bytes") \
+                from error
+        raise
+
+
+_ZIP_END = b"PK\x05\x06"  # The end-of-central-directory record that closes every zip file (torch.save's format).
+_ZIP_END_SEARCH = 65_557  # The record (22 bytes) plus the longest zip comment (65 535 bytes).
+
+
+def _ends_like_a_zip(path: str) -> bool:
     with open_read(path) as f:
-        return torch.load(f, weights_only=weights_only, map_location=map_location)
+        f.seek(max(0, size(path) - _ZIP_END_SEARCH))
+        return _ZIP_END in f.read()
 
