@@ -343,6 +343,6 @@ def test_sbatch_script_requeues_a_preempted_job_only(tmp_path, status, requeued)
     out, err = job.communicate(timeout=JOB_TIMEOUT_S)
     assert job.returncode == status, err
     calls = log.read_text().splitlines()
-    assert calls[0] == ("srun --kill-on-bad-exit=1 pid-distill --preset=imagenet64 --run.dir=runs/pid-imagenet64 "
-                        "--teacher.path=teachers/edm-imagenet-64x64-cond-adm.pkl --train.steps=5")
+    assert calls[0] == ("srun --mpi=none --kill-on-bad-exit=1 pid-distill --preset=imagenet64 --run.dir=runs/pid-"
+                        "imagenet64 --teacher.path=teachers/edm-imagenet-64x64-cond-adm.pkl --train.steps=5")
     assert calls[1:] == (["scontrol requeue 77"] if requeued else [])
