@@ -307,7 +307,8 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
         # One all-reduce per step carries the loss and the number of ranks that received a preemption signal.
         signalled = torch.tensor(float(flag.received is not None), device=device)
         totals = dist.all_reduce_sum(torch.stack([loss_sum, signalled]))
-        loss, stop = (totals[0] / world_size).item() / per_rank, totals[1].item() > 0
+        loss_total, signalled_ranks = totals.tolist()  # One device-to-host copy.
+        loss, stop = loss_total / world_size / per_rank, signalled_ranks > 0
         if not math.isfinite(loss):
             where = last_checkpoint or "none was written"
             raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step} (counting from 0), before its update; "
