@@ -18,13 +18,14 @@ from pid_diffusion import checkpoint, dist, fileio, preemption
 from pid_diffusion.config import ConfigError, RunConfig
 from pid_diffusion.train import NOISE_CHUNK, _rank_share
 
-from test_dist_mpi import JOB_TIMEOUT_S, assert_close_weights, latest, mpirun, needs_mpirun
-from test_train import REPO, SCRIPT, assert_same_training_state, subprocess_env, train_toy
+from equality import assert_same_update
+from launch import JOB_TIMEOUT_S, REPO, mpirun, mpirun_command, mpirun_env, needs_mpirun, subprocess_env, wait_for
+from test_dist_mpi import REL_TWO_RANKS, initial_toy_state, latest
+from test_train import SCRIPT, assert_same_training_state, train_toy
 
 # An 8-step toy run with dropout (the global RNG must resume too) and checkpoints every 3 steps, so that a
 # preemption's checkpoint is not one the run writes anyway.
 COMMON = ["--train.steps=8", "--run.checkpoint_every=3", "--toy.dropout=0.5"]
-POLL_S = 0.02
 # Mid-step signals at three random steps, one per signal the loop catches by default.
 CASES = list(zip(random.Random(12).sample(range(7), 3), ("SIGTERM", "SIGINT", "SIGUSR1")))
 
@@ -70,14 +71,6 @@ def test_preempted_run_requeued_ends_bit_identical(tmp_path, straight, signal_st
     assert f"Preempted ({name}) after step {stops[0]}" in capsys.readouterr().out
     assert state["step"] == 8
     assert_same_training_state(straight, state)
-
-
-def wait_for(condition, job: subprocess.Popen, what: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert job.poll() is None, f"the job ended before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(POLL_S)
 
 
 def test_sigterm_from_outside_checkpoints_and_exits_75_then_resumes(tmp_path, straight):
@@ -142,9 +135,8 @@ def test_preemption_under_mpirun_resumes_bit_identical(tmp_path):
 
     # SIGUSR1 to mpirun, which forwards it to every rank (SIGTERM to Open MPI's mpirun kills the ranks).
     folder = tmp_path / "launcher"
-    env = {**subprocess_env(), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    command = ["mpirun", "-np", "2", "--oversubscribe", sys.executable, SCRIPT, f"--run.dir={folder}", *common]
-    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(mpirun_command(2, SCRIPT, f"--run.dir={folder}", *common), cwd=REPO, env=mpirun_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: logged_steps(folder)[-1] >= 1, launcher, "the first step")
     launcher.send_signal(signal.SIGUSR1)
     out, err = launcher.communicate(timeout=JOB_TIMEOUT_S)
@@ -277,7 +269,8 @@ def test_two_srun_tasks_set_by_hand_train_like_one_process(tmp_path):
         assert "on 2 rank(s)" in out or task is tasks[1]
     train_toy(tmp_path / "one", "--train.steps=3")
     assert len(latest(tmp_path / "two")["rng"]) == 2
-    assert_close_weights(latest(tmp_path / "one"), latest(tmp_path / "two"))
+    assert_same_update(latest(tmp_path / "two")["model"], latest(tmp_path / "one")["model"], initial_toy_state(),
+                       rel=REL_TWO_RANKS)
 
 
 # ----------------------------------------------------------------------------------------------------------
