@@ -162,6 +162,13 @@ def run_documented(words: list[str], folder: Path, standins: Path, monkeypatch) 
     program = words[0]
     if program == "mpirun":
         return run_documented(without_mpirun(words), folder, standins, monkeypatch)
+    if program == "srun":  # documented srun options are all --key=value: the task it starts runs as one process
+        start = next(i for i, word in enumerate(words) if i > 0 and not word.startswith("-"))
+        return run_documented(words[start:], folder, standins, monkeypatch)
+    if program == "sbatch":  # the script's one srun command (tests/test_cluster.py checks it) runs as pid-distill
+        script = next(i for i, word in enumerate(words) if word.endswith(".sbatch"))
+        preset, *rest = words[script + 1:] or ["cifar10"]
+        return run_documented(["pid-distill", f"--preset={preset}", *rest], folder, standins, monkeypatch)
     if program == "torchrun" and "-m" in words:
         module = words[words.index("-m") + 1]
         command = next(name for name, value in MODULES.items() if f"pid_diffusion.cli.{value}" == module)
