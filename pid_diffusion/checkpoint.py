@@ -15,6 +15,10 @@ temporary name and renamed (fileio), so a file with that name is always complete
 Every entry holds only tensors and plain Python values, so it loads with `weights_only=True`. `save` and
 `resume` write and read the whole training state (the training loop calls them); `load_generator` needs
 nothing but the file: sampling and FID need neither the teacher nor the configuration code.
+
+A checkpoint that does not load (truncated by a disk error or an interrupted copy, corrupt, not a training
+checkpoint) is *damaged*: `newest_loadable` moves it aside to `<name>.damaged` (never deletes it) and
+`resume` falls back to the next older one.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ from pid_diffusion import dist, fileio
 from pid_diffusion.config import ConfigError, TrainingConfig, diff, from_dict, to_dict
 
 __all__ = [
+    "CheckpointWriteError",
+    "DAMAGED_SUFFIX",
     "MODEL_CLASSES",
+    "NoLoadableCheckpointError",
     "build_model",
     "capture_rng",
     "checkpoint_path",
@@ -41,7 +48,9 @@ __all__ = [
     "latest_checkpoint",
     "load_generator",
     "model_spec",
+    "newest_loadable",
     "prune_checkpoints",
+    "read_checkpoint",
     "restore_rng",
     "resume",
     "save",
@@ -54,6 +63,16 @@ MODEL_CLASSES: dict[str, str] = {
 }
 
 _NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
+_KEYS = ("step", "config", "model_spec", "model", "ema", "optimizer", "scaler", "rng")
+DAMAGED_SUFFIX = ".damaged"  # A checkpoint that does not load is renamed <name>.damaged[.<n>].
+
+
+class NoLoadableCheckpointError(RuntimeError):
+    """A run folder has checkpoints, but none of them loads."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions, the blob store); the earlier ones are intact."""
 
 
 def checkpoint_path(folder: str, step: int) -> str:
@@ -85,6 +104,52 @@ def prune_checkpoints(folder: str, keep: int) -> None:
             fileio.remove(path)
 
 
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The training checkpoint at `path`; raises (what torch.load raises, or a ValueError) if it does not load."""
+    state = fileio.torch_load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"not a training checkpoint (a {type(state).__name__}, not a dictionary)")
+    missing = [key for key in _KEYS if key not in state]
+    if missing:
+        raise ValueError(f"not a training checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def _move_aside(path: str) -> str:
+    """Rename a damaged checkpoint to a free `<path>.damaged[.<n>]` name, out of `find_checkpoints`' sight."""
+    target, count = path + DAMAGED_SUFFIX, 1
+    while fileio.exists(target):
+        target, count = f"{path}{DAMAGED_SUFFIX}.{count}", count + 1
+    fileio.rename(path, target)
+    return target
+
+
+def _reason(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+
+
+def newest_loadable(folder: str, log=print) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint of `folder` that loads, as (path, state); None when there is no checkpoint.
+
+    Each newer one that does not load is moved aside, with one line through `log` naming the file and the
+    reason; when none loads, NoLoadableCheckpointError names them all. Call it on one process only.
+    """
+    damaged = []
+    for _, path in reversed(find_checkpoints(folder)):
+        try:
+            return path, read_checkpoint(path)
+        except Exception as error:  # torch.load raises many kinds (zip, unpickling, EOF, OS errors).
+            aside = _move_aside(path)
+            log(f"Skipping damaged checkpoint {path} ({_reason(error)}); moved to {aside}")
+            damaged.append(aside)
+    if damaged:
+        raise NoLoadableCheckpointError(
+            f"no checkpoint in {folder} loads; the damaged ones were moved aside: {', '.join(damaged)}. "
+            f"Restore a good checkpoint into the folder, or start a new run folder")
+    return None
+
+
 def model_spec(model: nn.Module) -> dict[str, Any]:
     """What `build_model` needs to construct `model` again: its class name and constructor arguments."""
     name = type(model).__name__
@@ -106,6 +171,10 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 def load_generator(path: str, ema_rate: float | None = None, device: torch.device | str = "cpu") -> nn.Module:
     """The trained model of a checkpoint (its EMA at `ema_rate`, or the raw weights), in eval mode, frozen."""
     checkpoint = fileio.torch_load(path)
+    if not (isinstance(checkpoint, dict) and {"model_spec", "model", "ema"} <= checkpoint.keys()):
+        found = sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path} is not a training checkpoint (model_spec, model, ema), found {found}; a teacher "
+                         "file is read with --teacher (pid-sample), a run folder's checkpoints are checkpoint-<step>.pt")
     model = build_model(checkpoint["model_spec"])
     if ema_rate is None:
         state = checkpoint["model"]
@@ -156,16 +225,23 @@ def save(config: TrainingConfig, step: int, model: nn.Module, ema, optimizer: to
     torch_dist.gather_object(capture_rng(), states, dst=0)
     path = checkpoint_path(config.run.dir, step)
     if dist.rank() == 0:
-        fileio.atomic_torch_save({
-            "step": step,
-            "config": to_dict(config),
-            "model_spec": model_spec(model),
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": states,
-        }, path)
+        try:
+            fileio.atomic_torch_save({
+                "step": step,
+                "config": to_dict(config),
+                "model_spec": model_spec(model),
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": states,
+            }, path)
+        except Exception as error:
+            earlier = ", ".join(p for _, p in find_checkpoints(config.run.dir)) or "none"
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path} ({type(error).__name__}: {error}); nothing was left in its "
+                f"place and the earlier checkpoints are intact ({earlier}). Fix the cause (disk space, "
+                f"permissions, the blob store), then re-run the same command to resume") from error
         prune_checkpoints(config.run.dir, config.run.keep_checkpoints)
     dist.barrier()
     return path
@@ -176,19 +252,31 @@ def resume(config: TrainingConfig, model: nn.Module, ema, optimizer: torch.optim
     """Load the newest checkpoint of the run folder into the training state: (its step, its path, whether
     this rank's RNG state was restored); (0, None, False) without one.
 
-    The stored configuration must equal `config` except for the step limit (and the run folder, which may
-    have been moved). A job with another number of ranks than the one that wrote the checkpoint continues
+    Newer checkpoints that do not load are moved aside (`newest_loadable`). The stored configuration must
+    equal `config` except for the step limit, the run folder (which may have been moved) and the
+    preemption signals. A job with another number of ranks than the one that wrote the checkpoint continues
     with fresh RNG states (the caller seeds them), so its random numbers differ from an uninterrupted run's.
     """
     rank, world_size = dist.rank(), dist.world_size()
-    latest = latest_checkpoint(config.run.dir)
-    if latest is None:
+    # Rank 0 alone chooses, so no two ranks move one damaged file; the others load its choice.
+    found, error = None, None
+    if rank == 0:
+        try:
+            found = newest_loadable(config.run.dir, log=dist.print0)
+        except NoLoadableCheckpointError as raised:
+            error = str(raised)
+    path, error = dist.broadcast_object((found[0] if found else None, error))
+    if error is not None:
+        raise NoLoadableCheckpointError(error)
+    if path is None:
         return 0, None, False
-    step, path = latest
-    state = fileio.torch_load(path)  # On the CPU: RNG states must stay there; load_state_dict moves the rest.
+    # On the CPU: RNG states must stay there; load_state_dict moves the rest.
+    state = found[1] if rank == 0 else read_checkpoint(path)
+    step = state["step"]
     stored = from_dict(type(config), state["config"])
-    # The step limit may grow; the run folder may have been moved or copied. Anything else changes the run.
-    changed = [key for key in diff(stored, config) if key not in ("train.steps", "run.dir")]
+    # The step limit may grow; the run folder may have been moved or copied; the signals are the cluster's
+    # business. Anything else changes the run.
+    changed = [key for key in diff(stored, config) if key not in ("train.steps", "run.dir", "run.preempt_signals")]
     if changed:
         raise ConfigError(f"{path} was written with a different configuration ({', '.join(changed)} differ). "
                           f"Resume with the stored options (see config.json) or start a new run folder")

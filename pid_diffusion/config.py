@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from pid_diffusion import preemption
+
 __all__ = ["ConfigError", "LRDecay", "OptimizerKind", "Precision", "RunConfig", "TrainConfig", "TrainingConfig",
            "apply_overrides", "check", "diff", "from_dict", "leaf_keys", "parse_overrides", "to_dict", "to_json"]
 
@@ -106,6 +108,8 @@ class RunConfig:
     sync_check_every: int = 1000    # Steps between checks that all ranks hold identical weights; 0 never.
     timeout_minutes: float = 10.0   # A collective waiting longer than this fails the job (a rank died).
     tensorboard: bool = False       # Also write TensorBoard event files to the run folder (pip install tensorboard).
+    # Signals that stop the run after the step in flight, with a checkpoint and exit status 75 (preemption.py).
+    preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
 
     def __post_init__(self):
         check(bool(self.dir), "run.dir", "must name a folder")
@@ -114,6 +118,9 @@ class RunConfig:
         for key in ("keep_checkpoints", "image_every", "sync_check_every"):
             check(getattr(self, key) >= 0, f"run.{key}", f"must be ≥ 0, got {getattr(self, key)}")
         check(self.timeout_minutes > 0, "run.timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
+        bad = preemption.check_signal_names(self.preempt_signals)
+        check(not bad, "run.preempt_signals", f"{', '.join(bad)} cannot be caught here: name catchable signals "
+              f"such as SIGTERM,SIGINT,SIGUSR1, or none (--run.preempt_signals=) to leave signals alone")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from torch import nn
 
 from pid_diffusion import checkpoint, dist, fileio, samplers
 from pid_diffusion.fid import compute_statistics, fid_from_stats
-from pid_diffusion.generate import SamplerKind, generate, make_sampler
+from pid_diffusion.generate import generate
 from pid_diffusion.image_sources import ImageSource
 from pid_diffusion.inception import Detector
 
@@ -187,11 +187,12 @@ def _error(error: Exception) -> str:
 
 def evaluate_run(run_dir: str, table: ResultsTable, seed_ranges: dict[str, list[int]], detector: Detector,
                  reference: tuple[np.ndarray, np.ndarray], reference_name: str, *, weights: Sequence[str] | None,
-                 sampler_kind: SamplerKind | None, steps: int | None, batch_size: int,
+                 sampler_for: Callable[[nn.Module], samplers.Sampler], batch_size: int,
                  on_result: Callable[[Result], None] = lambda result: None) -> None:
     """Every missing (checkpoint, weights, seed range) of `run_dir`, each recorded in `table` (written by rank
     0) as soon as it is measured; `on_result` is called on rank 0 after each recorded score. `weights`:
-    EMA names and/or TRAINED_WEIGHTS; None: all that each checkpoint holds."""
+    EMA names and/or TRAINED_WEIGHTS; None: all that each checkpoint holds. `sampler_for(net)` gives the
+    sampler of each loaded network."""
     is_writer = dist.rank() == 0
     for step, path in checkpoint.find_checkpoints(run_dir):
         name = path.rsplit("/", 1)[-1]
@@ -216,7 +217,7 @@ def evaluate_run(run_dir: str, table: ResultsTable, seed_ranges: dict[str, list[
                     table.record(dataclasses.replace(result, error=_error(error)), write=is_writer)
                     dist.print0(f"{name} ema {ema}: cannot be loaded: {error}")
                     continue
-                sampler = make_sampler(sampler_kind, steps, net)
+                sampler = sampler_for(net)
                 scores = evaluate(net, sampler, seeds, detector, reference, batch_size)
                 if is_writer:
                     fid, is_mean, is_std = scores

@@ -349,6 +349,7 @@ def test_float16_image_path_keeps_mapping_in_float32(edm_fixtures_dir):
     assert (F_x.float() - ref["F_fp32"]).abs().max() <= 1e-2 * ref["F_fp32"].abs().max()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="use_fp16 takes effect only on CUDA")
 @torch.no_grad()
 @pytest.mark.parametrize("force_fp32", [False, True])

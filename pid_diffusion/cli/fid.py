@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pid_diffusion import checkpoint, dist, evaluation, fileio, plots
-from pid_diffusion.cli import options
+from pid_diffusion.cli import errors, options
 from pid_diffusion.fid import load_reference
 from pid_diffusion.inception import load_detector
 
@@ -39,16 +39,16 @@ def build_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch < 1:
-        parser.error("--batch must be positive")
-    if not checkpoint.find_checkpoints(args.run):
-        parser.error(f"no checkpoint-<step>.pt files in {args.run}")
-    plot_path = args.plot or fileio.join(args.run, plots.FID_PLOT)
+    with dist.abort_on_error(), errors.reported("pid-fid"):
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.batch < 1:
+            parser.error("--batch must be positive")
+        if not checkpoint.find_checkpoints(args.run):
+            parser.error(f"no checkpoint-<step>.pt files in {args.run}")
+        plot_path = args.plot or fileio.join(args.run, plots.FID_PLOT)
 
-    dist.init()
-    with dist.abort_on_error():
+        dist.init()
         detector = load_detector(args.detector, dist.device())
         table = evaluation.ResultsTable(args.csv or fileio.join(args.run, "fid.csv"))
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"IS {result.is_mean:.3f} ± {result.is_std:.3f}", flush=True)
 
         evaluation.evaluate_run(args.run, table, dict(args.seeds), detector, load_reference(args.ref), args.ref,
-                                weights=args.ema, sampler_kind=args.sampler, steps=args.steps,
+                                weights=args.ema, sampler_for=lambda net: options.sampler_from_args(args, net),
                                 batch_size=args.batch, on_result=report)
         if dist.rank() == 0:
             for result in table.best():

@@ -14,15 +14,18 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, configs, dist
+from pid_diffusion import checkpoint, configs, dist, samplers
+from pid_diffusion.cli.errors import UserError
 from pid_diffusion.config import ConfigError, parse_overrides, to_json
+from pid_diffusion.dode import DODESampler
 from pid_diffusion.evaluation import TRAINED_WEIGHTS
-from pid_diffusion.generate import SamplerKind
+from pid_diffusion.generate import SamplerKind, make_sampler
 from pid_diffusion.grid import NUM_POINTS
+from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
 
 __all__ = ["add_model_arguments", "add_sampler_arguments", "dry_run", "load_model", "parse_int_list", "parse_training",
-           "seed_range", "training_parser", "weights_name"]
+           "sampler_from_args", "seed_range", "training_parser", "weights_name"]
 
 C = TypeVar("C")
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -123,11 +126,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """--sampler/--steps: how the network is sampled."""
+    """--sampler/--steps or --sampler-file: how the network is sampled."""
     parser.add_argument("--sampler", type=SamplerKind, choices=list(SamplerKind), metavar="{onestep,heun,euler}",
                         help="default: onestep for a PID student, heun for a denoiser")
     parser.add_argument("--steps", type=int,
                         help=f"heun: Karras steps (EDM default 18); euler: points of PID's grid (default {NUM_POINTS})")
+    parser.add_argument("--sampler-file", metavar="PATH",
+                        help="a D-ODE sampler written by pid-fit-dode, for a denoiser (instead of --sampler/--steps)")
+
+
+def sampler_from_args(args: argparse.Namespace, net: nn.Module) -> samplers.Sampler:
+    """The sampler add_sampler_arguments' options name for `net`: a D-ODE file, or make_sampler's choice."""
+    if args.sampler_file is None:
+        return make_sampler(args.sampler, args.steps, net)
+    if args.sampler is not None or args.steps is not None:
+        raise UserError("--sampler-file holds its solver and steps: drop --sampler and --steps")
+    if isinstance(net, PIDStudent):
+        raise UserError(f"{args.sampler_file} is a D-ODE sampler for a denoiser; a PID student samples in one "
+                        "step: drop --sampler-file")
+    return DODESampler.load(args.sampler_file)
 
 
 def load_model(args: Any, device: torch.device) -> nn.Module:
