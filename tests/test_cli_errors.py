@@ -34,7 +34,7 @@ def mistakes(tmp_path: Path) -> dict[str, tuple[str, list[str], str]]:
         "pid-convert-edm": ("convert_edm", [str(garbage), str(tmp_path / "out.pt")], "not a readable EDM pickle"),
         "pid-distill": ("distill", [f"--run.dir={tmp_path / 'r'}", f"--teacher.path={tmp_path / 'missing.pt'}"],
                         "pid-convert-edm"),
-        "pid-demo": ("demo", ["--preset=cifar10"], "pid-distill --preset=cifar10"),
+        "pid-demo": ("demo", ["--preset=cifar10"], "pid-convert-edm"),  # the preset's teacher is missing
         "pid-train-teacher": ("train_teacher", ["--train.lr=-1", "--dry-run"], "train.lr"),
         "pid-sample": ("sample", ["--checkpoint", TEACHER, "--grid", str(tmp_path / "g.png")], "--teacher"),
         "pid-fid": ("fid", ["--run", str(empty_run), "--ref", str(tmp_path / "ref.npz"),
