@@ -138,6 +138,7 @@ def sample_and_check(teacher_or_checkpoint: list[str], name: str, workspace: Pat
 
 def full_path(workspace: Path, name: str, processes: int, batch: int, metric: str, steps: int,
               fid_seeds: int) -> None:
+    """The whole path; `fid_seeds` ≥ 10, the Inception Score's number of splits."""
     teacher = release_teacher(workspace, name)
     env = environment(workspace, 1 if processes > 1 else 2)
     run_dir = workspace / f"run-{name}"
@@ -163,7 +164,7 @@ def full_path(workspace: Path, name: str, processes: int, batch: int, metric: st
     reference = workspace / "reference.npz"
     save_reference(str(reference), np.zeros(SMALL_FEATURE_DIM), np.eye(SMALL_FEATURE_DIM))
     run(launch([console_script("pid-fid"), f"--run={run_dir}", f"--ref={reference}", "--seeds", f"0-{fid_seeds - 1}",
-                f"--ema={EMA}", "--batch=2", f"--detector={detector}"], processes), env)
+                f"--ema={EMA}", "--batch=5", f"--detector={detector}"], processes), env)
     rows = list(csv.DictReader(io.StringIO((run_dir / "fid.csv").read_text())))
     assert sorted(int(row["step"]) for row in rows) == written
     assert all(row["fid"] and not row["error"] for row in rows), rows
@@ -182,13 +183,13 @@ def full_path(workspace: Path, name: str, processes: int, batch: int, metric: st
 def test_cifar10_ddpmpp_whole_path_under_mpirun(workspace):
     """The paper's CIFAR-10 run: two ranks of batch 2, LPIPS (piq)."""
     full_path(workspace, "edm-cifar10-32x32-uncond-vp", processes=2, batch=4, metric="lpips_piq", steps=3,
-              fid_seeds=8)
+              fid_seeds=10)
 
 
 def test_imagenet_adm_whole_path(workspace):
     """The ImageNet-64 ADM teacher (296 M parameters): one process, batch 1, L2, conditional; two steps (the kill
     falls in the second), as each step and each 4.7 GB checkpoint costs CI tens of seconds."""
-    full_path(workspace, "edm-imagenet-64x64-cond-adm", processes=1, batch=1, metric="l2", steps=2, fid_seeds=4)
+    full_path(workspace, "edm-imagenet-64x64-cond-adm", processes=1, batch=1, metric="l2", steps=2, fid_seeds=10)
 
 
 # The other releases differ from the two above only inside the network. One of each remaining code path
