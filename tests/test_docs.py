@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from pid_diffusion import checkpoint, hub
+from pid_diffusion.config import to_json
 from pid_diffusion.dode import Solver, fit_dode
 from pid_diffusion.fid import save_reference
 from pid_diffusion.inception import DETECTOR_FILENAME, FEATURE_DIM
@@ -181,6 +182,9 @@ def run_documented(words: list[str], folder: Path, standins: Path, monkeypatch) 
         monkeypatch.setenv("TORCH_HOME", str(standins / "torch_home_full_width"))
     if program in TRAINING_COMMANDS or words[:2] == ["bash", "scripts/distill_pid_diffusion.sh"]:
         shutil.rmtree(folder / "runs")  # a new run: the stand-in checkpoints are for sampling and FID
+    for word in words[1:] if program == "pid-distill" else []:  # a replay: the run folder's config.json
+        if word.startswith("--config=runs/"):
+            write_run_config(folder, Path(word.split("=", 1)[1]))
     if program in MODULES:
         return run_console_script(program, reduced(program, words[1:]))
     if program == "python" and len(words) > 1 and words[1] in SCRIPTS:
@@ -201,6 +205,23 @@ def run_documented(words: list[str], folder: Path, standins: Path, monkeypatch) 
         shutil.copy(standins / "files" / "release.pkl", destination / words[-1].rsplit("/", 1)[1])
         return None
     raise AssertionError(f"no rule runs the documented command {' '.join(words)!r}: add one to tests/test_docs.py")
+
+
+def write_run_config(folder: Path, path: Path) -> None:
+    """The config.json a run folder holds, as its run wrote it: the resolved configuration of the documented
+    pid-distill command (one process or under mpirun) that runs in that folder."""
+    distill = importlib.import_module("pid_diffusion.cli.distill")
+    for _, command in COMMANDS:
+        words = shlex.split(command)
+        words = without_mpirun(words) if words[0] == "mpirun" else words
+        if words[0] != "pid-distill" or "--help" in words or any(w.startswith("--config=runs/") for w in words):
+            continue
+        config = distill.parse_args(words[1:])[1]
+        if Path(config.run.dir) == path.parent:
+            (folder / path.parent).mkdir(parents=True, exist_ok=True)
+            (folder / path).write_text(to_json(config))
+            return
+    raise AssertionError(f"no documented pid-distill command runs in {path.parent}: the replay has no run to replay")
 
 
 def hub_release_prefix() -> str:
