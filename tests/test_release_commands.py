@@ -23,13 +23,13 @@ import PIL.Image
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, fileio, hub
+from pid_diffusion import checkpoint, fileio
 from pid_diffusion.fid import save_reference
 from pid_diffusion.networks import EDM_PRESETS
 
 from launch import MPIRUN
 from test_fid import SMALL_FEATURE_DIM, write_detector
-from test_metrics import LPIPS_CHANNELS, random_vgg16_state_dict
+from test_metrics import write_lpips_standins
 from test_release_gradients import random_teacher
 from test_teacher import _release, _write_edm_pickle
 
@@ -56,10 +56,7 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("release")
     checkpoints = root / "torch_home" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    torch.save(random_vgg16_state_dict(), checkpoints / hub.VGG16_IMAGENET.filename)
-    generator = torch.Generator().manual_seed(1)
-    torch.save([torch.rand(1, c, 1, 1, generator=generator) + 0.1 for c in LPIPS_CHANNELS],
-               checkpoints / hub.PIQ_LPIPS_WEIGHTS.filename)
+    write_lpips_standins(checkpoints)
     return root
 
 
