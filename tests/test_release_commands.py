@@ -3,9 +3,8 @@
 EDM-layout pickle (written here, random weights) → pid-convert-edm → pid-distill (CIFAR-10 DDPM++ under
 `mpirun -np 2`, killed with SIGKILL in step 2 and resumed by the same command) → pid-sample (grid and npz)
 → pid-fid over the run folder (a stand-in detector) → pid-fit-dode on the teacher and pid-sample with the
-fitted solver. CIFAR-10 DDPM++ and ImageNet ADM (one process: 296 M parameters) run all of it; the other
-releases, whose code paths differ from these only inside the network (NCSN++, conditional DDPM++, the
-64×64 SongUNets), run convert → one distillation step → sample. Which parameters get gradients is checked
+fitted solver. CIFAR-10 DDPM++ runs all of it; every other code path (ImageNet ADM with one process:
+296 M parameters; NCSN++; the 64×64 SongUNets) runs convert → one distillation step → sample. Which parameters get gradients is checked
 for each architecture by test_release_gradients.py.
 """
 
@@ -24,13 +23,13 @@ import PIL.Image
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, fileio, hub
+from pid_diffusion import checkpoint, fileio
 from pid_diffusion.fid import save_reference
 from pid_diffusion.networks import EDM_PRESETS
 
 from launch import MPIRUN
 from test_fid import SMALL_FEATURE_DIM, write_detector
-from test_metrics import LPIPS_CHANNELS, random_vgg16_state_dict
+from test_metrics import write_lpips_standins
 from test_release_gradients import random_teacher
 from test_teacher import _release, _write_edm_pickle
 
@@ -57,10 +56,7 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("release")
     checkpoints = root / "torch_home" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    torch.save(random_vgg16_state_dict(), checkpoints / hub.VGG16_IMAGENET.filename)
-    generator = torch.Generator().manual_seed(1)
-    torch.save([torch.rand(1, c, 1, 1, generator=generator) + 0.1 for c in LPIPS_CHANNELS],
-               checkpoints / hub.PIQ_LPIPS_WEIGHTS.filename)
+    write_lpips_standins(checkpoints)
     return root
 
 
@@ -136,8 +132,8 @@ def sample_and_check(teacher_or_checkpoint: list[str], name: str, workspace: Pat
         assert data["labels"].tolist() == [[1, 7][k % 2] for k in range(seeds)]
 
 
-def full_path(workspace: Path, name: str, processes: int, batch: int, metric: str, steps: int,
-              fid_seeds: int) -> None:
+def full_path(workspace: Path, name: str, processes: int, batch: int, metric: str, steps: int = 3,
+              fid_seeds: int = 10) -> None:
     """The whole path; `fid_seeds` ≥ 10, the Inception Score's number of splits."""
     teacher = release_teacher(workspace, name)
     env = environment(workspace, 1 if processes > 1 else 2)
@@ -182,22 +178,18 @@ def full_path(workspace: Path, name: str, processes: int, batch: int, metric: st
 @pytest.mark.mpirun
 def test_cifar10_ddpmpp_whole_path_under_mpirun(workspace):
     """The paper's CIFAR-10 run: two ranks of batch 2, LPIPS (piq)."""
-    full_path(workspace, "edm-cifar10-32x32-uncond-vp", processes=2, batch=4, metric="lpips_piq", steps=3,
-              fid_seeds=10)
+    full_path(workspace, "edm-cifar10-32x32-uncond-vp", processes=2, batch=4, metric="lpips_piq")
 
 
-def test_imagenet_adm_whole_path(workspace):
-    """The ImageNet-64 ADM teacher (296 M parameters): one process, batch 1, L2, conditional; two steps (the kill
-    falls in the second), as each step and each 4.7 GB checkpoint costs CI tens of seconds."""
-    full_path(workspace, "edm-imagenet-64x64-cond-adm", processes=1, batch=1, metric="l2", steps=2, fid_seeds=10)
-
-
-# The other releases differ from the two above only inside the network. One of each remaining code path
-# (NCSN++ at 32×32, conditional; DDPM++ and NCSN++ at 64×64) runs convert → one step → sample; the releases
-# left out share a code path with one that runs (they differ in label_dim of a SongUNet whose conditional and
-# unconditional forms both run here, or in dropout, which the student sets to 0).
-OTHER_RELEASES = ["edm-cifar10-32x32-cond-ve", "edm-ffhq-64x64-uncond-vp", "edm-afhqv2-64x64-uncond-ve"]
-FULL_PATH_RELEASES = ["edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]
+# The commands after pid-distill (resume, sampling, FID, D-ODE) read a checkpoint and call the network: they do
+# not depend on the architecture beyond what the CIFAR-10 path runs. Every other code path runs convert → one
+# step of pid-distill → pid-sample at full size: ImageNet ADM (296 M parameters, one process, conditional; its
+# whole path, with 4.7 GB checkpoints, costs CI over five minutes), NCSN++ at 32×32 conditional, DDPM++ and NCSN++
+# at 64×64. The releases left out share a code path with one that runs (they differ in label_dim of a SongUNet
+# whose conditional and unconditional forms both run here, or in dropout, which the student sets to 0).
+OTHER_RELEASES = ["edm-imagenet-64x64-cond-adm", "edm-cifar10-32x32-cond-ve", "edm-ffhq-64x64-uncond-vp",
+                  "edm-afhqv2-64x64-uncond-ve"]
+FULL_PATH_RELEASES = ["edm-cifar10-32x32-uncond-vp"]
 
 
 def code_path(name: str) -> tuple:
