@@ -7,7 +7,7 @@ CIFAR-10 run. Values pass one boundary, `from_dict`, which checks each field's t
 their string values and runs each section's range checks; preset files, stored configurations (`config.json`,
 checkpoints) and command-line overrides all go through it.
 
-Presets are JSON files holding only what differs from these defaults (`pid_diffusion.configs`). Overrides
+Presets are JSON files holding only what differs from these defaults (configs/). Overrides
 come as `--section.key=value`, or `--key=value` when the key names one field of the whole tree; an unknown
 key is an error that lists the close matches.
 

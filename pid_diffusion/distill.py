@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pid_diffusion import configs, perf
+from pid_diffusion import config_files, perf
 from pid_diffusion.config import ConfigError, TrainingConfig, check
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_options
@@ -108,7 +108,7 @@ class DistillConfig(TrainingConfig):
 
 def resolve(preset: str = "default", overrides: Mapping[str, str] | None = None) -> DistillConfig:
     """The distillation preset `preset` (configs/distill/<preset>.json) with `overrides` applied."""
-    return configs.load(DistillConfig, configs.preset_file(TASK, preset), overrides)
+    return config_files.load(DistillConfig, config_files.preset_file(TASK, preset), overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def standins(tmp_path_factory) -> Path:
         (files / "teachers").mkdir(parents=True, exist_ok=True)
         shutil.copy(BUNDLED_TEACHER, files / "teachers" / f"{name}.pt")
     # Documented commands read preset files by their path in the checkout (pid-distill --config=...).
-    shutil.copytree(REPO / "pid_diffusion" / "configs", files / "pid_diffusion" / "configs")
+    shutil.copytree(REPO / "configs", files / "configs")
     teacher = load_teacher(BUNDLED_TEACHER)
     _write_edm_pickle(files / "release.pkl", _release(teacher, teacher.init_kwargs))
     for name in TEACHER_NAMES:

@@ -63,7 +63,7 @@ class ToyConfig(TrainingConfig):
     toy: ToySection = dataclasses.field(default_factory=ToySection)
 
 
-# The toy task's preset: what differs from the defaults, as the files of pid_diffusion/configs hold it.
+# The toy task's preset: what differs from the defaults, as the files of configs/ hold it.
 TOY_PRESET = {"run": {"dir": "runs/toy", "checkpoint_every": 2, "log_every": 1, "image_every": 0, "sync_check_every": 1},
               "train": {"steps": 4, "batch": 8, "lr": 1e-2, "ema_rates": [0.9, 0.99]}}
 

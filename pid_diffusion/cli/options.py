@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, configs, dist, samplers
+from pid_diffusion import checkpoint, config_files, dist, samplers
 from pid_diffusion.cli.errors import UserError
 from pid_diffusion.config import ConfigError, parse_overrides, to_json
 from pid_diffusion.dode import DODESampler
@@ -49,7 +49,7 @@ def training_parser(prog: str, description: str | None, task: str) -> argparse.A
     result = parser(prog, description)
     result.epilog = "Configuration options: --section.key=value (all of them: --dry-run)."
     source = result.add_mutually_exclusive_group()
-    source.add_argument("--preset", choices=configs.preset_names(task),
+    source.add_argument("--preset", choices=config_files.preset_names(task),
                         help=f"the preset to start from, configs/{task}/<name>.json (default: default)")
     source.add_argument("--config", metavar="FILE",
                         help="a configuration file to start from: a preset's, your own, or a run folder's config.json")
@@ -63,8 +63,8 @@ def parse_training(parser: argparse.ArgumentParser, schema: type[C], task: str,
     a configuration error exits through `parser.error`, naming the key."""
     args, rest = parser.parse_known_args(argv)
     try:
-        path = args.config or configs.preset_file(task, args.preset or "default")
-        return args, configs.load(schema, path, parse_overrides(rest))
+        path = args.config or config_files.preset_file(task, args.preset or "default")
+        return args, config_files.load(schema, path, parse_overrides(rest))
     except ConfigError as error:
         parser.error(str(error))
 
