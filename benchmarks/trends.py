@@ -1,4 +1,4 @@
-"""PID's published trends (PID.md §3–§5), checked on the bundled teacher: one setting changed at a time.
+"""PID's published trends (docs/method.md), checked on the bundled teacher: one setting changed at a time.
 
 Every setting distils `model_zoo/edm-shapes-16x16.pt` from the `default` preset with the same step budget,
 batch and learning rate, for each seed, and measures the student's agreement with the teacher's Heun output

@@ -20,6 +20,10 @@ renamed (fileio), so a file with its name is always complete:
 Every entry holds only tensors and plain Python values, so it loads with `weights_only=True`. `save` and
 `resume` write and read the whole training state (the training loop calls them); `load_generator` reads
 either kind and needs nothing but the file: sampling and FID need neither the teacher nor the configuration.
+
+A training state that does not load (truncated by a disk error or an interrupted copy, corrupt, not a
+training state) is *damaged*: `newest_loadable` moves it aside to `<name>.damaged` (never deletes it) and
+`resume` falls back to the next older one.
 """
 
 from __future__ import annotations
@@ -43,8 +47,11 @@ from pid_diffusion.config import (ConfigError, OnResume, TrainingConfig, flatten
                                   to_dict)
 
 __all__ = [
+    "CheckpointWriteError",
+    "DAMAGED_SUFFIX",
     "MODEL_CLASSES",
     "Change",
+    "NoLoadableCheckpointError",
     "build_model",
     "capture_rng",
     "checkpoint_path",
@@ -55,7 +62,9 @@ __all__ = [
     "load_generator",
     "model_spec",
     "network_hash",
+    "newest_loadable",
     "prune_checkpoints",
+    "read_checkpoint",
     "read_header",
     "restore_rng",
     "resume",
@@ -74,6 +83,16 @@ MODEL_CLASSES: dict[str, str] = {
 
 _TRAINING_STATE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 _SNAPSHOT = re.compile(r"^snapshot-(\d{8})\.pt$")
+_KEYS = ("step", "config", "model_spec", "model", "ema", "optimizer", "scaler", "rng")  # Of a training state.
+DAMAGED_SUFFIX = ".damaged"  # A training state that does not load is renamed <name>.damaged[.<n>].
+
+
+class NoLoadableCheckpointError(RuntimeError):
+    """A run folder has training states, but none of them loads."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a training state failed (disk full, permissions, the blob store); the earlier ones are intact."""
 
 
 def checkpoint_path(folder: str, step: int) -> str:
@@ -148,6 +167,50 @@ def read_header(path: str) -> dict[str, Any]:
         data = fileio.torch_load(path)
     return {"step": data["step"], "config": data.get("config"), "model_spec": data["model_spec"],
             "ema": list(data["ema"]), "fingerprints": data.get("fingerprints", {})}
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The training checkpoint at `path`; raises (what torch.load raises, or a ValueError) if it does not load."""
+    state = fileio.torch_load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"not a training checkpoint (a {type(state).__name__}, not a dictionary)")
+    missing = [key for key in _KEYS if key not in state]
+    if missing:
+        raise ValueError(f"not a training checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def _move_aside(path: str) -> str:
+    """Rename a damaged checkpoint to a free `<path>.damaged[.<n>]` name, out of `find_checkpoints`' sight."""
+    target, count = path + DAMAGED_SUFFIX, 1
+    while fileio.exists(target):
+        target, count = f"{path}{DAMAGED_SUFFIX}.{count}", count + 1
+    fileio.rename(path, target)
+    return target
+
+
+def _reason(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+
+
+def newest_loadable(folder: str, log=print) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint of `folder` that loads, as (path, state); None when there is no checkpoint.
+
+    Each newer one that does not load is moved aside, with one line through `log` naming the file and the
+    reason; when none loads, NoLoadableCheckpointError names them all. Call it on one process only.
+    """
+    damaged = []
+    for _, path in reversed(find_checkpoints(folder)):
+        try:
+            return path, read_checkpoint(path)
+        except Exception as error:  # torch.load raises many kinds (zip, unpickling, EOF, OS errors).
+            aside = _move_aside(path)
+            log(f"Skipping damaged checkpoint {path} ({_reason(error)}); moved to {aside}")
+            damaged.append(aside)
+    if damaged:
+        raise NoLoadableCheckpointError(
+            f"no checkpoint in {folder} loads; the damaged ones were moved aside: {', '.join(damaged)}. "
+            f"Restore a good checkpoint into the folder, or start a new run folder")
+    return None
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
@@ -172,6 +235,11 @@ def load_generator(path: str, ema_rate: float | None = None, device: torch.devic
     """The trained model of a snapshot or training state (its EMA at `ema_rate`, or the raw weights), in eval
     mode, frozen."""
     checkpoint = fileio.torch_load(path)
+    if not (isinstance(checkpoint, dict) and {"model_spec", "model", "ema"} <= checkpoint.keys()):
+        found = sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path} is not a snapshot or training state (model_spec, model, ema), found {found}; a "
+                         "teacher file is read with --teacher (pid-sample), a run folder's weights are "
+                         "snapshot-<step>.pt and checkpoint-<step>.pt")
     model = build_model(checkpoint["model_spec"])
     if ema_rate is None:
         state = checkpoint["model"]
@@ -247,17 +315,24 @@ def save(config: TrainingConfig, step: int, model: nn.Module, ema, optimizer: to
     torch_dist.gather_object(capture_rng(), states, dst=0)
     path = checkpoint_path(config.run.dir, step)
     if dist.rank() == 0:
-        fileio.atomic_torch_save({
-            "step": step,
-            "config": to_dict(config),
-            "model_spec": model_spec(model),
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": states,
-            "fingerprints": dict(fingerprints or {}),
-        }, path)
+        try:
+            fileio.atomic_torch_save({
+                "step": step,
+                "config": to_dict(config),
+                "model_spec": model_spec(model),
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": states,
+                "fingerprints": dict(fingerprints or {}),
+            }, path)
+        except Exception as error:
+            earlier = ", ".join(p for _, p in find_checkpoints(config.run.dir)) or "none"
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path} ({type(error).__name__}: {error}); nothing was left in its "
+                f"place and the earlier checkpoints are intact ({earlier}). Fix the cause (disk space, "
+                f"permissions, the blob store), then re-run the same command to resume") from error
         prune_checkpoints(config.run.dir, config.run.keep_checkpoints)
     dist.barrier()
     return path
@@ -303,17 +378,28 @@ def resume(config: TrainingConfig, model: nn.Module, ema, optimizer: torch.optim
     """Load the newest training state of the run folder: (its step, its path, whether this rank's RNG state
     was restored, the allowed option changes); (0, None, False, []) without one.
 
-    Options that define the run's maths must equal the stored ones (`resume_changes`); the others (intervals,
+    Newer training states that do not load are moved aside (`newest_loadable`). Options that define the run's
+    maths must equal the stored ones (`resume_changes`); the others (intervals,
     folders, the step limit, speed options, a teacher file holding the same weights) may change. A job with
     another number of ranks than the one that wrote the state continues with fresh RNG states (the caller
     seeds them), so its random numbers differ from an uninterrupted run's.
     """
     rank, world_size = dist.rank(), dist.world_size()
-    latest = latest_checkpoint(config.run.dir)
-    if latest is None:
+    # Rank 0 alone chooses, so no two ranks move one damaged file; the others load its choice.
+    found, error = None, None
+    if rank == 0:
+        try:
+            found = newest_loadable(config.run.dir, log=dist.print0)
+        except NoLoadableCheckpointError as raised:
+            error = str(raised)
+    path, error = dist.broadcast_object((found[0] if found else None, error))
+    if error is not None:
+        raise NoLoadableCheckpointError(error)
+    if path is None:
         return 0, None, False, []
-    step, path = latest
-    state = fileio.torch_load(path)  # On the CPU: RNG states must stay there; load_state_dict moves the rest.
+    # On the CPU: RNG states must stay there; load_state_dict moves the rest.
+    state = found[1] if rank == 0 else read_checkpoint(path)
+    step = state["step"]
     stored = from_dict(type(config), state["config"])
     changes = resume_changes(stored, config, state.get("fingerprints", {}), fingerprints or {}, path)
     model.load_state_dict(state["model"])

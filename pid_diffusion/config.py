@@ -7,7 +7,7 @@ CIFAR-10 run. Values pass one boundary, `from_dict`, which checks each field's t
 their string values and runs each section's range checks; preset files, stored configurations (`config.json`,
 checkpoints) and command-line overrides all go through it.
 
-Presets are JSON files holding only what differs from these defaults (`pid_diffusion.configs`). Overrides
+Presets are JSON files holding only what differs from these defaults (configs/). Overrides
 come as `--section.key=value`, or `--key=value` when the key names one field of the whole tree; an unknown
 key is an error that lists the close matches.
 
@@ -32,6 +32,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
+
+from pid_diffusion import preemption
 
 __all__ = ["ConfigError", "LRDecay", "OnResume", "OptimizerKind", "Precision", "RunConfig", "TrainConfig",
            "TrainingConfig", "apply_overrides", "check", "diff", "field_docs", "flatten", "from_dict", "leaf_fields",
@@ -144,6 +146,7 @@ class RunConfig:
     sync_check_every: int = setting(1000, OnResume.FREE)    # Steps between checks that all ranks hold identical weights; 0 never.
     timeout_minutes: float = setting(10.0, OnResume.FREE)   # A collective waiting longer than this fails the job (a rank died).
     tensorboard: bool = setting(False, OnResume.FREE)       # Also write TensorBoard event files to the run folder (pip install tensorboard).
+    preempt_signals: tuple[str, ...] = setting(("SIGTERM", "SIGINT", "SIGUSR1"), OnResume.FREE)  # Signals that stop the run after the step in flight, with a training state and exit status 75.
 
     def __post_init__(self):
         check(bool(self.dir), "run.dir", "must name a folder")
@@ -152,6 +155,9 @@ class RunConfig:
         for key in ("snapshot_every", "keep_snapshots", "keep_checkpoints", "image_every", "sync_check_every"):
             check(getattr(self, key) >= 0, f"run.{key}", f"must be ≥ 0, got {getattr(self, key)}")
         check(self.timeout_minutes > 0, "run.timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
+        bad = preemption.check_signal_names(self.preempt_signals)
+        check(not bad, "run.preempt_signals", f"{', '.join(bad)} cannot be caught here: name catchable signals "
+              f"such as SIGTERM,SIGINT,SIGUSR1, or none (--run.preempt_signals=) to leave signals alone")
 
 
 @dataclasses.dataclass(frozen=True)

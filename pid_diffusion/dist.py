@@ -1,10 +1,16 @@
-"""One process group under `mpirun`, `torchrun` or plain `python`.
+"""One process group under `mpirun`, `torchrun`, `srun` or plain `python`.
 
 The launcher is recognised from its environment: Open MPI / MPICH / Intel MPI set `OMPI_COMM_WORLD_SIZE`
 or `PMI_SIZE` (rank, size and local rank then come from the MPI communicator, and rank 0 broadcasts the
-rendezvous address over MPI), torchrun sets `RANK`, `WORLD_SIZE` and `LOCAL_RANK`, and anything else is a
-single process. The device is `cuda:<local rank>` when CUDA is present (never a fixed number of GPUs per
-node), the CPU otherwise; the backend is NCCL on GPUs and gloo on the CPU.
+rendezvous address over MPI), torchrun sets `RANK`, `WORLD_SIZE` and `LOCAL_RANK`, a SLURM job step
+(`srun`, without an MPI library in between) sets `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID` and
+`SLURM_STEP_ID` (the batch script itself has no step id, so a plain `python` there is one process), and
+anything else is a single process. Under srun the rendezvous is `MASTER_ADDR:MASTER_PORT` when set, else
+the first host of `SLURM_JOB_NODELIST` and a port derived from `SLURM_JOB_ID` (every rank computes the
+same address without talking to the others).
+
+The device is `cuda:<local rank>` when CUDA is present (never a fixed number of GPUs per node), the CPU
+otherwise; the backend is NCCL on GPUs and gloo on the CPU.
 
 The rank helpers work before `init()` (they read the launcher's environment), so a script can decide
 what to print or write before it builds the process group.
@@ -26,13 +32,16 @@ import torch
 import torch.distributed as torch_dist
 
 __all__ = [
+    "JobExit",
     "Launcher",
     "abort_on_error",
     "all_gather_tensors",
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "broadcast_object",
     "device",
+    "first_host",
     "init",
     "is_initialized",
     "launcher",
@@ -54,16 +63,52 @@ class Launcher(enum.Enum):
 
     MPI = "mpi"
     TORCHRUN = "torchrun"
+    SLURM = "slurm"
     SINGLE = "single"
 
 
+_SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID")
+# Without MASTER_PORT, an srun job rendezvous on port BASE + job id mod RANGE: unprivileged, below Linux's
+# ephemeral range (32768+), and different for jobs that share a node unless their ids agree mod RANGE.
+_SLURM_PORT_BASE, _SLURM_PORT_RANGE = 12000, 20000
+
+
 def launcher() -> Launcher:
-    """The launcher, from its environment variables (MPI first: mpirun may also export RANK)."""
+    """The launcher, from its environment variables. MPI first (mpirun may also export RANK, and inside a
+    SLURM allocation every process sees SLURM variables), then torchrun, then an srun step."""
     if any(name in os.environ for name in _MPI_SIZE_VARIABLES):
         return Launcher.MPI
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return Launcher.TORCHRUN
+    if all(name in os.environ for name in _SLURM_VARIABLES):
+        return Launcher.SLURM
     return Launcher.SINGLE
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list, compressed or not: `node[01-04,07],gpu1` → `node01`,
+    `rack[1-2]-n[3-4]` → `rack1-n3`."""
+    host, position = [], 0
+    while position < len(nodelist) and nodelist[position] != ",":
+        if nodelist[position] == "[":
+            end = nodelist.find("]", position)
+            if end < 0:
+                raise ValueError(f"SLURM host list {nodelist!r} has an unclosed '['")
+            host.append(nodelist[position + 1:end].split(",")[0].split("-")[0])
+            position = end + 1
+        else:
+            host.append(nodelist[position])
+            position += 1
+    if not host or not "".join(host).strip():
+        raise ValueError(f"SLURM host list {nodelist!r} names no host")
+    return "".join(host).strip()
+
+
+def _slurm_rendezvous() -> str:
+    """`tcp://host:port` of an srun job, the same on every rank (module docstring)."""
+    host = os.environ.get("MASTER_ADDR") or first_host(os.environ["SLURM_JOB_NODELIST"])
+    port = os.environ.get("MASTER_PORT") or _SLURM_PORT_BASE + int(os.environ["SLURM_JOB_ID"]) % _SLURM_PORT_RANGE
+    return f"tcp://{host}:{port}"
 
 
 def _mpi():
@@ -80,6 +125,8 @@ def _rank_and_size() -> tuple[int, int]:
         return comm.Get_rank(), comm.Get_size()
     if kind is Launcher.TORCHRUN:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if kind is Launcher.SLURM:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
     return 0, 1
 
 
@@ -99,6 +146,8 @@ def _local_rank() -> int:
         return local
     if kind is Launcher.TORCHRUN:
         return int(os.environ.get("LOCAL_RANK", "0"))
+    if kind is Launcher.SLURM:
+        return int(os.environ.get("SLURM_LOCALID", "0"))
     return 0
 
 
@@ -168,6 +217,8 @@ def init(timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> None:
         torch_dist.init_process_group(init_method=_rendezvous_over_mpi(), **common)
     elif kind is Launcher.TORCHRUN:
         torch_dist.init_process_group(init_method="env://", **common)
+    elif kind is Launcher.SLURM:
+        torch_dist.init_process_group(init_method=_slurm_rendezvous(), **common)
     else:
         # A one-process group needs no rendezvous: an in-memory store avoids picking a port.
         torch_dist.init_process_group(store=torch_dist.HashStore(), **common)
@@ -182,6 +233,15 @@ def shutdown() -> None:
 def barrier() -> None:
     if is_initialized() and world_size() > 1:
         torch_dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` (any picklable value) on every rank."""
+    if not (is_initialized() and world_size() > 1):
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
@@ -225,6 +285,11 @@ def all_gather_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [shard[:length] for shard, length in zip(shards, lengths)]
 
 
+class JobExit(SystemExit):
+    """An exit that every rank takes at the same point (preemption): `abort_on_error` lets it end each
+    process with its status instead of aborting the job."""
+
+
 def print0(*args, **kwargs) -> None:
     """`print` on rank 0 only."""
     if rank() == 0:
@@ -242,7 +307,7 @@ def abort_on_error() -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        if world_size() == 1 or (isinstance(error, SystemExit) and not error.code):
+        if world_size() == 1 or isinstance(error, JobExit) or (isinstance(error, SystemExit) and not error.code):
             raise
         print(f"[rank {rank()}] aborting the job", file=sys.stderr)
         if not isinstance(error, SystemExit):  # argparse has already printed its message.

@@ -19,7 +19,7 @@ import torch
 
 import blobfile as bf
 
-from pid_diffusion import checkpoint, configs, hub, perf
+from pid_diffusion import checkpoint, config_files, hub, perf
 from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_options
@@ -43,7 +43,7 @@ class TeacherConfig:
     """The pretrained EDM teacher."""
 
     # Both may change on resume (a .pkl for its converted .pt) when the network they give hashes the same.
-    path: str = setting("teachers/edm-cifar10-32x32-uncond-vp.pkl", OnResume.CONTENT)  # Teacher file (converted .pt or EDM .pkl); local, gs:// or az://.
+    path: str = setting("teachers/edm-cifar10-32x32-uncond-vp.pt", OnResume.CONTENT)  # Teacher file (converted .pt or EDM .pkl); local, gs:// or az://.
     preset: str | None = setting(None, OnResume.CONTENT)  # EDM network preset for weights-only files; None: read from the file.
 
     def __post_init__(self):
@@ -113,7 +113,7 @@ class DistillConfig(TrainingConfig):
 
 def resolve(preset: str = "default", overrides: Mapping[str, str] | None = None) -> DistillConfig:
     """The distillation preset `preset` (configs/distill/<preset>.json) with `overrides` applied."""
-    return configs.load(DistillConfig, configs.preset_file(TASK, preset), overrides)
+    return config_files.load(DistillConfig, config_files.preset_file(TASK, preset), overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,11 +156,10 @@ def weight_files(config: DistillConfig) -> tuple[hub.WeightFile, ...]:
 
 
 def teacher_release(config: DistillConfig) -> str | None:
-    """The URL of EDM's release file the teacher path names (`.../edm-cifar10-32x32-uncond-vp.pkl`), or None
-    when the path names a file of another origin."""
-    name = config.teacher.path.rsplit("/", 1)[-1]
-    stem = name[:-len(".pkl")] if name.endswith(".pkl") else None
-    return f"{EDM_RELEASE_URL}{name}" if stem in EDM_PRESETS else None
+    """The URL of EDM's release file the teacher path names, `.../edm-cifar10-32x32-uncond-vp.pkl` or its
+    converted `.../edm-cifar10-32x32-uncond-vp.pt`; None when the path names a file of another origin."""
+    stem, _, suffix = config.teacher.path.rsplit("/", 1)[-1].rpartition(".")
+    return f"{EDM_RELEASE_URL}{stem}.pkl" if suffix in ("pkl", "pt") and stem in EDM_PRESETS else None
 
 
 def check_files(config: DistillConfig) -> list[str]:

@@ -39,11 +39,14 @@ class EDMObjective:
         self.label_dim = label_dim
 
     def sample_batch(self, generator: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
-        """Data indices, σ (log-normal) and unit noise, all drawn from `generator` in that order."""
-        indices = torch.randint(len(self.dataset), [batch_size], generator=generator)
-        images, labels = self.dataset.batch(indices)
-        sigma = (torch.randn([batch_size], generator=generator) * self.P_std + self.P_mean).exp()
-        noise = torch.randn(images.shape, generator=generator)
+        """Data indices, σ (log-normal) and unit noise, all drawn from `generator` in that order, on its device
+        (the data set stays on the CPU; the chosen images are copied over)."""
+        device = generator.device
+        indices = torch.randint(len(self.dataset), [batch_size], generator=generator, device=device)
+        images, labels = self.dataset.batch(indices.cpu())
+        images, labels = images.to(device), labels.to(device)
+        sigma = (torch.randn([batch_size], generator=generator, device=device) * self.P_std + self.P_mean).exp()
+        noise = torch.randn(images.shape, generator=generator, device=device)
         batch = {"images": images, "sigma": sigma, "noise": noise}
         if self.label_dim:
             batch["class_labels"] = F.one_hot(labels, self.label_dim).to(torch.float32)

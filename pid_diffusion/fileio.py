@@ -1,19 +1,23 @@
 """File access through blobfile (local paths, gs://, az://) with atomic writes.
 
 Every file this project writes that a later run reads (checkpoints, configurations, result tables, images)
-goes through `atomic_write_bytes`: the payload is written under a temporary name in the same folder and then
-renamed over the destination, so a crash never leaves a half-written file where a good one was.
+goes through `atomic_write`: the payload is written under a temporary name in the same folder and then
+renamed over the destination, so a crash never leaves a half-written file where a good one was. Large
+files (`atomic_torch_save`, `torch_load`) stream through the file instead of a copy in memory.
 """
 
-import io
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import blobfile as bf
 import torch
 
 __all__ = [
     "atomic_torch_save",
+    "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
     "exists",
@@ -21,8 +25,11 @@ __all__ = [
     "join",
     "listdir",
     "makedirs",
+    "open_read",
     "read_bytes",
     "remove",
+    "rename",
+    "size",
     "torch_load",
 ]
 
@@ -57,6 +64,26 @@ def remove(path: str | os.PathLike) -> None:
     bf.remove(str(path))
 
 
+def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move `src` to `dst` (a rename on a local disk; a copy, then a removal, on a blob store)."""
+    src, dst = str(src), str(dst)
+    if is_local(src) and is_local(dst):
+        os.replace(src, dst)
+        return
+    bf.copy(src, dst, overwrite=True)
+    bf.remove(src)
+
+
+def size(path: str | os.PathLike) -> int:
+    """The size of a file in bytes."""
+    return bf.stat(str(path)).size
+
+
+def open_read(path: str | os.PathLike) -> BinaryIO:
+    """A seekable binary file to read, local or blob (blobfile reads blobs in ranges)."""
+    return bf.BlobFile(str(path), "rb")
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     path = str(path)
     if not bf.exists(path):
@@ -64,33 +91,47 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     return bf.read_bytes(path)
 
 
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    """Write `data` to `path` through a temporary file and a rename.
+def is_temporary(name: str) -> bool:
+    """True for the names `atomic_write_bytes` uses while a write is in flight (never complete files)."""
+    return name.endswith(_TEMP_SUFFIX)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: the payload goes to a temporary name and is renamed over
+    `path` only when the block ends without an error.
 
     Local files are flushed and fsynced before the rename, so the destination holds either the old or the
     new payload, never a mix. Blob stores (gs://, az://) publish an object only once its upload completes,
-    which gives the same guarantee; the rename there is a server-side copy.
+    which gives the same guarantee; the rename there is a server-side copy. An error in the block (a full
+    disk, a blob-store failure) removes the temporary file and leaves `path` as it was.
     """
     path = str(path)
     parent = bf.dirname(path)
     if parent:
         bf.makedirs(parent)
     temp = f"{path}.{uuid.uuid4().hex[:8]}{_TEMP_SUFFIX}"
-    if is_local(path):
-        try:
+    try:
+        if is_local(path):
             with open(temp, "wb") as f:
-                f.write(data)
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temp, path)
-        finally:
-            if os.path.exists(temp):
-                os.remove(temp)
-        return
-    with bf.BlobFile(temp, "wb") as f:
+        else:
+            with bf.BlobFile(temp, "wb", streaming=True, partial_writes_on_exc=False) as f:
+                yield f
+            bf.copy(temp, path, overwrite=True)
+    finally:
+        with contextlib.suppress(OSError):  # A failed upload may have left nothing to remove.
+            if bf.exists(temp):
+                bf.remove(temp)
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write `data` to `path` atomically (`atomic_write`)."""
+    with atomic_write(path) as f:
         f.write(data)
-    bf.copy(temp, path, overwrite=True)
-    bf.remove(temp)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
@@ -98,13 +139,34 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """`torch.save` to memory, then `atomic_write_bytes`."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(buffer.getvalue(), path)
+    """`torch.save` streamed into `atomic_write`: no copy of the file is held in memory."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def torch_load(path: str | os.PathLike, *, weights_only: bool = True, map_location="cpu"):
-    """`torch.load` from a local path or blob URL; `weights_only` by default, so loading runs no code."""
-    return torch.load(io.BytesIO(read_bytes(path)), weights_only=weights_only, map_location=map_location)
+    """`torch.load` from a local path or blob URL, read through the file (blobfile streams blob URLs with
+    range reads); `weights_only` by default, so loading runs no code."""
+    path = str(path)
+    if not bf.exists(path):
+        raise FileNotFoundError(f"No such file: {path}")
+    try:
+        with open_read(path) as f:
+            return torch.load(f, weights_only=weights_only, map_location=map_location)
+    except Exception as error:
+        if not _ends_like_a_zip(path):  # torch.load's own message for a cut file is often a bare "Invalid argument".
+            raise ValueError(f"truncated, or not a zip-format torch.save file: no zip end record in its "
+                             f"{size(path)} bytes") \
+                from error
+        raise
+
+
+_ZIP_END = b"PK\x05\x06"  # The end-of-central-directory record that closes every zip file (torch.save's format).
+_ZIP_END_SEARCH = 65_557  # The record (22 bytes) plus the longest zip comment (65 535 bytes).
+
+
+def _ends_like_a_zip(path: str) -> bool:
+    with open_read(path) as f:
+        f.seek(max(0, size(path) - _ZIP_END_SEARCH))
+        return _ZIP_END in f.read()
 

@@ -106,7 +106,7 @@ class PIDObjective:
     def sample_batch(self, generator: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
         """`z` [B, C, H, W], `indices` [B] and, for a conditional teacher, one-hot `class_labels` [B, L]."""
         device = generator.device
-        z = self.grid.sigma_max * torch.randn((batch_size, *self.image_shape), generator=generator, device=device)
+        z = torch.randn((batch_size, *self.image_shape), generator=generator, device=device).mul_(self.grid.sigma_max)
         indices = self.grid.sample_indices(batch_size, generator, interior_only=self.derivative is Derivative.CENTRAL)
         batch = dict(z=z, indices=indices)
         if self.label_dim:

@@ -669,15 +669,31 @@ class EDMPrecond(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # The official EDM checkpoints (constructor arguments as recorded in their pickles).
 
+# EDM's train.py: --arch=ddpmpp and --arch=ncsnpp give these SongUNet arguments, with model_channels 128 and
+# channel_mult from --cres; any --augment > 0 sets augment_dim 9 (every SongUNet release). ADM has no
+# augmentation and runs its image path in fp16 on CUDA.
+_DDPMPP = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+               decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=128)
+_NCSNPP = dict(model_type="SongUNet", embedding_type="fourier", encoder_type="residual",
+               decoder_type="standard", channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128)
+
+
+def _release(arch: dict[str, Any], resolution: int, label_dim: int, channel_mult: list[int],
+             dropout: float) -> dict[str, Any]:
+    """A SongUNet release: 3 colour channels, augment_dim 9, float32."""
+    return dict(img_resolution=resolution, img_channels=3, label_dim=label_dim, use_fp16=False, **arch,
+                channel_mult=channel_mult, augment_dim=9, dropout=dropout)
+
+
 EDM_PRESETS: dict[str, dict[str, Any]] = {
-    "edm-cifar10-32x32-uncond-vp": dict(
-        img_resolution=32, img_channels=3, label_dim=0, use_fp16=False, model_type="SongUNet",
-        embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
-        resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13),
-    "edm-cifar10-32x32-cond-vp": dict(
-        img_resolution=32, img_channels=3, label_dim=10, use_fp16=False, model_type="SongUNet",
-        embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
-        resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13),
+    "edm-cifar10-32x32-cond-vp": _release(_DDPMPP, 32, 10, [2, 2, 2], 0.13),
+    "edm-cifar10-32x32-cond-ve": _release(_NCSNPP, 32, 10, [2, 2, 2], 0.13),
+    "edm-cifar10-32x32-uncond-vp": _release(_DDPMPP, 32, 0, [2, 2, 2], 0.13),
+    "edm-cifar10-32x32-uncond-ve": _release(_NCSNPP, 32, 0, [2, 2, 2], 0.13),
+    "edm-ffhq-64x64-uncond-vp": _release(_DDPMPP, 64, 0, [1, 2, 2, 2], 0.05),
+    "edm-ffhq-64x64-uncond-ve": _release(_NCSNPP, 64, 0, [1, 2, 2, 2], 0.05),
+    "edm-afhqv2-64x64-uncond-vp": _release(_DDPMPP, 64, 0, [1, 2, 2, 2], 0.25),
+    "edm-afhqv2-64x64-uncond-ve": _release(_NCSNPP, 64, 0, [1, 2, 2, 2], 0.25),
     "edm-imagenet-64x64-cond-adm": dict(
         img_resolution=64, img_channels=3, label_dim=1000, use_fp16=True, model_type="DhariwalUNet",
         model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.1),

@@ -4,7 +4,10 @@
     c_in = 1 / sqrt(σ_d² + T²)   (constant: the image input is always z ~ N(0, T² I))
     c_noise(t) = ln(t) / 4
 
-F_θ is the raw EDM network (SongUNet or DhariwalUNet) with the teacher's architecture.
+F_θ is the raw EDM network (SongUNet or DhariwalUNet) with the teacher's architecture, less the teacher's
+augmentation input: PID never passes augment labels, so the student is built with augment_dim = 0 and has
+no `map_augment` layer (as in the official code). A layer that takes no part in the loss would get no
+gradient, and DDP stops at the second step when a parameter received none.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from torch import nn
 from pid_diffusion.grid import check_noise_range
 from pid_diffusion.networks import EDMPrecond
 
+_AUGMENT_MAPPING = "map_augment."  # The raw network's augment-label layer (EDM's key names).
+
 
 class StudentInit(enum.Enum):
     """Where the student network's weights come from."""
@@ -32,7 +37,7 @@ class PIDStudent(nn.Module):
     """x_θ(z, t) = (t/T) z + (1 − t/T) F_θ(c_in z, ln(t)/4, labels); a sample is x_θ(z, ε) clamped to [−1, 1].
 
     `network_kwargs` are `EDMPrecond` constructor arguments (a teacher's `init_kwargs`); only its raw
-    network `model` is kept. As in EDMPrecond, the image path of F runs in float16 only on CUDA with
+    network `model` is kept, built with augment_dim = 0 whatever the teacher's (module docstring). As in EDMPrecond, the image path of F runs in float16 only on CUDA with
     `use_fp16`; the output is always float32.
     """
 
@@ -41,7 +46,7 @@ class PIDStudent(nn.Module):
         if not sigma_data > 0:
             raise ValueError(f"sigma_data={sigma_data} must be positive")
         super().__init__()
-        precond = EDMPrecond(**network_kwargs)
+        precond = EDMPrecond(**{**network_kwargs, "augment_dim": 0})
         self.init_kwargs = dict(network_kwargs=copy.deepcopy(precond.init_kwargs), sigma_min=float(sigma_min),
                                 sigma_max=float(sigma_max), sigma_data=float(sigma_data))
         self.model = precond.model
@@ -61,11 +66,15 @@ class PIDStudent(nn.Module):
 
         `network_overrides` replace constructor arguments of the teacher, e.g. `{"dropout": 0.0}`: the
         released EDM teachers were trained with dropout, PID trains the student without (docs/method.md §5).
+        Every teacher weight is copied except `map_augment`'s, which the student does not have; the
+        teacher keeps its full EDM state dict.
         """
         network_kwargs = {**teacher.init_kwargs, **(network_overrides or {})}
         student = cls(network_kwargs, sigma_min, sigma_max, teacher.sigma_data)
         if init is StudentInit.TEACHER:
-            student.model.load_state_dict(teacher.model.state_dict())
+            weights = {key: value for key, value in teacher.model.state_dict().items()
+                       if not key.startswith(_AUGMENT_MAPPING)}
+            student.model.load_state_dict(weights)  # strict: any other difference is an error
         elif init is not StudentInit.RANDOM:
             raise TypeError(f"init={init!r}: pass a StudentInit member")
         return student

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from pid_diffusion import checkpoint, configs, fileio
+from pid_diffusion import checkpoint, config_files, fileio
 from pid_diffusion.config import TrainingConfig, check
 from pid_diffusion.edm_loss import EDMObjective
 from pid_diffusion.networks import EDMPrecond
@@ -92,7 +92,7 @@ class TeacherTrainingConfig(TrainingConfig):
 
 def resolve(preset: str = "default", overrides: Mapping[str, str] | None = None) -> TeacherTrainingConfig:
     """The teacher-training preset `preset` (configs/teacher/<preset>.json) with `overrides` applied."""
-    return configs.load(TeacherTrainingConfig, configs.preset_file(TASK, preset), overrides)
+    return config_files.load(TeacherTrainingConfig, config_files.preset_file(TASK, preset), overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------

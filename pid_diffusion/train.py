@@ -1,18 +1,23 @@
 """The training loop shared by distillation and teacher training: DDP, micro-batches, precision, EMA,
 checkpoints, exact resume, logging.
 
-The loop knows a task only through its `Objective` (ARCHITECTURE.md): at step s every rank seeds a CPU
-generator from (`train.seed`, s) (`step_generator`), draws the *global* batch with `objective.sample_batch`, keeps its
-slice `[rank · b, (rank + 1) · b)` and splits it into micro-batches. Sample k of step s is therefore the
-same for any number of ranks and micro-batches, and the loss of a step is the mean of the per-sample losses
-over the global batch: K ranks × B/K train like one rank × B, up to the order of floating-point sums.
+The loop knows a task only through its `Objective` (ARCHITECTURE.md). The global batch of step s is cut
+into chunks of `NOISE_CHUNK` samples, and chunk c is drawn by `objective.sample_batch` from its own
+generator, seeded by (train.seed, s, c) alone and living on the rank's device. Rank r draws only the
+chunks that overlap its share `[r · b, (r + 1) · b)`, keeps that share and splits it into micro-batches.
+Sample k of step s is therefore the same for any number of ranks and micro-batches (on one device type:
+CUDA and CPU generators give different streams), no rank draws more than its share plus two chunks, and the
+loss of a step is the mean of the per-sample losses over the global batch: K ranks × B/K train like one
+rank × B, up to the order of floating-point sums.
 
 The loop writes a snapshot (weights and EMAs, for FID) every `run.snapshot_every` steps and a training state
 (everything resume needs) every `run.checkpoint_every` steps (checkpoint.py). Re-running the same command
-resumes from the newest training state with the model, every EMA, the optimizer, the loss scaler, the step and
-every rank's random-number state, so the resumed run ends with the same weights as one that was never
-interrupted. Options that do not define the run's maths (`config.OnResume`) may change on resume; each start
-and resume is recorded in the run folder's history.jsonl with what changed.
+resumes from the newest training state that loads (damaged newer ones are moved aside) with the model, every
+EMA, the optimizer, the loss scaler, the step and every rank's random-number state, so the resumed run ends
+with the same weights as one that was never interrupted. Options that do not define the run's maths
+(`config.OnResume`) may change on resume; each start and resume is recorded in the run folder's
+history.jsonl with what changed. A preemption signal (preemption.py) stops every rank after the same step,
+with a training state of that step.
 
 Progress goes to a tqdm bar on a terminal and to one plain line per log record otherwise (a batch job's log).
 """
@@ -37,22 +42,27 @@ import tqdm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pid_diffusion import checkpoint, dist, fileio, images, perf
+from pid_diffusion import checkpoint, dist, fileio, images, perf, preemption
 from pid_diffusion.config import (ConfigError, OnResume, OptimizerKind, RunConfig, TrainConfig, TrainingConfig,
                                   from_dict, to_json)
 
-__all__ = ["EMA", "HISTORY_FILE", "NonFiniteLossError", "Objective", "Preview", "batch_plan", "build_optimizer", "describe_launch",
-           "lr_at", "sampler_preview", "step_generator", "training_loop"]
+__all__ = ["EMA", "HISTORY_FILE", "NOISE_CHUNK", "NonFiniteLossError", "Objective", "Preview", "batch_plan",
+           "build_optimizer", "chunk_generator", "describe_launch", "lr_at", "sampler_preview", "training_loop"]
 
 HISTORY_FILE = "history.jsonl"  # One record per start or resume of a run: when, where, what changed.
 
+# Samples per generator: sample k of step s is sample k mod NOISE_CHUNK of chunk k // NOISE_CHUNK. Small
+# enough that a rank wastes little when its share is not a multiple of it, large enough that the per-chunk
+# seeding and kernel launches cost nothing next to the drawing. Changing it changes every run's batches.
+NOISE_CHUNK = 16
 
 
 class Objective(Protocol):
     """A training task as the loop sees it (ARCHITECTURE.md, the objective protocol)."""
 
     def sample_batch(self, generator: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
-        """The global batch of a step: tensors whose first dimension is `batch_size`, drawn from `generator`."""
+        """`batch_size` samples (a chunk of a step's global batch): tensors whose first dimension is
+        `batch_size`, drawn from `generator` alone and created on `generator.device`."""
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-sample losses [b] of a (micro-)batch; `model` is the DDP-wrapped model."""
@@ -79,14 +89,14 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stops without writing anything."""
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The CPU generator of step `step`: the batch it draws depends only on (seed, step).
+def chunk_generator(seed: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
+    """The generator of chunk `chunk` of step `step` on `device`: what it draws depends on (seed, step, chunk).
 
-    torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so (seed, step) is mixed into
-    32 bits by numpy's SeedSequence (a hash) rather than packed as seed · 2³² + step, which ignored the seed.
+    (seed, step, chunk) is hashed by numpy's SeedSequence into 64 bits; CUDA's Philox generator uses them
+    all, torch's CPU generator (mt19937) only the low 32 bits, which are a hash of all three as well.
     """
-    mixed = np.random.SeedSequence((seed, step)).generate_state(1, np.uint32)[0]
-    return torch.Generator().manual_seed(int(mixed))
+    state = np.random.SeedSequence((seed, step, chunk)).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 class EMA:
@@ -134,15 +144,20 @@ def batch_plan(train: TrainConfig, world_size: int) -> tuple[int, int]:
     return per_rank, micro
 
 
-def _rank_slice(objective: Objective, train: TrainConfig, step: int, per_rank: int, rank: int,
+def _rank_share(objective: Objective, seed: int, step: int, per_rank: int, rank: int,
                 device: torch.device) -> dict[str, torch.Tensor]:
-    """This rank's part of the global batch of `step`, on `device`."""
-    batch = objective.sample_batch(step_generator(train.seed, step), train.batch)
-    for key, value in batch.items():
-        if value.shape[:1] != (train.batch,):
-            raise ValueError(f"sample_batch returned {key!r} of shape {tuple(value.shape)}; its first dimension "
-                             f"must be the requested batch size {train.batch}")
-    return {key: value[rank * per_rank:(rank + 1) * per_rank].to(device) for key, value in batch.items()}
+    """Samples [rank · per_rank, (rank + 1) · per_rank) of the global batch of `step`, drawn on `device`: the
+    chunks that overlap them, each from its own generator, cut to the share."""
+    first = rank * per_rank
+    chunks = range(first // NOISE_CHUNK, (first + per_rank - 1) // NOISE_CHUNK + 1)
+    parts = [objective.sample_batch(chunk_generator(seed, step, chunk, device), NOISE_CHUNK) for chunk in chunks]
+    for key, value in parts[0].items():
+        if value.shape[:1] != (NOISE_CHUNK,) or value.device != device:
+            raise ValueError(f"sample_batch returned {key!r} of shape {tuple(value.shape)} on {value.device}; it "
+                             f"must have the requested batch size {NOISE_CHUNK} first and live on the generator's "
+                             f"device {device}")
+    offset = first - chunks[0] * NOISE_CHUNK
+    return {key: torch.cat([part[key] for part in parts])[offset:offset + per_rank] for key in parts[0]}
 
 
 def _micro_batches(batch: dict[str, torch.Tensor], micro: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -278,8 +293,16 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
     `model` must have `init_kwargs` and be listed in `checkpoint.MODEL_CLASSES`; the objective receives it
     wrapped in DDP. `preview(model)` draws the sample grid written every `run.image_every` steps.
     `fingerprints` are the hashes of what the configuration's CONTENT fields name (the teacher's network):
-    stored in each training state, and compared on resume when such a field changes.
+    stored in each training state, and compared on resume when such a field changes. A signal of
+    `run.preempt_signals` on any rank ends the run after the step in flight, with its training state, by
+    raising `preemption.Preempted` (exit status 75) on every rank.
     """
+    with preemption.SignalFlag(config.run.preempt_signals) as flag:
+        return _training_loop(config, objective, model, preview, fingerprints, flag)
+
+
+def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Module, preview: Preview | None,
+                   fingerprints: Mapping[str, str] | None, flag: preemption.SignalFlag) -> nn.Module:
     run, train = config.run, config.train
     dist.init(timeout=datetime.timedelta(minutes=run.timeout_minutes))
     rank, world_size, device = dist.rank(), dist.world_size(), dist.device()
@@ -320,7 +343,7 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
             group["lr"] = lr_at(train, step)
 
         # Accumulate gradients: each rank's share of the global mean, synchronised on the last micro-batch.
-        batch = _rank_slice(objective, train, step, per_rank, rank, device)
+        batch = _rank_share(objective, train.seed, step, per_rank, rank, device)
         loss_sum = torch.zeros((), device=device)
         parts = list(_micro_batches(batch, micro))
         for index, part in enumerate(parts):
@@ -335,7 +358,11 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
                 # DDP averages gradients over ranks, so each rank's term is its sum / per-rank batch.
                 scaler.scale(losses.sum() / per_rank).backward()
             loss_sum += losses.detach().sum()
-        loss = dist.all_reduce_mean(loss_sum).item() / per_rank
+        # One all-reduce per step carries the loss and the number of ranks that received a preemption signal.
+        signalled = torch.tensor(float(flag.received is not None), device=device)
+        totals = dist.all_reduce_sum(torch.stack([loss_sum, signalled]))
+        loss_total, signalled_ranks = totals.tolist()  # One device-to-host copy.
+        loss, stop = loss_total / world_size / per_rank, signalled_ranks > 0
         if not math.isfinite(loss):
             where = last_checkpoint or "none was written"
             raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step} (counting from 0), before its update; "
@@ -369,12 +396,21 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
                     print(_progress_line(record, train.steps), flush=True)
         if preview is not None and run.image_every and done % run.image_every == 0 and rank == 0:
             _write_preview(preview, model, fileio.join(run.dir, f"samples-{done:08d}.png"))
+        preempted = stop and done < train.steps
         if (run.snapshot_every and done % run.snapshot_every == 0) or done == train.steps:
             checkpoint.save_snapshot(config, done, model, ema)
-        if done % run.checkpoint_every == 0 or done == train.steps:
+        if done % run.checkpoint_every == 0 or done == train.steps or preempted:
             last_checkpoint = checkpoint.save(config, done, model, ema, optimizer, scaler, fingerprints)
             if rank == 0:
                 metrics.plot()
+        if preempted:
+            progress.close()
+            if rank == 0:
+                metrics.close()
+            who = flag.received or "a signal on another rank"
+            dist.print0(f"Preempted ({who}) after step {done}: {last_checkpoint} is complete. Exiting with status "
+                        f"{preemption.PREEMPTED_EXIT_CODE}; re-run the same command to resume")
+            raise preemption.Preempted()
     progress.close()
     if rank == 0:
         metrics.close()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's PID runs (Tee et al. 2024) under Open MPI, one process per GPU. The run itself (teacher, batch,
-# steps, run folder) is the preset file pid_diffusion/configs/distill/<preset>.json; this script only sets
+# steps, run folder) is the preset file configs/distill/<preset>.json; this script only sets
 # the launcher's options.
 #
 #   bash scripts/distill_pid_diffusion.sh cifar10            # CIFAR-10 32×32, EDM DDPM++ teacher

@@ -3,7 +3,7 @@
 #
 #   bash scripts/image_sampling.sh runs/pid-cifar10/checkpoint-00800000.pt               # 64-image grid
 #   SEEDS=0-49999 OUT=samples bash scripts/image_sampling.sh CHECKPOINT --npz samples/cifar10.npz
-#   bash scripts/image_sampling.sh --teacher teachers/edm-cifar10-32x32-uncond-vp.pkl --sampler heun
+#   bash scripts/image_sampling.sh --teacher teachers/edm-cifar10-32x32-uncond-vp.pt --sampler heun
 #
 # The first argument is a checkpoint unless it is an option; extra arguments go to pid-sample
 # (`pid-sample --help`). Image k depends only on seed k, whatever NUM_PROCESSES and BATCH are.

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from pid_diffusion import config as cfg
-from pid_diffusion import configs, distill, teacher_training
+from pid_diffusion import config_files, distill, teacher_training
 from pid_diffusion.cli import distill as distill_cli
+from pid_diffusion.cli import errors
 from pid_diffusion.cli import train_teacher as train_teacher_cli
 from pid_diffusion.config import (
     ConfigError, OptimizerKind, Precision, apply_overrides, diff, from_dict, parse_overrides, to_dict, to_json,
@@ -59,7 +60,7 @@ def test_default_preset_runs_on_the_cpu_without_pretrained_weights():
     assert c.teacher.path.startswith("model_zoo/")
 
 
-@pytest.mark.parametrize("name", configs.preset_names("distill"))
+@pytest.mark.parametrize("name", config_files.preset_names("distill"))
 def test_every_preset_survives_the_json_round_trip(name):
     c = resolve(name)
     assert from_dict(DistillConfig, json.loads(to_json(c))) == c
@@ -157,11 +158,11 @@ def test_every_option_is_read_by_the_code_that_runs():
 
 def dry_run(capsys, *argv: str) -> str:
     """What `pid-distill ... --dry-run` prints on stdout: the resolved configuration. The launch check after it
-    fails here for the paper presets (no teacher file, no LPIPS weights) with status 1."""
+    fails here for the paper presets (no teacher file, no LPIPS weights) with status 2, a user's mistake."""
     try:
         distill_cli.main([*argv, "--dry-run"])
     except SystemExit as exit_info:
-        assert exit_info.code == 1
+        assert exit_info.code == errors.USAGE_STATUS
     return capsys.readouterr().out
 
 
@@ -186,28 +187,28 @@ def test_check_raises_a_config_error_naming_the_key():
 # ----------------------------------------------------------------------------------------------------------
 # Preset files.
 
-PRESET_FOLDER = Path(configs.PRESETS_DIR)
+PRESET_FOLDER = Path(config_files.PRESETS_DIR)
 TASKS = {"distill": DistillConfig, "teacher": teacher_training.TeacherTrainingConfig}
 
 
 def test_every_preset_of_both_tasks_is_a_file():
-    assert configs.preset_names("distill") == ["cifar10", "cifar10-central", "default", "imagenet64",
+    assert config_files.preset_names("distill") == ["cifar10", "cifar10-central", "default", "imagenet64",
                                                "imagenet64-central"]
-    assert configs.preset_names("teacher") == ["default"]
+    assert config_files.preset_names("teacher") == ["default"]
 
 
 def _flat_file(path: Path) -> dict:
     """The dotted keys a file sets itself (not its _base), without its _doc notes."""
     data = json.loads(path.read_text())
     data.pop("_base", None)
-    return cfg.flatten(configs._without_docs(data))
+    return cfg.flatten(config_files._without_docs(data))
 
 
-@pytest.mark.parametrize("task, name", [(task, name) for task in TASKS for name in configs.preset_names(task)])
+@pytest.mark.parametrize("task, name", [(task, name) for task in TASKS for name in config_files.preset_names(task)])
 def test_a_preset_file_holds_only_what_differs(task, name):
     path = PRESET_FOLDER / task / f"{name}.json"
     base = json.loads(path.read_text()).get("_base")
-    start = configs.read_config_file(str(PRESET_FOLDER / task / base)) if base else {}
+    start = config_files.read_config_file(str(PRESET_FOLDER / task / base)) if base else {}
     below = cfg.flatten(to_dict(apply_overrides(TASKS[task], start, {})))
     restated = [key for key, value in _flat_file(path).items() if below[key] == value]
     assert restated == []
@@ -237,14 +238,14 @@ def test_a_run_folders_config_json_replays_the_run(tmp_path, capsys):
 def test_own_files_with_docs_and_a_base(tmp_path):
     (tmp_path / "base.json").write_text(json.dumps({"_doc": "why", "train": {"batch": 64, "_doc": "why"}}))
     (tmp_path / "mine.json").write_text(json.dumps({"_base": "base.json", "train": {"lr": 1e-3}}))
-    config = configs.load(DistillConfig, str(tmp_path / "mine.json"), {"micro_batch": "16"})
+    config = config_files.load(DistillConfig, str(tmp_path / "mine.json"), {"micro_batch": "16"})
     assert (config.train.batch, config.train.lr, config.train.micro_batch) == (64, 1e-3, 16)
     (tmp_path / "bad.json").write_text(json.dumps({"train": {"batchsize": 64}}))
     with pytest.raises(ConfigError, match="unknown key train.batchsize"):
-        configs.load(DistillConfig, str(tmp_path / "bad.json"))
+        config_files.load(DistillConfig, str(tmp_path / "bad.json"))
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ConfigError, match="cannot read the configuration file"):
-        configs.load(DistillConfig, str(tmp_path / "broken.json"))
+        config_files.load(DistillConfig, str(tmp_path / "broken.json"))
 
 
 def test_preset_and_config_are_exclusive(capsys):
@@ -258,12 +259,12 @@ def test_the_preset_files_are_installed_as_package_data(tmp_path):
     # writes beside them) and look for every preset file among the installed package's files.
     repo, source = Path(cfg.__file__).parents[1], tmp_path / "source"
     source.mkdir()
-    for name in ("setup.py", "README.md", "pid_diffusion"):
+    for name in ("setup.py", "README.md", "pid_diffusion", "configs"):
         (shutil.copytree if (repo / name).is_dir() else shutil.copy)(repo / name, source / name)
     subprocess.run([sys.executable, "setup.py", "-q", "build", f"--build-base={tmp_path / 'build'}"], cwd=source,
                    check=True, capture_output=True)
     installed = tmp_path / "build" / "lib" / "pid_diffusion" / "configs"
     for task in TASKS:
-        for name in configs.preset_names(task):
+        for name in config_files.preset_names(task):
             assert json.loads((installed / task / f"{name}.json").read_text()) == \
                 json.loads((PRESET_FOLDER / task / f"{name}.json").read_text())

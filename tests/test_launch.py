@@ -2,6 +2,7 @@
 offline machines, and log.txt with plain progress lines in a batch job."""
 
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -12,10 +13,13 @@ import torch
 from pid_diffusion import hub, inception
 from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.cli import fetch_weights
+from pid_diffusion.cli.errors import USAGE_STATUS
 from pid_diffusion.config import field_docs, leaf_fields
 from pid_diffusion.distill import DistillConfig
+from pid_diffusion.teacher import load_teacher
 
 from test_dist_mpi import REPO, mpirun, needs_mpirun
+from test_teacher import _release, _write_edm_pickle
 from test_train import subprocess_env
 
 BASE = ["--preset=default", "--run.log_every=1", "--run.image_every=0"]
@@ -53,7 +57,7 @@ def test_dry_run_says_resume_or_conflict_and_gives_the_runs_own_errors(tmp_path,
         for dry in (["--dry-run"], []):
             with pytest.raises(SystemExit) as exit_info:
                 distill_cli.main([*run, "--train.steps=4", *bad, *dry])
-            assert exit_info.value.code == 1
+            assert exit_info.value.code == USAGE_STATUS
             errors.append(capsys.readouterr().err.splitlines()[-1])
         assert errors[0] == errors[1] and errors[0].startswith("pid-distill: error: "), errors
 
@@ -82,14 +86,20 @@ def test_fetch_weights_downloads_each_file_or_says_where_to_put_it(tmp_path, mon
     for file in (hub.VGG16_IMAGENET, hub.PIQ_LPIPS_WEIGHTS, inception.DETECTOR):
         assert f"download {file.url}\n      save as  {cache / file.filename}" in text
     assert "download https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl" in text
+    assert "then     pid-convert-edm teachers/edm-cifar10-32x32-uncond-vp.pkl teachers/edm-cifar10-32x32-uncond-vp.pt" in text
     assert not (tmp_path / "teachers").exists()
 
     fetched = []
+    bundled = load_teacher(REPO / "model_zoo" / "edm-shapes-16x16.pt")  # stands for the release network
+    release = _write_edm_pickle(tmp_path / "release.pkl", _release(bundled, bundled.init_kwargs))
 
     def online(url, dst, *args, **kwargs):
         fetched.append(url)
-        with open(dst, "wb") as file:
-            file.write(b"weights")
+        if url.endswith(".pkl"):
+            shutil.copy(release, dst)
+        else:
+            with open(dst, "wb") as file:
+                file.write(b"weights")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", online)
     fetch_weights.main(["--preset=cifar10"])
@@ -97,6 +107,9 @@ def test_fetch_weights_downloads_each_file_or_says_where_to_put_it(tmp_path, mon
     assert sorted(os.listdir(cache)) == sorted([hub.VGG16_IMAGENET.filename, hub.PIQ_LPIPS_WEIGHTS.filename,
                                                 inception.DETECTOR_FILENAME])
     assert (tmp_path / "teachers" / "edm-cifar10-32x32-uncond-vp.pkl").is_file() and len(fetched) == 4
+    # The preset's teacher is the converted .pt: converted from the downloaded .pkl, the same network.
+    converted = load_teacher(tmp_path / "teachers" / "edm-cifar10-32x32-uncond-vp.pt")
+    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), bundled.state_dict().values()))
     fetch_weights.main(["--preset=cifar10"])  # Everything present: nothing fetched again.
     assert len(fetched) == 4 and capsys.readouterr().out.count("present  ") == 4
 

@@ -8,6 +8,8 @@ import urllib.error
 
 import lpips
 import piq
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -30,16 +32,21 @@ def no_network(monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
 
 
+def write_lpips_standins(checkpoints: Path) -> None:
+    """A random but loadable VGG16 and random positive piq LPIPS weights in a hub `checkpoints` folder."""
+    torch.save(random_vgg16_state_dict(), checkpoints / hub.VGG16_IMAGENET.filename)
+    generator = torch.Generator().manual_seed(1)
+    torch.save([torch.rand(1, c, 1, 1, generator=generator) + 0.1 for c in LPIPS_CHANNELS],
+               checkpoints / hub.PIQ_LPIPS_WEIGHTS.filename)
+
+
 @pytest.fixture(scope="module")
 def weights_home(tmp_path_factory):
     """A TORCH_HOME whose hub cache holds a random but loadable VGG16 and random positive piq weights."""
     home = tmp_path_factory.mktemp("torch_home")
     checkpoints = home / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    torch.save(random_vgg16_state_dict(), checkpoints / hub.VGG16_IMAGENET.filename)
-    generator = torch.Generator().manual_seed(1)
-    torch.save([torch.rand(1, c, 1, 1, generator=generator) + 0.1 for c in LPIPS_CHANNELS],
-               checkpoints / hub.PIQ_LPIPS_WEIGHTS.filename)
+    write_lpips_standins(checkpoints)
     return home
 
 

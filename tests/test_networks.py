@@ -180,7 +180,12 @@ def _read_key_file(path: Path) -> tuple[dict, int, dict, list[tuple[str, list[in
     return kwargs, params, heads, rows
 
 
-@pytest.mark.parametrize("preset", sorted(EDM_PRESETS))
+# The releases whose key lists EDM's code wrote into tests/fixtures/edm; the other six are checked against the
+# options EDM's train.py gives them (test_release_presets_follow_edms_training_options).
+KEY_FILE_PRESETS = ["edm-cifar10-32x32-cond-vp", "edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]
+
+
+@pytest.mark.parametrize("preset", KEY_FILE_PRESETS)
 def test_presets_match_official_checkpoint_layout(edm_fixtures_dir, preset):
     kwargs, num_params, heads, rows = _read_key_file(edm_fixtures_dir / f"edm_keys_{preset}.txt")
     assert EDM_PRESETS[preset] == kwargs
@@ -194,6 +199,41 @@ def test_presets_match_official_checkpoint_layout(edm_fixtures_dir, preset):
     assert ours == rows
     assert sum(p.numel() for p in precond.parameters()) == num_params
     assert {name: n for name, n in _attention_heads(precond.model).items() if n} == heads
+
+
+# EDM's train.py: --arch=ddpmpp and --arch=ncsnpp set these SongUNet options; --augment > 0 sets augment_dim 9.
+_EDM_ARCH_OPTIONS = {
+    "vp": dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
+               channel_mult_noise=1, resample_filter=[1, 1]),
+    "ve": dict(embedding_type="fourier", encoder_type="residual", decoder_type="standard",
+               channel_mult_noise=2, resample_filter=[1, 3, 3, 1]),
+}
+# EDM's README training table: resolution, classes, --cres and --dropout of each release.
+_EDM_RELEASES = {
+    "edm-cifar10-32x32-cond-ve": (32, 10, [2, 2, 2], 0.13),
+    "edm-cifar10-32x32-uncond-ve": (32, 0, [2, 2, 2], 0.13),
+    "edm-ffhq-64x64-uncond-vp": (64, 0, [1, 2, 2, 2], 0.05),
+    "edm-ffhq-64x64-uncond-ve": (64, 0, [1, 2, 2, 2], 0.05),
+    "edm-afhqv2-64x64-uncond-vp": (64, 0, [1, 2, 2, 2], 0.25),
+    "edm-afhqv2-64x64-uncond-ve": (64, 0, [1, 2, 2, 2], 0.25),
+}
+
+
+def test_every_release_is_a_preset():
+    assert sorted(EDM_PRESETS) == sorted([*KEY_FILE_PRESETS, *_EDM_RELEASES])
+
+
+@pytest.mark.parametrize("preset", sorted(_EDM_RELEASES))
+def test_release_presets_follow_edms_training_options(preset):
+    resolution, label_dim, channel_mult, dropout = _EDM_RELEASES[preset]
+    expected = dict(img_resolution=resolution, img_channels=3, label_dim=label_dim, use_fp16=False,
+                    model_type="SongUNet", **_EDM_ARCH_OPTIONS[preset.rsplit("-", 1)[1]], model_channels=128,
+                    channel_mult=channel_mult, augment_dim=9, dropout=dropout)
+    assert EDM_PRESETS[preset] == expected
+    with torch.device("meta"):
+        precond = EDMPrecond(**EDM_PRESETS[preset])
+        assert precond(torch.empty(1, 3, resolution, resolution), torch.empty(1)).shape == (1, 3, resolution,
+                                                                                            resolution)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,6 +389,7 @@ def test_float16_image_path_keeps_mapping_in_float32(edm_fixtures_dir):
     assert (F_x.float() - ref["F_fp32"]).abs().max() <= 1e-2 * ref["F_fp32"].abs().max()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="use_fp16 takes effect only on CUDA")
 @torch.no_grad()
 @pytest.mark.parametrize("force_fp32", [False, True])

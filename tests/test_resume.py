@@ -59,6 +59,8 @@ def changed_value(key: str, value) -> str:
         return "2"
     if isinstance(value, (int, float)):
         return str(value * 2 if value else 1)
+    if key == "run.preempt_signals":
+        return ",".join(value[:-1])  # One signal fewer.
     raise AssertionError(f"no changed value for {key}={value!r}: extend changed_value")
 
 

@@ -65,7 +65,9 @@ def test_sample_is_the_clamped_trajectory_end(teacher):
 def test_from_teacher_copies_the_network(teacher):
     student = PIDStudent.from_teacher(teacher, EPS, T, StudentInit.TEACHER)
     teacher_state, student_state = teacher.model.state_dict(), student.model.state_dict()
-    assert teacher_state.keys() == student_state.keys()
+    # Every weight but the augmentation input's, which PID never feeds (student.py).
+    assert {key for key in teacher_state if not key.startswith("map_augment.")} == student_state.keys()
+    teacher_state = {key: teacher_state[key] for key in student_state}
     assert all(torch.equal(teacher_state[key], student_state[key]) for key in teacher_state)
     # A copy, not shared storage: training the student leaves the teacher alone.
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(teacher.model.parameters(), student.model.parameters()))
@@ -75,6 +77,7 @@ def test_from_teacher_copies_the_network(teacher):
 def test_random_init_keeps_the_architecture_not_the_weights(teacher):
     student = PIDStudent.from_teacher(teacher, EPS, T, StudentInit.RANDOM)
     teacher_state, student_state = teacher.model.state_dict(), student.model.state_dict()
+    teacher_state = {key: value for key, value in teacher_state.items() if not key.startswith("map_augment.")}
     assert {k: v.shape for k, v in teacher_state.items()} == {k: v.shape for k, v in student_state.items()}
     weights = [key for key in teacher_state if key.endswith("weight")]
     assert not any(torch.equal(teacher_state[key], student_state[key]) for key in weights)
@@ -123,3 +126,22 @@ def test_bad_inputs_are_rejected(teacher):
         PIDStudent.from_teacher(teacher, T, EPS)
     with pytest.raises(TypeError, match="StudentInit"):
         PIDStudent.from_teacher(teacher, EPS, T, init="teacher")
+
+
+def test_an_augmented_teacher_gives_a_student_without_augmentation_input():
+    """EDM's SongUNet releases have map_augment (augment_dim 9); PID never feeds it, so the student lacks it."""
+    kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=16,
+                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], augment_dim=9)
+    torch.manual_seed(0)
+    teacher = EDMPrecond(**kwargs).eval().requires_grad_(False)
+    student = PIDStudent.from_teacher(teacher, EPS, T)
+    assert "model.map_augment.weight" in teacher.state_dict()  # the teacher keeps its full EDM state dict
+    assert student.model.map_augment is None and student.init_kwargs["network_kwargs"]["augment_dim"] == 0
+    rebuilt = PIDStudent(**student.init_kwargs)
+    rebuilt.load_state_dict(student.state_dict())  # the recorded kwargs rebuild it, strictly
+    z = T * torch.randn(2, 3, 8, 8)
+    t = torch.tensor([0.5, 3.0])
+    c_in = 1 / math.sqrt(teacher.sigma_data ** 2 + T ** 2)
+    expected = (t / T).reshape(-1, 1, 1, 1) * z + (1 - t / T).reshape(-1, 1, 1, 1) * teacher.model(
+        c_in * z, t.log() / 4, None)
+    assert torch.allclose(student(z, t), expected, rtol=1e-5, atol=1e-5)

@@ -362,7 +362,9 @@ def test_compile_trains_for_real_in_place_and_keeps_the_keys(tmp_path, monkeypat
 
 def test_the_run_seed_changes_the_batches():
     # mt19937 keeps 32 bits of its seed: seed · 2³² + step would give every run seed the same batches.
-    from pid_diffusion.train import step_generator
-    draws = {(seed, step): torch.randn(4, generator=step_generator(seed, step)) for seed in (0, 1) for step in (0, 1)}
-    assert not torch.equal(draws[0, 0], draws[1, 0]) and not torch.equal(draws[0, 0], draws[0, 1])
-    assert torch.equal(draws[1, 1], torch.randn(4, generator=step_generator(1, 1)))
+    from pid_diffusion.train import chunk_generator
+    cpu = torch.device("cpu")
+    draws = {(seed, step, chunk): torch.randn(4, generator=chunk_generator(seed, step, chunk, cpu))
+             for seed in (0, 1) for step in (0, 1) for chunk in (0, 1)}
+    assert len({tuple(draw.tolist()) for draw in draws.values()}) == len(draws)
+    assert torch.equal(draws[1, 1, 1], torch.randn(4, generator=chunk_generator(1, 1, 1, cpu)))

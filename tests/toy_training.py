@@ -5,13 +5,14 @@ Run as a script (also under mpirun / torchrun) it trains with the shared loop:
     python tests/toy_training.py --run.dir=/tmp/toy --train.steps=4 [--toy.fail_step=2 ...]
 
 The `toy` section shows how a task plugs its own options into the configuration system, and carries the
-test-only fault injections (a slow step, a failing rank, a NaN loss).
+test-only fault injections (a slow step, a failing rank, a NaN loss, a preemption signal).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 import time
 
@@ -52,6 +53,9 @@ class ToySection:
     fail_rank: int = 0
     nan_step: int = -1             # Return a NaN loss at this step (-1: never).
     overflow_step: int = -1        # A finite loss with a NaN gradient at this step (-1: never).
+    signal_step: int = -1          # Rank `signal_rank` sends itself `signal` in this step of each process (-1: never).
+    signal_rank: int = 0
+    signal: str = "SIGTERM"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +63,7 @@ class ToyConfig(TrainingConfig):
     toy: ToySection = dataclasses.field(default_factory=ToySection)
 
 
-# The toy task's preset: what differs from the defaults, as the files of pid_diffusion/configs hold it.
+# The toy task's preset: what differs from the defaults, as the files of configs/ hold it.
 TOY_PRESET = {"run": {"dir": "runs/toy", "checkpoint_every": 2, "log_every": 1, "image_every": 0, "sync_check_every": 1},
               "train": {"steps": 4, "batch": 8, "lr": 1e-2, "ema_rates": [0.9, 0.99]}}
 
@@ -76,7 +80,7 @@ class ToyObjective:
         self.calls = 0
 
     def sample_batch(self, generator: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
-        return {"x": torch.randn(batch_size, CHANNELS, SIZE, SIZE, generator=generator)}
+        return {"x": torch.randn(batch_size, CHANNELS, SIZE, SIZE, generator=generator, device=generator.device)}
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         step = self.calls  # One call per step when there is one micro-batch (the fault tests).
@@ -84,6 +88,8 @@ class ToyObjective:
         time.sleep(self.toy.step_delay_s)
         if step == self.toy.fail_step and dist.rank() == self.toy.fail_rank:
             raise RuntimeError(f"injected failure on rank {dist.rank()} at step {step}")
+        if step == self.toy.signal_step and dist.rank() == self.toy.signal_rank:
+            os.kill(os.getpid(), signal.Signals[self.toy.signal])  # Mid-step: before the loss and its backward.
         x = batch["x"]
         y = model(x)
         losses = (y - torch.sin(2 * x).flip(1)).square().mean((1, 2, 3))

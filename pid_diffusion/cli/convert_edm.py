@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from pid_diffusion import networks
+from pid_diffusion.cli import errors
 from pid_diffusion.teacher import convert_edm
 
 
@@ -24,9 +25,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the arguments, convert, and print what was written."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    checkpoint = convert_edm(args.src, args.dst, preset=args.preset)
+    with errors.reported("pid-convert-edm"):
+        args = _parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        checkpoint = convert_edm(args.src, args.dst, preset=args.preset)
     num_parameters = sum(tensor.numel() for tensor in checkpoint.state_dict.values())
     print(f"{args.src} ({checkpoint.source_format.value}) -> {args.dst}: "
           f"EDMPrecond(model_type={checkpoint.network_kwargs.get('model_type')!r}), "

@@ -5,7 +5,7 @@ Distils the bundled 16×16 shapes teacher (model_zoo/edm-shapes-16x16.pt) into a
 student before and after, all from the same latents) and prints the agreement of student and teacher
 (RMSE, PSNR) and, when EDM's Inception detector is on disk, FID.
 
-    pid-demo
+    pid-demo                                   # or: python -m pid_diffusion.cli.demo
     pid-demo --run.dir=runs/demo2 --train.steps=200
     mpirun -np 2 pid-demo                      # two processes
 
@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from pid_diffusion import dist, logs
-from pid_diffusion.cli import options
+from pid_diffusion.cli import errors, options
 from pid_diffusion.demo import DemoOptions, run_demo
 from pid_diffusion.distill import TASK, DistillConfig
 
@@ -49,7 +49,7 @@ def parse_args(argv: Sequence[str] | None):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error():
+    with dist.abort_on_error(), errors.reported("pid-demo"):
         args, config, demo = parse_args(argv)
         if options.dry_run(args, config):
             return

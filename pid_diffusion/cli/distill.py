@@ -2,6 +2,7 @@
 
     pid-distill --preset=cifar10 --train.batch=256                   # one process (or torchrun)
     mpirun -np 8 pid-distill --preset=cifar10                        # eight processes
+    srun --ntasks-per-node=8 pid-distill --preset=cifar10            # eight SLURM tasks
     pid-distill --config=my-run.json --run.dir=runs/mine             # from a file of your own
     pid-distill --config=runs/pid-cifar10/config.json                # replay (resume) a run from its folder
     mpirun -np 8 pid-distill --preset=cifar10 --dry-run              # check the launch, load nothing
@@ -9,9 +10,10 @@
 Presets are the files configs/distill/<name>.json, each holding what differs from the defaults (the paper's
 CIFAR-10 run). Any field can be overridden as `--section.key=value` (or `--key=value` when unique);
 re-running the same command resumes from the newest training state in the run folder, where the options that
-do not define the run's maths ([resume: may change] below) may differ. Before loading anything every run
-checks the batch split over its ranks, the teacher and LPIPS files and the run folder; `--dry-run` does only
-that, under the real launcher. Everything printed also goes to <run.dir>/log.txt.
+do not define the run's maths ([resume: may change] below) may differ. SIGTERM, SIGINT or SIGUSR1
+(`--run.preempt_signals`) stops after the step in flight with its training state and exit status 75. Before
+loading anything every run checks the batch split over its ranks, the teacher and LPIPS files and the run
+folder; `--dry-run` does only that, under the real launcher. Everything printed also goes to <run.dir>/log.txt.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pid_diffusion import dist, hub, logs
-from pid_diffusion.cli import options
-from pid_diffusion.config import ConfigError
+from pid_diffusion import dist, logs
+from pid_diffusion.cli import errors, options
 from pid_diffusion.distill import TASK, DistillConfig, build, check_files, fingerprints
 from pid_diffusion.samplers import OneStepSampler
 from pid_diffusion.train import describe_launch, sampler_preview, training_loop
@@ -32,16 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     return options.training_parser("pid-distill", __doc__, TASK, DistillConfig)
 
 
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, DistillConfig]:
+    return options.parse_training(build_parser(), DistillConfig, TASK, argv)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error():
-        parser = build_parser()
-        args, config = options.parse_training(parser, DistillConfig, TASK, argv)
+    with dist.abort_on_error(), errors.reported("pid-distill"):
+        args, config = parse_args(argv)
         dry = options.dry_run(args, config)  # stdout holds a configuration file: `--dry-run > mine.json`.
-        # The checks of the launch: the same errors a dry-run and a run give, before any file is loaded.
-        try:
-            report = [*describe_launch(config, dist.world_size()), *check_files(config)]
-        except (ConfigError, FileNotFoundError, hub.MissingWeightsError) as error:
-            options.launch_error(parser, error)
+        # The checks of the launch: the same one-line errors a dry-run and a run give, before any file is loaded.
+        report = [*describe_launch(config, dist.world_size()), *check_files(config)]
         if dry:
             dist.print0("\n".join(["launch check:", *report]), file=sys.stderr)
             return

@@ -4,7 +4,8 @@ ahead of time (on a login node with network access, before the job waits in an o
 The files: the distance's weights in torch hub's cache (`$TORCH_HOME/hub/checkpoints/`; lpips_piq: VGG16
 `vgg16-397923af.pth` and piq's `lpips_weights.pt`; lpips_vgg: VGG16 alone; l2, l1, pseudo_huber: none), EDM's
 Inception detector `inception-2015-12-05.pt` in the same cache (pid-fid; --no-detector skips it), and the
-teacher at `teacher.path` when it names one of EDM's release files (`edm-cifar10-32x32-uncond-vp.pkl`, ...).
+teacher at `teacher.path` when it names one of EDM's release files (`edm-cifar10-32x32-uncond-vp.pkl`, ...) or
+its converted `.pt` (the `.pkl` is downloaded beside it and converted, as pid-convert-edm does).
 A file already there is not fetched again. Where a file cannot be downloaded, the command prints its URL and
 the exact path to copy it to, and exits with status 1.
 
@@ -21,8 +22,9 @@ from collections.abc import Sequence
 import torch
 
 from pid_diffusion import fileio, hub, inception
-from pid_diffusion.cli import options
+from pid_diffusion.cli import errors, options
 from pid_diffusion.distill import TASK, DistillConfig, teacher_release, weight_files
+from pid_diffusion.teacher import convert_edm
 
 
 def build_parser():
@@ -34,7 +36,8 @@ def build_parser():
 
 
 def _fetch_teacher(config: DistillConfig) -> bool:
-    """The teacher file: present, downloaded from EDM's release, or told where to get it. Whether it is there."""
+    """The teacher file: present, downloaded from EDM's release (and converted, for a `.pt` path), or told where
+    to get it. Whether it is there."""
     path = config.teacher.path
     if fileio.exists(path):
         print(f"present  {path}  (the teacher)")
@@ -44,41 +47,49 @@ def _fetch_teacher(config: DistillConfig) -> bool:
         print(f"missing  {path}  (the teacher): not one of EDM's release files; copy it there "
               f"(EDM's networks: {url or 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/<name>.pkl'})")
         return False
+    pickle = path if path.endswith(".pkl") else f"{path[:-len('.pt')]}.pkl"  # A .pt is converted from EDM's .pkl.
     folder = os.path.dirname(os.path.abspath(path))
     created = not os.path.isdir(folder)
     try:
         os.makedirs(folder, exist_ok=True)
-        print(f"Downloading {url} to {path}", file=sys.stderr)
-        torch.hub.download_url_to_file(url, path, progress=False)  # A temporary file, renamed when complete.
+        if not fileio.exists(pickle):
+            print(f"Downloading {url} to {pickle}", file=sys.stderr)
+            torch.hub.download_url_to_file(url, pickle, progress=False)  # A temporary file, renamed when complete.
     except (OSError, RuntimeError, ValueError) as error:
         if created:
             os.rmdir(folder)
-        print(f"missing  {path}  (the teacher)\n      download {url}\n      save as  {os.path.abspath(path)}\n"
-              f"      download error: {type(error).__name__}: {error}")
+        convert = "" if pickle == path else f"\n      then     pid-convert-edm {pickle} {path}"
+        print(f"missing  {path}  (the teacher)\n      download {url}\n      save as  {os.path.abspath(pickle)}"
+              f"{convert}\n      download error: {type(error).__name__}: {error}")
         return False
-    print(f"fetched  {path}  (the teacher, from {url})")
+    if pickle != path:
+        convert_edm(pickle, path)  # Written atomically; the .pkl stays beside it.
+        print(f"fetched  {path}  (the teacher, converted from {pickle}, from {url})")
+    else:
+        print(f"fetched  {path}  (the teacher, from {url})")
     return True
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args, config = options.parse_training(parser, DistillConfig, TASK, argv)
-    files = [*weight_files(config), *([] if args.no_detector else [inception.DETECTOR])]
-    complete = _fetch_teacher(config)
-    absent = hub.missing(*files)
-    try:
-        hub.resolve(*files)
-    except hub.MissingWeightsError as error:
-        print(error)  # Each missing file's URL, destination and download error.
-        complete = False
-    for file in files:
-        if file not in hub.missing(file):
-            state = "fetched" if file in absent else "present"
-            print(f"{state}  {hub.checkpoints_dir() / file.filename}  ({file.used_by})")
-    if not complete:
-        print("Some files are missing: on a machine with network access, run this command again, or download "
-              "them elsewhere and copy them to the paths above (`TORCH_HOME` moves the hub cache).")
-        sys.exit(1)
+    with errors.reported("pid-fetch-weights"):
+        parser = build_parser()
+        args, config = options.parse_training(parser, DistillConfig, TASK, argv)
+        files = [*weight_files(config), *([] if args.no_detector else [inception.DETECTOR])]
+        complete = _fetch_teacher(config)
+        absent = hub.missing(*files)
+        try:
+            hub.resolve(*files)
+        except hub.MissingWeightsError as error:
+            print(error)  # Each missing file's URL, destination and download error.
+            complete = False
+        for file in files:
+            if file not in hub.missing(file):
+                state = "fetched" if file in absent else "present"
+                print(f"{state}  {hub.checkpoints_dir() / file.filename}  ({file.used_by})")
+        if not complete:
+            print("Some files are missing: on a machine with network access, run this command again, or download "
+                  "them elsewhere and copy them to the paths above (`TORCH_HOME` moves the hub cache).")
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ the step) use the best (lowest FID), as EDM reports the best of three.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from pid_diffusion import checkpoint, dist, evaluation, fileio, plots
-from pid_diffusion.cli import options
+from pid_diffusion.cli import errors, options
 from pid_diffusion.fid import load_reference
-from pid_diffusion.generate import make_sampler
 from pid_diffusion.image_sources import open_images
 from pid_diffusion.inception import load_detector
 from pid_diffusion.teacher import load_teacher
@@ -57,8 +57,8 @@ def _check(parser, args) -> None:
     """Options that do not apply to the source, and missing inputs: errors before anything is loaded."""
     if args.batch < 1:
         parser.error("--batch must be positive")
-    if args.images and (args.seeds or args.sampler or args.steps):
-        parser.error("--seeds, --sampler and --steps generate images; --images scores the given ones")
+    if args.images and (args.seeds or args.sampler or args.steps or args.sampler_file):
+        parser.error("--seeds, --sampler, --steps and --sampler-file generate images; --images scores the given ones")
     if args.ema and not (args.run or args.checkpoint):
         parser.error("--ema names weights of a snapshot or training state (--run or --checkpoint)")
     if args.preset and not args.teacher:
@@ -67,7 +67,7 @@ def _check(parser, args) -> None:
         parser.error("--plot draws FID against the step of a run (--run only)")
     if args.run and not checkpoint.find_weights(args.run):
         parser.error(f"no snapshot-<step>.pt or checkpoint-<step>.pt files in {args.run}")
-    for name in ("checkpoint", "teacher", "images", "ref"):
+    for name in ("checkpoint", "teacher", "images", "ref", "sampler_file"):
         path = getattr(args, name)
         if path and not fileio.exists(path):
             parser.error(f"--{name} {path}: no such file")
@@ -79,14 +79,14 @@ def _default_csv(args) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check(parser, args)
-    seed_ranges = dict(args.seeds or [options.seed_range(DEFAULT_SEEDS)])
-    plot_path = args.plot or (fileio.join(args.run, plots.FID_PLOT) if args.run else None)
+    with dist.abort_on_error(), errors.reported("pid-fid"):
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        _check(parser, args)
+        seed_ranges = dict(args.seeds or [options.seed_range(DEFAULT_SEEDS)])
+        plot_path = args.plot or (fileio.join(args.run, plots.FID_PLOT) if args.run else None)
 
-    dist.init()
-    with dist.abort_on_error():
+        dist.init()
         detector = load_detector(args.detector, dist.device())
         reference = load_reference(args.ref)
         table = evaluation.ResultsTable(args.csv or _default_csv(args))
@@ -100,16 +100,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"IS {result.is_mean:.3f} ± {result.is_std:.3f}", flush=True)
 
         common = dict(batch_size=args.batch, on_result=report)
-        generated = dict(weights=args.ema, sampler_kind=args.sampler, steps=args.steps, **common)
+        generated = dict(weights=args.ema, sampler_for=functools.partial(options.sampler_for_network, args), **common)
         if args.run:
             evaluation.evaluate_run(args.run, table, seed_ranges, detector, reference, args.ref, **generated)
         elif args.checkpoint:
             evaluation.evaluate_file(args.checkpoint, table, seed_ranges, detector, reference, args.ref, **generated)
         elif args.teacher:
             net = load_teacher(args.teacher, preset=args.preset, device=detector.device)
-            sampler = make_sampler(args.sampler, args.steps, net)
-            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, sampler, table, seed_ranges, detector,
-                                        reference, args.ref, **common)
+            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, options.sampler_from_args(args, net),
+                                        table, seed_ranges, detector, reference, args.ref, **common)
         else:
             evaluation.evaluate_images(args.images.rsplit("/", 1)[-1], open_images(args.images), table, detector,
                                        reference, args.ref, **common)

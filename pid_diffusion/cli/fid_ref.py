@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pid_diffusion import dist
-from pid_diffusion.cli import options
+from pid_diffusion.cli import errors, options
 from pid_diffusion.evaluation import reference_statistics
 from pid_diffusion.fid import fid_from_stats, load_reference, save_reference
 from pid_diffusion.image_sources import edm_subset, open_images
@@ -38,20 +38,20 @@ def build_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.compare:
-        if args.dest:
-            parser.error("--dest applies to --data; --compare writes nothing")
-        print(f"FID {fid_from_stats(*load_reference(args.compare[0]), *load_reference(args.compare[1])):.4f}  "
-              f"({args.compare[0]} against {args.compare[1]})")
-        return
-    if not args.dest:
-        parser.error("--data needs --dest, the statistics file to write")
-    if args.batch < 1 or (args.num_images is not None and args.num_images < 2):
-        parser.error("--batch must be positive and --num-images at least 2")
-    dist.init()
-    with dist.abort_on_error():
+    with dist.abort_on_error(), errors.reported("pid-fid-ref"):
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.compare:
+            if args.dest:
+                parser.error("--dest applies to --data; --compare writes nothing")
+            print(f"FID {fid_from_stats(*load_reference(args.compare[0]), *load_reference(args.compare[1])):.4f}  "
+                  f"({args.compare[0]} against {args.compare[1]})")
+            return
+        if not args.dest:
+            parser.error("--data needs --dest, the statistics file to write")
+        if args.batch < 1 or (args.num_images is not None and args.num_images < 2):
+            parser.error("--batch must be positive and --num-images at least 2")
+        dist.init()
         source = open_images(args.data)
         indices = edm_subset(len(source), args.num_images, args.seed)
         detector = load_detector(args.detector, dist.device())

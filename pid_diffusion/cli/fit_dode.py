@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from pid_diffusion import dist
+from pid_diffusion.cli import errors
 from pid_diffusion.dode import Solver, fit_dode
 from pid_diffusion.samplers import HeunSampler
 from pid_diffusion.teacher import load_teacher
@@ -66,17 +67,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the arguments, fit, save, and print the fit."""
-    args = _parser().parse_args(argv)
-    device = args.device or dist.device()
-    solver = Solver(args.solver)
-    out = args.out or default_output(args.teacher, solver, args.steps)
-    net = load_teacher(args.teacher, preset=args.preset, device=device)
-    start = time.perf_counter()
-    sampler = fit_dode(net, solver, args.steps, multiplier=args.multiplier, num_samples=args.num_samples,
-                       seed=args.seed, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
-                       device=device)
-    seconds = time.perf_counter() - start
-    sampler.save(out)
+    with errors.reported("pid-fit-dode"):
+        args = _parser().parse_args(argv)
+        device = args.device or dist.device()
+        solver = Solver(args.solver)
+        out = args.out or default_output(args.teacher, solver, args.steps)
+        net = load_teacher(args.teacher, preset=args.preset, device=device)
+        start = time.perf_counter()
+        sampler = fit_dode(net, solver, args.steps, multiplier=args.multiplier, num_samples=args.num_samples,
+                           seed=args.seed, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+                           device=device)
+        seconds = time.perf_counter() - start
+        sampler.save(out)
     fit = sampler.fit
     print(f"D-ODE {sampler.solver.value}, {sampler.num_steps} steps ({sampler.num_network_calls} network calls), "
           f"fitted to {args.multiplier * (args.steps - 1) + 1} steps on {fit.num_samples} samples in {seconds:.1f} s")

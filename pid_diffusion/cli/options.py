@@ -14,17 +14,20 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, configs, dist
+from pid_diffusion import checkpoint, config_files, dist, samplers
+from pid_diffusion.cli.errors import UserError
 from pid_diffusion.config import (ConfigError, OnResume, field_docs, flatten, leaf_fields, on_resume,
                                   parse_overrides, to_dict, to_json)
 from pid_diffusion.evaluation import TRAINED_WEIGHTS
-from pid_diffusion.generate import SamplerKind
+from pid_diffusion.dode import DODESampler
+from pid_diffusion.generate import SamplerKind, sampler_for
 from pid_diffusion.grid import NUM_POINTS
+from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
 
 __all__ = ["add_configuration_source", "add_model_arguments", "add_sampler_arguments", "configuration_help", "dry_run",
-           "launch_error", "load_model", "parse_int_list", "parse_training",
-           "seed_range", "training_parser", "weights_name"]
+           "load_model", "parse_int_list", "parse_training", "sampler_for_network", "sampler_from_args", "seed_range",
+           "training_parser", "weights_name"]
 
 C = TypeVar("C")
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -43,7 +46,7 @@ def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
 def configuration_help(schema: type, task: str) -> str:
     """Every configuration key with its default and meaning (the schema's comments), and whether it may
     change on resume: the epilog of a training command's --help."""
-    preset = configs.read_config_file(configs.preset_file(task, "default"))
+    preset = config_files.read_config_file(config_files.preset_file(task, "default"))
     defaults, preset_values = flatten(to_dict(schema())), flatten(preset)
     lines = ["configuration (--section.key=value; default: the paper's CIFAR-10 run, [default preset: ...] where",
              "the `default` preset, used without --preset or --config, differs; [resume: ...] whether a resumed",
@@ -72,7 +75,7 @@ def _shown(value: Any) -> str:
 def add_configuration_source(parser: argparse.ArgumentParser, task: str) -> None:
     """--preset or --config: where a configuration of `task` starts (`parse_training` reads it)."""
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", choices=configs.preset_names(task),
+    source.add_argument("--preset", choices=config_files.preset_names(task),
                         help=f"the preset to start from, configs/{task}/<name>.json (default: default)")
     source.add_argument("--config", metavar="FILE",
                         help="a configuration file to start from: a preset's, your own, or a run folder's config.json")
@@ -93,22 +96,14 @@ def training_parser(prog: str, description: str | None, task: str, schema: type)
     return result
 
 
-def launch_error(parser: argparse.ArgumentParser, error: Exception) -> None:
-    """Exit with the one-line error (rank 0 prints it) of a launch check that failed: every rank of the job
-    finds the same error, so none aborts the others."""
-    if dist.rank() == 0:
-        parser.exit(1, f"{parser.prog}: error: {error}\n")
-    parser.exit(1)
-
-
 def parse_training(parser: argparse.ArgumentParser, schema: type[C], task: str,
                    argv: Sequence[str] | None) -> tuple[argparse.Namespace, C]:
     """The parsed arguments and the configuration they name, the remaining `--key=value` overrides applied;
     a configuration error exits through `parser.error`, naming the key."""
     args, rest = parser.parse_known_args(argv)
     try:
-        path = args.config or configs.preset_file(task, args.preset or "default")
-        return args, configs.load(schema, path, parse_overrides(rest))
+        path = args.config or config_files.preset_file(task, args.preset or "default")
+        return args, config_files.load(schema, path, parse_overrides(rest))
     except ConfigError as error:
         parser.error(str(error))
 
@@ -170,11 +165,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """--sampler/--steps: how the network is sampled."""
+    """--sampler/--steps or --sampler-file: how the network is sampled."""
     parser.add_argument("--sampler", type=SamplerKind, choices=list(SamplerKind), metavar="{onestep,heun,euler}",
                         help="default: onestep for a PID student, heun for a denoiser")
     parser.add_argument("--steps", type=int,
                         help=f"heun: Karras steps (EDM default 18); euler: points of PID's grid (default {NUM_POINTS})")
+    parser.add_argument("--sampler-file", metavar="PATH",
+                        help="a D-ODE sampler written by pid-fit-dode, for a denoiser (instead of --sampler/--steps)")
+
+
+def sampler_from_args(args: argparse.Namespace, net: nn.Module) -> samplers.Sampler:
+    """The sampler add_sampler_arguments' options name for `net`: a D-ODE file, or make_sampler's choice."""
+    return sampler_for_network(args, type(net).__name__, isinstance(net, PIDStudent))
+
+
+def sampler_for_network(args: argparse.Namespace, network: str, is_student: bool) -> samplers.Sampler:
+    """`sampler_from_args` for a network known by its class name (a checkpoint's model_spec), before loading it."""
+    if args.sampler_file is None:
+        return sampler_for(args.sampler, args.steps, network, is_student=is_student)
+    if args.sampler is not None or args.steps is not None:
+        raise UserError("--sampler-file holds its solver and steps: drop --sampler and --steps")
+    if is_student:
+        raise UserError(f"{args.sampler_file} is a D-ODE sampler for a denoiser; a PID student samples in one "
+                        "step: drop --sampler-file")
+    return DODESampler.load(args.sampler_file)
 
 
 def load_model(args: Any, device: torch.device) -> nn.Module:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from pid_diffusion import dist, fileio, images as image_io
-from pid_diffusion.cli import options
-from pid_diffusion.generate import Batch, gather_rows, generate, make_sampler
+from pid_diffusion.cli import errors, options
+from pid_diffusion.generate import Batch, gather_rows, generate
 
 
 def write_pngs(batch: Batch, folder: str) -> None:
@@ -52,20 +52,20 @@ def build_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not (args.grid or args.npz or args.png_dir):
-        parser.error("nothing to write: give --grid, --npz and/or --png-dir")
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error("--seeds lists a seed twice; every image needs its own seed")
-    if args.batch < 1 or (args.grid_cols is not None and args.grid_cols < 1):
-        parser.error("--batch and --grid-cols must be positive")
-    columns = args.grid_cols or math.ceil(math.sqrt(len(args.seeds)))
-    dist.init()
-    with dist.abort_on_error():
+    with dist.abort_on_error(), errors.reported("pid-sample"):
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not (args.grid or args.npz or args.png_dir):
+            parser.error("nothing to write: give --grid, --npz and/or --png-dir")
+        if len(set(args.seeds)) != len(args.seeds):
+            parser.error("--seeds lists a seed twice; every image needs its own seed")
+        if args.batch < 1 or (args.grid_cols is not None and args.grid_cols < 1):
+            parser.error("--batch and --grid-cols must be positive")
+        columns = args.grid_cols or math.ceil(math.sqrt(len(args.seeds)))
+        dist.init()
         device = dist.device()
         net = options.load_model(args, device)
-        sampler = make_sampler(args.sampler, args.steps, net)
+        sampler = options.sampler_from_args(args, net)
         dist.print0(f"{len(args.seeds)} images, {sampler.num_network_calls} network call(s) each, "
                     f"{dist.world_size()} rank(s)")
         image_shape = (net.img_resolution, net.img_resolution, net.img_channels)

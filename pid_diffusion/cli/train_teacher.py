@@ -18,7 +18,7 @@ import argparse
 from collections.abc import Sequence
 
 from pid_diffusion import dist, images, logs
-from pid_diffusion.cli import options
+from pid_diffusion.cli import errors, options
 from pid_diffusion.samplers import HeunSampler
 from pid_diffusion.teacher_training import TASK, TeacherTrainingConfig, build, export_teacher, grid_path
 from pid_diffusion.train import sampler_preview, training_loop
@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TeacherT
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error():
+    with dist.abort_on_error(), errors.reported("pid-train-teacher"):
         args, config = parse_args(argv)
         if options.dry_run(args, config):
             return

@@ -1,4 +1,4 @@
-"""The presets of every task as JSON files, `<task>/<name>.json`, and how configuration files are read.
+"""How configuration files are read, and where the presets of every task are: `configs/<task>/<name>.json`.
 
 A preset holds only what differs from the defaults of its task's dataclasses (config.py, distill.py,
 teacher_training.py), as EDM2's preset table and nanoGPT's config files do. `"_doc"` keys say why a value is
@@ -23,7 +23,14 @@ __all__ = ["PRESETS_DIR", "load", "preset_file", "preset_names", "read_config_fi
 
 C = TypeVar("C")
 
-PRESETS_DIR = os.path.dirname(os.path.abspath(__file__))  # Package data: installed with the code.
+def _presets_dir() -> str:
+    """configs/ of the repository; setup.py installs it as package data `pid_diffusion/configs`, found first."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, "configs")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "configs")
+
+
+PRESETS_DIR = _presets_dir()
 
 
 def preset_names(task: str) -> list[str]:

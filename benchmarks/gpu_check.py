@@ -1,0 +1,233 @@
+"""One prepared check of every CUDA path on one GPU, in at most about 8 minutes; prints one table.
+
+    python benchmarks/gpu_check.py                      # on a machine with one CUDA device
+    python benchmarks/gpu_check.py --out benchmarks/GPU_CHECK.md
+
+Rows: the CUDA-marked tests (`pytest -m cuda`); one PID step (student forward, teacher, L2 residual,
+backward, RAdam) of the CIFAR-10 DDPM++ and ImageNet ADM release architectures (random weights, full
+size) in fp32, bf16 autocast and fp16 (the ADM teacher's own `use_fp16` image path, with loss scaling),
+with channels_last and with torch.compile; a one-rank NCCL process group (all-reduce and a DDP step);
+one-step sampling; FID feature extraction (a stand-in TorchScript detector of the real one's signature,
+as nothing is downloaded). Each row reports its status, the time of one step (median of a few after a
+warm-up) and the peak GPU memory. A row that fails records its error and the others still run; rows
+stop once the time budget is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pid_diffusion import samplers  # noqa: E402
+from pid_diffusion.generate import generate  # noqa: E402
+from pid_diffusion.grid import KarrasGrid  # noqa: E402
+from pid_diffusion.loss import PIDObjective  # noqa: E402
+from pid_diffusion.metrics import Metric  # noqa: E402
+from pid_diffusion.networks import EDM_PRESETS, EDMPrecond  # noqa: E402
+from pid_diffusion.student import PIDStudent  # noqa: E402
+
+ARCHITECTURES = {"cifar10": "edm-cifar10-32x32-uncond-vp", "imagenet64": "edm-imagenet-64x64-cond-adm"}
+BATCH = {"cifar10": 32, "imagenet64": 8}  # per step; small enough for any current GPU
+VARIANTS = ["fp32", "bf16", "fp16", "fp32+channels_last", "fp32+compile"]
+TIMED_STEPS = 3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="CUDA device (default: cuda)")
+    parser.add_argument("--budget-minutes", type=float, default=8.0, help="stop starting rows after this long")
+    parser.add_argument("--skip-tests", action="store_true", help="leave out the CUDA-marked tests")
+    parser.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES), default=list(ARCHITECTURES))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--out", help="also write the table (markdown) to this file")
+    args = parser.parse_args(argv)
+    if args.budget_minutes <= 0:
+        parser.error("--budget-minutes must be positive")
+    return args
+
+
+def _timed(device: torch.device, step: Callable[[], None]) -> tuple[float, float]:
+    """(median seconds of one step after a warm-up step, peak memory in MiB)."""
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    times = []
+    for _ in range(TIMED_STEPS):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _networks(name: str, device: torch.device) -> tuple[EDMPrecond, PIDStudent]:
+    torch.manual_seed(0)
+    teacher = EDMPrecond(**{**EDM_PRESETS[name], "dropout": 0.0})
+    with torch.no_grad():
+        for tensor in teacher.parameters():  # EDM zero-initialises output layers; make every layer matter
+            if not tensor.any():
+                tensor.normal_(0, 0.01)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student = PIDStudent.from_teacher(teacher, 0.002, 80.0, network_overrides={"dropout": 0.0}).to(device)
+    return teacher, student
+
+
+def pid_step(architecture: str, variant: str, device: torch.device) -> Callable[[], None]:
+    """One optimizer step of PID on the release architecture, in the variant's precision and layout."""
+    teacher, student = _networks(ARCHITECTURES[architecture], device)
+    precision = variant.split("+")[0]
+    if "channels_last" in variant:
+        teacher.to(memory_format=torch.channels_last)
+        student.to(memory_format=torch.channels_last)
+    if precision == "fp16" and not student.use_fp16:  # SongUNet has no fp16 flag of its own: autocast
+        autocast = torch.autocast("cuda", dtype=torch.float16)
+    elif precision == "bf16":
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext()
+    if precision != "fp16":  # fp32 and bf16 leave ADM's own half-precision image path off
+        teacher.use_fp16 = student.use_fp16 = False
+    model = torch.compile(student) if "compile" in variant else student
+    grid = KarrasGrid(num_points=250, rho=7.0, sigma_min=0.002, sigma_max=80.0)
+    objective = PIDObjective(teacher, grid, Metric.L2.build())
+    optimizer = torch.optim.RAdam(student.parameters(), lr=1e-5)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step() -> None:
+        batch = objective.sample_batch(generator, BATCH[architecture])
+        with autocast:
+            loss = objective(model, batch).mean()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def nccl_step(device: torch.device) -> Callable[[], None]:
+    """A one-rank NCCL group: DDP step of the CIFAR-10 student (its gradient all-reduce)."""
+    import torch.distributed as torch_dist
+    from torch.nn.parallel import DistributedDataParallel
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
+    teacher, student = _networks(ARCHITECTURES["cifar10"], device)
+    model = DistributedDataParallel(student, device_ids=[device.index or 0])
+    objective = PIDObjective(teacher, KarrasGrid(250, 7.0, 0.002, 80.0), Metric.L2.build())
+    optimizer = torch.optim.RAdam(model.parameters(), lr=1e-5)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step() -> None:
+        loss = objective(model, objective.sample_batch(generator, BATCH["cifar10"])).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def sampling_step(device: torch.device) -> Callable[[], None]:
+    """One-step sampling of 500 CIFAR-10 images (seeded per image, as pid-sample)."""
+    _, student = _networks(ARCHITECTURES["cifar10"], device)
+    student.eval()
+    return lambda: [None for _ in generate(student, samplers.OneStepSampler(), range(500), batch_size=250,
+                                           device=device)]
+
+
+def fid_step(device: torch.device) -> Callable[[], None]:
+    """Sampling 500 images and streaming them through a stand-in TorchScript detector into FID statistics."""
+    from pid_diffusion.fid import compute_statistics
+    from pid_diffusion.inception import Detector
+
+    class StandIn(torch.nn.Module):  # the real detector's call signature; 2048-d features
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("W", torch.randn(3 * 8 * 8, 2048) * 0.05)
+
+        def forward(self, img: torch.Tensor, return_features: bool = False):
+            features = torch.tanh(torch.nn.functional.adaptive_avg_pool2d(img.float() / 255, 8).flatten(1) @ self.W)
+            return features if return_features else torch.softmax(features[:, :1008], 1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        detector = Detector(torch.jit.script(StandIn()), device, source="stand-in")
+    _, student = _networks(ARCHITECTURES["cifar10"], device)
+    student.eval()
+
+    def step() -> None:
+        batches = ((b.positions, b.images.permute(0, 3, 1, 2))
+                   for b in generate(student, samplers.OneStepSampler(), range(500), batch_size=250, device=device))
+        compute_statistics(batches, detector, 500)
+    return step
+
+
+def cuda_tests() -> tuple[str, float]:
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests", "-p", "no:cacheprovider"],
+                            cwd=REPO, capture_output=True, text=True)
+    summary = (result.stdout.strip().splitlines() or ["no output"])[-1]
+    return ("ok: " if result.returncode == 0 else "FAIL: ") + summary, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check.py needs a CUDA device; none is visible (torch.cuda.is_available() is False)",
+              file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    torch.cuda.set_device(device)
+    deadline = time.monotonic() + 60 * args.budget_minutes
+    rows: list[tuple[str, str, str, str]] = []
+    if not args.skip_tests:
+        status, seconds = cuda_tests()
+        rows.append(("CUDA-marked tests", status, f"{seconds:.1f} s total", ""))
+
+    checks: list[tuple[str, Callable[[], Callable[[], None]]]] = [
+        (f"PID step {a} (batch {BATCH[a]}) {v}", lambda a=a, v=v: pid_step(a, v, device))
+        for a in args.architectures for v in args.variants]
+    checks += [("NCCL 1 rank, DDP step cifar10", lambda: nccl_step(device)),
+               ("one-step sampling, 500 cifar10 images", lambda: sampling_step(device)),
+               ("FID extraction, 500 cifar10 images", lambda: fid_step(device))]
+    for name, build in checks:
+        if time.monotonic() > deadline:
+            rows.append((name, "not run: time budget spent", "", ""))
+            continue
+        try:
+            seconds, peak = _timed(device, build())
+            rows.append((name, "ok", f"{1000 * seconds:.1f} ms", f"{peak:,.0f} MiB"))
+        except Exception as error:  # record it and go on: the table is the result
+            rows.append((name, f"FAIL: {type(error).__name__}: {str(error).splitlines()[0][:120]}", "", ""))
+        finally:
+            torch.cuda.empty_cache()
+
+    table = [f"GPU check on {torch.cuda.get_device_name(device)}, torch {torch.__version__}", "",
+             "| check | status | step time | peak memory |", "|---|---|---|---|"]
+    table += [f"| {' | '.join(row)} |" for row in rows]
+    text = "\n".join(table) + "\n"
+    print(text, end="")
+    if args.out:
+        with tempfile.NamedTemporaryFile("w", dir=Path(args.out).parent, delete=False) as file:
+            file.write(text)
+        os.replace(file.name, args.out)
+    return 0 if all(not row[1].startswith("FAIL") for row in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""README.md and docs/*.md are tests: every shell command they show is run.
+
+Commands that need only the repository (model_zoo/, --dry-run, --help) run as written; the others run in a
+fresh folder holding stand-ins where the command expects its files (a 16×16 teacher at teachers/<name>.pt
+and as an EDM .pkl, a student checkpoint in runs/, reference statistics in fid-refs/, data sets, a
+stand-in Inception detector and LPIPS weights in TORCH_HOME), at the reduced sizes of docs_commands.py.
+`mpirun` and `torchrun` commands run as one process (test_dist_mpi.py and test_release_commands.py run
+the launchers). A command that no rule below knows fails the test: a new document's command gets a rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+import runpy
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from pid_diffusion import checkpoint, hub
+from pid_diffusion.config import to_json
+from pid_diffusion.dode import Solver, fit_dode
+from pid_diffusion.fid import save_reference
+from pid_diffusion.inception import DETECTOR_FILENAME, FEATURE_DIM
+from pid_diffusion.teacher import load_teacher
+
+import docs_commands
+from docs_commands import MODULES, REPO, SCRIPTS, documented_commands, reduced, without_mpirun
+from test_fid import SMALL_FEATURE_DIM, small_detector, write_detector
+from test_metrics import write_lpips_standins
+from test_teacher import _release, _write_edm_pickle
+
+BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
+TEACHER_NAMES = ["edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]
+STUDENT_CHECKPOINTS = ["runs/pid-cifar10/checkpoint-00800000.pt", "runs/pid-imagenet64/checkpoint-00400000.pt"]
+REFERENCES = ["fid-refs/cifar10-32x32.npz", "fid-refs/imagenet-64x64.npz"]
+NUM_DATA_IMAGES = 10
+TRAINING_COMMANDS = ("pid-distill", "pid-train-teacher", "pid-demo")
+NOT_RUN = {  # Commands whose effect the suite itself is: they run in CI before and around these tests.
+    ("pip", "install"): "installation (.ci/run installs the checkout before the tests)",
+    ("python", "-m", "pytest"): "the test suite itself (.ci/run)",
+}
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory) -> Path:
+    """One copy of every stand-in file, linked into each command's folder."""
+    root = tmp_path_factory.mktemp("standins")
+    torch_home = root / "torch_home" / "hub" / "checkpoints"
+    torch_home.mkdir(parents=True)
+    write_lpips_standins(torch_home)
+    small_detector(torch_home / DETECTOR_FILENAME)  # 16-d features of 16×16 images
+    # pid-fid-ref writes statistics of the real detector's size (FEATURE_DIM): a stand-in of that width.
+    full_width = root / "torch_home_full_width" / "hub" / "checkpoints"
+    full_width.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(2)
+    write_detector(full_width / DETECTOR_FILENAME, torch.randn(3 * 4 * 4, FEATURE_DIM, generator=generator) * 0.1,
+                   torch.randn(FEATURE_DIM, generator=generator))
+
+    files = root / "files"
+    for name in TEACHER_NAMES:  # the bundled 16×16 teacher stands for the releases
+        (files / "teachers").mkdir(parents=True, exist_ok=True)
+        shutil.copy(BUNDLED_TEACHER, files / "teachers" / f"{name}.pt")
+    # Documented commands read preset files by their path in the checkout (pid-distill --config=...).
+    shutil.copytree(REPO / "configs", files / "configs")
+    teacher = load_teacher(BUNDLED_TEACHER)
+    _write_edm_pickle(files / "release.pkl", _release(teacher, teacher.init_kwargs))
+    for name in TEACHER_NAMES:
+        shutil.copy(files / "release.pkl", files / "teachers" / f"{name}.pkl")
+        shutil.copy(files / "release.pkl", files / f"{name}.pkl")
+
+    run_dir = root / "student-run"
+    importlib.import_module("pid_diffusion.cli.distill").main(
+        [f"--run.dir={run_dir}", "--train.steps=1", "--train.batch=2", "--run.image_every=0",
+         "--train.ema_rates=0.999,0.9999,0.99995"])
+    student = checkpoint.latest_checkpoint(str(run_dir))[1]
+    for path in STUDENT_CHECKPOINTS:
+        (files / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(student, files / path)
+
+    (files / "fid-refs").mkdir()
+    for path in REFERENCES:
+        save_reference(str(files / path), np.zeros(SMALL_FEATURE_DIM), np.eye(SMALL_FEATURE_DIM))
+    images = np.random.default_rng(0).integers(0, 256, (NUM_DATA_IMAGES, 16, 16, 3), dtype=np.uint8)
+    np.savez(files / "samples.npz", images=images)
+    for folder in ("datasets/my-images", "image_folder"):
+        (files / folder).mkdir(parents=True)
+        for index, image in enumerate(images):
+            PIL.Image.fromarray(image).save(files / folder / f"{index:06d}.png")
+    with zipfile.ZipFile(files / "datasets" / "cifar10-32x32.zip", "w") as archive:
+        for index, image in enumerate(images):
+            buffer = io.BytesIO()
+            PIL.Image.fromarray(image).save(buffer, format="PNG")
+            archive.writestr(f"{index:05d}.png", buffer.getvalue())
+
+    dode = fit_dode(teacher, Solver.HEUN, 4, multiplier=2, num_samples=2, seed=0)
+    dode.save(files / "edm-shapes-16x16.dode-heun-4.pt")
+
+    stub = root / "bin" / "mpirun"
+    stub.parent.mkdir()
+    stub.write_text(f"#!/bin/sh\nexec {sys.executable} {docs_commands.__file__} \"$@\"\n")
+    stub.chmod(0o755)
+    return root
+
+
+def workspace(standins: Path, folder: Path) -> Path:
+    """A fresh folder with every stand-in where the documents expect it (links: nothing is copied)."""
+    files = standins / "files"
+    for source in files.rglob("*"):
+        if source.is_file() and source.name != "release.pkl":
+            target = folder / source.relative_to(files)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(source, target)
+    (folder / "model_zoo").mkdir()
+    for source in (REPO / "model_zoo").iterdir():
+        os.link(source, folder / "model_zoo" / source.name)
+    os.link(files / "edm-shapes-16x16.dode-heun-4.pt", folder / "model_zoo" / "edm-shapes-16x16.dode-heun-4.pt")
+    (folder / "scripts").symlink_to(REPO / "scripts")
+    (folder / "benchmarks").symlink_to(REPO / "benchmarks")
+    return folder
+
+
+def run_console_script(command: str, arguments: list[str]) -> None:
+    main = importlib.import_module(f"pid_diffusion.cli.{MODULES[command]}").main
+    try:
+        status = main(arguments)
+    except SystemExit as exit:  # --help exits 0
+        status = exit.code
+    assert status in (None, 0), f"{command} {arguments}: status {status}"
+
+
+def check_benchmark_options(words: list[str]) -> None:
+    """A benchmark takes minutes: its documented options are checked against its --help."""
+    output = io.StringIO()
+    sys.path.insert(0, str(REPO / "benchmarks"))  # as `python benchmarks/x.py` puts it first
+    try:
+        with contextlib.redirect_stdout(output), pytest.raises(SystemExit):
+            sys.argv = [words[1], "--help"]
+            runpy.run_path(str(REPO / words[1]), run_name="__main__")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    for word in words[2:]:
+        if word.startswith("--"):
+            assert word.split("=")[0] in output.getvalue(), f"{words[1]} has no option {word}"
+
+
+def run_documented(words: list[str], folder: Path, standins: Path, monkeypatch) -> None:
+    """Run one documented command (a shlex-split line) by the rule for its program; unknown ones fail."""
+    while words and "=" in words[0] and not words[0].startswith("-"):  # VAR=value prefixes
+        name, value = words.pop(0).split("=", 1)
+        monkeypatch.setenv(name, value)
+    program = words[0]
+    if program == "mpirun":
+        return run_documented(without_mpirun(words), folder, standins, monkeypatch)
+    if program == "srun":  # documented srun options are all --key=value: the task it starts runs as one process
+        start = next(i for i, word in enumerate(words) if i > 0 and not word.startswith("-"))
+        return run_documented(words[start:], folder, standins, monkeypatch)
+    if program == "sbatch":  # the script's one srun command (tests/test_cluster.py checks it) runs as pid-distill
+        script = next(i for i, word in enumerate(words) if word.endswith(".sbatch"))
+        preset, *rest = words[script + 1:] or ["cifar10"]
+        return run_documented(["pid-distill", f"--preset={preset}", *rest], folder, standins, monkeypatch)
+    if program == "torchrun" and "-m" in words:
+        module = words[words.index("-m") + 1]
+        command = next(name for name, value in MODULES.items() if f"pid_diffusion.cli.{value}" == module)
+        return run_documented([command, *words[words.index("-m") + 2:]], folder, standins, monkeypatch)
+    if program == "pid-demo":  # its FID needs the real (2048-d) detector: without one it reports none
+        monkeypatch.setenv("TORCH_HOME", str(standins / "empty_torch_home"))
+    if program == "pid-fid-ref":
+        monkeypatch.setenv("TORCH_HOME", str(standins / "torch_home_full_width"))
+    if program in TRAINING_COMMANDS or words[:2] == ["bash", "scripts/distill_pid_diffusion.sh"]:
+        shutil.rmtree(folder / "runs")  # a new run: the stand-in checkpoints are for sampling and FID
+    for word in words[1:] if program == "pid-distill" else []:  # a replay: the run folder's config.json
+        if word.startswith("--config=runs/"):
+            write_run_config(folder, Path(word.split("=", 1)[1]))
+    if program in MODULES:
+        return run_console_script(program, reduced(program, words[1:]))
+    if program == "python" and len(words) > 1 and words[1] in SCRIPTS:
+        return run_documented([SCRIPTS[words[1]], *words[2:]], folder, standins, monkeypatch)
+    if program == "python" and len(words) > 1 and words[1].startswith("benchmarks/"):
+        return check_benchmark_options(words)
+    if program == "bash" and words[1].startswith("scripts/") and words[1].endswith(".sh"):
+        env = {**os.environ, "PATH": f"{standins / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+        result = subprocess.run(words, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return None
+    if program == "mkdir":
+        subprocess.run(words, cwd=folder, check=True)
+        return None
+    if program == "wget" and words[-1].startswith(hub_release_prefix()):
+        destination = folder / (words[words.index("-P") + 1] if "-P" in words else ".")
+        destination.mkdir(parents=True, exist_ok=True)
+        shutil.copy(standins / "files" / "release.pkl", destination / words[-1].rsplit("/", 1)[1])
+        return None
+    raise AssertionError(f"no rule runs the documented command {' '.join(words)!r}: add one to tests/test_docs.py")
+
+
+def write_run_config(folder: Path, path: Path) -> None:
+    """The config.json a run folder holds, as its run wrote it: the resolved configuration of the documented
+    pid-distill command (one process or under mpirun) that runs in that folder."""
+    distill = importlib.import_module("pid_diffusion.cli.distill")
+    for _, command in COMMANDS:
+        words = shlex.split(command)
+        words = without_mpirun(words) if words[0] == "mpirun" else words
+        if words[0] != "pid-distill" or "--help" in words or any(w.startswith("--config=runs/") for w in words):
+            continue
+        config = distill.parse_args(words[1:])[1]
+        if Path(config.run.dir) == path.parent:
+            (folder / path.parent).mkdir(parents=True, exist_ok=True)
+            (folder / path).write_text(to_json(config))
+            return
+    raise AssertionError(f"no documented pid-distill command runs in {path.parent}: the replay has no run to replay")
+
+
+def hub_release_prefix() -> str:
+    from pid_diffusion.teacher import EDM_RELEASE_URL
+    return EDM_RELEASE_URL
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_documents_show_commands():
+    assert len(COMMANDS) > 20
+
+
+@pytest.mark.parametrize("document, command", COMMANDS, ids=[command[:70] for _, command in COMMANDS])
+def test_documented_command_runs(document, command, standins, tmp_path, monkeypatch):
+    words = shlex.split(command)
+    program = [word for word in words if "=" not in word or word.startswith("-")]  # without VAR=value
+    for prefix in NOT_RUN:
+        if tuple(program[:len(prefix)]) == prefix:
+            return  # known, and run by CI itself (NOT_RUN gives the reason)
+    folder = workspace(standins, tmp_path / "work")
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("TORCH_HOME", str(standins / "torch_home"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    run_documented(words, folder, standins, monkeypatch)

@@ -1,0 +1,219 @@
+"""The user's whole path on every EDM release architecture at full size, through the commands users type.
+
+EDM-layout pickle (written here, random weights) → pid-convert-edm → pid-distill (CIFAR-10 DDPM++ under
+`mpirun -np 2`, killed with SIGKILL in step 2 and resumed by the same command) → pid-sample (grid and npz)
+→ pid-fid over the run folder (a stand-in detector) → pid-fit-dode on the teacher and pid-sample with the
+fitted solver. CIFAR-10 DDPM++ runs all of it; every other code path (ImageNet ADM with one process:
+296 M parameters; NCSN++; the 64×64 SongUNets) runs convert → one distillation step → sample. Which parameters get gradients is checked
+for each architecture by test_release_gradients.py.
+"""
+
+import csv
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from pid_diffusion import checkpoint, fileio
+from pid_diffusion.fid import save_reference
+from pid_diffusion.networks import EDM_PRESETS
+
+from launch import MPIRUN
+from test_fid import SMALL_FEATURE_DIM, write_detector
+from test_metrics import write_lpips_standins
+from test_release_gradients import random_teacher
+from test_teacher import _release, _write_edm_pickle
+
+pytestmark = pytest.mark.release
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT_S = 900  # A guard against a hung job, far above its normal duration.
+DETECTOR_POOL = 4  # test_fid's stand-in detector pools 4×4 pixels.
+EMA = "0.999"  # One EMA rate: each one is another copy of the network in every checkpoint.
+
+
+
+def console_script(name: str) -> str:
+    """The installed command `name` (pip puts it beside this Python), as a user runs it."""
+    path = Path(sys.executable).parent / name
+    found = str(path) if path.exists() else shutil.which(name)
+    assert found, f"console script {name} is not installed: pip install -e ."
+    return found
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A folder with a TORCH_HOME holding stand-in VGG16/LPIPS weights, as the distillation ranks find them."""
+    root = tmp_path_factory.mktemp("release")
+    checkpoints = root / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    write_lpips_standins(checkpoints)
+    return root
+
+
+def environment(workspace: Path, threads: int) -> dict[str, str]:
+    return {**os.environ, "TORCH_HOME": str(workspace / "torch_home"), "OMP_NUM_THREADS": str(threads),
+            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def launch(command: list[str], processes: int) -> list[str]:
+    if processes == 1:
+        return command
+    return [MPIRUN or "mpirun", "-np", str(processes), "--oversubscribe", *command]
+
+
+def run(command: list[str], env: dict[str, str]) -> str:
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def release_teacher(workspace: Path, name: str) -> Path:
+    """EDM's release layout of `name` (random weights, the release's dropout), converted by pid-convert-edm."""
+    network = random_teacher(name)
+    kwargs = EDM_PRESETS[name]  # recorded as EDM does, with the release's dropout (load_teacher overrides it)
+    pkl = _write_edm_pickle(workspace / f"{name}.pkl", _release(network, kwargs))
+    teacher = workspace / f"{name}.pt"
+    output = run([console_script("pid-convert-edm"), str(pkl), str(teacher)], environment(workspace, 1))
+    assert f"{len(network.state_dict())} tensors" in output
+    pkl.unlink()
+    return teacher
+
+
+def distill_command(teacher: Path, name: str, run_dir: Path, steps: int, batch: int, metric: str) -> list[str]:
+    preset = "imagenet64" if "imagenet" in name else "cifar10"
+    return [console_script("pid-distill"), f"--preset={preset}", f"--teacher.path={teacher}",
+            f"--run.dir={run_dir}", f"--train.steps={steps}", f"--train.batch={batch}", "--train.micro_batch=none",
+            f"--pid.metric={metric}", f"--train.ema_rates={EMA}", "--run.checkpoint_every=1", "--run.log_every=1",
+            "--run.image_every=0", "--run.sync_check_every=1", "--train.precision=fp32"]
+
+
+def distill_killed_and_resumed(command: list[str], processes: int, env: dict[str, str], run_dir: Path) -> str:
+    """Start the run, SIGKILL it (every process) once step 1's checkpoint exists, then rerun the same command."""
+    job = subprocess.Popen(launch(command, processes), cwd=REPO, env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = checkpoint.checkpoint_path(str(run_dir), 1)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not fileio.exists(first):
+        assert job.poll() is None, "the distillation ended before writing its first checkpoint"
+        assert time.monotonic() < deadline, "no first checkpoint in time"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert [step for step, _ in checkpoint.find_checkpoints(str(run_dir))] == [1], "killed after step 2 finished"
+    output = run(launch(command, processes), env)
+    assert "Resuming from" in output and "at step 1" in output, output
+    return output
+
+
+def sample_and_check(teacher_or_checkpoint: list[str], name: str, workspace: Path, tag: str, seeds: int,
+                     env: dict[str, str], extra: tuple[str, ...] = ()) -> None:
+    """pid-sample a grid and an npz (with --classes for a conditional network) and check both."""
+    kwargs = EDM_PRESETS[name]
+    grid, npz = workspace / f"{tag}.png", workspace / f"{tag}.npz"
+    classes = ("--classes", "1,7") if kwargs["label_dim"] else ()
+    run([console_script("pid-sample"), *teacher_or_checkpoint, f"--seeds=0-{seeds - 1}", "--batch=2",
+         f"--grid={grid}", f"--npz={npz}", *classes, *extra], env)
+    resolution = kwargs["img_resolution"]
+    with PIL.Image.open(grid) as image:
+        assert image.size[0] % resolution == 0 and image.size[1] % resolution == 0
+    data = np.load(npz)
+    assert data["images"].shape == (seeds, resolution, resolution, 3) and data["images"].dtype == np.uint8
+    if kwargs["label_dim"]:
+        assert data["labels"].tolist() == [[1, 7][k % 2] for k in range(seeds)]
+
+
+def full_path(workspace: Path, name: str, processes: int, batch: int, metric: str, steps: int = 3,
+              fid_seeds: int = 10) -> None:
+    """The whole path; `fid_seeds` ≥ 10, the Inception Score's number of splits."""
+    teacher = release_teacher(workspace, name)
+    env = environment(workspace, 1 if processes > 1 else 2)
+    run_dir = workspace / f"run-{name}"
+
+    # Distil `steps` steps, killed during step 2; the same command resumes and finishes.
+    distill_killed_and_resumed(distill_command(teacher, name, run_dir, steps, batch, metric), processes, env,
+                               run_dir)
+    written = [step for step, _ in checkpoint.find_checkpoints(str(run_dir))]
+    assert written == list(range(1, steps + 1))
+    last = checkpoint.checkpoint_path(str(run_dir), steps)
+    assert fileio.torch_load(last)["model_spec"]["kwargs"]["network_kwargs"]["augment_dim"] == 0
+
+    # Samples of the student.
+    sample_and_check(["--checkpoint", last, f"--ema={EMA}"], name, workspace, f"student-{name}", 4, env)
+
+    # FID of every checkpoint of the run, against stand-in reference statistics, with a stand-in detector.
+    resolution = EDM_PRESETS[name]["img_resolution"]
+    generator = torch.Generator().manual_seed(1)
+    features = 3 * (resolution // DETECTOR_POOL) ** 2
+    detector = write_detector(workspace / f"detector-{resolution}.pt",
+                              torch.randn(features, SMALL_FEATURE_DIM, generator=generator) * 0.1,
+                              torch.randn(SMALL_FEATURE_DIM, generator=generator))
+    reference = workspace / "reference.npz"
+    save_reference(str(reference), np.zeros(SMALL_FEATURE_DIM), np.eye(SMALL_FEATURE_DIM))
+    run(launch([console_script("pid-fid"), f"--run={run_dir}", f"--ref={reference}", "--seeds", f"0-{fid_seeds - 1}",
+                f"--ema={EMA}", "--batch=5", f"--detector={detector}"], processes), env)
+    rows = list(csv.DictReader(io.StringIO((run_dir / "fid.csv").read_text())))
+    assert sorted(int(row["step"]) for row in rows) == written
+    assert all(row["fid"] and not row["error"] for row in rows), rows
+    assert (run_dir / "fid.png").stat().st_size > 0
+
+    # A D-ODE solver fitted to the teacher, and samples with it.
+    solver = workspace / f"{name}.dode-euler-2.pt"
+    run([console_script("pid-fit-dode"), f"--teacher={teacher}", "--solver=euler", "--steps=2", "--multiplier=2",
+         "--num-samples=2", f"--out={solver}"], env)
+    sample_and_check(["--teacher", str(teacher), f"--sampler-file={solver}"], name, workspace,
+                     f"dode-{name}", 2, env)
+    shutil.rmtree(run_dir)  # Checkpoints of full-size networks are large; free the disk for the next test.
+
+
+@pytest.mark.mpirun
+def test_cifar10_ddpmpp_whole_path_under_mpirun(workspace):
+    """The paper's CIFAR-10 run: two ranks of batch 2, LPIPS (piq)."""
+    full_path(workspace, "edm-cifar10-32x32-uncond-vp", processes=2, batch=4, metric="lpips_piq")
+
+
+# The commands after pid-distill (resume, sampling, FID, D-ODE) read a checkpoint and call the network: they do
+# not depend on the architecture beyond what the CIFAR-10 path runs. Every other code path runs convert → one
+# step of pid-distill → pid-sample at full size: ImageNet ADM (296 M parameters, one process, conditional; its
+# whole path, with 4.7 GB checkpoints, costs CI over five minutes), NCSN++ at 32×32 conditional, DDPM++ and NCSN++
+# at 64×64. The releases left out share a code path with one that runs (they differ in label_dim of a SongUNet
+# whose conditional and unconditional forms both run here, or in dropout, which the student sets to 0).
+OTHER_RELEASES = ["edm-imagenet-64x64-cond-adm", "edm-cifar10-32x32-cond-ve", "edm-ffhq-64x64-uncond-vp",
+                  "edm-afhqv2-64x64-uncond-ve"]
+FULL_PATH_RELEASES = ["edm-cifar10-32x32-uncond-vp"]
+
+
+def code_path(name: str) -> tuple:
+    """What decides which code runs: network family, its encoder and embedding, and the image size."""
+    kwargs = EDM_PRESETS[name]
+    return (kwargs["model_type"], kwargs.get("embedding_type"), kwargs.get("encoder_type"),
+            kwargs["img_resolution"])
+
+
+def test_other_releases_cover_every_code_path():
+    tested = [*OTHER_RELEASES, *FULL_PATH_RELEASES]
+    assert {code_path(name) for name in EDM_PRESETS} == {code_path(name) for name in tested}
+    songunets = [name for name in tested if EDM_PRESETS[name]["model_type"] == "SongUNet"]
+    assert {EDM_PRESETS[name]["label_dim"] > 0 for name in songunets} == {False, True}
+
+
+@pytest.mark.parametrize("name", OTHER_RELEASES)
+def test_release_converts_distils_and_samples(workspace, name):
+    teacher = release_teacher(workspace, name)
+    env = environment(workspace, 2)
+    run_dir = workspace / f"run-{name}"
+    output = run(distill_command(teacher, name, run_dir, 1, 1, "l2"), env)
+    assert "Training PIDStudent" in output
+    sample_and_check(["--checkpoint", checkpoint.checkpoint_path(str(run_dir), 1)], name, workspace,
+                     f"student-{name}", 2, env)
+    shutil.rmtree(run_dir)
+    teacher.unlink()

@@ -1,0 +1,86 @@
+"""Every parameter of the student of every EDM release architecture gets a gradient from one PID step.
+
+A parameter without a gradient stops DDP at the second step ("Expected to have finished reduction ..."):
+the students of the augmented SongUNet releases kept the teacher's `map_augment`, which PID never feeds.
+The networks are built at full size (every parameter of the release) with random weights; their output
+layers, which EDM initialises to zero (which would zero every earlier gradient), are perturbed. Which
+parameters take part does not depend on the image size (the U-Nets are fully convolutional; each level
+runs at half the input's size, attention included), so the latents are 16×16, a quarter to a sixteenth of
+the cost; tests/test_release_commands.py trains these networks at their own size through the commands.
+"""
+
+import pytest
+import torch
+
+from pid_diffusion.grid import KarrasGrid
+from pid_diffusion.loss import Derivative, pid_residual
+from pid_diffusion.metrics import Metric
+from pid_diffusion.networks import EDM_PRESETS, EDMPrecond
+from pid_diffusion.student import PIDStudent
+
+pytestmark = pytest.mark.release
+
+LATENT_SIZE = 16
+GRID = KarrasGrid(num_points=10, rho=7.0, sigma_min=0.002, sigma_max=80.0)
+
+# Each release architecture once (FFHQ and AFHQv2 share theirs: they differ in dropout, which the student
+# sets to 0); each derivative on an unconditional and a conditional network.
+CASES = [
+    ("edm-cifar10-32x32-uncond-vp", Derivative.FORWARD),
+    ("edm-cifar10-32x32-cond-vp", Derivative.CENTRAL),
+    ("edm-cifar10-32x32-cond-vp", Derivative.JVP),
+    ("edm-cifar10-32x32-uncond-ve", Derivative.CENTRAL),
+    ("edm-cifar10-32x32-cond-ve", Derivative.FORWARD),
+    ("edm-ffhq-64x64-uncond-vp", Derivative.JVP),
+    ("edm-afhqv2-64x64-uncond-ve", Derivative.FORWARD),
+    ("edm-imagenet-64x64-cond-adm", Derivative.FORWARD),
+]
+
+
+@pytest.fixture
+def two_threads():
+    """Both of CI's cores for one full-size network (the suite runs one thread, conftest.py); then one again."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cases_cover_every_release_architecture():
+    def architecture(kwargs):
+        return {key: value for key, value in kwargs.items() if key != "dropout"}
+    covered = [architecture(EDM_PRESETS[name]) for name, _ in CASES]
+    assert all(architecture(kwargs) in covered for kwargs in EDM_PRESETS.values())
+    for derivative in Derivative:
+        assert {EDM_PRESETS[name]["label_dim"] > 0 for name, d in CASES if d is derivative} == {False, True}
+
+
+def random_teacher(name: str) -> EDMPrecond:
+    torch.manual_seed(0)
+    teacher = EDMPrecond(**{**EDM_PRESETS[name], "dropout": 0.0})
+    with torch.no_grad():
+        for tensor in teacher.parameters():
+            if not tensor.any():
+                tensor.normal_(0, 0.01)
+    return teacher.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("name, derivative", CASES, ids=[f"{n}-{d.value}" for n, d in CASES])
+def test_every_student_parameter_gets_a_gradient(name, derivative, two_threads):
+    teacher = random_teacher(name)
+    student = PIDStudent.from_teacher(teacher, GRID.sigma_min, GRID.sigma_max, network_overrides={"dropout": 0.0})
+    assert not any(key.startswith("map_augment") for key in student.model.state_dict())
+    assert "model.map_augment.weight" in teacher.state_dict() or not EDM_PRESETS[name].get("augment_dim")
+
+    generator = torch.Generator().manual_seed(0)
+    z = GRID.sigma_max * torch.randn(1, teacher.img_channels, LATENT_SIZE, LATENT_SIZE, generator=generator)
+    indices = GRID.sample_indices(1, generator, interior_only=derivative is Derivative.CENTRAL)
+    labels = torch.eye(teacher.label_dim)[[3]] if teacher.label_dim else None
+    loss = pid_residual(student, teacher, z, indices, labels, grid=GRID, metric=Metric.L2.build(),
+                        derivative=derivative)
+    loss.sum().backward()
+
+    missing = [key for key, tensor in student.named_parameters() if tensor.grad is None]
+    zero = [key for key, tensor in student.named_parameters() if tensor.grad is not None and not tensor.grad.any()]
+    assert not missing and not zero, f"no gradient: {missing}; zero gradient: {zero}"
+    assert all(torch.isfinite(tensor.grad).all() for tensor in student.parameters())
