@@ -397,7 +397,7 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
         if preview is not None and run.image_every and done % run.image_every == 0 and rank == 0:
             _write_preview(preview, model, fileio.join(run.dir, f"samples-{done:08d}.png"))
         preempted = stop and done < train.steps
-        if (run.snapshot_every and done % run.snapshot_every == 0) or done == train.steps:
+        if run.snapshot_every and (done % run.snapshot_every == 0 or done == train.steps):
             checkpoint.save_snapshot(config, done, model, ema)
         if done % run.checkpoint_every == 0 or done == train.steps or preempted:
             last_checkpoint = checkpoint.save(config, done, model, ema, optimizer, scaler, fingerprints)

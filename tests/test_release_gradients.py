@@ -5,8 +5,9 @@ the students of the augmented SongUNet releases kept the teacher's `map_augment`
 The networks are built at full size (every parameter of the release) with random weights; their output
 layers, which EDM initialises to zero (which would zero every earlier gradient), are perturbed. Which
 parameters take part does not depend on the image size (the U-Nets are fully convolutional; each level
-runs at half the input's size, attention included), so the latents are 16×16, a quarter to a sixteenth of
-the cost; tests/test_release_commands.py trains these networks at their own size through the commands.
+runs at half the input's size, attention included), so the latents are 8×8, the smallest size that every
+release's levels halve down to 1×1, a sixteenth to a sixty-fourth of the cost of the release's own size;
+tests/test_release_commands.py trains these networks at their own size through the commands.
 """
 
 import pytest
@@ -20,7 +21,7 @@ from pid_diffusion.student import PIDStudent
 
 pytestmark = pytest.mark.release
 
-LATENT_SIZE = 16
+LATENT_SIZE = 8
 GRID = KarrasGrid(num_points=10, rho=7.0, sigma_min=0.002, sigma_max=80.0)
 
 # Each release architecture once (FFHQ and AFHQv2 share theirs: they differ in dropout, which the student
