@@ -77,7 +77,8 @@ def require_teacher_file(path: str) -> None:
         raise FileNotFoundError(
             f"teacher checkpoint {path} not found. EDM's pretrained networks are at {EDM_RELEASE_URL}<name>.pkl "
             f"(<name> one of {', '.join(networks.EDM_PRESETS)}); download one and pass the .pkl directly, or "
-            "convert it once with `pid-convert-edm SRC.pkl DST.pt` (see docs/teacher_checkpoints.md)")
+            "convert it once with `pid-convert-edm SRC.pkl DST.pt` (see docs/teacher_checkpoints.md); "
+            "`pid-fetch-weights` with the run's options does both for a release name")
 
 
 def _preset_kwargs(preset: str) -> dict[str, Any]:

@@ -23,21 +23,23 @@ TEACHER_TRAINING_REDUCTIONS = {"train.steps": "1", "train.batch": "2", "run.imag
 # argparse options (the last occurrence of an option wins, so these are appended):
 ARGPARSE_REDUCTIONS = {
     "pid-sample": ["--seeds", "0-1", "--batch", "2"],
-    "pid-fid": ["--seeds", "0-9", "--batch", "10"],
-    "pid-fid-ref": ["--num-images", "10", "--batch", "10"],
+    "pid-fid": ["--batch", "10"],
+    "pid-fid-ref": ["--batch", "10"],
     "pid-fit-dode": ["--multiplier", "2", "--num-samples", "2"],
     "pid-demo": ["--eval-images", "2", "--fid-images", "2"],
 }
 STEPS_REDUCTION = ["--steps", "2"]  # pid-sample with a documented --steps (Heun's 18, Euler's 250)
+FID_SEEDS_REDUCTION = ["--seeds", "0-9"]  # pid-fid of generated images: 10 (the Inception Score's splits)
+REFERENCE_IMAGES_REDUCTION = ["--num-images", "10"]  # pid-fid-ref --data
 
 # Every console script, its module, and its scripts/ wrapper.
 MODULES = {"pid-demo": "demo", "pid-distill": "distill", "pid-train-teacher": "train_teacher",
            "pid-convert-edm": "convert_edm", "pid-sample": "sample", "pid-fid": "fid", "pid-fid-ref": "fid_ref",
-           "pid-fit-dode": "fit_dode", "pid-plot": "plot"}
+           "pid-fit-dode": "fit_dode", "pid-plot": "plot", "pid-fetch-weights": "fetch_weights"}
 SCRIPTS = {"scripts/distill.py": "pid-distill", "scripts/train_teacher.py": "pid-train-teacher",
            "scripts/convert_edm.py": "pid-convert-edm", "scripts/image_sample.py": "pid-sample",
            "scripts/fid_evaluation.py": "pid-fid", "scripts/fid_ref.py": "pid-fid-ref",
-           "scripts/fit_dode.py": "pid-fit-dode"}
+           "scripts/fit_dode.py": "pid-fit-dode", "scripts/fetch_weights.py": "pid-fetch-weights"}
 _MPIRUN_OPTIONS_WITH_VALUE = {"-np", "-n", "--bind-to", "-x", "--hostfile", "--map-by"}
 
 
@@ -75,6 +77,10 @@ def reduced(command: str, arguments: list[str]) -> list[str]:
         arguments = _config_reduced(arguments, TEACHER_TRAINING_REDUCTIONS)
     if command == "pid-sample" and "--steps" in arguments:
         arguments = [*arguments, *STEPS_REDUCTION]
+    if command == "pid-fid" and "--images" not in arguments:  # images are scored as given; others generated
+        arguments = [*arguments, *FID_SEEDS_REDUCTION]
+    if command == "pid-fid-ref" and "--data" in arguments:  # --compare reads two files, no images
+        arguments = [*arguments, *REFERENCE_IMAGES_REDUCTION]
     return [*arguments, *ARGPARSE_REDUCTIONS.get(command, [])]
 
 

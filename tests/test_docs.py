@@ -43,7 +43,8 @@ from test_teacher import _release, _write_edm_pickle
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
 TEACHER_NAMES = ["edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]
 STUDENT_CHECKPOINTS = ["runs/pid-cifar10/checkpoint-00800000.pt", "runs/pid-imagenet64/checkpoint-00400000.pt"]
-REFERENCES = ["fid-refs/cifar10-32x32.npz", "fid-refs/imagenet-64x64.npz"]
+STUDENT_SNAPSHOTS = ["runs/pid-cifar10/snapshot-00800000.pt"]
+REFERENCES = ["fid-refs/cifar10-32x32.npz", "fid-refs/imagenet-64x64.npz", "samples-stats.npz"]
 NUM_DATA_IMAGES = 10
 TRAINING_COMMANDS = ("pid-distill", "pid-train-teacher", "pid-demo")
 NOT_RUN = {  # Commands whose effect the suite itself is: they run in CI before and around these tests.
@@ -83,10 +84,11 @@ def standins(tmp_path_factory) -> Path:
     importlib.import_module("pid_diffusion.cli.distill").main(
         [f"--run.dir={run_dir}", "--train.steps=1", "--train.batch=2", "--run.image_every=0",
          "--train.ema_rates=0.999,0.9999,0.99995"])
-    student = checkpoint.latest_checkpoint(str(run_dir))[1]
     for path in STUDENT_CHECKPOINTS:
         (files / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(student, files / path)
+        shutil.copy(checkpoint.latest_checkpoint(str(run_dir))[1], files / path)
+    for path in STUDENT_SNAPSHOTS:
+        shutil.copy(checkpoint.find_snapshots(str(run_dir))[-1][1], files / path)
 
     (files / "fid-refs").mkdir()
     for path in REFERENCES:

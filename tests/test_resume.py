@@ -2,6 +2,7 @@
 schema declares (`config.OnResume`), the run folder's history, the teacher compared by the hash of its weights."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -137,7 +138,7 @@ def test_every_field_declares_its_resume_class_in_the_schema():
     assert classes["train.micro_batch"] is classes["train.channels_last"] is OnResume.NUMERICS
 
 
-def test_teacher_file_may_change_when_its_weights_are_equal(tmp_path, edm_fixtures_dir):
+def test_teacher_file_may_change_when_its_weights_are_equal(tmp_path, edm_fixtures_dir, capsys):
     teacher = tiny_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
     write_teacher_file(str(tmp_path / "teacher.pt"), teacher)
     run = tmp_path / "run"
@@ -155,5 +156,9 @@ def test_teacher_file_may_change_when_its_weights_are_equal(tmp_path, edm_fixtur
     with torch.no_grad():
         next(teacher.parameters()).add_(1e-3)
     write_teacher_file(str(tmp_path / "other.pt"), teacher)
-    with pytest.raises(ConfigError, match=r"teacher\.path: .*its network's weights differ"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # the command's one-line error (cli/errors.py)
         distill_cli.main([*options, f"--teacher.path={tmp_path / 'other.pt'}", "--train.steps=3"])
+    assert exit_info.value.code == 2
+    assert re.search(r"^pid-distill: error: .*teacher\.path: .*its network's weights differ", capsys.readouterr().err,
+                     re.M)
