@@ -1,11 +1,13 @@
-"""The user's whole path on every EDM release architecture at full size, through the commands users type.
+"""The user's whole path on the EDM release architectures at full size, through the commands users type.
 
 EDM-layout pickle (written here, random weights) → pid-convert-edm → pid-distill (CIFAR-10 DDPM++ under
 `mpirun -np 2`, killed with SIGKILL in step 2 and resumed by the same command) → pid-sample (grid and npz)
 → pid-fid over the run folder (a stand-in detector) → pid-fit-dode on the teacher and pid-sample with the
-fitted solver. CIFAR-10 DDPM++ runs all of it; every other code path (ImageNet ADM with one process:
-296 M parameters; NCSN++; the 64×64 SongUNets) runs convert → one distillation step → sample. Which parameters get gradients is checked
-for each architecture by test_release_gradients.py.
+fitted solver. CIFAR-10 DDPM++ (the paper's first run) runs all of it; ImageNet ADM (its second run, one
+process: 296 M parameters) runs convert → one distillation step → sample. Every other code path (NCSN++,
+the 64×64 SongUNets) runs convert → pid-sample of the converted teacher; one PID step with a gradient on
+every student parameter is proven for every architecture by test_release_gradients.py, and the commands
+around that step do not depend on the architecture beyond what the two paper runs exercise.
 """
 
 import csv
@@ -182,13 +184,14 @@ def test_cifar10_ddpmpp_whole_path_under_mpirun(workspace):
 
 
 # The commands after pid-distill (resume, sampling, FID, D-ODE) read a checkpoint and call the network: they do
-# not depend on the architecture beyond what the CIFAR-10 path runs. Every other code path runs convert → one
-# step of pid-distill → pid-sample at full size: ImageNet ADM (296 M parameters, one process, conditional; its
-# whole path, with 4.7 GB checkpoints, costs CI over five minutes), NCSN++ at 32×32 conditional, DDPM++ and NCSN++
-# at 64×64. The releases left out share a code path with one that runs (they differ in label_dim of a SongUNet
-# whose conditional and unconditional forms both run here, or in dropout, which the student sets to 0).
-OTHER_RELEASES = ["edm-imagenet-64x64-cond-adm", "edm-cifar10-32x32-cond-ve", "edm-ffhq-64x64-uncond-vp",
-                  "edm-afhqv2-64x64-uncond-ve"]
+# not depend on the architecture beyond what the CIFAR-10 path runs. ImageNet ADM (296 M parameters, one process,
+# conditional; its whole path, with 4.7 GB checkpoints, costs CI over five minutes) runs convert → one step of
+# pid-distill → pid-sample. Every other code path (NCSN++ at 32×32 conditional, DDPM++ and NCSN++ at 64×64) runs
+# convert → pid-sample of the teacher; its PID step is test_release_gradients.py's. The releases left out share a
+# code path with one that runs (they differ in label_dim of a SongUNet whose conditional and unconditional forms
+# both run here, or in dropout, which the student sets to 0).
+DISTILLED_RELEASES = ["edm-imagenet-64x64-cond-adm"]
+CONVERTED_RELEASES = ["edm-cifar10-32x32-cond-ve", "edm-ffhq-64x64-uncond-vp", "edm-afhqv2-64x64-uncond-ve"]
 FULL_PATH_RELEASES = ["edm-cifar10-32x32-uncond-vp"]
 
 
@@ -200,13 +203,15 @@ def code_path(name: str) -> tuple:
 
 
 def test_other_releases_cover_every_code_path():
-    tested = [*OTHER_RELEASES, *FULL_PATH_RELEASES]
+    tested = [*DISTILLED_RELEASES, *CONVERTED_RELEASES, *FULL_PATH_RELEASES]
     assert {code_path(name) for name in EDM_PRESETS} == {code_path(name) for name in tested}
     songunets = [name for name in tested if EDM_PRESETS[name]["model_type"] == "SongUNet"]
     assert {EDM_PRESETS[name]["label_dim"] > 0 for name in songunets} == {False, True}
+    # Both paper runs' teachers go through pid-distill.
+    assert {"edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"} <= {*DISTILLED_RELEASES, *FULL_PATH_RELEASES}
 
 
-@pytest.mark.parametrize("name", OTHER_RELEASES)
+@pytest.mark.parametrize("name", DISTILLED_RELEASES)
 def test_release_converts_distils_and_samples(workspace, name):
     teacher = release_teacher(workspace, name)
     env = environment(workspace, 2)
@@ -217,4 +222,12 @@ def test_release_converts_distils_and_samples(workspace, name):
     sample_and_check(["--checkpoint", checkpoint.checkpoint_path(str(run_dir), 1)], name, workspace,
                      f"student-{name}", 2, env)
     shutil.rmtree(run_dir)
+    teacher.unlink()
+
+
+@pytest.mark.parametrize("name", CONVERTED_RELEASES)
+def test_release_converts_and_samples(workspace, name):
+    teacher = release_teacher(workspace, name)
+    sample_and_check(["--teacher", str(teacher), "--sampler=heun", "--steps=2"], name, workspace, f"teacher-{name}",
+                     2, environment(workspace, 2))
     teacher.unlink()
