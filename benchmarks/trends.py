@@ -10,7 +10,8 @@ checkpoint along the way. Settings:
 - initialisation: teacher, random;  stop-gradient on the neighbour: off, on;  residual form: Eq. 9, Eq. 8;
 - distance: L2, L1, pseudo-Huber, and LPIPS when its weight files are in the torch hub cache (never
   downloaded here; the page says when they are absent);
-- learning rate after warm-up: constant (the paper), cosine decay to 0 (`train.lr_decay`, for short runs).
+- learning rate after warm-up: the preset's schedule against the other one (constant, the paper's, against
+  a cosine decay to 0, `train.lr_decay`).
 
 It writes `<out>/trends.json` (every measurement), the figures `psnr-vs-n.png` and `psnr-vs-steps.png`, and
 a Markdown page with the table (mean ± spread over seeds), the figures and the command. On `--page`, the
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 
 from pid_diffusion import checkpoint, fileio, hub
-from pid_diffusion.config import DistillConfig, diff, from_dict, resolve
+from pid_diffusion.config import DistillConfig, LRDecay, diff, from_dict, resolve
 from pid_diffusion.demo import agreement, evaluation_latents
 from pid_diffusion.distill import build
 from pid_diffusion.samplers import EulerSampler, HeunSampler, OneStepSampler
@@ -68,6 +69,12 @@ def _n(derivative: str, n: int) -> Setting:
     return Setting(name, f"N ({derivative})", (("pid.derivative", derivative), ("pid.num_points", str(n))))
 
 
+def _other_lr_decay() -> Setting:
+    """The learning-rate setting: the schedule the `default` preset does not use (constant or cosine)."""
+    other = LRDecay.COSINE if resolve("default").train.lr_decay is LRDecay.CONSTANT else LRDecay.CONSTANT
+    return Setting(f"{other.value} lr", "learning rate", (("train.lr_decay", other.value),))
+
+
 def all_settings(lpips: bool) -> list[Setting]:
     """The study's settings; the baseline (forward, N = 40, teacher init, Eq. 9, L2) appears once."""
     settings = [_n("forward", n) for n in GRID_SIZES] + [_n("central", n) for n in GRID_SIZES]
@@ -78,7 +85,7 @@ def all_settings(lpips: bool) -> list[Setting]:
         Setting("Eq. 8 derivative form", "residual form", (("pid.form", "derivative"),)),
         Setting("L1", "distance", (("pid.metric", "l1"),)),
         Setting("pseudo-Huber", "distance", (("pid.metric", "pseudo_huber"),)),
-        Setting("cosine lr", "learning rate", (("train.lr_decay", "cosine"),)),
+        _other_lr_decay(),
     ]
     if lpips:
         settings.append(Setting("LPIPS", "distance", (("pid.metric", "lpips_piq"),)))
@@ -92,10 +99,11 @@ AXES = {
     "stop-gradient": ["baseline", "stop-grad on"],
     "residual form": ["baseline", "Eq. 8 derivative form"],
     "distance": ["baseline", "L1", "pseudo-Huber", "LPIPS"],
-    "learning rate": ["baseline", "cosine lr"],
+    "learning rate": ["baseline", _other_lr_decay().name],
 }
 BASELINE_LABEL = {"derivative": "forward", "initialisation": "teacher init", "stop-gradient": "stop-grad off",
-                  "residual form": "Eq. 9 denoiser form", "distance": "L2", "learning rate": "constant lr"}
+                  "residual form": "Eq. 9 denoiser form", "distance": "L2",
+                  "learning rate": f"{resolve('default').train.lr_decay.value} lr"}
 
 
 def lpips_available() -> bool:
@@ -109,15 +117,15 @@ class Budget:
 
     steps: int
     batch: int
-    lr: float
+    lr: float | None  # None: the `default` preset's.
     checkpoint_every: int
     seeds: int
     eval_images: int
     eval_seed: int = 1_000_000  # The demo's held-out latents.
 
 
-FULL = Budget(steps=80, batch=4, lr=1e-3, checkpoint_every=20, seeds=2, eval_images=32)
-QUICK = Budget(steps=8, batch=2, lr=1e-3, checkpoint_every=4, seeds=1, eval_images=8)
+FULL = Budget(steps=80, batch=4, lr=None, checkpoint_every=20, seeds=2, eval_images=32)
+QUICK = Budget(steps=8, batch=2, lr=None, checkpoint_every=4, seeds=1, eval_images=8)
 
 
 def config_of(setting: Setting, budget: Budget, seed: int, out: Path) -> DistillConfig:
@@ -125,8 +133,8 @@ def config_of(setting: Setting, budget: Budget, seed: int, out: Path) -> Distill
         "run.dir": str(out / "runs" / f"{setting.name.replace(' ', '_').replace('=', '').replace('.', '')}-s{seed}"),
         "run.checkpoint_every": str(budget.checkpoint_every), "run.keep_checkpoints": "0",
         "run.image_every": "0", "run.log_every": str(budget.checkpoint_every), "run.sync_check_every": "0",
-        "train.steps": str(budget.steps), "train.batch": str(budget.batch), "train.lr": str(budget.lr),
-        "train.seed": str(seed),
+        "train.steps": str(budget.steps), "train.batch": str(budget.batch),
+        **({} if budget.lr is None else {"train.lr": str(budget.lr)}), "train.seed": str(seed),
         **dict(setting.overrides),
     }
     return resolve("default", overrides)
@@ -280,6 +288,14 @@ def ceiling_table(ceiling: dict[int, tuple[float, float]]) -> str:
     return "\n".join(lines)
 
 
+def _schedule(budget: Budget) -> str:
+    """The baseline's optimizer and learning-rate schedule, in words."""
+    train = config_of(Setting("baseline", "N (forward)"), budget, 0, Path(".")).train
+    warmup = f", {train.warmup_steps} warm-up steps" if train.warmup_steps else ""
+    decay = "constant" if train.lr_decay is LRDecay.CONSTANT else f"with {train.lr_decay.value} decay to 0"
+    return f"{train.optimizer.value.replace('radam', 'RAdam').replace('adam', 'Adam')} lr {train.lr:g} {decay}{warmup}"
+
+
 def generated_section(results: list[dict], ceiling: dict[int, tuple[float, float]], budget: Budget, command: str,
                       lpips: bool, figure_paths: Sequence[Path], page: Path) -> str:
     relative = [os.path.relpath(path, page.parent) for path in figure_paths]
@@ -291,7 +307,7 @@ def generated_section(results: list[dict], ceiling: dict[int, tuple[float, float
         BEGIN,
         f"Command: `{command}`  ",
         f"Machine: {machine()}; {datetime.date.today().isoformat()}; training {core_minutes:.0f} min in all.  ",
-        f"Budget of every setting: {budget.steps} steps of {budget.batch} latents, RAdam lr {budget.lr:g} constant "
+        f"Budget of every setting: {budget.steps} steps of {budget.batch} latents, {_schedule(budget)} "
         f"(the `default` preset otherwise: forward difference, N = {BASELINE_N}, teacher init, Eq. 9, L2), "
         f"{budget.seeds} seed(s); agreement of the raw weights with the teacher's Heun output (35 calls) on "
         f"{budget.eval_images} held-out latents (seeds {budget.eval_seed}…), images in [0, 1]; ± is half the "
@@ -333,7 +349,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Budget, 
     parser.add_argument("--settings", nargs="+", help="only these settings, by name (default: all)")
     parser.add_argument("--steps", type=int, help="optimizer steps of every setting")
     parser.add_argument("--batch", type=int, help="latents per step")
-    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the `default` preset's)")
     parser.add_argument("--checkpoint-every", type=int, help="steps between the measured checkpoints")
     parser.add_argument("--seeds", type=int, help="seeds per setting (0, 1, ...)")
     parser.add_argument("--eval-images", type=int, help="held-out latents")
@@ -346,7 +362,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Budget, 
     budget = dataclasses.replace(base, **{key: value for key, value in (
         ("steps", args.steps), ("batch", args.batch), ("lr", args.lr), ("checkpoint_every", args.checkpoint_every),
         ("seeds", args.seeds), ("eval_images", args.eval_images)) if value is not None})
-    if min(budget.steps, budget.batch, budget.checkpoint_every, budget.seeds, budget.eval_images) < 1 or budget.lr <= 0:
+    if min(budget.steps, budget.batch, budget.checkpoint_every, budget.seeds, budget.eval_images) < 1 or (budget.lr is not None and budget.lr <= 0):
         parser.error(f"steps, batch, checkpoint-every, seeds and eval-images must be ≥ 1 and lr > 0, got {budget}")
     lpips = lpips_available()
     settings = all_settings(lpips)

@@ -516,16 +516,19 @@ _PAPER_EMA_RATES = (0.999, 0.9999, 0.99995)
 
 @DISTILL_PRESETS.register("default")
 def _default() -> DistillConfig:
-    """The CPU default on the bundled 16×16 teacher: a few minutes on two cores (`pid-demo`).
+    """The CPU default on the bundled 16×16 teacher: the whole `pid-demo` job in under 6 minutes on two cores.
 
     Tuned by measurement (README, "The bundled default"): 40 grid points instead of 250 give each point
     six times the samples of a short run (its zero-residual solution, Euler on 40 Karras points, is still
-    close to the teacher), lr 1e-3 suits the 1.2M-parameter network, and L2 needs no pretrained weights.
+    close to the teacher), and L2 needs no pretrained weights. A peak lr of 6e-3 decayed to 0 by a cosine
+    trains fastest in a short run: at 300 steps of 32 it reaches 22.3 dB PSNR to the teacher (3e-3: 21.4),
+    what 500 steps at a constant 1e-3 reached; 1200 steps fill the job's time. At the end of the decay the
+    raw weights beat the EMAs (which still average early, far weights), so the demo evaluates the raw ones.
     """
     return DistillConfig(
         run=RunConfig(dir="runs/pid-default", checkpoint_every=250, log_every=10, image_every=250,
                       image_count=64, sync_check_every=100),
-        train=TrainConfig(steps=500, batch=32, lr=1e-3, ema_rates=(0.99, 0.999)),
+        train=TrainConfig(steps=1200, batch=32, lr=6e-3, lr_decay=LRDecay.COSINE, ema_rates=(0.99, 0.999)),
         teacher=TeacherConfig(path="model_zoo/edm-shapes-16x16.pt"),
         pid=PIDConfig(num_points=40, metric=Metric.L2),
     )
