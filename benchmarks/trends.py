@@ -47,7 +47,7 @@ from pid_diffusion.demo import agreement, evaluation_latents
 from pid_diffusion.distill import build
 from pid_diffusion.samplers import EulerSampler, HeunSampler, OneStepSampler
 from pid_diffusion.teacher import load_teacher
-from pid_diffusion.train import training_loop
+from pid_diffusion.train import NonFiniteLossError, training_loop
 
 BEGIN, END = "<!-- trends.py: generated, begin -->", "<!-- trends.py: generated, end -->"
 GRID_SIZES = (10, 20, 40, 80, 160, 250)
@@ -148,9 +148,12 @@ def measure(setting: Setting, budget: Budget, seed: int, out: Path, latents: tor
     objective, student = build(config, torch.device("cpu"))
     with torch.no_grad():
         curve = [dict(zip(("step", "rmse", "psnr"), (0, *agreement(one_step(student.eval(), latents), reference))))]
-    latest = checkpoint.latest_checkpoint(config.run.dir)
+    latest, diverged = checkpoint.latest_checkpoint(config.run.dir), None
     if latest is None or latest[0] < budget.steps:
-        training_loop(config, objective, student)  # Resuming checks that the folder holds this configuration.
+        try:
+            training_loop(config, objective, student)  # Resuming checks that the folder holds this configuration.
+        except NonFiniteLossError as error:  # A setting that diverges at this budget is a result, not a crash.
+            diverged = str(error).split(";")[0]
     elif (changed := diff(from_dict(DistillConfig, json.loads(fileio.read_bytes(
             fileio.join(config.run.dir, "config.json")))), config)):
         raise SystemExit(f"{config.run.dir} holds a run of another budget ({', '.join(changed)} differ): "
@@ -160,7 +163,8 @@ def measure(setting: Setting, budget: Budget, seed: int, out: Path, latents: tor
             rmse, psnr = agreement(one_step(checkpoint.load_generator(path), latents), reference)
         curve.append({"step": step, "rmse": rmse, "psnr": psnr})
     return {"setting": setting.name, "axis": setting.axis, "seed": seed, "overrides": dict(setting.overrides),
-            "s_per_step": _seconds_per_step(config.run.dir), "curve": curve}
+            "s_per_step": None if diverged else _seconds_per_step(config.run.dir), "diverged": diverged,
+            "curve": curve}
 
 
 def _seconds_per_step(run_dir: str) -> float:
@@ -189,8 +193,9 @@ def euler_ceiling(teacher: torch.nn.Module, latents: torch.Tensor, reference: to
 
 
 def final(results: list[dict], name: str) -> list[tuple[float, float]]:
-    """(RMSE, PSNR) at the last step of each seed of setting `name`."""
-    return [(r["curve"][-1]["rmse"], r["curve"][-1]["psnr"]) for r in results if r["setting"] == name]
+    """(RMSE, PSNR) at the last step of each seed of setting `name` that did not diverge."""
+    return [(r["curve"][-1]["rmse"], r["curve"][-1]["psnr"]) for r in results
+            if r["setting"] == name and not r.get("diverged")]
 
 
 def mean_spread(values: Sequence[float]) -> tuple[float, float]:
@@ -209,15 +214,20 @@ def table(results: list[dict]) -> str:
     lines = ["| setting | axis | PSNR (dB) | RMSE | seeds | s / step |", "|---|---|---|---|---|---|"]
     for name in names:
         pairs = final(results, name)
-        seconds = statistics.fmean(r["s_per_step"] for r in results if r["setting"] == name)
-        lines.append(f"| {name} | {axis_of[name]} | {_cell([p for _, p in pairs], 2)} | "
-                     f"{_cell([e for e, _ in pairs], 4)} | {len(pairs)} | {seconds:.2f} |")
+        runs = [r for r in results if r["setting"] == name]
+        timed = [r["s_per_step"] for r in runs if r["s_per_step"] is not None]
+        seconds = f"{statistics.fmean(timed):.2f}" if timed else "—"
+        failed = len(runs) - len(pairs)
+        note = f" ({failed} of {len(runs)} seeds diverged: non-finite loss)" if failed and pairs else ""
+        psnr, rmse = ((_cell([p for _, p in pairs], 2) + note, _cell([e for e, _ in pairs], 4)) if pairs else
+                      (f"diverged in all {len(runs)} seeds (non-finite loss)", "—"))
+        lines.append(f"| {name} | {axis_of[name]} | {psnr} | {rmse} | {len(pairs)} | {seconds} |")
     return "\n".join(lines)
 
 
 def _curve(results: list[dict], name: str) -> tuple[list[int], list[float], list[float]]:
     """Steps, mean PSNR and spread over seeds along the run of setting `name`."""
-    runs = [r["curve"] for r in results if r["setting"] == name]
+    runs = [r["curve"] for r in results if r["setting"] == name and not r.get("diverged")]
     steps = [point["step"] for point in runs[0]]
     stats = [mean_spread([run[i]["psnr"] for run in runs]) for i in range(len(steps))]
     return steps, [m for m, _ in stats], [s for _, s in stats]
@@ -229,11 +239,12 @@ def figures(results: list[dict], ceiling: dict[int, tuple[float, float]], folder
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = {r["setting"] for r in results}
+    present = {r["setting"] for r in results if not r.get("diverged")}
     folder.mkdir(parents=True, exist_ok=True)
     figure, ax = plt.subplots(figsize=(5.5, 3.8))
     for derivative in ("forward", "central"):
-        points = [(n, final(results, _n(derivative, n).name)) for n in GRID_SIZES if _n(derivative, n).name in present]
+        points = [(n, final(results, _n(derivative, n).name)) for n in GRID_SIZES
+                  if final(results, _n(derivative, n).name)]
         if points:
             stats = [mean_spread([p for _, p in pairs]) for _, pairs in points]
             ax.errorbar([n for n, _ in points], [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
@@ -302,7 +313,7 @@ def generated_section(results: list[dict], ceiling: dict[int, tuple[float, float
     lpips_note = ("LPIPS: measured (its weight files are in the hub cache)." if lpips else
                   f"LPIPS: not measured — its weight files ({', '.join(f.filename for f in LPIPS_FILES)}) are not in "
                   f"the torch hub cache on the machine that ran this, and the study never downloads them.")
-    core_minutes = sum(r["s_per_step"] for r in results) * budget.steps / 60
+    core_minutes = sum(r["s_per_step"] or 0 for r in results) * budget.steps / 60
     return "\n".join([
         BEGIN,
         f"Command: `{command}`  ",
@@ -398,8 +409,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for seed in range(budget.seeds):
             result = measure(setting, budget, seed, args.out, latents, reference)
             results.append(result)
-            line = (f"[{index + 1}/{len(settings)}] {setting.name} seed {seed}: PSNR {result['curve'][-1]['psnr']:.2f} dB "
-                    f"after {result['curve'][-1]['step']} steps ({result['s_per_step']:.2f} s/step); "
+            outcome = (result["diverged"] if result["diverged"] else
+                       f"PSNR {result['curve'][-1]['psnr']:.2f} dB after {result['curve'][-1]['step']} steps "
+                       f"({result['s_per_step']:.2f} s/step)")
+            line = (f"[{index + 1}/{len(settings)}] {setting.name} seed {seed}: {outcome}; "
                     f"{(time.perf_counter() - started) / 60:.1f} min so far")
             print(line, flush=True)
             with log.open("a", encoding="utf-8") as stream:

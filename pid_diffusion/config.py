@@ -522,8 +522,9 @@ def _default() -> DistillConfig:
     six times the samples of a short run (its zero-residual solution, Euler on 40 Karras points, is still
     close to the teacher), and L2 needs no pretrained weights. A peak lr of 6e-3 decayed to 0 by a cosine
     trains fastest in a short run: at 300 steps of 32 it reaches 22.3 dB PSNR to the teacher (3e-3: 21.4),
-    what 500 steps at a constant 1e-3 reached; 1200 steps fill the job's time. At the end of the decay the
-    raw weights beat the EMAs (which still average early, far weights), so the demo evaluates the raw ones.
+    what 500 steps at a constant 1e-3 reached; 1200 steps (25.7 dB) fill the job's 6 minutes on two idle
+    cores (docs/trends.md, "The demo's budget"). At the end of the decay the raw weights match the best EMA
+    (the EMAs still average early, far weights), so the demo evaluates the raw ones.
     """
     return DistillConfig(
         run=RunConfig(dir="runs/pid-default", checkpoint_every=250, log_every=10, image_every=250,
