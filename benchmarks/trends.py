@@ -10,7 +10,8 @@ checkpoint along the way. Settings:
 - initialisation: teacher, random;  stop-gradient on the neighbour: off, on;  residual form: Eq. 9, Eq. 8;
 - distance: L2, L1, pseudo-Huber, and LPIPS when its weight files are in the torch hub cache (never
   downloaded here; the page says when they are absent);
-- learning rate after warm-up: constant (the paper), cosine decay to 0 (`train.lr_decay`, for short runs).
+- learning rate after warm-up: the preset's schedule against the other one (constant, the paper's, against
+  a cosine decay to 0, `train.lr_decay`).
 
 It writes `<out>/trends.json` (every measurement), the figures `psnr-vs-n.png` and `psnr-vs-steps.png`, and
 a Markdown page with the table (mean ± spread over seeds), the figures and the command. On `--page`, the
@@ -41,12 +42,12 @@ from pathlib import Path
 import torch
 
 from pid_diffusion import checkpoint, fileio, hub
-from pid_diffusion.config import diff, from_dict
+from pid_diffusion.config import LRDecay, diff, from_dict
 from pid_diffusion.demo import agreement, evaluation_latents
 from pid_diffusion.distill import DistillConfig, build, resolve
 from pid_diffusion.samplers import EulerSampler, HeunSampler, OneStepSampler
 from pid_diffusion.teacher import load_teacher
-from pid_diffusion.train import training_loop
+from pid_diffusion.train import NonFiniteLossError, training_loop
 
 BEGIN, END = "<!-- trends.py: generated, begin -->", "<!-- trends.py: generated, end -->"
 GRID_SIZES = (10, 20, 40, 80, 160, 250)
@@ -68,6 +69,12 @@ def _n(derivative: str, n: int) -> Setting:
     return Setting(name, f"N ({derivative})", (("pid.derivative", derivative), ("pid.num_points", str(n))))
 
 
+def _other_lr_decay() -> Setting:
+    """The learning-rate setting: the schedule the `default` preset does not use (constant or cosine)."""
+    other = LRDecay.COSINE if resolve("default").train.lr_decay is LRDecay.CONSTANT else LRDecay.CONSTANT
+    return Setting(f"{other.value} lr", "learning rate", (("train.lr_decay", other.value),))
+
+
 def all_settings(lpips: bool) -> list[Setting]:
     """The study's settings; the baseline (forward, N = 40, teacher init, Eq. 9, L2) appears once."""
     settings = [_n("forward", n) for n in GRID_SIZES] + [_n("central", n) for n in GRID_SIZES]
@@ -78,7 +85,7 @@ def all_settings(lpips: bool) -> list[Setting]:
         Setting("Eq. 8 derivative form", "residual form", (("pid.form", "derivative"),)),
         Setting("L1", "distance", (("pid.metric", "l1"),)),
         Setting("pseudo-Huber", "distance", (("pid.metric", "pseudo_huber"),)),
-        Setting("cosine lr", "learning rate", (("train.lr_decay", "cosine"),)),
+        _other_lr_decay(),
     ]
     if lpips:
         settings.append(Setting("LPIPS", "distance", (("pid.metric", "lpips_piq"),)))
@@ -92,10 +99,11 @@ AXES = {
     "stop-gradient": ["baseline", "stop-grad on"],
     "residual form": ["baseline", "Eq. 8 derivative form"],
     "distance": ["baseline", "L1", "pseudo-Huber", "LPIPS"],
-    "learning rate": ["baseline", "cosine lr"],
+    "learning rate": ["baseline", _other_lr_decay().name],
 }
 BASELINE_LABEL = {"derivative": "forward", "initialisation": "teacher init", "stop-gradient": "stop-grad off",
-                  "residual form": "Eq. 9 denoiser form", "distance": "L2", "learning rate": "constant lr"}
+                  "residual form": "Eq. 9 denoiser form", "distance": "L2",
+                  "learning rate": f"{resolve('default').train.lr_decay.value} lr"}
 
 
 def lpips_available() -> bool:
@@ -109,15 +117,15 @@ class Budget:
 
     steps: int
     batch: int
-    lr: float
+    lr: float | None  # None: the `default` preset's.
     checkpoint_every: int
     seeds: int
     eval_images: int
     eval_seed: int = 1_000_000  # The demo's held-out latents.
 
 
-FULL = Budget(steps=80, batch=4, lr=1e-3, checkpoint_every=20, seeds=2, eval_images=32)
-QUICK = Budget(steps=8, batch=2, lr=1e-3, checkpoint_every=4, seeds=1, eval_images=8)
+FULL = Budget(steps=80, batch=4, lr=None, checkpoint_every=20, seeds=2, eval_images=32)
+QUICK = Budget(steps=8, batch=2, lr=None, checkpoint_every=4, seeds=1, eval_images=8)
 
 
 def config_of(setting: Setting, budget: Budget, seed: int, out: Path) -> DistillConfig:
@@ -125,8 +133,8 @@ def config_of(setting: Setting, budget: Budget, seed: int, out: Path) -> Distill
         "run.dir": str(out / "runs" / f"{setting.name.replace(' ', '_').replace('=', '').replace('.', '')}-s{seed}"),
         "run.checkpoint_every": str(budget.checkpoint_every), "run.keep_checkpoints": "0",
         "run.image_every": "0", "run.log_every": str(budget.checkpoint_every), "run.sync_check_every": "0",
-        "train.steps": str(budget.steps), "train.batch": str(budget.batch), "train.lr": str(budget.lr),
-        "train.seed": str(seed),
+        "train.steps": str(budget.steps), "train.batch": str(budget.batch),
+        **({} if budget.lr is None else {"train.lr": str(budget.lr)}), "train.seed": str(seed),
         **dict(setting.overrides),
     }
     return resolve("default", overrides)
@@ -140,9 +148,12 @@ def measure(setting: Setting, budget: Budget, seed: int, out: Path, latents: tor
     objective, student = build(config, torch.device("cpu"))
     with torch.no_grad():
         curve = [dict(zip(("step", "rmse", "psnr"), (0, *agreement(one_step(student.eval(), latents), reference))))]
-    latest = checkpoint.latest_checkpoint(config.run.dir)
+    latest, diverged = checkpoint.latest_checkpoint(config.run.dir), None
     if latest is None or latest[0] < budget.steps:
-        training_loop(config, objective, student)  # Resuming checks that the folder holds this configuration.
+        try:
+            training_loop(config, objective, student)  # Resuming checks that the folder holds this configuration.
+        except NonFiniteLossError as error:  # A setting that diverges at this budget is a result, not a crash.
+            diverged = str(error).split(";")[0]
     elif (changed := diff(from_dict(DistillConfig, json.loads(fileio.read_bytes(
             fileio.join(config.run.dir, "config.json")))), config)):
         raise SystemExit(f"{config.run.dir} holds a run of another budget ({', '.join(changed)} differ): "
@@ -152,7 +163,8 @@ def measure(setting: Setting, budget: Budget, seed: int, out: Path, latents: tor
             rmse, psnr = agreement(one_step(checkpoint.load_generator(path), latents), reference)
         curve.append({"step": step, "rmse": rmse, "psnr": psnr})
     return {"setting": setting.name, "axis": setting.axis, "seed": seed, "overrides": dict(setting.overrides),
-            "s_per_step": _seconds_per_step(config.run.dir), "curve": curve}
+            "s_per_step": None if diverged else _seconds_per_step(config.run.dir), "diverged": diverged,
+            "curve": curve}
 
 
 def _seconds_per_step(run_dir: str) -> float:
@@ -181,8 +193,9 @@ def euler_ceiling(teacher: torch.nn.Module, latents: torch.Tensor, reference: to
 
 
 def final(results: list[dict], name: str) -> list[tuple[float, float]]:
-    """(RMSE, PSNR) at the last step of each seed of setting `name`."""
-    return [(r["curve"][-1]["rmse"], r["curve"][-1]["psnr"]) for r in results if r["setting"] == name]
+    """(RMSE, PSNR) at the last step of each seed of setting `name` that did not diverge."""
+    return [(r["curve"][-1]["rmse"], r["curve"][-1]["psnr"]) for r in results
+            if r["setting"] == name and not r.get("diverged")]
 
 
 def mean_spread(values: Sequence[float]) -> tuple[float, float]:
@@ -201,15 +214,20 @@ def table(results: list[dict]) -> str:
     lines = ["| setting | axis | PSNR (dB) | RMSE | seeds | s / step |", "|---|---|---|---|---|---|"]
     for name in names:
         pairs = final(results, name)
-        seconds = statistics.fmean(r["s_per_step"] for r in results if r["setting"] == name)
-        lines.append(f"| {name} | {axis_of[name]} | {_cell([p for _, p in pairs], 2)} | "
-                     f"{_cell([e for e, _ in pairs], 4)} | {len(pairs)} | {seconds:.2f} |")
+        runs = [r for r in results if r["setting"] == name]
+        timed = [r["s_per_step"] for r in runs if r["s_per_step"] is not None]
+        seconds = f"{statistics.fmean(timed):.2f}" if timed else "—"
+        failed = len(runs) - len(pairs)
+        note = f" ({failed} of {len(runs)} seeds diverged: non-finite loss)" if failed and pairs else ""
+        psnr, rmse = ((_cell([p for _, p in pairs], 2) + note, _cell([e for e, _ in pairs], 4)) if pairs else
+                      (f"diverged in all {len(runs)} seeds (non-finite loss)", "—"))
+        lines.append(f"| {name} | {axis_of[name]} | {psnr} | {rmse} | {len(pairs)} | {seconds} |")
     return "\n".join(lines)
 
 
 def _curve(results: list[dict], name: str) -> tuple[list[int], list[float], list[float]]:
     """Steps, mean PSNR and spread over seeds along the run of setting `name`."""
-    runs = [r["curve"] for r in results if r["setting"] == name]
+    runs = [r["curve"] for r in results if r["setting"] == name and not r.get("diverged")]
     steps = [point["step"] for point in runs[0]]
     stats = [mean_spread([run[i]["psnr"] for run in runs]) for i in range(len(steps))]
     return steps, [m for m, _ in stats], [s for _, s in stats]
@@ -221,11 +239,12 @@ def figures(results: list[dict], ceiling: dict[int, tuple[float, float]], folder
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = {r["setting"] for r in results}
+    present = {r["setting"] for r in results if not r.get("diverged")}
     folder.mkdir(parents=True, exist_ok=True)
     figure, ax = plt.subplots(figsize=(5.5, 3.8))
     for derivative in ("forward", "central"):
-        points = [(n, final(results, _n(derivative, n).name)) for n in GRID_SIZES if _n(derivative, n).name in present]
+        points = [(n, final(results, _n(derivative, n).name)) for n in GRID_SIZES
+                  if final(results, _n(derivative, n).name)]
         if points:
             stats = [mean_spread([p for _, p in pairs]) for _, pairs in points]
             ax.errorbar([n for n, _ in points], [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
@@ -280,18 +299,26 @@ def ceiling_table(ceiling: dict[int, tuple[float, float]]) -> str:
     return "\n".join(lines)
 
 
+def _schedule(budget: Budget) -> str:
+    """The baseline's optimizer and learning-rate schedule, in words."""
+    train = config_of(Setting("baseline", "N (forward)"), budget, 0, Path(".")).train
+    warmup = f", {train.warmup_steps} warm-up steps" if train.warmup_steps else ""
+    decay = "constant" if train.lr_decay is LRDecay.CONSTANT else f"with {train.lr_decay.value} decay to 0"
+    return f"{train.optimizer.value.replace('radam', 'RAdam').replace('adam', 'Adam')} lr {train.lr:g} {decay}{warmup}"
+
+
 def generated_section(results: list[dict], ceiling: dict[int, tuple[float, float]], budget: Budget, command: str,
                       lpips: bool, figure_paths: Sequence[Path], page: Path) -> str:
     relative = [os.path.relpath(path, page.parent) for path in figure_paths]
     lpips_note = ("LPIPS: measured (its weight files are in the hub cache)." if lpips else
                   f"LPIPS: not measured — its weight files ({', '.join(f.filename for f in LPIPS_FILES)}) are not in "
                   f"the torch hub cache on the machine that ran this, and the study never downloads them.")
-    core_minutes = sum(r["s_per_step"] for r in results) * budget.steps / 60
+    core_minutes = sum(r["s_per_step"] or 0 for r in results) * budget.steps / 60
     return "\n".join([
         BEGIN,
         f"Command: `{command}`  ",
         f"Machine: {machine()}; {datetime.date.today().isoformat()}; training {core_minutes:.0f} min in all.  ",
-        f"Budget of every setting: {budget.steps} steps of {budget.batch} latents, RAdam lr {budget.lr:g} constant "
+        f"Budget of every setting: {budget.steps} steps of {budget.batch} latents, {_schedule(budget)} "
         f"(the `default` preset otherwise: forward difference, N = {BASELINE_N}, teacher init, Eq. 9, L2), "
         f"{budget.seeds} seed(s); agreement of the raw weights with the teacher's Heun output (35 calls) on "
         f"{budget.eval_images} held-out latents (seeds {budget.eval_seed}…), images in [0, 1]; ± is half the "
@@ -333,7 +360,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Budget, 
     parser.add_argument("--settings", nargs="+", help="only these settings, by name (default: all)")
     parser.add_argument("--steps", type=int, help="optimizer steps of every setting")
     parser.add_argument("--batch", type=int, help="latents per step")
-    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the `default` preset's)")
     parser.add_argument("--checkpoint-every", type=int, help="steps between the measured checkpoints")
     parser.add_argument("--seeds", type=int, help="seeds per setting (0, 1, ...)")
     parser.add_argument("--eval-images", type=int, help="held-out latents")
@@ -346,7 +373,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Budget, 
     budget = dataclasses.replace(base, **{key: value for key, value in (
         ("steps", args.steps), ("batch", args.batch), ("lr", args.lr), ("checkpoint_every", args.checkpoint_every),
         ("seeds", args.seeds), ("eval_images", args.eval_images)) if value is not None})
-    if min(budget.steps, budget.batch, budget.checkpoint_every, budget.seeds, budget.eval_images) < 1 or budget.lr <= 0:
+    if min(budget.steps, budget.batch, budget.checkpoint_every, budget.seeds, budget.eval_images) < 1 or (budget.lr is not None and budget.lr <= 0):
         parser.error(f"steps, batch, checkpoint-every, seeds and eval-images must be ≥ 1 and lr > 0, got {budget}")
     lpips = lpips_available()
     settings = all_settings(lpips)
@@ -382,8 +409,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for seed in range(budget.seeds):
             result = measure(setting, budget, seed, args.out, latents, reference)
             results.append(result)
-            line = (f"[{index + 1}/{len(settings)}] {setting.name} seed {seed}: PSNR {result['curve'][-1]['psnr']:.2f} dB "
-                    f"after {result['curve'][-1]['step']} steps ({result['s_per_step']:.2f} s/step); "
+            outcome = (result["diverged"] if result["diverged"] else
+                       f"PSNR {result['curve'][-1]['psnr']:.2f} dB after {result['curve'][-1]['step']} steps "
+                       f"({result['s_per_step']:.2f} s/step)")
+            line = (f"[{index + 1}/{len(settings)}] {setting.name} seed {seed}: {outcome}; "
                     f"{(time.perf_counter() - started) / 60:.1f} min so far")
             print(line, flush=True)
             with log.open("a", encoding="utf-8") as stream:

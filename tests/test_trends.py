@@ -49,3 +49,16 @@ def test_settings_change_one_thing_from_the_baseline():
         assert config.train.steps == trends.QUICK.steps and config.train.batch == trends.QUICK.batch
     # Every row of the axes' panels names a setting of the study.
     assert {name for rows in trends.AXES.values() for name in rows} <= set(names)
+
+
+def test_a_diverged_seed_is_reported_not_averaged():
+    trends = _trends_module()
+    curve = [{"step": 0, "rmse": 0.5, "psnr": 6.0}, {"step": 2, "rmse": 0.2, "psnr": 14.0}]
+    results = [{"setting": "jvp", "axis": "derivative", "seed": 0, "s_per_step": 0.5, "diverged": None, "curve": curve},
+               {"setting": "jvp", "axis": "derivative", "seed": 1, "s_per_step": None,
+                "diverged": "non-finite loss (nan) at step 1", "curve": curve[:1]},
+               {"setting": "L1", "axis": "distance", "seed": 0, "s_per_step": None,
+                "diverged": "non-finite loss (nan) at step 1", "curve": curve[:1]}]
+    rows = trends.table(results).splitlines()
+    assert rows[2] == "| jvp | derivative | 14.00 (1 of 2 seeds diverged: non-finite loss) | 0.2000 | 1 | 0.50 |"
+    assert rows[3] == "| L1 | distance | diverged in all 1 seeds (non-finite loss) | — | 0 | — |"
