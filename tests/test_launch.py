@@ -15,7 +15,7 @@ from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.cli import fetch_weights
 from pid_diffusion.cli.errors import USAGE_STATUS
 from pid_diffusion.config import field_docs, leaf_fields
-from pid_diffusion.distill import DistillConfig
+from pid_diffusion.distill import DistillConfig, resolve
 from pid_diffusion.teacher import load_teacher
 
 from test_dist_mpi import REPO, mpirun, needs_mpirun
@@ -23,6 +23,7 @@ from test_teacher import _release, _write_edm_pickle
 from test_train import subprocess_env
 
 BASE = ["--preset=default", "--run.log_every=1", "--run.image_every=0"]
+DEFAULT_BATCH = resolve("default").train.batch
 BUNDLED = [*BASE, "--train.steps=2"]
 
 
@@ -30,7 +31,8 @@ BUNDLED = [*BASE, "--train.steps=2"]
 def test_dry_run_under_mpirun_checks_the_batch_split_and_the_run_folder(tmp_path):
     good = mpirun(2, "-m", "pid_diffusion.cli.distill", *BUNDLED, f"--run.dir={tmp_path}", "--dry-run")
     assert good.returncode == 0, good.stderr
-    assert "2 rank(s): global batch 32 = 2 × 16 per rank, 1 micro-batch(es) of 16" in good.stderr
+    half = DEFAULT_BATCH // 2
+    assert f"2 rank(s): global batch {DEFAULT_BATCH} = 2 × {half} per rank, 1 micro-batch(es) of {half}" in good.stderr
     assert f"run folder {tmp_path}: would start at step 0" in good.stderr
     assert not any(tmp_path.iterdir())  # A dry-run writes nothing.
 
@@ -69,7 +71,9 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
     for key, section, field in leaf_fields(DistillConfig):
         assert f"--{key}=" in text, key
         assert field_docs(section)[field.name] in text, key
-    assert "--train.lr=0.0002\n      Learning rate after warm-up (peak, with a decay). [default preset: 0.001]" in text
+    default_lr = resolve("default").train.lr
+    assert ("--train.lr=0.0002\n      Learning rate after warm-up (peak, with a decay). "
+            f"[default preset: {default_lr}]") in text
     assert "--train.micro_batch=none" in text and "[resume: may change (same maths, other rounding)]" in text
 
 
@@ -121,4 +125,4 @@ def test_a_batch_job_logs_plain_lines_into_log_txt(tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert "\r" not in job.stdout + job.stderr + log  # No progress bar: stdout is a pipe.
     assert "step 1/2 (50.0%)  loss" in job.stdout and "step 2/2 (100.0%)" in log
-    assert "1 rank(s): global batch 32" in log and "Training PIDStudent" in log
+    assert f"1 rank(s): global batch {DEFAULT_BATCH}" in log and "Training PIDStudent" in log
