@@ -17,7 +17,7 @@ It writes `<out>/trends.json` (every measurement), the figures `psnr-vs-n.png` a
 a Markdown page with the table (mean ± spread over seeds), the figures and the command. On `--page`, the
 generated part sits between two marker lines; text outside them (the reading of the claims) is kept.
 
-    python benchmarks/trends.py                       # the study of docs/trends.md (~25 min on one idle core)
+    python benchmarks/trends.py                       # the study of docs/trends.md (about 2 hours of one core)
     python benchmarks/trends.py --quick               # reduced: 1 seed, fewer steps, page in runs/trends-quick/
     python benchmarks/trends.py --settings baseline --seeds 1 --steps 2 --batch 2 --eval-images 2
 
