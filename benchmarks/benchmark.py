@@ -38,15 +38,15 @@ from torch import nn
 
 import _measure
 import _standins
-from pid_diffusion import fileio
+from pid_diffusion.utils import fileio
 from pid_diffusion.config import Precision
 from pid_diffusion.distill import DistillConfig, resolve
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.inception import Detector
 from pid_diffusion.loss import Derivative, PIDObjective
 from pid_diffusion.metrics import PiqLPIPS, VGGLPIPS, upsample_for_lpips
-from pid_diffusion.networks import EDM_PRESETS, EDMPrecond
-from pid_diffusion.perf import (disable_activation_checkpointing, enable_activation_checkpointing,
+from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond
+from pid_diffusion.utils.perf import (disable_activation_checkpointing, enable_activation_checkpointing,
                                 enable_lpips_checkpointing, retain_freed_cpu_memory)
 from pid_diffusion.images import to_uint8
 from pid_diffusion.samplers import OneStepSampler

@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pid_diffusion import checkpoint, dist, distill  # noqa: E402
-from pid_diffusion.networks import EDM_PRESETS, EDMPrecond  # noqa: E402
+from pid_diffusion import checkpoint, distill
+from pid_diffusion.utils import dist
+from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond  # noqa: E402
 from pid_diffusion.student import PIDStudent  # noqa: E402
 from pid_diffusion.train import EMA, build_optimizer  # noqa: E402
 

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _measure import describe_machine, interleaved  # noqa: E402
 
-from pid_diffusion import fileio, perf  # noqa: E402
+from pid_diffusion.utils import fileio, perf
 from pid_diffusion.config import PIDConfig, resolve  # noqa: E402
 from pid_diffusion.grid import KarrasGrid  # noqa: E402
 from pid_diffusion.loss import PIDObjective  # noqa: E402
@@ -64,7 +64,7 @@ def _status_kib(field: str) -> int:
 
 def _training_state() -> dict:
     """The dictionary `checkpoint.save` writes at the `cifar10` preset, with random weights."""
-    from pid_diffusion.networks import EDM_PRESETS, EDMPrecond
+    from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond
 
     train = resolve("cifar10").train
     model = EDMPrecond(**EDM_PRESETS[CIFAR10_NETWORK])

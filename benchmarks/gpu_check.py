@@ -37,7 +37,7 @@ from pid_diffusion.generate import generate  # noqa: E402
 from pid_diffusion.grid import KarrasGrid  # noqa: E402
 from pid_diffusion.loss import PIDObjective  # noqa: E402
 from pid_diffusion.metrics import Metric  # noqa: E402
-from pid_diffusion.networks import EDM_PRESETS, EDMPrecond  # noqa: E402
+from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond  # noqa: E402
 from pid_diffusion.student import PIDStudent  # noqa: E402
 
 ARCHITECTURES = {"cifar10": "edm-cifar10-32x32-uncond-vp", "imagenet64": "edm-imagenet-64x64-cond-adm"}

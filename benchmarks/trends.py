@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from pid_diffusion import checkpoint, fileio, hub
+from pid_diffusion import checkpoint
+from pid_diffusion.utils import fileio, hub
 from pid_diffusion.config import LRDecay, diff, from_dict
 from pid_diffusion.demo import agreement, evaluation_latents
 from pid_diffusion.distill import DistillConfig, build, resolve

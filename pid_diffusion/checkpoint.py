@@ -42,7 +42,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from pid_diffusion import dist, fileio
+from pid_diffusion.utils import dist, fileio
 from pid_diffusion.config import (ConfigError, OnResume, TrainingConfig, flatten, from_dict, resume_classes,
                                   to_dict)
 
@@ -78,7 +78,7 @@ __all__ = [
 # Classes a checkpoint can rebuild, as "module:attribute", imported only when needed (no import cycles).
 MODEL_CLASSES: dict[str, str] = {
     "PIDStudent": "pid_diffusion.student:PIDStudent",
-    "EDMPrecond": "pid_diffusion.networks:EDMPrecond",
+    "EDMPrecond": "pid_diffusion.networks.edm:EDMPrecond",
 }
 
 _TRAINING_STATE = re.compile(r"^checkpoint-(\d{8})\.pt$")

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from pid_diffusion import preemption
+from pid_diffusion.utils import preemption
 
 __all__ = ["ConfigError", "LRDecay", "OnResume", "OptimizerKind", "Precision", "RunConfig", "TrainConfig",
            "TrainingConfig", "apply_overrides", "check", "diff", "field_docs", "flatten", "from_dict", "leaf_fields",

@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from pid_diffusion import fileio
+from pid_diffusion.utils import fileio
 from pid_diffusion.config import ConfigError, apply_overrides
 
 __all__ = ["PRESETS_DIR", "load", "preset_file", "preset_names", "read_config_file"]

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, dist, evaluation, fileio, hub, inception
+from pid_diffusion import checkpoint, evaluation, inception
+from pid_diffusion.utils import dist, fileio, hub
 from pid_diffusion.distill import DistillConfig, build, fingerprints
 from pid_diffusion.fid import load_reference, save_reference
 from pid_diffusion.images import labelled_rows_png

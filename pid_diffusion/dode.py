@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from pid_diffusion import fileio
+from pid_diffusion.utils import fileio
 from pid_diffusion.samplers import Denoiser, HeunSampler, edm_sigmas, euler, heun
 
 __all__ = [

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, dist, fileio, samplers
+from pid_diffusion import checkpoint, samplers
+from pid_diffusion.utils import dist, fileio
 from pid_diffusion.fid import compute_statistics, fid_from_stats
 from pid_diffusion.generate import generate
 from pid_diffusion.image_sources import ImageSource

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from pid_diffusion import dist, fileio
+from pid_diffusion.utils import dist, fileio
 from pid_diffusion.images import write_npz
 from pid_diffusion.inception import FEATURE_DIM, NUM_CLASSES, Detector
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pid_diffusion import dist, samplers
+from pid_diffusion import samplers
+from pid_diffusion.utils import dist
 from pid_diffusion.images import to_uint8
 from pid_diffusion.student import PIDStudent
 

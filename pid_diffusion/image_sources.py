@@ -15,7 +15,7 @@ import blobfile as bf
 import numpy as np
 import PIL.Image
 
-from pid_diffusion import fileio
+from pid_diffusion.utils import fileio
 
 __all__ = ["FolderImages", "ImageSource", "NpzImages", "ZipImages", "edm_subset", "open_images"]
 

@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from pid_diffusion import fileio
+from pid_diffusion.utils import fileio
 
 __all__ = ["grid", "labelled_rows_png", "png_bytes", "to_uint8", "write_grid", "write_npz", "write_png"]
 

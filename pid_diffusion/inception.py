@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from pid_diffusion import fileio, hub
+from pid_diffusion.utils import fileio, hub
 
 __all__ = ["DETECTOR", "DETECTOR_FILENAME", "DETECTOR_URL", "FEATURE_DIM", "NUM_CLASSES", "Detector", "load_detector"]
 

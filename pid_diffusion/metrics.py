@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pid_diffusion import hub
+from pid_diffusion.utils import hub
 
 __all__ = ["Distance", "L1", "L2", "Metric", "PiqLPIPS", "PseudoHuber", "VGGLPIPS", "upsample_for_lpips"]
 

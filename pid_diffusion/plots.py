@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # Files only: no display, the same output on every machin
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
-from pid_diffusion import fileio  # noqa: E402
+from pid_diffusion.utils import fileio
 from pid_diffusion.evaluation import TRAINED_WEIGHTS, Result  # noqa: E402
 
 __all__ = ["FID_PLOT", "TRAINING_PLOT", "plot_fid", "plot_training", "read_metrics"]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pid_diffusion.grid import check_noise_range
-from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.networks.edm import EDMPrecond
 
 _AUGMENT_MAPPING = "map_augment."  # The raw network's augment-label layer (EDM's key names).
 

@@ -20,10 +20,10 @@ import blobfile as bf
 import numpy as np
 import torch
 
-from pid_diffusion import fileio
-from pid_diffusion import networks
+from pid_diffusion.utils import fileio
+from pid_diffusion.networks import edm
 from pid_diffusion.edm_pickle import EDMPickleError, PickledModule, load_edm_pickle, state_dict_of
-from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.networks.edm import EDMPrecond
 
 __all__ = [
     "EDM_RELEASE_URL", "CheckpointFormat", "TeacherCheckpoint", "TeacherCheckpointError",
@@ -76,17 +76,17 @@ def require_teacher_file(path: str) -> None:
     if not bf.exists(path):
         raise FileNotFoundError(
             f"teacher checkpoint {path} not found. EDM's pretrained networks are at {EDM_RELEASE_URL}<name>.pkl "
-            f"(<name> one of {', '.join(networks.EDM_PRESETS)}); download one and pass the .pkl directly, or "
+            f"(<name> one of {', '.join(edm.EDM_PRESETS)}); download one and pass the .pkl directly, or "
             "convert it once with `pid-convert-edm SRC.pkl DST.pt` (see docs/teacher_checkpoints.md); "
             "`pid-fetch-weights` with the run's options does both for a release name")
 
 
 def _preset_kwargs(preset: str) -> dict[str, Any]:
     try:
-        return dict(networks.EDM_PRESETS[preset])
+        return dict(edm.EDM_PRESETS[preset])
     except KeyError:
         raise TeacherCheckpointError(
-            f"unknown preset {preset!r}; choose one of {', '.join(networks.EDM_PRESETS)}") from None
+            f"unknown preset {preset!r}; choose one of {', '.join(edm.EDM_PRESETS)}") from None
 
 
 def _plain(value: Any, name: str) -> Any:
@@ -158,7 +158,7 @@ def _from_torch_file(data: Any, path: str, preset: str | None) -> TeacherCheckpo
         if preset is None:
             raise TeacherCheckpointError(
                 f"{path} is a plain state dict, which does not record its architecture; name it with a preset "
-                f"(--preset / preset=), one of {', '.join(networks.EDM_PRESETS)}")
+                f"(--preset / preset=), one of {', '.join(edm.EDM_PRESETS)}")
         return _from_official_pid(data, preset, path)
     found = sorted(map(str, data))[:_MAX_LISTED_KEYS] if isinstance(data, dict) else type(data).__name__
     raise TeacherCheckpointError(f"{path}: neither a teacher checkpoint (network_kwargs, state_dict) nor a plain "

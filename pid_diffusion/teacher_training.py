@@ -15,10 +15,11 @@ from collections.abc import Mapping
 
 import torch
 
-from pid_diffusion import checkpoint, config_files, fileio
+from pid_diffusion import checkpoint, config_files
+from pid_diffusion.utils import fileio
 from pid_diffusion.config import TrainingConfig, check
 from pid_diffusion.edm_loss import EDMObjective
-from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.teacher import CheckpointFormat, TeacherCheckpoint
 from pid_diffusion.toydata import ShapesSpec, make_shapes
 

@@ -42,7 +42,8 @@ import tqdm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pid_diffusion import checkpoint, dist, fileio, images, perf, preemption
+from pid_diffusion import checkpoint, images
+from pid_diffusion.utils import dist, fileio, perf, preemption
 from pid_diffusion.config import (ConfigError, OnResume, OptimizerKind, RunConfig, TrainConfig, TrainingConfig,
                                   from_dict, to_json)
 

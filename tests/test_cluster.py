@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, dist, fileio, preemption
+from pid_diffusion import checkpoint
+from pid_diffusion.utils import dist, fileio, preemption
 from pid_diffusion.config import ConfigError, RunConfig
 from pid_diffusion.train import NOISE_CHUNK, _rank_share
 

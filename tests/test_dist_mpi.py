@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, dist, fileio
+from pid_diffusion import checkpoint
+from pid_diffusion.utils import dist, fileio
 from pid_diffusion.cli import distill
-from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.student import PIDStudent
 
 import toy_training
@@ -44,7 +45,7 @@ def test_launcher_is_read_from_the_environment(monkeypatch):
 # float64's exact integers: sums must be exact, and gathers must cut each rank's padding off again.
 COLLECTIVES = """
 import torch
-from pid_diffusion import dist
+from pid_diffusion.utils import dist
 
 dist.init()
 r = dist.rank()

@@ -27,7 +27,8 @@ import PIL.Image
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, hub
+from pid_diffusion import checkpoint
+from pid_diffusion.utils import hub
 from pid_diffusion.config import to_json
 from pid_diffusion.dode import Solver, fit_dode
 from pid_diffusion.fid import save_reference

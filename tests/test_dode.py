@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pid_diffusion import fileio
+from pid_diffusion.utils import fileio
 from pid_diffusion.analytic import GaussianTeacher
 from pid_diffusion.cli import fit_dode as fit_dode_cli
 from pid_diffusion.dode import DODEDenoiser, DODEFit, DODESampler, Solver, fit_batch, fit_dode
-from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.samplers import EulerSampler, HeunSampler, edm_sigmas
 from pid_diffusion.teacher import load_teacher
 

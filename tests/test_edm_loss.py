@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pid_diffusion.edm_loss import EDMObjective
-from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.toydata import ShapesSpec, make_shapes
 
 EDM = dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)  # EDM's training defaults (Karras et al. 2022, Table 1)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pid_diffusion import dist, fileio
+from pid_diffusion.utils import dist, fileio
 from pid_diffusion import evaluation, image_sources
 from pid_diffusion.cli import fid as fid_cli
 from pid_diffusion.cli import fid_ref, sample
@@ -93,11 +93,27 @@ def _single_process_group():
 # ----------------------------------------------------------------------------------------------------------
 # Against EDM.
 
+def sqrtm_trace_tolerance(product: np.ndarray) -> float:
+    """How far two correct float64 evaluations of FID's −2 tr(sqrtm(Σ Σ_ref)) may differ (scipy versions differ).
+
+    sqrtm is backward stable: it returns the exact root of Σ Σ_ref + E with ‖E‖ ≈ u‖Σ Σ_ref‖ (u: float64's unit
+    roundoff). A well-separated eigenvalue λ moves by about ‖E‖ / (2√λ), which is far below u·FID for these
+    cases; a zero eigenvalue moves by up to √‖E‖, the root's square-root sensitivity at 0. So each of the
+    (d − rank) null directions may add √(u‖Σ Σ_ref‖) to the trace, counted twice by the formula's −2, and a
+    full-rank product keeps a relative tolerance (rel=1e-10 below, 10⁶ u).
+    """
+    null_dims = product.shape[0] - np.linalg.matrix_rank(product)
+    return 2 * null_dims * float(np.sqrt(np.finfo(np.float64).eps * np.linalg.norm(product, 2)))
+
+
 @pytest.mark.parametrize("case", ["full_rank_d64", "rank_deficient_d64"])
 def test_fid_formula_matches_edm(fid_fixture, case):
     c = {key: value.numpy() if torch.is_tensor(value) else value
          for key, value in fid_fixture["formula_cases"][case].items()}
-    assert fid_from_stats(c["mu"], c["sigma"], c["mu_ref"], c["sigma_ref"]) == pytest.approx(c["fid"], rel=1e-10)
+    tolerance = sqrtm_trace_tolerance(c["sigma"] @ c["sigma_ref"])
+    assert (tolerance == 0) == (case == "full_rank_d64")  # the rank-deficient case exercises the null directions
+    expected = pytest.approx(c["fid"], rel=1e-10, abs=tolerance)
+    assert fid_from_stats(c["mu"], c["sigma"], c["mu_ref"], c["sigma_ref"]) == expected
 
 
 @pytest.mark.parametrize("processes", [1, pytest.param(2, marks=needs_mpirun)])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pid_diffusion import fileio
+from pid_diffusion.utils import fileio
 
 
 def test_torch_round_trip(tmp_path):

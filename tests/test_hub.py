@@ -6,7 +6,7 @@ import urllib.error
 import pytest
 import torch
 
-from pid_diffusion import hub
+from pid_diffusion.utils import hub
 
 
 @pytest.fixture

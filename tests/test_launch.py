@@ -10,7 +10,8 @@ import urllib.error
 import pytest
 import torch
 
-from pid_diffusion import hub, inception
+from pid_diffusion import inception
+from pid_diffusion.utils import hub
 from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.cli import fetch_weights
 from pid_diffusion.cli.errors import USAGE_STATUS

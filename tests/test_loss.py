@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from pid_diffusion import dist
+from pid_diffusion.utils import dist
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, pid_residual
 from pid_diffusion.metrics import L2
-from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.student import PIDStudent
 
 T, EPS, RHO = 80.0, 0.002, 7.0  # PID's grid (docs/method.md §3)

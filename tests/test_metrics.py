@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision
 
-from pid_diffusion import hub
+from pid_diffusion.utils import hub
 from pid_diffusion.metrics import L1, L2, Metric, PiqLPIPS, PseudoHuber, VGGLPIPS, upsample_for_lpips
 
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # VGG16 relu1_2 … relu5_3

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pid_diffusion.networks import (
+from pid_diffusion.networks.edm import (
     EDM_PRESETS, Conv2d, DhariwalUNet, EDMPrecond, Init, PositionalEmbedding, SongUNet, UNetBlock,
 )
 

@@ -9,13 +9,14 @@ import pytest
 import torch
 import torchvision
 
-from pid_diffusion import distill, hub
+from pid_diffusion import distill
+from pid_diffusion.utils import hub
 from pid_diffusion.distill import resolve
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, pid_residual
 from pid_diffusion.metrics import L2, PiqLPIPS, VGGLPIPS
-from pid_diffusion.networks import EDMPrecond, UNetBlock
-from pid_diffusion.perf import (ActivationCheckpointingError, CheckpointedSequential, CheckpointedUNetBlock,
+from pid_diffusion.networks.edm import EDMPrecond, UNetBlock
+from pid_diffusion.utils.perf import (ActivationCheckpointingError, CheckpointedSequential, CheckpointedUNetBlock,
                                 disable_activation_checkpointing, enable_activation_checkpointing,
                                 enable_lpips_checkpointing)
 from pid_diffusion.student import PIDStudent

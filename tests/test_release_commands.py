@@ -25,9 +25,10 @@ import PIL.Image
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, fileio
+from pid_diffusion import checkpoint
+from pid_diffusion.utils import fileio
 from pid_diffusion.fid import save_reference
-from pid_diffusion.networks import EDM_PRESETS
+from pid_diffusion.networks.edm import EDM_PRESETS
 
 from launch import MPIRUN
 from test_fid import SMALL_FEATURE_DIM, write_detector

@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, fileio
+from pid_diffusion import checkpoint
+from pid_diffusion.utils import fileio
 from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.config import ConfigError, OnResume, flatten, leaf_fields, on_resume
 from pid_diffusion.train import HISTORY_FILE

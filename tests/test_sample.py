@@ -13,11 +13,12 @@ import PIL.Image
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, dist, fileio, samplers
+from pid_diffusion import checkpoint, samplers
+from pid_diffusion.utils import dist, fileio
 from pid_diffusion import images as images_module
 from pid_diffusion.cli import options, sample
 from pid_diffusion.generate import SamplerKind, make_sampler
-from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.student import PIDStudent
 
 import launch

@@ -7,7 +7,7 @@ import torch
 
 from pid_diffusion.analytic import GaussianTeacher
 from pid_diffusion.grid import KarrasGrid
-from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.images import to_uint8
 from pid_diffusion.samplers import EulerSampler, HeunSampler, OneStepSampler, edm_sigmas, euler, heun
 from pid_diffusion.student import PIDStudent

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.student import PIDStudent, StudentInit
 
 T, EPS = 80.0, 0.002  # PID's σ range (docs/method.md §3)

@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch import nn
 
-from pid_diffusion import networks
+from pid_diffusion.networks import edm
 from pid_diffusion.cli.convert_edm import main as convert_main
 from pid_diffusion.edm_pickle import load_edm_pickle, state_dict_of
-from pid_diffusion.networks import EDMPrecond, UNetBlock
+from pid_diffusion.networks.edm import EDMPrecond, UNetBlock
 from pid_diffusion.teacher import (
     EDM_RELEASE_URL, CheckpointFormat, TeacherCheckpointError, convert_edm, load_teacher, read_teacher_checkpoint,
 )
@@ -139,7 +139,7 @@ def release_pkl(tmp_path, edm_fixtures_dir):
 def tiny_preset(monkeypatch, edm_fixtures_dir):
     """Register the fixture architecture as a preset, with the release's dropout like the real presets."""
     _, kwargs, _ = _reference(edm_fixtures_dir, "ref_song_cond.pt")
-    monkeypatch.setitem(networks.EDM_PRESETS, TINY_PRESET, kwargs)
+    monkeypatch.setitem(edm.EDM_PRESETS, TINY_PRESET, kwargs)
     return TINY_PRESET
 
 
@@ -295,7 +295,7 @@ def test_official_pid_state_dict_with_preset(zipped, tiny_preset, tmp_path, edm_
     assert convert_main([str(src), str(dst), "--preset", tiny_preset]) == 0
     converted = read_teacher_checkpoint(dst)
     assert converted.source_format is CheckpointFormat.CONVERTED
-    assert converted.network_kwargs == networks.EDM_PRESETS[tiny_preset]
+    assert converted.network_kwargs == edm.EDM_PRESETS[tiny_preset]
     assert torch.equal(_denoise(load_teacher(dst), ref), _denoise(teacher, ref))
 
 

@@ -15,15 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pid_diffusion import checkpoint, fileio
+from pid_diffusion import checkpoint
+from pid_diffusion.utils import fileio
 from pid_diffusion import train as train_module
 from pid_diffusion.config import ConfigError, LRDecay, RunConfig, TrainConfig
 from pid_diffusion.distill import DistillConfig
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import PIDObjective
 from pid_diffusion.metrics import L2
-from pid_diffusion.networks import EDMPrecond
-from pid_diffusion.perf import CheckpointedUNetBlock
+from pid_diffusion.networks.edm import EDMPrecond
+from pid_diffusion.utils.perf import CheckpointedUNetBlock
 from pid_diffusion.student import PIDStudent, StudentInit
 from pid_diffusion.train import NonFiniteLossError, batch_plan, lr_at, training_loop
 

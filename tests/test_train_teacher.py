@@ -4,7 +4,7 @@ import PIL.Image
 import torch
 
 from pid_diffusion.cli import train_teacher
-from pid_diffusion.networks import EDMPrecond
+from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.teacher import load_teacher
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from pid_diffusion import networks
+from pid_diffusion.networks import edm
 from pid_diffusion.cli import errors
 from pid_diffusion.teacher import convert_edm
 
@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("src", help="EDM .pkl (release file or network snapshot) or a plain state-dict .pt; "
                                     "local path or gs:// / az:// URL")
     parser.add_argument("dst", help="teacher checkpoint to write (.pt), written atomically")
-    parser.add_argument("--preset", choices=list(networks.EDM_PRESETS),
+    parser.add_argument("--preset", choices=list(edm.EDM_PRESETS),
                         help="architecture of a plain state dict, which does not record it (not for .pkl files)")
     return parser
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from pid_diffusion import dist, logs
+from pid_diffusion.utils import dist, logs
 from pid_diffusion.cli import errors, options
 from pid_diffusion.demo import DemoOptions, run_demo
 from pid_diffusion.distill import TASK, DistillConfig

@@ -22,7 +22,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pid_diffusion import dist, logs
+from pid_diffusion.utils import dist, logs
 from pid_diffusion.cli import errors, options
 from pid_diffusion.distill import TASK, DistillConfig, build, check_files, fingerprints
 from pid_diffusion.samplers import OneStepSampler

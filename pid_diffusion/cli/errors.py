@@ -25,10 +25,10 @@ import sys
 import time
 from collections.abc import Iterator
 
-from pid_diffusion import dist
+from pid_diffusion.utils import dist
 from pid_diffusion.config import ConfigError
 from pid_diffusion.edm_pickle import EDMPickleError
-from pid_diffusion.hub import MissingWeightsError
+from pid_diffusion.utils.hub import MissingWeightsError
 from pid_diffusion.teacher import TeacherCheckpointError
 
 __all__ = ["DEBUG_VARIABLE", "USAGE_STATUS", "USER_ERRORS", "UserError", "reported"]

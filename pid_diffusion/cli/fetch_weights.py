@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from pid_diffusion import fileio, hub, inception
+from pid_diffusion import inception
+from pid_diffusion.utils import fileio, hub
 from pid_diffusion.cli import errors, options
 from pid_diffusion.distill import TASK, DistillConfig, teacher_release, weight_files
 from pid_diffusion.teacher import convert_edm

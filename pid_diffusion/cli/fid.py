@@ -21,7 +21,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-from pid_diffusion import checkpoint, dist, evaluation, fileio, plots
+from pid_diffusion import checkpoint, evaluation, plots
+from pid_diffusion.utils import dist, fileio
 from pid_diffusion.cli import errors, options
 from pid_diffusion.fid import load_reference
 from pid_diffusion.image_sources import open_images

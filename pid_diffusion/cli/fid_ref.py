@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pid_diffusion import dist
+from pid_diffusion.utils import dist
 from pid_diffusion.cli import errors, options
 from pid_diffusion.evaluation import reference_statistics
 from pid_diffusion.fid import fid_from_stats, load_reference, save_reference

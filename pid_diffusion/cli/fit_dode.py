@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pid_diffusion import dist
+from pid_diffusion.utils import dist
 from pid_diffusion.cli import errors
 from pid_diffusion.dode import Solver, fit_dode
 from pid_diffusion.samplers import HeunSampler

@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, config_files, dist, samplers
+from pid_diffusion import checkpoint, config_files, samplers
+from pid_diffusion.utils import dist
 from pid_diffusion.cli.errors import UserError
 from pid_diffusion.config import (ConfigError, OnResume, field_docs, flatten, leaf_fields, on_resume,
                                   parse_overrides, to_dict, to_json)

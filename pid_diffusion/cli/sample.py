@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pid_diffusion import dist, fileio, images as image_io
+from pid_diffusion import images as image_io
+from pid_diffusion.utils import dist, fileio
 from pid_diffusion.cli import errors, options
 from pid_diffusion.generate import Batch, gather_rows, generate
 

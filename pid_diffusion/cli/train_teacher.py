@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from pid_diffusion import dist, images, logs
+from pid_diffusion import images
+from pid_diffusion.utils import dist, logs
 from pid_diffusion.cli import errors, options
 from pid_diffusion.samplers import HeunSampler
 from pid_diffusion.teacher_training import TASK, TeacherTrainingConfig, build, export_teacher, grid_path

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pid_diffusion.metrics import PiqLPIPS, VGGLPIPS
-from pid_diffusion.networks import DhariwalUNet, SongUNet, UNetBlock
+from pid_diffusion.networks.edm import DhariwalUNet, SongUNet, UNetBlock
 
 __all__ = ["ActivationCheckpointingError", "CheckpointedSequential", "CheckpointedUNetBlock",
            "disable_activation_checkpointing", "enable_activation_checkpointing", "enable_lpips_checkpointing",

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Iterator
 from typing import TextIO
 
-from pid_diffusion import dist, fileio
+from pid_diffusion.utils import dist, fileio
 
 __all__ = ["LOG_FILE", "tee_output"]
 

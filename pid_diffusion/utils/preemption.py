@@ -17,7 +17,7 @@ import signal
 import threading
 from types import FrameType
 
-from pid_diffusion import dist
+from pid_diffusion.utils import dist
 
 __all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "SignalFlag", "check_signal_names"]
 
