@@ -1,4 +1,5 @@
-"""Safe reading of NVlabs/edm `.pkl` checkpoints: no code from the file runs, and EDM is not needed.
+"""Safe reading of NVlabs/edm and NVlabs/edm2 `.pkl` checkpoints: no code from the file runs, and neither
+EDM nor EDM2 is needed.
 
 EDM pickles each of its classes as a call `torch_utils.persistence._reconstruct_persistent_obj(meta)` with
 `meta = {type: 'class', version, module_src, class_name, state}`; EDM's own loader *executes* `module_src`
@@ -6,6 +7,10 @@ EDM pickles each of its classes as a call `torch_utils.persistence._reconstruct_
 `PickledModule`, a plain record of the class name and the object's `__dict__`, maps torch's module
 containers to record stand-ins, allows the globals that rebuild tensors, and refuses every other global.
 `state_dict_of` then walks the records into the flat `state_dict` torch would give for the live network.
+
+EDM2 writes the same persistence records, inside a `dnnlib.util.EasyDict` (read as `EasyDictRecord`, a plain
+dict), and its latent encoder's constants as NumPy arrays (rebuilt by `_reconstruct_ndarray`, numeric dtypes
+only).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ try:  # The module that holds NumPy's scalar constructor moved in NumPy 2; pickl
 except ImportError:
     from numpy.core.multiarray import scalar as _numpy_scalar
 
-__all__ = ["EDMPickleError", "PickledModule", "load_edm_pickle", "state_dict_of"]
+__all__ = ["EDMPickleError", "EasyDictRecord", "PickledModule", "load_edm_pickle", "state_dict_of"]
 
 
 class EDMPickleError(pickle.UnpicklingError):
@@ -95,6 +100,26 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> _ContainerRecord:
     return copyreg._reconstructor(cls, object, None)
 
 
+class EasyDictRecord(dict):
+    """`dnnlib.util.EasyDict` (EDM2's snapshot dict and its dataset_kwargs) as a plain dict."""
+
+
+def _numeric_dtype(*args: Any) -> np.dtype:
+    """`numpy.dtype(...)`, refusing object dtypes: an object array would carry arbitrary pickled objects."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise EDMPickleError(f"refusing NumPy dtype {dtype}: EDM's files hold numeric arrays only")
+    return dtype
+
+
+def _reconstruct_ndarray(cls: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """`numpy.core.multiarray._reconstruct` (how NumPy pickles an array), for plain `numpy.ndarray` only."""
+    if cls is not np.ndarray:
+        raise EDMPickleError(f"numpy _reconstruct({cls!r}, ...) is allowed for numpy.ndarray only: the file is not "
+                             "an EDM checkpoint or was modified")
+    return np.ndarray.__new__(np.ndarray, shape, _numeric_dtype(dtype))
+
+
 def _load_storage_from_bytes(data: bytes) -> torch.TypedStorage:
     """`torch.storage._load_from_bytes`, but the embedded `torch.save` payload is read with weights_only."""
     return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
@@ -106,7 +131,11 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _numeric_dtype,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_ndarray,  # files written under NumPy 1 ...
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_ndarray,  # ... and under NumPy 2
+    ("dnnlib.util", "EasyDict"): EasyDictRecord,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("copyreg", "_reconstructor"): _reconstructor,
@@ -129,8 +158,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[module, name]
         except KeyError:
             raise EDMPickleError(
-                f"refusing to load global {module}.{name}: EDM checkpoints never reference it, so the file is "
-                "not an EDM checkpoint or was modified") from None
+                f"refusing to load global {module}.{name}: EDM and EDM2 checkpoints never reference it, so the "
+                "file is not an EDM checkpoint or was modified") from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise EDMPickleError("the pickle uses persistent ids, which EDM checkpoints never do: the file is not "

@@ -1,7 +1,11 @@
-"""The frozen EDM teacher D_φ(x; σ): reading its checkpoint in any accepted format, converting, loading.
+"""The frozen teacher D_φ(x; σ): reading its checkpoint in any accepted format, converting, loading.
+
+Two families, told apart by the network class the file records: EDM's `EDMPrecond` (Karras et al. 2022) and
+EDM2's `Precond` (Karras et al. 2024; `networks/edm2.py`), whose files also describe the latent encoder the
+network was trained with (`TeacherCheckpoint.encoder`; `encoders.py`).
 
 Accepted formats (`CheckpointFormat`), told apart by content, not by file name:
-- EDM's own `.pkl` (a release file or a `network-snapshot-*.pkl`), read by `edm_pickle` without running code;
+- EDM's or EDM2's own `.pkl` (a release file or a network snapshot), read by `edm_pickle` without running code;
 - this project's teacher checkpoint written by `convert_edm` (`torch.load(weights_only=True)`-readable);
 - a plain state dict as the official PID code distributes its extracted teachers, plus an `EDM_PRESETS` name.
 """
@@ -21,7 +25,8 @@ import numpy as np
 import torch
 
 from pid_diffusion.utils import fileio
-from pid_diffusion.networks import edm
+from pid_diffusion import encoders
+from pid_diffusion.networks import edm, edm2
 from pid_diffusion.edm_pickle import EDMPickleError, PickledModule, load_edm_pickle, state_dict_of
 from pid_diffusion.networks.edm import EDMPrecond
 
@@ -33,7 +38,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EDM_RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
-TEACHER_CLASS = "EDMPrecond"  # PID distils EDM's denoiser wrapper; VP/VE/iDDPM baselines are other classes.
+TEACHER_CLASS = "EDMPrecond"  # EDM's denoiser wrapper; its VP/VE/iDDPM baselines are other classes.
+# The denoisers PID distils, by the class name their files record (EDM's and EDM2's persistence, converted files).
+NETWORK_CLASSES: dict[str, type[torch.nn.Module]] = {TEACHER_CLASS: EDMPrecond, "Precond": edm2.Precond}
 FORMAT_TAG = "pid-diffusion/edm-teacher"
 FORMAT_VERSION = 1
 
@@ -56,16 +63,20 @@ class CheckpointFormat(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class TeacherCheckpoint:
-    """What rebuilds the teacher: `EDMPrecond(**network_kwargs)` loads `state_dict` (EDM key names) strictly."""
+    """What rebuilds the teacher: `NETWORK_CLASSES[class_name](**network_kwargs)` loads `state_dict` (the
+    family's key names) strictly; `encoder` describes the latent encoder (`encoders.describe`; None: EDM's
+    pixels in [−1, 1])."""
     network_kwargs: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     source_format: CheckpointFormat
+    class_name: str = TEACHER_CLASS
+    encoder: dict[str, Any] | None = None
 
     def to_file_dict(self, source: str) -> dict[str, Any]:
         """The payload `convert_edm` writes: plain types and tensors only, so weights_only loading reads it."""
-        return dict(format=FORMAT_TAG, format_version=FORMAT_VERSION, class_name=TEACHER_CLASS,
+        return dict(format=FORMAT_TAG, format_version=FORMAT_VERSION, class_name=self.class_name,
                     network_kwargs=self.network_kwargs, state_dict=self.state_dict, source=source,
-                    source_format=self.source_format.name)
+                    source_format=self.source_format.name, encoder=self.encoder)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,7 +87,8 @@ def require_teacher_file(path: str) -> None:
     if not bf.exists(path):
         raise FileNotFoundError(
             f"teacher checkpoint {path} not found. EDM's pretrained networks are at {EDM_RELEASE_URL}<name>.pkl "
-            f"(<name> one of {', '.join(edm.EDM_PRESETS)}); download one and pass the .pkl directly, or "
+            f"(<name> one of {', '.join(edm.EDM_PRESETS)}) and EDM2's at {edm2.EDM2_RELEASE_URL}<name>.pkl; "
+            "download one and pass the .pkl directly, or "
             "convert it once with `pid-convert-edm SRC.pkl DST.pt` (see docs/teacher_checkpoints.md); "
             "`pid-fetch-weights` with the run's options does both for a release name")
 
@@ -104,14 +116,17 @@ def _plain(value: Any, name: str) -> Any:
 
 
 def _from_edm_snapshot(data: Any, path: str) -> TeacherCheckpoint:
-    """The `ema` network of EDM's `dict(ema, loss_fn, augment_pipe, dataset_kwargs)`."""
+    """The `ema` network of EDM's `dict(ema, loss_fn, augment_pipe, dataset_kwargs)` or of EDM2's
+    `EasyDict(ema, encoder, loss_fn, dataset_kwargs)` (with its encoder's description); EDM2 stores float16,
+    converted to float32 here."""
     if not (isinstance(data, dict) and "ema" in data):
         found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise TeacherCheckpointError(f"{path}: expected EDM's dict(ema=..., loss_fn=..., ...), found {found}")
     network = data["ema"]
-    if not isinstance(network, PickledModule) or network.class_name != TEACHER_CLASS:
+    if not isinstance(network, PickledModule) or network.class_name not in NETWORK_CLASSES:
         name = network.class_name if isinstance(network, PickledModule) else type(network).__name__
-        raise TeacherCheckpointError(f"{path}: the ema network is a {name}; PID distils {TEACHER_CLASS} teachers")
+        raise TeacherCheckpointError(f"{path}: the ema network is a {name}; PID distils "
+                                     f"{' and '.join(NETWORK_CLASSES)} teachers (EDM's and EDM2's)")
     if network.state.get("_init_args"):
         raise TeacherCheckpointError(f"{path}: the network was built with positional arguments; EDM passes "
                                      "keyword arguments only, so the file was modified")
@@ -119,7 +134,16 @@ def _from_edm_snapshot(data: Any, path: str) -> TeacherCheckpoint:
         state_dict = state_dict_of(network)
     except EDMPickleError as error:
         raise TeacherCheckpointError(f"{path}: {error}") from error
-    return TeacherCheckpoint(_plain(network.init_kwargs, "network_kwargs"), state_dict, CheckpointFormat.EDM_PICKLE)
+    if network.class_name == TEACHER_CLASS:
+        return TeacherCheckpoint(_plain(network.init_kwargs, "network_kwargs"), state_dict,
+                                 CheckpointFormat.EDM_PICKLE)
+    try:
+        encoder = encoders.describe(data.get("encoder"))
+    except ValueError as error:
+        raise TeacherCheckpointError(f"{path}: {error}") from error
+    state_dict = {key: value.float() if value.is_floating_point() else value for key, value in state_dict.items()}
+    return TeacherCheckpoint(_plain(network.init_kwargs, "network_kwargs"), state_dict, CheckpointFormat.EDM_PICKLE,
+                             class_name=network.class_name, encoder=encoder)
 
 
 def _from_official_pid(state_dict: dict[str, torch.Tensor], preset: str, path: str) -> TeacherCheckpoint:
@@ -152,8 +176,15 @@ def _from_torch_file(data: Any, path: str, preset: str | None) -> TeacherCheckpo
             raise TeacherCheckpointError(f"{path} records its own network_kwargs; drop the preset {preset!r}")
         if not _is_state_dict(data["state_dict"]):
             raise TeacherCheckpointError(f"{path}: state_dict is not a dict of named tensors")
+        class_name = data.get("class_name", TEACHER_CLASS)
+        if class_name not in NETWORK_CLASSES:
+            raise TeacherCheckpointError(f"{path}: network class {class_name!r} is not one of {list(NETWORK_CLASSES)}")
+        try:
+            encoder = encoders.check_description(data.get("encoder"))
+        except ValueError as error:
+            raise TeacherCheckpointError(f"{path}: {error}") from error
         return TeacherCheckpoint(_plain(data["network_kwargs"], "network_kwargs"), dict(data["state_dict"]),
-                                 CheckpointFormat.CONVERTED)
+                                 CheckpointFormat.CONVERTED, class_name=class_name, encoder=encoder)
     if _is_state_dict(data):
         if preset is None:
             raise TeacherCheckpointError(
@@ -200,12 +231,13 @@ def read_teacher_checkpoint(path: str | os.PathLike, preset: str | None = None) 
 # ----------------------------------------------------------------------------------------------------------
 # Checking against the architecture.
 
-def _build(network_kwargs: Mapping[str, Any], device: torch.device | str, path: str) -> EDMPrecond:
+def _build(network_kwargs: Mapping[str, Any], device: torch.device | str, path: str,
+           class_name: str = TEACHER_CLASS) -> torch.nn.Module:
     try:
         with torch.device(device):
-            return EDMPrecond(**network_kwargs)
+            return NETWORK_CLASSES[class_name](**network_kwargs)
     except (TypeError, ValueError) as error:
-        raise TeacherCheckpointError(f"{path}: EDMPrecond rejects the recorded network_kwargs "
+        raise TeacherCheckpointError(f"{path}: {class_name} rejects the recorded network_kwargs "
                                      f"{dict(network_kwargs)}: {error}") from error
 
 
@@ -213,9 +245,10 @@ def _shapes(network: torch.nn.Module) -> dict[str, torch.Size]:
     return {key: value.shape for key, value in network.state_dict().items()}
 
 
-def _expected_shapes(network_kwargs: Mapping[str, Any], path: str) -> dict[str, torch.Size]:
-    """state_dict shapes of `EDMPrecond(**network_kwargs)`, built on the meta device (no memory, no init)."""
-    return _shapes(_build(network_kwargs, "meta", path))
+def _expected_shapes(network_kwargs: Mapping[str, Any], path: str, class_name: str = TEACHER_CLASS
+                     ) -> dict[str, torch.Size]:
+    """state_dict shapes of the network, built on the meta device (no memory, no init)."""
+    return _shapes(_build(network_kwargs, "meta", path, class_name))
 
 
 def _listed(keys: list[str]) -> str:
@@ -223,7 +256,8 @@ def _listed(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else "")
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], path: str) -> None:
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], path: str,
+                     class_name: str = TEACHER_CLASS) -> None:
     """Raise one error listing every missing, unexpected and mis-shaped key, instead of torch's first failure."""
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
@@ -232,7 +266,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[s
     if missing or unexpected or misshaped:
         problems = [f"{label} ({len(keys)}): {_listed(keys)}" for label, keys in
                     (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise TeacherCheckpointError(f"{path} does not fit EDMPrecond(**network_kwargs): " + "; ".join(problems))
+        raise TeacherCheckpointError(f"{path} does not fit {class_name}(**network_kwargs): " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,16 +279,19 @@ def convert_edm(src: str | os.PathLike, dst: str | os.PathLike, preset: str | No
     """
     src, dst = str(src), str(dst)
     checkpoint = read_teacher_checkpoint(src, preset)
-    check_state_dict(checkpoint.state_dict, _expected_shapes(checkpoint.network_kwargs, src), src)
+    check_state_dict(checkpoint.state_dict,
+                     _expected_shapes(checkpoint.network_kwargs, src, checkpoint.class_name), src,
+                     checkpoint.class_name)
     fileio.atomic_torch_save(checkpoint.to_file_dict(source=src), dst)
     return checkpoint
 
 
 def load_teacher(path: str | os.PathLike, preset: str | None = None, dropout: float = 0.0,
-                 device: torch.device | str = "cpu") -> EDMPrecond:
-    """The frozen teacher D_φ: eval mode, no gradients, built with `dropout` (PID runs it at 0) on `device`.
+                 device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The frozen teacher D_φ (an `EDMPrecond` or EDM2's `Precond`): eval mode, no gradients, built with
+    `dropout` (PID runs it at 0) on `device`; `.encoder` holds its encoder's description (None for EDM's).
 
-    `path`: a converted checkpoint, an EDM `.pkl`, or a plain state dict with `preset`; local or blob URL.
+    `path`: a converted checkpoint, an EDM or EDM2 `.pkl`, or a plain state dict with `preset`; local or blob URL.
     """
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout={dropout} must lie in [0, 1)")
@@ -262,12 +299,13 @@ def load_teacher(path: str | os.PathLike, preset: str | None = None, dropout: fl
     checkpoint = read_teacher_checkpoint(path, preset)
     # Dropout is a constructor argument that EDM copies into every block, so override it before building.
     # Built on the meta device: every tensor then comes from the checkpoint, with no random initialisation.
-    network = _build({**checkpoint.network_kwargs, "dropout": dropout}, "meta", path)
-    check_state_dict(checkpoint.state_dict, _shapes(network), path)
+    network = _build({**checkpoint.network_kwargs, "dropout": dropout}, "meta", path, checkpoint.class_name)
+    check_state_dict(checkpoint.state_dict, _shapes(network), path, checkpoint.class_name)
     network.load_state_dict(checkpoint.state_dict, strict=True, assign=True)
     unfilled = [name for name, tensor in itertools.chain(network.named_parameters(), network.named_buffers())
                 if tensor.is_meta]
     if unfilled:  # State outside the state_dict (non-persistent buffers) would need the initialisation skipped.
-        raise RuntimeError(f"EDMPrecond holds tensors its state_dict does not save ({', '.join(unfilled)}); "
-                           "load_teacher cannot fill them from a checkpoint")
+        raise RuntimeError(f"{checkpoint.class_name} holds tensors its state_dict does not save "
+                           f"({', '.join(unfilled)}); load_teacher cannot fill them from a checkpoint")
+    network.encoder = checkpoint.encoder
     return network.to(device).eval().requires_grad_(False)

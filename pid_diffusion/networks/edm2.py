@@ -309,8 +309,9 @@ class Precond(nn.Module):
     plus the uncertainty head log u(σ) = logvar_linear(logvar_fourier(c_noise)) that EDM2's loss weights
     with (paper Eq. 21); PID never uses the head.
 
-    With `use_fp16` the U-Net runs in float16 on CUDA. Inputs are cast to float32 (kept float64 when they
-    are float64); `class_labels=None` on a conditional network means zeros (no class).
+    With `use_fp16` the U-Net runs in float16 on CUDA. Inputs are cast to float32, or to float64 for a float64
+    network (whose every step then runs in float64); `class_labels=None` on a conditional network means zeros
+    (no class).
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool = True,
@@ -349,7 +350,7 @@ class Precond(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
                 force_fp32: bool = False, return_logvar: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        dtype = _working_dtype(x.dtype)
+        dtype = _working_dtype(self.logvar_linear.weight.dtype)
         x = x.to(dtype)
         sigma = torch.as_tensor(sigma, device=x.device).to(dtype).reshape(-1, 1, 1, 1)
         class_labels = self.labels(class_labels, x.device, dtype)

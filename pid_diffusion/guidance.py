@@ -1,0 +1,47 @@
+"""A guided teacher (EDM2's generator; Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
+Itself"): D(x; σ) = D_g(x; σ) + w (D_main(x; σ) − D_g(x; σ)) at every σ, with the same labels for both.
+
+The guide D_g is a second frozen denoiser of the same data space: the unconditional model (classifier-free
+guidance) or a smaller, less-trained model of the same family (autoguidance). w = 1 is the main network alone.
+PID distils the guided teacher as it would any other: the guide is one more frozen forward per sample, never
+differentiated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["GuidedDenoiser"]
+
+
+class GuidedDenoiser(nn.Module):
+    """D_g + w (D_main − D_g), called like the main network; its attributes (shape, labels, σ_d, encoder) are
+    the main network's."""
+
+    def __init__(self, main: nn.Module, guide: nn.Module, guidance: float):
+        super().__init__()
+        if not guidance > 0:
+            raise ValueError(f"guidance={guidance} must be positive (1: the main network alone)")
+        for name in ("img_channels", "img_resolution"):
+            if getattr(main, name) != getattr(guide, name):
+                raise ValueError(f"the guide's {name} is {getattr(guide, name)}, the main network's "
+                                 f"{getattr(main, name)}: a guide must denoise the same space")
+        if getattr(main, "encoder", None) != getattr(guide, "encoder", None):
+            raise ValueError(f"the guide's encoder {getattr(guide, 'encoder', None)} differs from the main "
+                             f"network's {getattr(main, 'encoder', None)}: a guide must denoise the same space")
+        self.main = main
+        self.guide = guide
+        self.guidance = float(guidance)
+        self.img_channels = main.img_channels
+        self.img_resolution = main.img_resolution
+        self.label_dim = main.label_dim
+        self.sigma_data = main.sigma_data
+        self.encoder = getattr(main, "encoder", None)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        # An unconditional guide (classifier-free guidance) ignores the labels.
+        guide_labels = class_labels if self.guide.label_dim else None
+        denoised = self.main(x, sigma, class_labels).to(torch.float32)
+        return self.guide(x, sigma, guide_labels).to(torch.float32).lerp(denoised, self.guidance)
