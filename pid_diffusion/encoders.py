@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["DIFFUSERS_MISSING", "SD_VAE", "STABILITY_VAE", "STANDARD_RGB", "VAE_FILES", "MissingVAEError",
-           "StabilityVAEEncoder", "StandardRGBEncoder", "build", "cache_dir", "check_description", "describe",
+from pid_diffusion.images import to_uint8
+
+__all__ = ["DIFFUSERS_MISSING", "SD_VAE", "DiffusersMissingError", "STABILITY_VAE", "STANDARD_RGB", "VAE_FILES", "MissingVAEError",
+           "StabilityVAEEncoder", "StandardRGBEncoder", "build", "cache_dir", "check_description", "decoded_preview",
+           "describe", "image_decoder",
            "fetch_vae", "is_latent", "load_vae", "require_vae", "vae_files"]
 
 STANDARD_RGB = "StandardRGBEncoder"
@@ -38,6 +41,10 @@ DIFFUSERS_MISSING = ("EDM2's latent teachers decode with diffusers' AutoencoderK
 
 class MissingVAEError(FileNotFoundError):
     """The VAE's files are not in the Hugging Face cache (and nothing is downloaded during a run)."""
+
+
+class DiffusersMissingError(ImportError):
+    """diffusers, which runs EDM2's VAE, is not installed."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,6 +107,26 @@ def build(description: Mapping[str, Any] | None, device: torch.device | str = "c
                                vae=load_vae(description["vae_name"], device))
 
 
+def image_decoder(description: Mapping[str, Any] | None, device: torch.device | str = "cpu"
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What turns a network's samples into uint8 NHWC images: EDM's quantisation of pixels in [−1, 1], or the
+    VAE's decoder (loaded once, here) for latents."""
+    if not is_latent(description):
+        return to_uint8
+    encoder = build(description, device)
+    return lambda samples: encoder.decode(samples).permute(0, 2, 3, 1)
+
+
+def decoded_preview(preview: Callable[[torch.nn.Module], torch.Tensor], description: Mapping[str, Any] | None,
+                    device: torch.device | str = "cpu") -> Callable[[torch.nn.Module], torch.Tensor]:
+    """A training preview (model → samples) whose latents are decoded to pixels in [−1, 1] (exact uint8 levels,
+    so the grid quantises them back to the decoded image); pixel previews are returned unchanged."""
+    if not is_latent(description):
+        return preview
+    decode = image_decoder(description, device)
+    return lambda model: decode(preview(model)).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Encoders.
 
@@ -146,7 +173,7 @@ class StabilityVAEEncoder:
     def encode_latents(self, mean_std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A posterior sample, whitened: (mean + n·std)·scale + bias with n ~ N(0, I) from `generator`."""
         mean, std = mean_std.to(torch.float32).chunk(2, dim=1)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        noise = torch.empty_like(mean).normal_(generator=generator)  # in mean's memory order, as randn_like
         return (mean + noise * std) * self.scale.to(mean.device) + self.bias.to(mean.device)
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -167,7 +194,7 @@ def _hub():
         import diffusers  # noqa: F401  (huggingface_hub comes with it)
         import huggingface_hub
     except ImportError:
-        raise ImportError(DIFFUSERS_MISSING) from None
+        raise DiffusersMissingError(DIFFUSERS_MISSING) from None
     return huggingface_hub
 
 

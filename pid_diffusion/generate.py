@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pid_diffusion import samplers
+from pid_diffusion import encoders, samplers
 from pid_diffusion.utils import dist
-from pid_diffusion.images import to_uint8
 from pid_diffusion.student import PIDStudent
 
 __all__ = ["Batch", "SamplerKind", "gather_rows", "generate", "make_sampler", "sampler_for"]
@@ -100,10 +99,11 @@ def generate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], *,
     device = device or dist.device()
     seed_list = torch.as_tensor(list(seeds), dtype=torch.int64)
     positions = torch.arange(dist.rank(), len(seed_list), dist.world_size())
+    decode = encoders.image_decoder(getattr(net, "encoder", None), device)  # latents: the VAE's decoder
     for chunk in positions.split(batch_size):
         latents, labels = _latents_and_labels(net, seed_list[chunk], classes, chunk, device)
         one_hot = None if labels is None else nn.functional.one_hot(labels, net.label_dim).to(torch.float32)
-        images = to_uint8(sampler(net, latents, one_hot))
+        images = decode(sampler(net, latents, one_hot))
         yield Batch(chunk, seed_list[chunk], images, labels)
 
 

@@ -4,10 +4,21 @@
     c_in = 1 / sqrt(σ_d² + T²)   (constant: the image input is always z ~ N(0, T² I))
     c_noise(t) = ln(t) / 4
 
-F_θ is the raw EDM network (SongUNet or DhariwalUNet) with the teacher's architecture, less the teacher's
-augmentation input: PID never passes augment labels, so the student is built with augment_dim = 0 and has
-no `map_augment` layer (as in the official code). A layer that takes no part in the loss would get no
-gradient, and DDP stops at the second step when a parameter received none.
+F_θ is the teacher's raw network with its architecture:
+- an EDM teacher's (SongUNet or DhariwalUNet), less its augmentation input: PID never passes augment labels,
+  so the student is built with augment_dim = 0 and has no `map_augment` layer (as in the official code). A
+  layer that takes no part in the loss would get no gradient, and DDP stops at the second step when a
+  parameter received none;
+- an EDM2 teacher's magnitude-preserving `UNet` (without the `logvar` head, which only EDM2's training loss
+  uses). Its MPConv layers keep EDM2's forced weight normalisation in train mode: before each training
+  forward every weight is rescaled in place to unit norm per output channel. The network computes with the
+  normalised weights either way, so this changes no output; it keeps the parameters on the unit sphere, where
+  an Adam step of a given lr moves them by a fixed angle, as in the training the teacher came from (without it
+  the weights' norms grow and the effective learning rate decays; EDM2 paper §2.4). Snapshots and EMAs
+  therefore hold normalised weights.
+
+A student of a latent teacher (EDM2's ImageNet-512, `encoder` a VAE) samples latents: they are never clamped
+as pixels; `pid-sample`, `pid-fid` and the training preview decode them.
 """
 
 from __future__ import annotations
@@ -20,8 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from pid_diffusion import encoders
 from pid_diffusion.grid import check_noise_range
 from pid_diffusion.networks.edm import EDMPrecond
+from pid_diffusion.networks.edm2 import Precond
+
+EDM_CLASS, EDM2_CLASS = "EDMPrecond", "Precond"  # the teacher classes a student is built from
 
 _AUGMENT_MAPPING = "map_augment."  # The raw network's augment-label layer (EDM's key names).
 
@@ -41,15 +56,25 @@ class PIDStudent(nn.Module):
     `use_fp16`; the output is always float32.
     """
 
-    def __init__(self, network_kwargs: Mapping[str, Any], sigma_min: float, sigma_max: float, sigma_data: float):
+    def __init__(self, network_kwargs: Mapping[str, Any], sigma_min: float, sigma_max: float, sigma_data: float,
+                 network_class: str = EDM_CLASS, encoder: Mapping[str, Any] | None = None):
         check_noise_range(sigma_min, sigma_max)
         if not sigma_data > 0:
             raise ValueError(f"sigma_data={sigma_data} must be positive")
         super().__init__()
-        precond = EDMPrecond(**{**network_kwargs, "augment_dim": 0})
+        if network_class == EDM_CLASS:
+            precond = EDMPrecond(**{**network_kwargs, "augment_dim": 0})
+            self.model = precond.model
+        elif network_class == EDM2_CLASS:
+            precond = Precond(**network_kwargs)
+            self.model = precond.unet
+        else:
+            raise ValueError(f"network_class={network_class!r}: a student is built from {EDM_CLASS} or {EDM2_CLASS}")
+        self.encoder = encoders.check_description(encoder)
         self.init_kwargs = dict(network_kwargs=copy.deepcopy(precond.init_kwargs), sigma_min=float(sigma_min),
                                 sigma_max=float(sigma_max), sigma_data=float(sigma_data))
-        self.model = precond.model
+        if network_class != EDM_CLASS:  # EDM students keep the checkpoint format they always had
+            self.init_kwargs.update(network_class=network_class, encoder=copy.deepcopy(self.encoder))
         self.img_resolution = precond.img_resolution
         self.img_channels = precond.img_channels
         self.label_dim = precond.label_dim
@@ -59,7 +84,7 @@ class PIDStudent(nn.Module):
         self.sigma_data = float(sigma_data)
 
     @classmethod
-    def from_teacher(cls, teacher: EDMPrecond, sigma_min: float, sigma_max: float,
+    def from_teacher(cls, teacher: nn.Module, sigma_min: float, sigma_max: float,
                      init: StudentInit = StudentInit.TEACHER,
                      network_overrides: Mapping[str, Any] | None = None) -> PIDStudent:
         """A student with the teacher's architecture (and weights, with `StudentInit.TEACHER`).
@@ -69,10 +94,14 @@ class PIDStudent(nn.Module):
         Every teacher weight is copied except `map_augment`'s, which the student does not have; the
         teacher keeps its full EDM state dict.
         """
+        teacher = getattr(teacher, "main", teacher)  # a guided teacher's architecture is its main network's
+        network_class = type(teacher).__name__
         network_kwargs = {**teacher.init_kwargs, **(network_overrides or {})}
-        student = cls(network_kwargs, sigma_min, sigma_max, teacher.sigma_data)
+        student = cls(network_kwargs, sigma_min, sigma_max, teacher.sigma_data, network_class=network_class,
+                      encoder=getattr(teacher, "encoder", None))
         if init is StudentInit.TEACHER:
-            weights = {key: value for key, value in teacher.model.state_dict().items()
+            raw = teacher.model if network_class == EDM_CLASS else teacher.unet
+            weights = {key: value.float() for key, value in raw.state_dict().items()
                        if not key.startswith(_AUGMENT_MAPPING)}
             student.model.load_state_dict(weights)  # strict: any other difference is an error
         elif init is not StudentInit.RANDOM:
@@ -99,8 +128,9 @@ class PIDStudent(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """One-step generation: x_θ(z, ε) clamped to the data range [−1, 1]."""
-        return self(z, self.sigma_min, class_labels).clamp(-1, 1)
+        """One-step generation: x_θ(z, ε), clamped to the data range [−1, 1] for pixels; latents unclamped."""
+        x = self(z, self.sigma_min, class_labels)
+        return x if encoders.is_latent(self.encoder) else x.clamp(-1, 1)
 
     def _check_labels(self, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """Class labels as float32 [B, label_dim], or None for an unconditional student."""

@@ -83,7 +83,7 @@ def sampler_preview(sampler: Callable, net: nn.Module, count: int, seed: int, de
     if net.label_dim:
         labels = torch.nn.functional.one_hot(torch.arange(count) % net.label_dim, net.label_dim)
         labels = labels.to(device=device, dtype=torch.float32)
-    return lambda model: sampler(model, latents, labels).clamp(-1, 1)
+    return lambda model: sampler(model, latents, labels)  # pixels are clipped when quantised, latents decoded
 
 
 class NonFiniteLossError(RuntimeError):

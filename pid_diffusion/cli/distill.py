@@ -22,6 +22,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from pid_diffusion import encoders
 from pid_diffusion.utils import dist, logs
 from pid_diffusion.cli import errors, options
 from pid_diffusion.distill import TASK, DistillConfig, build, check_files, fingerprints
@@ -51,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             device = dist.device()
             objective, student = build(config, device)
             preview = sampler_preview(OneStepSampler(), student, config.run.image_count, config.train.seed, device)
+            if config.run.image_every:  # a latent student's preview is decoded by its VAE
+                preview = encoders.decoded_preview(preview, student.encoder, device)
             training_loop(config, objective, student, preview, fingerprints(objective))
     dist.shutdown()
 

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pid_diffusion.utils import dist
 from pid_diffusion.config import ConfigError
 from pid_diffusion.edm_pickle import EDMPickleError
+from pid_diffusion.encoders import DiffusersMissingError
 from pid_diffusion.utils.hub import MissingWeightsError
 from pid_diffusion.teacher import TeacherCheckpointError
 
@@ -47,7 +48,8 @@ class UserError(Exception):
 # library's checks of files and option values (TeacherCheckpointError, ConfigError and the sampler, seed and
 # class checks all derive from it). A bug that raises one of these loses its traceback unless PID_DEBUG=1.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError, OSError, ValueError, TeacherCheckpointError, ConfigError, EDMPickleError, MissingWeightsError)
+    UserError, OSError, ValueError, TeacherCheckpointError, ConfigError, EDMPickleError, MissingWeightsError,
+    DiffusersMissingError)
 
 
 def _debug() -> bool:
