@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from pid_diffusion.images import to_uint8
 
 __all__ = ["DIFFUSERS_MISSING", "SD_VAE", "DiffusersMissingError", "STABILITY_VAE", "STANDARD_RGB", "VAE_FILES", "MissingVAEError",
            "StabilityVAEEncoder", "StandardRGBEncoder", "build", "cache_dir", "check_description", "decoded_preview",
-           "describe", "image_decoder",
+           "describe", "ImageDecoder",
            "fetch_vae", "is_latent", "load_vae", "require_vae", "vae_files"]
 
 STANDARD_RGB = "StandardRGBEncoder"
@@ -107,14 +108,24 @@ def build(description: Mapping[str, Any] | None, device: torch.device | str = "c
                                vae=load_vae(description["vae_name"], device))
 
 
-def image_decoder(description: Mapping[str, Any] | None, device: torch.device | str = "cpu"
-                  ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What turns a network's samples into uint8 NHWC images: EDM's quantisation of pixels in [−1, 1], or the
-    VAE's decoder (loaded once, here) for latents."""
-    if not is_latent(description):
-        return to_uint8
-    encoder = build(description, device)
-    return lambda samples: encoder.decode(samples).permute(0, 2, 3, 1)
+class ImageDecoder:
+    """A network's samples → uint8 NHWC images: EDM's quantisation of pixels in [−1, 1], or the VAE's decoder
+    (loaded once, at construction) for latents."""
+
+    def __init__(self, description: Mapping[str, Any] | None, device: torch.device | str = "cpu"):
+        self.encoder = build(description, device) if is_latent(description) else None
+
+    def __call__(self, samples: torch.Tensor) -> torch.Tensor:
+        if self.encoder is None:
+            return to_uint8(samples)
+        return self.encoder.decode(samples).permute(0, 2, 3, 1)
+
+    def image_shape(self, channels: int, resolution: int) -> tuple[int, int, int]:
+        """(H, W, C) of the images of samples [N, channels, resolution, resolution]."""
+        if self.encoder is None:
+            return resolution, resolution, channels
+        scale = self.encoder.upscale
+        return resolution * scale, resolution * scale, self.encoder.vae.config.out_channels
 
 
 def decoded_preview(preview: Callable[[torch.nn.Module], torch.Tensor], description: Mapping[str, Any] | None,
@@ -123,7 +134,7 @@ def decoded_preview(preview: Callable[[torch.nn.Module], torch.Tensor], descript
     so the grid quantises them back to the decoded image); pixel previews are returned unchanged."""
     if not is_latent(description):
         return preview
-    decode = image_decoder(description, device)
+    decode = ImageDecoder(description, device)
     return lambda model: decode(preview(model)).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
 
 
@@ -152,6 +163,7 @@ class StabilityVAEEncoder:
         self.bias = torch.tensor(bias, dtype=torch.float32).reshape(1, -1, 1, 1)
         self.vae = vae
         self.batch_size = batch_size
+        self.upscale = 2 ** (len(vae.config.block_out_channels) - 1)  # each block but the last halves H and W
 
     @staticmethod
     def whitening(raw_mean: Sequence[float], raw_std: Sequence[float], final_mean: float = 0,
@@ -230,8 +242,11 @@ def load_vae(vae_name: str, device: torch.device | str = "cpu") -> torch.nn.Modu
     """diffusers' AutoencoderKL `vae_name` from the Hugging Face cache (never downloaded here), frozen, float32."""
     require_vae(vae_name)
     from diffusers import AutoencoderKL
-    vae = AutoencoderKL.from_pretrained(vae_name, local_files_only=True)
-    return vae.eval().requires_grad_(False).to(device=device, dtype=torch.float32)
+    with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it has deprecated
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        vae = AutoencoderKL.from_pretrained(vae_name, local_files_only=True, torch_dtype=torch.float32,
+                                            low_cpu_mem_usage=False)
+    return vae.eval().requires_grad_(False).to(device)
 
 
 def fetch_vae(vae_name: str) -> list[str]:

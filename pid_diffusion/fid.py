@@ -13,6 +13,7 @@ import scipy.linalg
 import torch
 
 from pid_diffusion.utils import dist, fileio
+from pid_diffusion.edm_pickle import EDMPickleError, load_edm_pickle
 from pid_diffusion.images import write_npz
 from pid_diffusion.inception import FEATURE_DIM, NUM_CLASSES, Detector
 
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 IS_SPLITS = 10  # Salimans et al. 2016, kept by StyleGAN2-ADA
+_NPZ_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive; EDM2's reference statistics are a pickle
 
 
 class FeatureStats:
@@ -162,18 +164,38 @@ def fid_from_stats(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigma_
 
 
 def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """mu and sigma from an EDM reference file (`cifar10-32x32.npz`: float64 `mu` [2048], `sigma` [2048, 2048])."""
-    with np.load(io.BytesIO(fileio.read_bytes(path))) as data:
-        missing = {"mu", "sigma"} - set(data.files)
-        if missing:
-            raise ValueError(
-                f"{path} is not a reference statistics file: it lacks {sorted(missing)} (has {data.files}). "
-                f"Make one with pid-fid-ref."
-            )
-        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    """mu and sigma from an EDM reference file (`cifar10-32x32.npz`: float64 `mu` [2048], `sigma` [2048, 2048])
+    or from EDM2's (`img512.pkl`: a pickled dict whose `fid` entry holds them; read with the restricted
+    unpickler, which rebuilds only numeric arrays and plain containers)."""
+    data = fileio.read_bytes(path)
+    if data[:len(_NPZ_MAGIC)] != _NPZ_MAGIC:
+        mu, sigma = _edm2_reference(data, path)
+    else:
+        with np.load(io.BytesIO(data)) as arrays:
+            missing = {"mu", "sigma"} - set(arrays.files)
+            if missing:
+                raise ValueError(
+                    f"{path} is not a reference statistics file: it lacks {sorted(missing)} (has {arrays.files}). "
+                    f"Make one with pid-fid-ref."
+                )
+            mu, sigma = arrays["mu"], arrays["sigma"]
+    mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance.")
     return mu, sigma
+
+
+def _edm2_reference(data: bytes, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """EDM2's `dict(num_images, fid=dict(mu, sigma), fd_dinov2=dict(mu, sigma))`: the FID entry."""
+    try:
+        stats = load_edm_pickle(io.BytesIO(data))
+    except EDMPickleError as error:
+        raise ValueError(f"{path} is neither an .npz of reference statistics nor EDM2's reference pickle: "
+                         f"{error}") from None
+    if not (isinstance(stats, dict) and isinstance(stats.get("fid"), dict) and {"mu", "sigma"} <= stats["fid"].keys()):
+        found = sorted(map(str, stats)) if isinstance(stats, dict) else type(stats).__name__
+        raise ValueError(f"{path}: EDM2's reference pickle holds fid=dict(mu, sigma); found {found}")
+    return stats["fid"]["mu"], stats["fid"]["sigma"]
 
 
 def save_reference(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:

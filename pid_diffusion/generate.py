@@ -23,6 +23,7 @@ from pid_diffusion.student import PIDStudent
 
 __all__ = ["Batch", "SamplerKind", "gather_rows", "generate", "make_sampler", "sampler_for"]
 
+EDM2_SAMPLED = ("Precond", "GuidedDenoiser")  # networks EDM2's generator samples: 32 Heun steps by default
 _SEED_MODULUS = 1 << 32  # torch generators take 64-bit seeds; EDM reduces seeds modulo 2^32
 
 
@@ -38,7 +39,7 @@ def make_sampler(kind: SamplerKind | None, steps: int | None, net: nn.Module) ->
     """The sampler for `net`: a student samples in one step, a denoiser with Heun or Euler.
 
     `kind` None picks the network's natural sampler; `steps` None keeps the sampler's default (Heun: EDM's
-    18 Karras steps; Euler: the points of PID's grid).
+    18 Karras steps, EDM2's 32 for EDM2 and guided teachers; Euler: the points of PID's grid).
     """
     return sampler_for(kind, steps, type(net).__name__, is_student=isinstance(net, PIDStudent))
 
@@ -55,7 +56,8 @@ def sampler_for(kind: SamplerKind | None, steps: int | None, network: str, *, is
             raise ValueError("a number of steps does not apply to the one-step sampler; leave steps unset")
         return samplers.OneStepSampler()
     if kind is SamplerKind.HEUN:
-        return samplers.HeunSampler() if steps is None else samplers.HeunSampler(num_steps=steps)
+        steps = steps or (samplers.EDM2_HEUN_STEPS if network in EDM2_SAMPLED else samplers.HeunSampler.num_steps)
+        return samplers.HeunSampler(num_steps=steps)
     return samplers.EulerSampler.on_grid() if steps is None else samplers.EulerSampler.on_grid(num_points=steps)
 
 
@@ -87,8 +89,10 @@ def _latents_and_labels(net: nn.Module, seeds: torch.Tensor, classes: Sequence[i
 
 @torch.no_grad()
 def generate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], *, batch_size: int,
-             classes: Sequence[int] | None = None, device: torch.device | None = None) -> Iterator[Batch]:
-    """This rank's images, `seeds[rank::world_size]`, in batches of at most `batch_size`."""
+             classes: Sequence[int] | None = None, device: torch.device | None = None,
+             decode: encoders.ImageDecoder | None = None) -> Iterator[Batch]:
+    """This rank's images, `seeds[rank::world_size]`, in batches of at most `batch_size`; a latent network's
+    samples are decoded by `decode` (default: an `ImageDecoder` of `net.encoder`, made here)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if classes is not None:
@@ -99,7 +103,7 @@ def generate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], *,
     device = device or dist.device()
     seed_list = torch.as_tensor(list(seeds), dtype=torch.int64)
     positions = torch.arange(dist.rank(), len(seed_list), dist.world_size())
-    decode = encoders.image_decoder(getattr(net, "encoder", None), device)  # latents: the VAE's decoder
+    decode = decode or encoders.ImageDecoder(getattr(net, "encoder", None), device)
     for chunk in positions.split(batch_size):
         latents, labels = _latents_and_labels(net, seed_list[chunk], classes, chunk, device)
         one_hot = None if labels is None else nn.functional.one_hot(labels, net.label_dim).to(torch.float32)

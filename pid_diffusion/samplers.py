@@ -21,6 +21,7 @@ __all__ = [
     "HeunSampler",
     "OneStepSampler",
     "Sampler",
+    "EDM2_HEUN_STEPS",
     "edm_sigmas",
     "euler",
     "heun",
@@ -104,6 +105,9 @@ def heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor | tuple[float
 
 # ----------------------------------------------------------------------------------------------------------
 # Samplers: the schedule and its paper constants bundled with an integrator.
+
+EDM2_HEUN_STEPS = 32  # EDM2's generate_images.py default (63 network calls)
+
 
 @dataclass(frozen=True)
 class HeunSampler:

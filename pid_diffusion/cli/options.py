@@ -23,6 +23,7 @@ from pid_diffusion.evaluation import TRAINED_WEIGHTS
 from pid_diffusion.dode import DODESampler
 from pid_diffusion.generate import SamplerKind, sampler_for
 from pid_diffusion.grid import NUM_POINTS
+from pid_diffusion.guidance import GuidedDenoiser
 from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
 
@@ -163,6 +164,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--teacher", help="teacher: EDM .pkl, converted teacher .pt, or a state dict with --preset")
     parser.add_argument("--ema", type=float, help="EMA rate to sample from, e.g. 0.9999 (default: the trained weights)")
     parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (--teacher only)")
+    parser.add_argument("--guide", help="a guide for --teacher (EDM2's autoguidance or unconditional model): "
+                                        "D_g + w (D - D_g) at every step, with w from --guidance")
+    parser.add_argument("--guidance", type=float, help="w of --guide (EDM2's; 1: the teacher alone)")
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,7 +201,14 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
     if args.teacher is not None:
         if args.ema is not None:
             raise ValueError("--ema applies to a training checkpoint; a teacher file holds one network")
-        return load_teacher(args.teacher, preset=args.preset, device=device)
+        teacher = load_teacher(args.teacher, preset=args.preset, device=device)
+        if (args.guide is None) != (args.guidance is None):
+            raise ValueError("--guide and --guidance go together: give both or neither")
+        if args.guide is None:
+            return teacher
+        return GuidedDenoiser(teacher, load_teacher(args.guide, device=device), args.guidance)
+    if args.guide is not None or args.guidance is not None:
+        raise ValueError("--guide applies to a teacher (--teacher); a PID student samples in one step")
     if args.preset is not None:
         raise ValueError("--preset names a teacher state dict's architecture; a checkpoint records its own")
     return checkpoint.load_generator(args.checkpoint, ema_rate=args.ema, device=device)

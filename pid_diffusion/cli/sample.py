@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pid_diffusion import encoders
 from pid_diffusion import images as image_io
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.cli import errors, options
@@ -69,12 +70,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         sampler = options.sampler_from_args(args, net)
         dist.print0(f"{len(args.seeds)} images, {sampler.num_network_calls} network call(s) each, "
                     f"{dist.world_size()} rank(s)")
-        image_shape = (net.img_resolution, net.img_resolution, net.img_channels)
+        decode = encoders.ImageDecoder(getattr(net, "encoder", None), device)  # latents: the VAE's decoder
+        image_shape = decode.image_shape(net.img_channels, net.img_resolution)
         # Start from empty tensors: a rank may get no seeds, yet takes part in the gather.
         images = [torch.empty((0, *image_shape), dtype=torch.uint8, device=device)]
         labels = [torch.empty(0, dtype=torch.int64, device=device)]
         for batch in generate(net, sampler, args.seeds, batch_size=args.batch, classes=args.classes,
-                              device=device):
+                              device=device, decode=decode):
             if args.png_dir:
                 write_pngs(batch, args.png_dir)
             images.append(batch.images)
