@@ -27,13 +27,15 @@ from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_options
 from pid_diffusion.metrics import Metric
 from pid_diffusion.networks.edm import EDM_PRESETS
+from pid_diffusion.networks.edm2 import EDM2_PRESETS, EDM2_RELEASE_URL, release_preset
 from pid_diffusion.student import PIDStudent, StudentInit
-from pid_diffusion.teacher import EDM_RELEASE_URL, load_teacher, require_teacher_file
+from pid_diffusion.teacher import EDM_RELEASE_URL, load_teacher, read_teacher_checkpoint, require_teacher_file
 
 __all__ = ["DistillConfig", "PIDConfig", "StudentConfig", "TASK", "TeacherConfig", "build", "check_files",
-           "fingerprints", "resolve", "teacher_release", "weight_files"]
+           "fingerprints", "release_url", "resolve", "vae_name", "weight_files"]
 
 TASK = "distill"  # Its presets: configs/distill/<name>.json.
+LATENT_CHANNELS = 4  # EDM2's ImageNet-512 nets denoise 4-channel latents of Stable Diffusion's VAE
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,19 +180,40 @@ def weight_files(config: DistillConfig) -> tuple[hub.WeightFile, ...]:
     return config.pid.metric.weight_files
 
 
-def teacher_release(config: DistillConfig) -> str | None:
-    """The URL of EDM's release file the teacher path names, `.../edm-cifar10-32x32-uncond-vp.pkl` or its
-    converted `.../edm-cifar10-32x32-uncond-vp.pt`; None when the path names a file of another origin."""
-    stem, _, suffix = config.teacher.path.rsplit("/", 1)[-1].rpartition(".")
-    return f"{EDM_RELEASE_URL}{stem}.pkl" if suffix in ("pkl", "pt") and stem in EDM_PRESETS else None
+def release_url(path: str | None) -> str | None:
+    """The URL of EDM's or EDM2's release file that a teacher path names (`.../edm-cifar10-32x32-uncond-vp.pkl`,
+    `.../edm2-img512-s-2147483-0.070.pkl`, or the `.pt` converted from one); None for a file of another origin."""
+    if path is None:
+        return None
+    stem, _, suffix = path.rsplit("/", 1)[-1].rpartition(".")
+    if suffix not in ("pkl", "pt"):
+        return None
+    if stem in EDM_PRESETS:
+        return f"{EDM_RELEASE_URL}{stem}.pkl"
+    return f"{EDM2_RELEASE_URL}{stem}.pkl" if release_preset(stem) is not None else None
+
+
+def vae_name(config: DistillConfig) -> str | None:
+    """The VAE a latent teacher decodes with: read from the teacher file when it is there, else known from an EDM2
+    ImageNet-512 release name (sd-vae-ft-mse); None for a pixel teacher or an unknown file not yet present."""
+    path = config.teacher.path
+    if bf.exists(path):
+        encoder = read_teacher_checkpoint(path, config.teacher.preset).encoder
+        return encoder["vae_name"] if encoders.is_latent(encoder) else None
+    preset = release_preset(path)
+    return encoders.SD_VAE if preset is not None and EDM2_PRESETS[preset]["img_channels"] == LATENT_CHANNELS else None
 
 
 def check_files(config: DistillConfig) -> list[str]:
     """Check, without reading them, that the teacher and the pretrained weight files exist: the error the run
     would give otherwise (FileNotFoundError, hub.MissingWeightsError), or one line per file found."""
     require_teacher_file(config.teacher.path)
+    if config.teacher.guide_path is not None:
+        require_teacher_file(config.teacher.guide_path)
     hub.require_present(*weight_files(config))
     found = [f"teacher {config.teacher.path}: found ({_size(config.teacher.path)})"]
+    if config.teacher.guide_path is not None:
+        found.append(f"guide {config.teacher.guide_path}: found ({_size(config.teacher.guide_path)})")
     found += [f"{file.filename} ({file.used_by}): found in {hub.checkpoints_dir()}" for file in weight_files(config)]
     return found
 

@@ -193,8 +193,8 @@ TASKS = {"distill": DistillConfig, "teacher": teacher_training.TeacherTrainingCo
 
 
 def test_every_preset_of_both_tasks_is_a_file():
-    assert config_files.preset_names("distill") == ["cifar10", "cifar10-central", "default", "imagenet64",
-                                               "imagenet64-central"]
+    assert config_files.preset_names("distill") == ["cifar10", "cifar10-central", "default", "edm2-img512-s",
+                                               "edm2-img512-xs", "edm2-img64-s", "imagenet64", "imagenet64-central"]
     assert config_files.preset_names("teacher") == ["default"]
 
 

@@ -181,3 +181,19 @@ def test_guided_denoiser_is_edm2s_lerp():
     with pytest.raises(ValueError, match="same space"):
         GuidedDenoiser(net, Precond(img_resolution=8, img_channels=4, label_dim=0, model_channels=8,
                                     channel_mult=[1], num_blocks=1, attn_resolutions=[]), 2.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The distillation presets name EDM2's release files.
+
+def test_edm2_presets_name_edm2_releases():
+    from pid_diffusion.distill import release_url, resolve, vae_name
+    from pid_diffusion.metrics import Metric
+    from pid_diffusion.networks.edm2 import EDM2_RELEASE_URL, release_preset
+    xs, s, img64 = resolve("edm2-img512-xs"), resolve("edm2-img512-s"), resolve("edm2-img64-s")
+    assert release_preset(xs.teacher.path) == "edm2-img512-xs" and xs.pid.metric is Metric.PSEUDO_HUBER
+    assert release_preset(s.teacher.path) == "edm2-img512-s" and release_preset(s.teacher.guide_path) == "edm2-img512-xs"
+    assert s.teacher.guidance == 2.1 and s.pid.metric is Metric.PSEUDO_HUBER
+    assert release_preset(img64.teacher.path) == "edm2-img64-s" and img64.pid.metric is Metric.LPIPS_PIQ
+    assert release_url(s.teacher.guide_path) == f"{EDM2_RELEASE_URL}edm2-img512-xs-0134217-0.125.pkl"
+    assert vae_name(s) == encoders.SD_VAE and vae_name(img64) is None

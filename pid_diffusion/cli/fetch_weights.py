@@ -4,12 +4,15 @@ ahead of time (on a login node with network access, before the job waits in an o
 The files: the distance's weights in torch hub's cache (`$TORCH_HOME/hub/checkpoints/`; lpips_piq: VGG16
 `vgg16-397923af.pth` and piq's `lpips_weights.pt`; lpips_vgg: VGG16 alone; l2, l1, pseudo_huber: none), EDM's
 Inception detector `inception-2015-12-05.pt` in the same cache (pid-fid; --no-detector skips it), and the
-teacher at `teacher.path` when it names one of EDM's release files (`edm-cifar10-32x32-uncond-vp.pkl`, ...) or
-its converted `.pt` (the `.pkl` is downloaded beside it and converted, as pid-convert-edm does).
+teacher at `teacher.path` (and the guide at `teacher.guide_path`) when it names one of EDM's or EDM2's release
+files (`edm-cifar10-32x32-uncond-vp.pkl`, `edm2-img512-s-2147483-0.070.pkl`, ...) or its converted `.pt` (the
+`.pkl` is downloaded beside it and converted, as pid-convert-edm does), and a latent teacher's VAE
+(`stabilityai/sd-vae-ft-mse`: config.json and diffusion_pytorch_model.safetensors) into the Hugging Face cache.
 A file already there is not fetched again. Where a file cannot be downloaded, the command prints its URL and
 the exact path to copy it to, and exits with status 1.
 
     pid-fetch-weights --preset=cifar10
+    pid-fetch-weights --preset=edm2-img512-s
     TORCH_HOME=/shared/torch pid-fetch-weights --preset=imagenet64 --teacher.path=/shared/edm-imagenet-64x64-cond-adm.pkl
 """
 
@@ -21,11 +24,12 @@ from collections.abc import Sequence
 
 import torch
 
-from pid_diffusion import inception
+from pid_diffusion import encoders, inception
 from pid_diffusion.utils import fileio, hub
 from pid_diffusion.cli import errors, options
-from pid_diffusion.distill import TASK, DistillConfig, teacher_release, weight_files
-from pid_diffusion.teacher import convert_edm
+from pid_diffusion.distill import TASK, DistillConfig, release_url, vae_name, weight_files
+from pid_diffusion.networks.edm2 import EDM2_RELEASE_URL
+from pid_diffusion.teacher import EDM_RELEASE_URL, convert_edm
 
 
 def build_parser():
@@ -36,17 +40,16 @@ def build_parser():
     return parser
 
 
-def _fetch_teacher(config: DistillConfig) -> bool:
-    """The teacher file: present, downloaded from EDM's release (and converted, for a `.pt` path), or told where
-    to get it. Whether it is there."""
-    path = config.teacher.path
+def _fetch_teacher(path: str, role: str = "the teacher") -> bool:
+    """A teacher (or guide) file: present, downloaded from EDM's or EDM2's release (and converted, for a `.pt`
+    path), or told where to get it. Whether it is there."""
     if fileio.exists(path):
-        print(f"present  {path}  (the teacher)")
+        print(f"present  {path}  ({role})")
         return True
-    url = teacher_release(config)
+    url = release_url(path)
     if url is None or not fileio.is_local(path):
-        print(f"missing  {path}  (the teacher): not one of EDM's release files; copy it there "
-              f"(EDM's networks: {url or 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/<name>.pkl'})")
+        print(f"missing  {path}  ({role}): not one of EDM's or EDM2's release files; copy it there "
+              f"(EDM's networks: {url or EDM_RELEASE_URL + '<name>.pkl'}; EDM2's: {EDM2_RELEASE_URL}<name>.pkl)")
         return False
     pickle = path if path.endswith(".pkl") else f"{path[:-len('.pt')]}.pkl"  # A .pt is converted from EDM's .pkl.
     folder = os.path.dirname(os.path.abspath(path))
@@ -60,14 +63,31 @@ def _fetch_teacher(config: DistillConfig) -> bool:
         if created:
             os.rmdir(folder)
         convert = "" if pickle == path else f"\n      then     pid-convert-edm {pickle} {path}"
-        print(f"missing  {path}  (the teacher)\n      download {url}\n      save as  {os.path.abspath(pickle)}"
+        print(f"missing  {path}  ({role})\n      download {url}\n      save as  {os.path.abspath(pickle)}"
               f"{convert}\n      download error: {type(error).__name__}: {error}")
         return False
     if pickle != path:
         convert_edm(pickle, path)  # Written atomically; the .pkl stays beside it.
-        print(f"fetched  {path}  (the teacher, converted from {pickle}, from {url})")
+        print(f"fetched  {path}  ({role}, converted from {pickle}, from {url})")
     else:
-        print(f"fetched  {path}  (the teacher, from {url})")
+        print(f"fetched  {path}  ({role}, from {url})")
+    return True
+
+
+def _fetch_vae(name: str) -> bool:
+    """A latent teacher's VAE in the Hugging Face cache: present, downloaded, or told where its files go."""
+    if all(path is not None for _, path in encoders.vae_files(name)):
+        print(f"present  {name}  (the VAE, in the Hugging Face cache {encoders.cache_dir()})")
+        return True
+    try:
+        encoders.fetch_vae(name)
+    except Exception as error:  # offline: huggingface_hub's connection errors have no common base
+        try:
+            encoders.require_vae(name)
+        except encoders.MissingVAEError as missing:
+            print(f"missing  {missing}\n      download error: {type(error).__name__}: {error}")
+        return False
+    print(f"fetched  {name}  (the VAE, into the Hugging Face cache {encoders.cache_dir()})")
     return True
 
 
@@ -76,7 +96,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser = build_parser()
         args, config = options.parse_training(parser, DistillConfig, TASK, argv)
         files = [*weight_files(config), *([] if args.no_detector else [inception.DETECTOR])]
-        complete = _fetch_teacher(config)
+        complete = _fetch_teacher(config.teacher.path)
+        if config.teacher.guide_path is not None:
+            complete = _fetch_teacher(config.teacher.guide_path, "the guide") and complete
+        vae = vae_name(config) if complete else None
+        if vae is not None:
+            complete = _fetch_vae(vae) and complete
         absent = hub.missing(*files)
         try:
             hub.resolve(*files)
