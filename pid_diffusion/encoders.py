@@ -217,13 +217,17 @@ def vae_files(vae_name: str) -> list[tuple[str, str | None]]:
 
 
 def _cached(hub: Any, vae_name: str, filename: str) -> str | None:
-    path = hub.try_to_load_from_cache(vae_name, filename)
+    path = hub.try_to_load_from_cache(vae_name, filename, cache_dir=cache_dir())
     return path if isinstance(path, str) else None
 
 
 def cache_dir() -> str:
-    """The Hugging Face hub cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)."""
-    return str(_hub().constants.HF_HUB_CACHE)
+    """The Hugging Face hub cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub), read from
+    the environment at each call (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.path.join(home, "hub")
 
 
 def require_vae(vae_name: str) -> None:
@@ -244,8 +248,8 @@ def load_vae(vae_name: str, device: torch.device | str = "cpu") -> torch.nn.Modu
     from diffusers import AutoencoderKL
     with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it has deprecated
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-        vae = AutoencoderKL.from_pretrained(vae_name, local_files_only=True, torch_dtype=torch.float32,
-                                            low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(vae_name, cache_dir=cache_dir(), local_files_only=True,
+                                            torch_dtype=torch.float32, low_cpu_mem_usage=False)
     return vae.eval().requires_grad_(False).to(device)
 
 
@@ -253,4 +257,4 @@ def fetch_vae(vae_name: str) -> list[str]:
     """Download the VAE's files into the Hugging Face cache (network needed); their paths."""
     hub = _hub()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    return [hub.hf_hub_download(vae_name, name) for name in VAE_FILES]
+    return [hub.hf_hub_download(vae_name, name, cache_dir=cache_dir()) for name in VAE_FILES]

@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import io
 import os
+import pickle
 import runpy
 import shlex
 import shutil
@@ -40,8 +41,17 @@ from docs_commands import MODULES, REPO, SCRIPTS, documented_commands, reduced, 
 from test_fid import SMALL_FEATURE_DIM, small_detector, write_detector
 from test_metrics import write_lpips_standins
 from test_teacher import _release, _write_edm_pickle
+from edm2_helpers import install_tiny_vae, sd_vae_description, write_teacher
 
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
+# EDM2 (README, "Teachers: EDM2 checkpoints"): tiny latent nets at the release names, 8×8 latents decoded ×2 by
+# the tiny VAE to the 16×16 images of the stand-in detector.
+EDM2_TEACHER, EDM2_GUIDE = "edm2-img512-s-2147483-0.070", "edm2-img512-xs-0134217-0.125"
+EDM2_TINY = dict(img_resolution=8, img_channels=4, label_dim=10, model_channels=16, channel_mult=[1, 2],
+                 num_blocks=1, attn_resolutions=[4], channels_per_head=16, use_fp16=False)
+EDM2_SNAPSHOT = REPO / "tests" / "fixtures" / "edm2" / "edm2_tiny_snapshot.pkl"  # written by EDM2's own code
+EDM2_STUDENT = "runs/pid-edm2-img512-s/checkpoint-00400000.pt"
+EDM2_URL_PREFIX = "https://nvlabs-fi-cdn.nvidia.com/edm2/"
 TEACHER_NAMES = ["edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]
 STUDENT_CHECKPOINTS = ["runs/pid-cifar10/checkpoint-00800000.pt", "runs/pid-imagenet64/checkpoint-00400000.pt"]
 STUDENT_SNAPSHOTS = ["runs/pid-cifar10/snapshot-00800000.pt"]
@@ -106,6 +116,8 @@ def standins(tmp_path_factory) -> Path:
             PIL.Image.fromarray(image).save(buffer, format="PNG")
             archive.writestr(f"{index:05d}.png", buffer.getvalue())
 
+    edm2_standins(root, files)
+
     dode = fit_dode(teacher, Solver.HEUN, 4, multiplier=2, num_samples=2, seed=0)
     dode.save(files / "edm-shapes-16x16.dode-heun-4.pt")
 
@@ -116,11 +128,33 @@ def standins(tmp_path_factory) -> Path:
     return root
 
 
+def edm2_standins(root: Path, files: Path) -> None:
+    """EDM2's files where the README expects them: tiny latent teachers at the preset's release names, EDM2's own
+    snapshot pickle as the downloaded release, the tiny VAE in a Hugging Face cache (HF_HUB_CACHE), a student run,
+    and reference statistics in EDM2's pickle format."""
+    install_tiny_vae(root / "hf_hub")
+    for name, seed in ((EDM2_TEACHER, 0), (EDM2_GUIDE, 1)):
+        write_teacher(files / "teachers" / f"{name}.pt", EDM2_TINY, sd_vae_description(), seed=seed)
+    shutil.copy(EDM2_SNAPSHOT, files / "edm2-release.pkl")
+    shutil.copy(EDM2_SNAPSHOT, files / "teachers" / f"{EDM2_TEACHER}.pkl")
+    with open(files / "fid-refs" / "img512.pkl", "wb") as file:
+        pickle.dump(dict(num_images=NUM_DATA_IMAGES, fid=dict(mu=np.zeros(SMALL_FEATURE_DIM),
+                                                            sigma=np.eye(SMALL_FEATURE_DIM))), file)
+    run_dir = root / "edm2-student-run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_CACHE", str(root / "hf_hub"))
+        importlib.import_module("pid_diffusion.cli.distill").main(
+            [f"--run.dir={run_dir}", f"--teacher.path={files / 'teachers' / (EDM2_TEACHER + '.pt')}",
+             "--train.steps=1", "--train.batch=2", "--run.image_every=0", "--train.ema_rates=0.9999"])
+    (files / EDM2_STUDENT).parent.mkdir(parents=True)
+    shutil.copy(checkpoint.latest_checkpoint(str(run_dir))[1], files / EDM2_STUDENT)
+
+
 def workspace(standins: Path, folder: Path) -> Path:
     """A fresh folder with every stand-in where the documents expect it (links: nothing is copied)."""
     files = standins / "files"
     for source in files.rglob("*"):
-        if source.is_file() and source.name != "release.pkl":
+        if source.is_file() and source.name not in ("release.pkl", "edm2-release.pkl"):
             target = folder / source.relative_to(files)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(source, target)
@@ -199,6 +233,14 @@ def run_documented(words: list[str], folder: Path, standins: Path, monkeypatch) 
     if program == "mkdir":
         subprocess.run(words, cwd=folder, check=True)
         return None
+    if program == "wget" and words[-1].startswith(EDM2_URL_PREFIX):  # a release file, or reference statistics
+        destination = folder / (words[words.index("-P") + 1] if "-P" in words else ".")
+        destination.mkdir(parents=True, exist_ok=True)
+        source = "edm2-release.pkl" if words[-1].endswith(f"{EDM2_TEACHER}.pkl") else "fid-refs/img512.pkl"
+        target = destination / words[-1].rsplit("/", 1)[1]
+        target.unlink(missing_ok=True)  # a stand-in linked there already: download over it
+        shutil.copy(standins / "files" / source, target)
+        return None
     if program == "wget" and words[-1].startswith(hub_release_prefix()):
         destination = folder / (words[words.index("-P") + 1] if "-P" in words else ".")
         destination.mkdir(parents=True, exist_ok=True)
@@ -246,6 +288,7 @@ def test_documented_command_runs(document, command, standins, tmp_path, monkeypa
     folder = workspace(standins, tmp_path / "work")
     monkeypatch.chdir(folder)
     monkeypatch.setenv("TORCH_HOME", str(standins / "torch_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(standins / "hf_hub"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     run_documented(words, folder, standins, monkeypatch)

@@ -13,7 +13,6 @@ pytest.importorskip("diffusers", reason=encoders.DIFFUSERS_MISSING)
 def hf_cache(tmp_path, monkeypatch):
     cache = install_tiny_vae(tmp_path / "hub")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
 
@@ -51,7 +50,6 @@ def test_standard_rgb_encoder_matches_edm2():
 
 def test_missing_vae_names_files_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(encoders.MissingVAEError) as error:
         encoders.build(sd_vae_description())
     message = str(error.value)

@@ -1,0 +1,177 @@
+"""EDM2's release architectures at full size (random weights): one PID step gives every student parameter a
+finite non-zero gradient (forward, central and JVP derivatives), and the img512-xs path runs through the
+commands: an EDM2-layout pickle → pid-convert-edm → pid-distill guided by a second network (real 4×64×64
+latents, batch 1, killed in step 2 and resumed by the same command) → pid-sample → pid-fid, with the tiny VAE in
+a Hugging Face cache folder and a stand-in detector.
+
+The U-Nets are fully convolutional (each level runs at half its input's size, attention included), so which
+parameters take part does not depend on the latent size: the gradient test uses 8×8 latents. XL (1.1 B) and XXL
+(1.5 B parameters) are not run: a teacher, a student and its gradients take 13 and 18 GiB in float32, which
+does not fit beside the rest of the suite in CI's 24 GiB; their structure (every key, shape and the parameter
+count) is checked against EDM2's key lists on the meta device (test_networks_edm2.py), and every block they are
+made of runs in the smaller sizes here.
+"""
+
+import csv
+import io
+import pickle
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from edm2_helpers import install_tiny_vae, sd_vae_description
+from pid_diffusion import checkpoint, encoders
+from pid_diffusion.grid import KarrasGrid
+from pid_diffusion.loss import Derivative, pid_residual
+from pid_diffusion.metrics import Metric
+from pid_diffusion.networks.edm2 import EDM2_PRESETS, Precond
+from pid_diffusion.student import PIDStudent
+from pid_diffusion.utils import fileio
+from test_fid import SMALL_FEATURE_DIM, write_detector
+from test_release_commands import DETECTOR_POOL, distill_killed_and_resumed, run
+from test_release_gradients import two_threads  # noqa: F401  (a fixture)
+from test_teacher import _mark_persistent, _write_edm_pickle
+
+pytestmark = pytest.mark.release
+pytest.importorskip("diffusers", reason=encoders.DIFFUSERS_MISSING)
+
+LATENT_SIZE = 8
+GRID = KarrasGrid(num_points=10, rho=7.0, sigma_min=0.002, sigma_max=80.0)
+# Each size up to L once; each derivative on a conditional net, the unconditional guide and the pixel net.
+CASES = [
+    ("edm2-img512-xs", Derivative.FORWARD),
+    ("edm2-img512-xs-uncond", Derivative.CENTRAL),
+    ("edm2-img512-s", Derivative.JVP),
+    ("edm2-img64-s", Derivative.FORWARD),
+    ("edm2-img512-m", Derivative.CENTRAL),
+    ("edm2-img512-l", Derivative.FORWARD),
+]
+NOT_RUN = {"edm2-img512-xl", "edm2-img512-xxl", "edm2-img64-xl"}  # see the module docstring
+
+
+def test_cases_cover_every_release_architecture_but_the_largest():
+    def architecture(kwargs):
+        return {key: value for key, value in kwargs.items() if key != "dropout"}
+    covered = [architecture(EDM2_PRESETS[name]) for name, _ in CASES]
+    sizes = {name.split("-")[2] for name, _ in CASES}
+    for name, kwargs in EDM2_PRESETS.items():
+        # img64 nets differ from img512 nets of their size only in image channels (3 against 4).
+        assert name in NOT_RUN or architecture(kwargs) in covered or name.split("-")[2] in sizes, name
+    assert {derivative for _, derivative in CASES} == set(Derivative)
+
+
+def random_teacher(name: str, seed: int = 0) -> Precond:
+    """The release architecture with random weights and every 0-dim gain set (EDM2 starts them at 0, which would
+    cut the residual branches and the output off)."""
+    torch.manual_seed(seed)
+    teacher = Precond(**{**EDM2_PRESETS[name], "dropout": 0.0})
+    with torch.no_grad():
+        for tensor in teacher.parameters():
+            if tensor.ndim == 0:
+                tensor.fill_(0.5)
+    return teacher.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("name, derivative", CASES, ids=[f"{n}-{d.value}" for n, d in CASES])
+def test_every_student_parameter_gets_a_gradient(name, derivative, two_threads):  # noqa: F811
+    teacher = random_teacher(name)
+    student = PIDStudent.from_teacher(teacher, GRID.sigma_min, GRID.sigma_max, network_overrides={"dropout": 0.0})
+    assert not any(key.startswith("logvar") for key in student.state_dict())
+    student.train()  # forced weight normalisation on, as in training
+
+    generator = torch.Generator().manual_seed(0)
+    z = GRID.sigma_max * torch.randn(1, teacher.img_channels, LATENT_SIZE, LATENT_SIZE, generator=generator)
+    indices = GRID.sample_indices(1, generator, interior_only=derivative is Derivative.CENTRAL)
+    labels = torch.eye(teacher.label_dim)[[3]] if teacher.label_dim else None
+    loss = pid_residual(student, teacher, z, indices, labels, grid=GRID, metric=Metric.PSEUDO_HUBER.build(),
+                        derivative=derivative)
+    loss.sum().backward()
+
+    missing = [key for key, tensor in student.named_parameters() if tensor.grad is None]
+    zero = [key for key, tensor in student.named_parameters() if tensor.grad is not None and not tensor.grad.any()]
+    assert not missing and not zero, f"no gradient: {missing}; zero gradient: {zero}"
+    assert all(torch.isfinite(tensor.grad).all() for tensor in student.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The img512-xs path through the commands.
+
+XS = "edm2-img512-xs"
+IMAGE_SIZE = 64 * 2  # the tiny VAE decodes ×2 (two blocks); sd-vae-ft-mse decodes 64×64 latents to 512×512
+
+
+def edm2_pickle(path, name: str, seed: int) -> str:
+    """A file in EDM2's snapshot layout (float16 network in `ema`, the VAE encoder), random weights."""
+    network = random_teacher(name, seed).to(torch.float16)
+    encoder = _VAEEncoder()
+    return _write_edm_pickle(path, dict(encoder=_mark_persistent(encoder, {}), ema=_mark_persistent(
+        network, {key: value for key, value in EDM2_PRESETS[name].items()}), dataset_kwargs={}))
+
+
+class _VAEEncoder(torch.nn.Module):
+    """Pickles as EDM2's StabilityVAEEncoder does (its vae_name and whitening constants as NumPy arrays)."""
+
+    def __init__(self):
+        super().__init__()
+        description = sd_vae_description()
+        self.vae_name = description["vae_name"]
+        self.scale = np.asarray(description["scale"], dtype=np.float32)
+        self.bias = np.asarray(description["bias"], dtype=np.float32)
+
+
+_VAEEncoder.__name__ = _VAEEncoder.__qualname__ = encoders.STABILITY_VAE
+
+
+def test_img512_xs_through_the_commands(tmp_path):
+    workspace = tmp_path
+    install_tiny_vae(workspace / "hub")
+    env_extra = dict(HF_HUB_CACHE=str(workspace / "hub"), HF_HUB_OFFLINE="1", TORCH_HOME=str(workspace / "th"))
+
+    def env(threads: int = 2):
+        from test_release_commands import environment
+        return {**environment(workspace, threads), **env_extra}
+
+    teachers = {}
+    for role, seed in (("main", 0), ("guide", 1)):
+        pkl = edm2_pickle(workspace / f"{role}.pkl", XS, seed)
+        teachers[role] = workspace / f"{role}.pt"
+        output = run([sys.executable, "-m", "pid_diffusion.cli.convert_edm", str(pkl), str(teachers[role])], env())
+        assert "EDM2 Precond, encoder StabilityVAEEncoder" in output
+        pkl.unlink()
+
+    run_dir = workspace / "run"
+    command = [sys.executable, "-m", "pid_diffusion.cli.distill", "--preset=edm2-img512-s",
+               f"--teacher.path={teachers['main']}", f"--teacher.guide_path={teachers['guide']}",
+               f"--run.dir={run_dir}", "--train.steps=2", "--train.batch=1", "--train.micro_batch=none",
+               "--train.ema_rates=0.999", "--run.checkpoint_every=1", "--run.snapshot_every=1", "--run.log_every=1",
+               "--run.image_every=2", "--run.image_count=1", "--pid.num_points=10"]
+    distill_killed_and_resumed(command, 1, env(), run_dir)
+    assert [step for step, _ in checkpoint.find_checkpoints(str(run_dir))] == [1, 2]
+    with PIL.Image.open(run_dir / "samples-00000002.png") as preview:
+        assert preview.size == (IMAGE_SIZE + 4, IMAGE_SIZE + 4)
+    last = checkpoint.checkpoint_path(str(run_dir), 2)
+    spec = fileio.torch_load(last)["model_spec"]["kwargs"]
+    assert spec["network_class"] == "Precond" and spec["network_kwargs"]["model_channels"] == 128
+
+    npz = workspace / "student.npz"
+    run([sys.executable, "-m", "pid_diffusion.cli.sample", "--checkpoint", last, "--ema=0.999", "--seeds=0-1",
+         "--batch=2", f"--npz={npz}", f"--grid={workspace / 'grid.png'}"], env())
+    with np.load(npz) as data:
+        assert data["images"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and data["images"].dtype == np.uint8
+
+    features = 3 * (IMAGE_SIZE // DETECTOR_POOL) ** 2
+    generator = torch.Generator().manual_seed(1)
+    detector = write_detector(workspace / "detector.pt", torch.randn(features, SMALL_FEATURE_DIM,
+                                                                     generator=generator) * 0.1,
+                              torch.randn(SMALL_FEATURE_DIM, generator=generator))
+    reference = workspace / "img512.pkl"
+    with open(reference, "wb") as file:
+        pickle.dump(dict(num_images=10, fid=dict(mu=np.zeros(SMALL_FEATURE_DIM), sigma=np.eye(SMALL_FEATURE_DIM))),
+                    file)
+    run([sys.executable, "-m", "pid_diffusion.cli.fid", f"--checkpoint={last}", f"--ref={reference}", "--seeds", "0-9",
+         "--ema", "0.999", "--batch=5", f"--detector={detector}", f"--csv={workspace / 'fid.csv'}"], env())
+    rows = list(csv.DictReader(io.StringIO((workspace / "fid.csv").read_text())))
+    assert rows and all(row["fid"] and not row["error"] for row in rows), rows
