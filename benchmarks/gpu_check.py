@@ -6,7 +6,8 @@
 Rows: the CUDA-marked tests (`pytest -m cuda`); one PID step (student forward, teacher, L2 residual,
 backward, RAdam) of the CIFAR-10 DDPM++ and ImageNet ADM release architectures (random weights, full
 size) in fp32, bf16 autocast and fp16 (the ADM teacher's own `use_fp16` image path, with loss scaling),
-with channels_last and with torch.compile; a one-rank NCCL process group (all-reduce and a DDP step);
+with channels_last and with torch.compile; the same for EDM2's img512-s guided by img512-xs (w 2.1, 4×64×64
+latents, pseudo-Huber on latents) in bf16 and fp16 (EDM2's own `use_fp16` U-Net path); a one-rank NCCL process group (all-reduce and a DDP step);
 one-step sampling; FID feature extraction (a stand-in TorchScript detector of the real one's signature,
 as nothing is downloaded). Each row reports its status, the time of one step (median of a few after a
 warm-up) and the peak GPU memory. A row that fails records its error and the others still run; rows
@@ -33,16 +34,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pid_diffusion import samplers  # noqa: E402
+from pid_diffusion.guidance import GuidedDenoiser  # noqa: E402
 from pid_diffusion.generate import generate  # noqa: E402
 from pid_diffusion.grid import KarrasGrid  # noqa: E402
 from pid_diffusion.loss import PIDObjective  # noqa: E402
 from pid_diffusion.metrics import Metric  # noqa: E402
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond  # noqa: E402
+from pid_diffusion.networks.edm2 import EDM2_PRESETS, Precond  # noqa: E402
 from pid_diffusion.student import PIDStudent  # noqa: E402
 
-ARCHITECTURES = {"cifar10": "edm-cifar10-32x32-uncond-vp", "imagenet64": "edm-imagenet-64x64-cond-adm"}
-BATCH = {"cifar10": 32, "imagenet64": 8}  # per step; small enough for any current GPU
+ARCHITECTURES = {"cifar10": "edm-cifar10-32x32-uncond-vp", "imagenet64": "edm-imagenet-64x64-cond-adm",
+                 "edm2-img512-s": "edm2-img512-s"}
+BATCH = {"cifar10": 32, "imagenet64": 8, "edm2-img512-s": 8}  # per step; small enough for any current GPU
 VARIANTS = ["fp32", "bf16", "fp16", "fp32+channels_last", "fp32+compile"]
+EDM2_VARIANTS = ["bf16", "fp16"]  # EDM2 trains in fp16; bf16 is the other half precision of today's GPUs
+EDM2_GUIDE, EDM2_GUIDANCE = "edm2-img512-xs", 2.1  # edm2-img512-s-autog-fid's guide and weight
 TIMED_STEPS = 3
 
 
@@ -75,15 +81,26 @@ def _timed(device: torch.device, step: Callable[[], None]) -> tuple[float, float
     return statistics.median(times), torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def _networks(name: str, device: torch.device) -> tuple[EDMPrecond, PIDStudent]:
+def _random_denoiser(name: str, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    teacher = EDMPrecond(**{**EDM_PRESETS[name], "dropout": 0.0})
+    if name in EDM2_PRESETS:
+        network = Precond(**{**EDM2_PRESETS[name], "dropout": 0.0})
+        network.encoder = None  # random latents: nothing is decoded here
+    else:
+        network = EDMPrecond(**{**EDM_PRESETS[name], "dropout": 0.0})
     with torch.no_grad():
-        for tensor in teacher.parameters():  # EDM zero-initialises output layers; make every layer matter
+        for tensor in network.parameters():  # EDM and EDM2 zero-initialise output gains; make every layer matter
             if not tensor.any():
-                tensor.normal_(0, 0.01)
-    teacher = teacher.to(device).eval().requires_grad_(False)
+                tensor.normal_(0, 0.01) if tensor.ndim else tensor.fill_(0.5)
+    return network.to(device).eval().requires_grad_(False)
+
+
+def _networks(name: str, device: torch.device) -> tuple[torch.nn.Module, PIDStudent]:
+    """The teacher (EDM2's img512-s guided by img512-xs) and its student."""
+    teacher = _random_denoiser(name, device)
     student = PIDStudent.from_teacher(teacher, 0.002, 80.0, network_overrides={"dropout": 0.0}).to(device)
+    if name in EDM2_PRESETS:
+        teacher = GuidedDenoiser(teacher, _random_denoiser(EDM2_GUIDE, device), EDM2_GUIDANCE)
     return teacher, student
 
 
@@ -100,11 +117,14 @@ def pid_step(architecture: str, variant: str, device: torch.device) -> Callable[
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     else:
         autocast = contextlib.nullcontext()
-    if precision != "fp16":  # fp32 and bf16 leave ADM's own half-precision image path off
-        teacher.use_fp16 = student.use_fp16 = False
+    if precision != "fp16":  # fp32 and bf16 leave ADM's and EDM2's own half-precision paths off
+        for network in (student, *teacher.modules()):  # a guided teacher's main network and guide too
+            if hasattr(network, "use_fp16"):
+                network.use_fp16 = False
     model = torch.compile(student) if "compile" in variant else student
     grid = KarrasGrid(num_points=250, rho=7.0, sigma_min=0.002, sigma_max=80.0)
-    objective = PIDObjective(teacher, grid, Metric.L2.build())
+    metric = Metric.PSEUDO_HUBER if architecture in EDM2_PRESETS else Metric.L2  # latents: no LPIPS
+    objective = PIDObjective(teacher, grid, metric.build())
     optimizer = torch.optim.RAdam(student.parameters(), lr=1e-5)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     generator = torch.Generator(device).manual_seed(0)
@@ -201,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
 
     checks: list[tuple[str, Callable[[], Callable[[], None]]]] = [
         (f"PID step {a} (batch {BATCH[a]}) {v}", lambda a=a, v=v: pid_step(a, v, device))
-        for a in args.architectures for v in args.variants]
+        for a in args.architectures if a not in EDM2_PRESETS for v in args.variants]
+    checks += [(f"PID step {a} guided by {EDM2_GUIDE} (batch {BATCH[a]}) {v}", lambda a=a, v=v: pid_step(a, v, device))
+               for a in args.architectures if a in EDM2_PRESETS for v in EDM2_VARIANTS]
     checks += [("NCCL 1 rank, DDP step cifar10", lambda: nccl_step(device)),
                ("one-step sampling, 500 cifar10 images", lambda: sampling_step(device)),
                ("FID extraction, 500 cifar10 images", lambda: fid_step(device))]
