@@ -26,7 +26,7 @@ from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, check, s
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_options
 from pid_diffusion.metrics import Metric
-from pid_diffusion.networks.edm import EDM_PRESETS
+from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond
 from pid_diffusion.networks.edm2 import EDM2_PRESETS, EDM2_RELEASE_URL, release_preset
 from pid_diffusion.student import PIDStudent, StudentInit
 from pid_diffusion.teacher import EDM_RELEASE_URL, load_teacher, read_teacher_checkpoint, require_teacher_file
@@ -138,6 +138,10 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
         raise ConfigError(f"pid.metric: {pid.metric.value} compares pixels, but the teacher {config.teacher.path} "
                           "denoises VAE latents (decoding them in the loss costs more than the rest of the step); "
                           "use metric=l2 or metric=pseudo_huber, which compare latents")
+    if config.train.activation_checkpointing and not isinstance(teacher, EDMPrecond):
+        raise ConfigError("train.activation_checkpointing: applies to EDM's U-Nets only; an EDM2 student's forced "
+                          "weight normalisation rewrites its weights at every forward, so a recomputed forward would "
+                          "not be the one that was differentiated: set it to false")
     if config.teacher.guide_path is not None:
         guide = load_teacher(config.teacher.guide_path, device=device)
         try:

@@ -107,6 +107,10 @@ def test_latent_path_errors_are_one_line(workspace, tmp_path):
     assert "pid-distill: error: pid.metric: lpips_piq compares pixels" in lpips
     assert "metric=l2 or metric=pseudo_huber" in lpips
 
+    checkpointing = distill(workspace, f"--run.dir={tmp_path / 'ckpt'}", "--train.activation_checkpointing=true",
+                            status=2)
+    assert "pid-distill: error: train.activation_checkpointing: applies to EDM's U-Nets only" in checkpointing
+
     no_guide = run(workspace, "pid_diffusion.cli.distill", f"--teacher.path={workspace / 'main.pt'}",
                    f"--teacher.guidance={GUIDANCE}", "--pid.metric=l2", "--dry-run", status=2)
     assert "pid-distill: error: teacher.guide_path: a guide needs a guidance weight" in no_guide
