@@ -231,7 +231,7 @@ def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[in
                 if ema not in available:
                     raise ValueError(f"no weights {ema!r}; it has {', '.join(available)}")
                 net = checkpoint.load_generator(
-                    path, ema_rate=None if ema == TRAINED_WEIGHTS else float(ema), device=detector.device)
+                    path, ema_rate=None if ema == TRAINED_WEIGHTS else ema, device=detector.device)
             except Exception as error:
                 table.record(dataclasses.replace(result, error=_error(error)), write=is_writer)
                 dist.print0(f"{name} ema {ema}: cannot be loaded: {error}")

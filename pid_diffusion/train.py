@@ -42,7 +42,7 @@ import tqdm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pid_diffusion import checkpoint, images
+from pid_diffusion import checkpoint, images, phema
 from pid_diffusion.utils import dist, fileio, perf, preemption
 from pid_diffusion.config import (ConfigError, OnResume, OptimizerKind, RunConfig, TrainConfig, TrainingConfig,
                                   from_dict, to_json)
@@ -314,7 +314,7 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
     model.to(device).train()
     _apply_speed_options(model, train, device)
     optimizer = build_optimizer(model.parameters(), train)
-    ema = EMA(model, train.ema_rates)
+    ema = phema.Averages(EMA(model, train.ema_rates), phema.PowerFunctionEMA(model, train.phema_stds))
     scaler = torch.amp.GradScaler(device.type, enabled=train.precision.needs_loss_scaling)
     start_step, last_checkpoint, rng_restored, changes = checkpoint.resume(config, model, ema, optimizer, scaler,
                                                                            fingerprints)
@@ -380,8 +380,7 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         skipped = scaler.is_enabled() and scaler.get_scale() < scale
-        if not skipped:
-            ema.update(model)
+        ema.update(model, nimg=done * train.batch, batch=train.batch, skipped=skipped)
         interval.add(loss, grad_norm.item(), skipped)
         progress.update()
 

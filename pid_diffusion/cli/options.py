@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, config_files, samplers
+from pid_diffusion import checkpoint, config_files, phema, samplers
 from pid_diffusion.utils import dist
 from pid_diffusion.cli.errors import UserError
 from pid_diffusion.config import (ConfigError, OnResume, field_docs, flatten, leaf_fields, on_resume,
@@ -144,9 +144,16 @@ def seed_range(text: str) -> tuple[str, list[int]]:
 
 
 def weights_name(text: str) -> str:
-    """'none' or an EMA rate written as the checkpoint's `ema` keys write it (str of the float)."""
+    """'none', an EMA rate written as the checkpoint's `ema` keys write it (str of the float), or a power-function
+    EMA or post-hoc reconstruction as 'std-<σ_rel>' (written as phema.std_name writes it)."""
     if text == TRAINED_WEIGHTS:
         return text
+    if phema.is_std_name(text):
+        try:
+            return phema.std_name(phema.std_of(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: a power-function EMA is named std-<relative std>, "
+                                             "e.g. std-0.050") from None
     try:
         rate = float(text)
     except ValueError:
@@ -161,7 +168,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="training checkpoint (a PID student or an EDM network)")
     source.add_argument("--teacher", help="teacher: EDM .pkl, converted teacher .pt, or a state dict with --preset")
-    parser.add_argument("--ema", type=float, help="EMA rate to sample from, e.g. 0.9999 (default: the trained weights)")
+    parser.add_argument("--ema", type=weights_name, help="EMA to sample from: a rate, e.g. 0.9999, or a power-function "
+                        "EMA or post-hoc reconstruction, e.g. std-0.050 (default: the trained weights)")
     parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (--teacher only)")
 
 
@@ -200,4 +208,5 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
         return load_teacher(args.teacher, preset=args.preset, device=device)
     if args.preset is not None:
         raise ValueError("--preset names a teacher state dict's architecture; a checkpoint records its own")
-    return checkpoint.load_generator(args.checkpoint, ema_rate=args.ema, device=device)
+    ema = None if args.ema == TRAINED_WEIGHTS else args.ema
+    return checkpoint.load_generator(args.checkpoint, ema_rate=ema, device=device)
