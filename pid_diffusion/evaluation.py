@@ -80,9 +80,11 @@ def reference_statistics(source: ImageSource, detector: Detector, batch_size: in
     """The statistics of the detector's features (and DINOv2's, when given) over `source[indices]` (default: all
     of it), over all ranks, in one pass over the images."""
     indices = np.arange(len(source)) if indices is None else indices
+    # The detector's feature size, from one image: EDM's Inception gives 2048, a stand-in detector another size.
+    first = torch.from_numpy(np.asarray(source[int(indices[0])])[None]).permute(0, 3, 1, 2)
     also = [] if dinov2 is None else [(dinov2, FeatureStats(dinov2.feature_dim, device=dinov2.device))]
     features, _ = compute_statistics(image_batches(source, indices, batch_size), detector, len(indices),
-                                     inception_score=False, also=also)
+                                     feature_dim=detector.features(first).shape[1], inception_score=False, also=also)
     return ReferenceStats(fid=features.mean_and_covariance(),
                           fd_dinov2=also[0][1].mean_and_covariance() if also else None, num_images=len(indices))
 
