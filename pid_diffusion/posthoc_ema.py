@@ -35,7 +35,11 @@ def snapshot_inputs(run_dir: str, step: int | None = None) -> tuple[int, list[tu
     of the run's weight files up to `step` (default: the newest step that has any)."""
     found = []
     for file_step, path in checkpoint.find_weights(run_dir):
-        header = checkpoint.read_header(path)
+        try:
+            header = checkpoint.read_header(path)
+        except Exception as error:  # torch.load raises many kinds; a damaged input would change every average.
+            raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}); the reconstruction needs "
+                             "every snapshot: restore it, or move it out of the folder") from None
         stds = sorted(phema.std_of(name) for name in header["ema"] if phema.is_std_name(name))
         if stds and file_step > 0:
             found.append((file_step, header["config"]["train"]["batch"], stds, path))

@@ -194,3 +194,22 @@ def test_distill_with_power_emas_then_phema_then_fid_with_fd_dinov2(tmp_path):
     features = dinov2.DINOv2Detector(tiny_model()).features(samples).double().numpy()
     expected = fid_from_stats(features.mean(0), np.cov(features, rowvar=False), *reference.fd_dinov2)
     assert float(rows[0]["fd_dinov2"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fd_dinov2_needs_edm2_reference_format_and_older_tables_still_load(tmp_path, capsys):
+    from pid_diffusion.cli import fid as fid_cli
+    from pid_diffusion.evaluation import CSV_FIELDS, ResultsTable
+    write_npz(str(tmp_path / "images.npz"), images=np.zeros((10, 16, 16, 3), dtype=np.uint8))
+    save_stats(str(tmp_path / "ref.npz"), ReferenceStats(fid=(np.zeros(4), np.eye(4))))
+    with pytest.raises(SystemExit) as exit_info:
+        fid_cli.main(["--images", str(tmp_path / "images.npz"), "--ref", str(tmp_path / "ref.npz"), "--fd-dinov2"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "pid-fid: error: " in error and "holds no DINOv2 statistics" in error and "--fd-dinov2 --dest" in error
+    # A results table written before the fd_dinov2 column loads, the column empty.
+    older = [name for name in CSV_FIELDS if name != "fd_dinov2"]
+    (tmp_path / "old.csv").write_text(",".join(older) + "\n" + ",".join(
+        {"checkpoint": "snapshot-00000001.pt", "step": "1", "ema": "none", "seeds": "0-9", "num_samples": "10",
+         "fid": "3.5"}.get(name, "") for name in older) + "\n")
+    (result,) = ResultsTable(str(tmp_path / "old.csv")).results.values()
+    assert result.fid == 3.5 and result.fd_dinov2 is None
