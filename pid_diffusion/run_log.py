@@ -8,17 +8,56 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 import time
 
-import torch
+import tqdm
 
 from pid_diffusion.utils import fileio
 from pid_diffusion.config import ConfigError, RunConfig, TrainConfig
 from pid_diffusion.checkpoint import Change
 
-__all__ = ["HISTORY_FILE"]
+__all__ = ["HISTORY_FILE", "METRICS_FILE", "RunLog", "record_history"]
 
 HISTORY_FILE = "history.jsonl"  # One record per start or resume of a run: when, where, what changed.
+METRICS_FILE = "metrics.jsonl"  # One record per log step: loss, lr, gradient norm, speed.
+
+
+class RunLog:
+    """The log records of a run, one every `run.log_every` steps: on rank 0 they go to metrics.jsonl (and
+    TensorBoard), to the plot and to the progress (a bar on a terminal, a plain line otherwise); the other ranks
+    only count. Call `step` after every step, `record` at a log step, `plot` at a training state, `close` last."""
+
+    def __init__(self, run: RunConfig, train: TrainConfig, start_step: int, active: bool):
+        self.steps, self.batch, self.active = train.steps, train.batch, active
+        self.metrics = _MetricsLog(run, start_step) if active else None
+        self.interactive = sys.stderr.isatty()
+        self.progress = tqdm.tqdm(total=train.steps, initial=start_step, disable=not active or not self.interactive,
+                                  unit="step", dynamic_ncols=True)
+        self.sums = _Sums()
+
+    def step(self, loss: float, grad_norm: float, skipped: bool) -> None:
+        self.sums.add(loss, grad_norm, skipped)
+        self.progress.update()
+
+    def record(self, step: int, lr: float, loss_scale: float | None) -> None:
+        """Close the interval ending at `step` into a log record and write it (rank 0)."""
+        record = self.sums.record(step, self.batch, lr, loss_scale)
+        if self.active:
+            self.metrics.append(record)
+            self.progress.set_postfix(loss=f"{record['loss']:.4g}", skipped=record["skipped_steps"])
+            if not self.interactive:
+                print(_progress_line(record, self.steps), flush=True)
+
+    def plot(self) -> None:
+        if self.active:
+            self.metrics.plot()
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.active:
+            self.metrics.close()
+
 
 class _MetricsLog:
     """metrics.jsonl in the run folder, one JSON record per log step, TensorBoard event files beside it when
@@ -30,7 +69,7 @@ class _MetricsLog:
 
     def __init__(self, run: RunConfig, resume_step: int):
         self.folder = run.dir
-        self.path = fileio.join(run.dir, "metrics.jsonl")
+        self.path = fileio.join(run.dir, METRICS_FILE)
         self.records: list[dict] = []
         if fileio.exists(self.path):
             lines = fileio.read_bytes(self.path).decode("utf-8").splitlines()
@@ -71,7 +110,7 @@ def _tensorboard_writer(folder: str, resume_step: int):
     return SummaryWriter(folder, purge_step=resume_step + 1 if resume_step else None)
 
 
-def _record_history(folder: str, step: int, resumed_from: str | None, changes: list[Change],
+def record_history(folder: str, step: int, resumed_from: str | None, changes: list[Change],
                     world_size: int, per_rank: int, micro: int) -> None:
     """Append this start or resume, with the options it changed, to the run folder's history.jsonl."""
     path = fileio.join(folder, HISTORY_FILE)
@@ -91,7 +130,7 @@ def _progress_line(record: dict, steps: int) -> str:
             f"{record['images_per_s']:.4g} images/s  remaining {remaining}")
 
 
-class _Interval:
+class _Sums:
     """Sums over the steps since the last log record."""
 
     def __init__(self):
@@ -103,18 +142,17 @@ class _Interval:
         self.grad_norm += grad_norm
         self.skipped += int(skipped)
 
-    def record(self, step: int, train: TrainConfig, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler) -> dict:
+    def record(self, step: int, batch: int, lr: float, loss_scale: float | None) -> dict:
         """The log record of the interval ending at `step`, then a fresh interval."""
         seconds = time.perf_counter() - self.start
         record = {
             "step": step,
             "loss": self.loss / self.steps,  # Mean over the interval of the global-batch mean loss.
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "grad_norm": self.grad_norm / self.steps,
-            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
+            "loss_scale": loss_scale,
             "skipped_steps": self.skipped,
-            "images_per_s": train.batch * self.steps / seconds,
+            "images_per_s": batch * self.steps / seconds,
             "s_per_step": seconds / self.steps,
             "time": time.time(),
         }

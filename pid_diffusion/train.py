@@ -27,14 +27,12 @@ import copy
 import datetime
 import math
 import random
-import sys
 from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-import tqdm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -252,18 +250,13 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
         model.compile()
     if rank == 0:
         fileio.atomic_write_text(to_json(config), fileio.join(run.dir, "config.json"))
-        run_log._record_history(run.dir, start_step, last_checkpoint, changes, world_size, per_rank, micro)
-        metrics = run_log._MetricsLog(run, start_step)
+        run_log.record_history(run.dir, start_step, last_checkpoint, changes, world_size, per_rank, micro)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dist.print0(f"Training {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) "
                 f"on {world_size} rank(s), {per_rank} samples per rank in micro-batches of {micro}, "
                 f"steps {start_step} → {train.steps}, run folder {run.dir}")
 
-    # A bar on a terminal; in a batch job's log file, the plain line of each log record instead.
-    interactive = sys.stderr.isatty()
-    progress = tqdm.tqdm(total=train.steps, initial=start_step, disable=rank != 0 or not interactive, unit="step",
-                         dynamic_ncols=True)
-    interval = run_log._Interval()
+    log = run_log.RunLog(run, train, start_step, active=rank == 0)
     for step in range(start_step, train.steps):
         done = step + 1
         for group in optimizer.param_groups:
@@ -308,19 +301,13 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
         skipped = scaler.is_enabled() and scaler.get_scale() < scale
         if not skipped:
             ema.update(model)
-        interval.add(loss, grad_norm.item(), skipped)
-        progress.update()
+        log.step(loss, grad_norm.item(), skipped)
 
         # Periodic work: consistency check, log, sample grid, checkpoint.
         if run.sync_check_every and done % run.sync_check_every == 0:
             _check_ranks_agree(model, done)
         if done % run.log_every == 0 or done == train.steps:
-            record = interval.record(done, train, optimizer, scaler)
-            if rank == 0:
-                metrics.append(record)
-                progress.set_postfix(loss=f"{record['loss']:.4g}", skipped=record["skipped_steps"])
-                if not interactive:
-                    print(run_log._progress_line(record, train.steps), flush=True)
+            log.record(done, optimizer.param_groups[0]["lr"], scaler.get_scale() if scaler.is_enabled() else None)
         if preview is not None and run.image_every and done % run.image_every == 0 and rank == 0:
             _write_preview(preview, model, fileio.join(run.dir, f"samples-{done:08d}.png"))
         preempted = stop and done < train.steps
@@ -328,19 +315,14 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
             checkpoint.save_snapshot(config, done, model, ema)
         if done % run.checkpoint_every == 0 or done == train.steps or preempted:
             last_checkpoint = checkpoint.save(config, done, model, ema, optimizer, scaler, fingerprints)
-            if rank == 0:
-                metrics.plot()
+            log.plot()
         if preempted:
-            progress.close()
-            if rank == 0:
-                metrics.close()
+            log.close()
             who = flag.received or "a signal on another rank"
             dist.print0(f"Preempted ({who}) after step {done}: {last_checkpoint} is complete. Exiting with status "
                         f"{preemption.PREEMPTED_EXIT_CODE}; re-run the same command to resume")
             raise preemption.Preempted()
-    progress.close()
-    if rank == 0:
-        metrics.close()
+    log.close()
     return model
 
 
