@@ -15,7 +15,7 @@ import tqdm
 
 from pid_diffusion.utils import fileio
 from pid_diffusion.config import ConfigError, RunConfig, TrainConfig
-from pid_diffusion.checkpoint import Change
+from pid_diffusion.resume import Change
 
 __all__ = ["HISTORY_FILE", "METRICS_FILE", "RunLog", "record_history"]
 

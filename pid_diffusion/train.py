@@ -1,5 +1,5 @@
-"""The training loop shared by distillation and teacher training: DDP, micro-batches, precision, EMA,
-the optimizer and its learning-rate schedule; it calls checkpoint.py to save and resume, run_log.py to record.
+"""The training loop shared by distillation and teacher training: DDP, micro-batches, precision, EMA, the
+optimizer and its learning-rate schedule; checkpoint.py saves, resume.py resumes, run_log.py records.
 
 The loop knows a task only through its `Objective` (ARCHITECTURE.md). The global batch of step s is cut
 into chunks of `NOISE_CHUNK` samples, and chunk c is drawn by `objective.sample_batch` from its own
@@ -36,7 +36,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pid_diffusion import checkpoint, images, run_log
+from pid_diffusion import checkpoint, images, resume, run_log
 from pid_diffusion.utils import dist, fileio, perf, preemption
 from pid_diffusion.config import ConfigError, OptimizerKind, TrainConfig, TrainingConfig, to_json
 from pid_diffusion.generate import Preview
@@ -240,8 +240,8 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
     optimizer = build_optimizer(model.parameters(), train)
     ema = EMA(model, train.ema_rates)
     scaler = torch.amp.GradScaler(device.type, enabled=train.precision.needs_loss_scaling)
-    start_step, last_checkpoint, rng_restored, changes = checkpoint.resume(config, model, ema, optimizer, scaler,
-                                                                           fingerprints)
+    start_step, last_checkpoint, rng_restored, changes = resume.resume(config, model, ema, optimizer, scaler,
+                                                                       fingerprints)
     if not rng_restored:
         _seed_globals(train.seed, rank, start_step)
     if train.compile:

@@ -27,7 +27,7 @@ from pid_diffusion.cli import errors, options
 from pid_diffusion.distill import TASK, DistillConfig, build, check_files, fingerprints
 from pid_diffusion.samplers import OneStepSampler
 from pid_diffusion.generate import sampler_preview
-from pid_diffusion.resume import describe_launch
+from pid_diffusion.launch import describe_launch
 from pid_diffusion.train import training_loop
 
 
