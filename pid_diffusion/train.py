@@ -38,11 +38,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pid_diffusion import checkpoint, images, resume, run_log
 from pid_diffusion.utils import dist, fileio, perf, preemption
-from pid_diffusion.config import ConfigError, OptimizerKind, TrainConfig, TrainingConfig, to_json
+from pid_diffusion.config import ConfigError, LRDecay, OptimizerKind, Precision, TrainConfig, TrainingConfig, to_json
 from pid_diffusion.generate import Preview
 
-__all__ = ["EMA", "NOISE_CHUNK", "NonFiniteLossError", "Objective", "batch_plan", "build_optimizer",
-           "chunk_generator", "lr_at", "training_loop"]
+__all__ = ["AUTOCAST_DTYPES", "EMA", "NOISE_CHUNK", "NonFiniteLossError", "Objective", "batch_plan",
+           "build_optimizer", "chunk_generator", "loss_scaler", "lr_at", "training_loop"]
 
 # Samples per generator: sample k of step s is sample k mod NOISE_CHUNK of chunk k // NOISE_CHUNK. Small
 # enough that a rank wastes little when its share is not a multiple of it, large enough that the per-chunk
@@ -153,11 +153,22 @@ def lr_at(train: TrainConfig, step: int) -> float:
     step after the last would have lr 0 (the last step itself still moves)."""
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
-    return train.lr * train.lr_decay.factor((step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)  # In [0, 1).
+    factor = {LRDecay.CONSTANT: 1.0, LRDecay.COSINE: 0.5 * (1 + math.cos(math.pi * progress)),
+              LRDecay.LINEAR: 1 - progress}[train.lr_decay]
+    return train.lr * factor
+
+
+AUTOCAST_DTYPES = {Precision.FP32: None, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
+
+
+def loss_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for fp16, whose range is too narrow for small gradients; a disabled scaler otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision is Precision.FP16)
 
 
 def _autocast(train: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = train.precision.autocast_dtype
+    dtype = AUTOCAST_DTYPES[train.precision]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
@@ -239,7 +250,7 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
     _apply_speed_options(model, train, device)
     optimizer = build_optimizer(model.parameters(), train)
     ema = EMA(model, train.ema_rates)
-    scaler = torch.amp.GradScaler(device.type, enabled=train.precision.needs_loss_scaling)
+    scaler = loss_scaler(train.precision, device)
     start_step, last_checkpoint, rng_restored, changes = resume.resume(config, model, ema, optimizer, scaler,
                                                                        fingerprints)
     if not rng_restored:
