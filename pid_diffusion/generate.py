@@ -19,10 +19,11 @@ from torch import nn
 
 from pid_diffusion import samplers
 from pid_diffusion.utils import dist
+from pid_diffusion.dode import DODESampler
 from pid_diffusion.images import to_uint8
 from pid_diffusion.student import PIDStudent
 
-__all__ = ["Batch", "Preview", "SamplerKind", "gather_rows", "generate", "make_sampler", "sampler_for", "sampler_preview"]
+__all__ = ["Batch", "Preview", "SamplerKind", "gather_rows", "generate", "sampler_for", "sampler_preview"]
 
 _SEED_MODULUS = 1 << 32  # torch generators take 64-bit seeds; EDM reduces seeds modulo 2^32
 
@@ -35,17 +36,23 @@ class SamplerKind(enum.Enum):
     EULER = "euler"  # teacher: explicit Euler on PID's Karras grid (the PID ceiling, docs/method.md §6)
 
 
-def make_sampler(kind: SamplerKind | None, steps: int | None, net: nn.Module) -> samplers.Sampler:
-    """The sampler for `net`: a student samples in one step, a denoiser with Heun or Euler.
+def sampler_for(network: str, kind: SamplerKind | None = None, steps: int | None = None,
+                sampler_file: str | None = None) -> samplers.Sampler:
+    """The sampler for a network known by its class name (`type(net).__name__`, or a snapshot's model_spec
+    before its weights are read): a PID student samples in one step, a denoiser with Heun, Euler or the D-ODE
+    sampler in `sampler_file` (written by pid-fit-dode).
 
     `kind` None picks the network's natural sampler; `steps` None keeps the sampler's default (Heun: EDM's
     18 Karras steps; Euler: the points of PID's grid).
     """
-    return sampler_for(kind, steps, type(net).__name__, is_student=isinstance(net, PIDStudent))
-
-
-def sampler_for(kind: SamplerKind | None, steps: int | None, network: str, *, is_student: bool) -> samplers.Sampler:
-    """`make_sampler` for a network known by its class name (a checkpoint's model_spec), before loading it."""
+    is_student = network == PIDStudent.__name__
+    if sampler_file is not None:
+        if kind is not None or steps is not None:
+            raise ValueError("--sampler-file holds its solver and steps: drop --sampler and --steps")
+        if is_student:
+            raise ValueError(f"{sampler_file} is a D-ODE sampler for a denoiser; a PID student samples in one "
+                             "step: drop --sampler-file")
+        return DODESampler.load(sampler_file)
     kind = kind or (SamplerKind.ONE_STEP if is_student else SamplerKind.HEUN)
     if (kind is SamplerKind.ONE_STEP) != is_student:
         network = "a PID student" if is_student else f"a denoiser ({network})"
