@@ -106,7 +106,7 @@ def test_second_signal_exits_at_once_and_leaves_checkpoints_intact(tmp_path):
     _, err = job.communicate(timeout=JOB_TIMEOUT_S)
     assert job.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "second signal (SIGTERM): exiting now" in err
-    assert steps_in(tmp_path) == [] and not [n for n in fileio.listdir(tmp_path) if fileio.is_temporary(n)]
+    assert steps_in(tmp_path) == [] and not [n for n in fileio.listdir(tmp_path) if n.endswith(fileio.TEMP_SUFFIX)]
 
 
 def test_preempt_signals_are_validated():
@@ -204,7 +204,7 @@ def test_failed_checkpoint_write_keeps_earlier_checkpoints_and_says_so(tmp_path,
                               f"(OSError: [Errno 28] No space left on device)")
     assert f"earlier checkpoints are intact ({checkpoint.checkpoint_path(str(tmp_path), 3)})" in message
     assert fileio.read_bytes(checkpoint.checkpoint_path(str(tmp_path), 3)) == first
-    assert steps_in(tmp_path) == [3] and not [n for n in fileio.listdir(tmp_path) if fileio.is_temporary(n)]
+    assert steps_in(tmp_path) == [3] and not [n for n in fileio.listdir(tmp_path) if n.endswith(fileio.TEMP_SUFFIX)]
 
 
 def test_checkpoints_stream_through_the_file(tmp_path, monkeypatch):

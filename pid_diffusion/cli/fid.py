@@ -101,14 +101,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"IS {result.is_mean:.3f} ± {result.is_std:.3f}", flush=True)
 
         common = dict(batch_size=args.batch, on_result=report)
-        generated = dict(weights=args.ema, sampler_for=functools.partial(options.sampler_for_network, args), **common)
+        generated = dict(weights=args.ema, sampler_for=functools.partial(options.sampler_from_args, args), **common)
         if args.run:
             evaluation.evaluate_run(args.run, table, seed_ranges, detector, reference, args.ref, **generated)
         elif args.checkpoint:
             evaluation.evaluate_file(args.checkpoint, table, seed_ranges, detector, reference, args.ref, **generated)
         elif args.teacher:
             net = load_teacher(args.teacher, preset=args.preset, device=detector.device)
-            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, options.sampler_from_args(args, net),
+            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, options.sampler_from_args(args, type(net).__name__),
                                         table, seed_ranges, detector, reference, args.ref, **common)
         else:
             evaluation.evaluate_images(args.images.rsplit("/", 1)[-1], open_images(args.images), table, detector,
