@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.mpirun, pytest.mark.xdist_group("mpirun")]
 
 # The bundled default for a few steps of two processes: one log line per step, no images, no snapshots and no
 # periodic training state, so the one a stop writes is the only one before the end.
-RUN = ["--train.steps=10", "--run.log_every=1", "--run.image_every=0", "--run.snapshot_every=0",
+RUN = ["--train.steps=6", "--run.log_every=1", "--run.image_every=0", "--run.snapshot_every=0",
        "--run.checkpoint_every=1000"]
 SECOND_SIGNAL_LIMIT_S = 10.0  # "At once": the ranks end within mpirun's kill, far below a step and a write.
 
@@ -69,7 +69,7 @@ def assert_stopped_and_saved(launch: Launch, folder: Path, after: int) -> int:
     assert launch.wait() == preemption.PREEMPTED_EXIT_CODE, launch.output()[-3000:]
     output = launch.output()
     stopped = steps_in(folder)[-1]
-    assert after < stopped < 10 and logged_steps(folder)[-1] == stopped, output[-3000:]
+    assert after < stopped < 6 and logged_steps(folder)[-1] == stopped, output[-3000:]
     assert f"Preempted (SIGUSR1) after step {stopped}: {checkpoint.checkpoint_path(str(folder), stopped)}" in output
     assert "[rank 0] SIGUSR1" in output and "[rank 1] SIGUSR1" in output
     assert not [name for name in fileio.listdir(folder) if fileio.is_temporary(name)]
@@ -105,7 +105,6 @@ def test_a_second_ctrl_c_ends_the_job_at_once(tmp_path):
     launch.ctrl_c()
     wait_for(lambda: "[rank 1] SIGUSR1" in launch.output() and "[rank 0] SIGUSR1" in launch.output(), launch.job,
              "the ranks to get the stop")
-    time.sleep(preemption.SAME_REQUEST_S)  # a person's second Ctrl-C, not a copy of the first
     sent = time.monotonic()
     launch.ctrl_c()
     assert launch.wait() == 128 + signal.SIGINT, launch.output()[-3000:]
@@ -115,15 +114,14 @@ def test_a_second_ctrl_c_ends_the_job_at_once(tmp_path):
     assert_no_process_left(str(folder))
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
-def test_sampling_launcher_stops_writing_nothing_partial(tmp_path, stop):
+def test_sampling_launcher_stops_on_ctrl_c_writing_nothing_partial(tmp_path):
     # Heun on the bundled teacher for many seeds: long enough to be stopped in the middle.
     grid = tmp_path / "out" / "grid.png"
     launch = Launch(tmp_path / "run.log", "scripts/image_sampling.sh", "--teacher", "model_zoo/edm-shapes-16x16.pt",
                     "--sampler", "heun", "--npz", str(tmp_path / "out" / "samples.npz"), SEEDS="0-99999", BATCH="8",
                     OUT=str(tmp_path / "out"))
     wait_for(lambda: "100000 images" in launch.output(), launch.job, "the sampling to start")
-    launch.ctrl_c() if stop == "ctrl-c" else launch.job.send_signal(signal.SIGTERM)
+    launch.ctrl_c()
     assert launch.wait() == preemption.PREEMPTED_EXIT_CODE, launch.output()[-3000:]
     output = launch.output()
     assert output.count("pid-sample: stopped by SIGUSR1") == 1 and "Traceback" not in output, output[-3000:]

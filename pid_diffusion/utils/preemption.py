@@ -28,8 +28,9 @@ __all__ = ["PREEMPTED_EXIT_CODE", "SAME_REQUEST_S", "STOP_SIGNALS", "Preempted",
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL of sysexits.h: "a temporary failure; try again later".
 # Signals this soon after the first are copies of it delivered along other routes (srun's forward, slurmd's
-# own, a launch script's), which arrive within milliseconds; a person's second Ctrl-C comes later.
-SAME_REQUEST_S = 0.5
+# own, a launch script's), which arrive within milliseconds (more on a loaded machine); a person's second
+# Ctrl-C comes later, and a launch script ends the job at once on its own second signal.
+SAME_REQUEST_S = 1.0
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")  # A scheduler's preemption, Ctrl-C, and what launchers forward.
 _UNCATCHABLE = ("SIGKILL", "SIGSTOP")
 
