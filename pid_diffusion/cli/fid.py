@@ -22,7 +22,7 @@ import functools
 from collections.abc import Sequence
 
 from pid_diffusion import checkpoint, evaluation, plots
-from pid_diffusion.utils import dist, fileio
+from pid_diffusion.utils import dist, fileio, preemption
 from pid_diffusion.cli import errors, options
 from pid_diffusion.fid import load_reference
 from pid_diffusion.image_sources import open_images
@@ -80,7 +80,7 @@ def _default_csv(args) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error(), errors.reported("pid-fid"):
+    with dist.abort_on_error(), errors.reported("pid-fid"), preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-fid"):
         parser = build_parser()
         args = parser.parse_args(argv)
         _check(parser, args)
