@@ -64,7 +64,8 @@ def _describe(data: Any, path: str) -> str:
                 "model<step>.pt and ema_<rate>_<step>.pt")
     found = sorted(map(str, data))[:10] if isinstance(data, dict) else type(data).__name__
     return (f"{path} is neither a snapshot or training state of this project (model_spec, model, ema) nor a "
-            f"student state dict of the official PID code (named tensors); found {found}")
+            f"student state dict of the official PID code (named tensors); found {found} (a teacher file is read "
+            "with --teacher)")
 
 
 def is_student_file(path: str) -> bool:
