@@ -26,7 +26,8 @@ from pid_diffusion.fid import load_reference, save_reference
 from pid_diffusion.images import labelled_rows_png
 from pid_diffusion.samplers import HeunSampler, OneStepSampler, Sampler
 from pid_diffusion.toydata import ShapesSpec, make_shapes
-from pid_diffusion.train import sampler_preview, training_loop
+from pid_diffusion.generate import sampler_preview
+from pid_diffusion.train import training_loop
 
 __all__ = ["DemoOptions", "Row", "agreement", "evaluation_latents", "run_demo", "format_table"]
 

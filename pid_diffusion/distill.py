@@ -19,7 +19,7 @@ import torch
 
 import blobfile as bf
 
-from pid_diffusion import checkpoint, config_files, official
+from pid_diffusion import config_files, official
 from pid_diffusion.utils import hub, perf
 from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
@@ -27,7 +27,7 @@ from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_opt
 from pid_diffusion.metrics import Metric
 from pid_diffusion.networks.edm import EDM_PRESETS
 from pid_diffusion.student import PIDStudent, StudentInit
-from pid_diffusion.teacher import EDM_RELEASE_URL, load_teacher, require_teacher_file
+from pid_diffusion.teacher import EDM_RELEASE_URL, load_teacher, network_hash, require_teacher_file
 
 __all__ = ["DistillConfig", "PIDConfig", "StudentConfig", "TASK", "TeacherConfig", "build", "check_files",
            "fingerprints", "resolve", "teacher_release", "weight_files"]
@@ -150,7 +150,7 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
 def fingerprints(objective: PIDObjective) -> dict[str, str]:
     """Hashes of what the CONTENT fields name (`training_loop`'s fingerprints): the teacher's network, the
     same whichever file (EDM .pkl, converted .pt, state dict with a preset) holds it."""
-    digest = checkpoint.network_hash(objective.teacher)
+    digest = network_hash(objective.teacher)
     return {"teacher.path": digest, "teacher.preset": digest}
 
 

@@ -11,7 +11,7 @@ The generators live on the sampling device, as in EDM, so on a GPU a teacher rep
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ from pid_diffusion.utils import dist
 from pid_diffusion.images import to_uint8
 from pid_diffusion.student import PIDStudent
 
-__all__ = ["Batch", "SamplerKind", "gather_rows", "generate", "make_sampler", "sampler_for"]
+__all__ = ["Batch", "Preview", "SamplerKind", "gather_rows", "generate", "make_sampler", "sampler_for", "sampler_preview"]
 
 _SEED_MODULUS = 1 << 32  # torch generators take 64-bit seeds; EDM reduces seeds modulo 2^32
 
@@ -120,3 +120,20 @@ def gather_rows(local: torch.Tensor, num_rows: int) -> torch.Tensor:
                              f"{num_rows} are {expected}: gather what `generate` gave each rank")
         rows[rank::world] = shard
     return rows
+
+
+Preview = Callable[[nn.Module], torch.Tensor]  # model -> images in [−1, 1] from fixed noise, for sample grids.
+
+
+def sampler_preview(sampler: Callable, net: nn.Module, count: int, seed: int, device: torch.device) -> Preview:
+    """A `Preview` that runs `sampler` on `count` fixed latents seeded by `seed`, classes cycling 0, 1, 2, …
+
+    `net` gives the image shape and label count; the preview may then be called on any model of that shape.
+    """
+    shape = (count, net.img_channels, net.img_resolution, net.img_resolution)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    labels = None
+    if net.label_dim:
+        labels = torch.nn.functional.one_hot(torch.arange(count) % net.label_dim, net.label_dim)
+        labels = labels.to(device=device, dtype=torch.float32)
+    return lambda model: sampler(model, latents, labels).clamp(-1, 1)

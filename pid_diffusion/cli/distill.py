@@ -26,7 +26,9 @@ from pid_diffusion.utils import dist, logs
 from pid_diffusion.cli import errors, options
 from pid_diffusion.distill import TASK, DistillConfig, build, check_files, fingerprints
 from pid_diffusion.samplers import OneStepSampler
-from pid_diffusion.train import describe_launch, sampler_preview, training_loop
+from pid_diffusion.generate import sampler_preview
+from pid_diffusion.launch import describe_launch
+from pid_diffusion.train import training_loop
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,8 +6,13 @@ samplers and weights of the sampling and evaluation commands.
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
+import io
 import math
 import re
+import textwrap
+import tokenize
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -17,8 +22,8 @@ from torch import nn
 from pid_diffusion import config_files, official, samplers
 from pid_diffusion.utils import dist
 from pid_diffusion.cli.errors import UserError
-from pid_diffusion.config import (ConfigError, OnResume, field_docs, flatten, leaf_fields, on_resume,
-                                  parse_overrides, to_dict, to_json)
+from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
+                                  to_json)
 from pid_diffusion.evaluation import TRAINED_WEIGHTS
 from pid_diffusion.dode import DODESampler
 from pid_diffusion.generate import SamplerKind, sampler_for
@@ -27,8 +32,8 @@ from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
 
 __all__ = ["add_configuration_source", "add_model_arguments", "add_sampler_arguments", "configuration_help", "dry_run",
-           "load_model", "parse_int_list", "parse_training", "sampler_for_network", "sampler_from_args", "seed_range",
-           "training_parser", "weights_name"]
+           "field_docs", "load_model", "parse_int_list", "parse_training", "sampler_for_network", "sampler_from_args",
+           "seed_range", "training_parser", "weights_name"]
 
 C = TypeVar("C")
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -42,6 +47,26 @@ def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------------------------
 # Training commands: a configuration from a preset or a file, with overrides.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line comment beside each field declared in `cls`'s own source: the schema (config.py) documents
+    itself, and `--help` prints it."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # Defined where no source is kept (an interactive session).
+        return {}
+    lines = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            lines[token.start[0]] = token.string.lstrip("#").strip()
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            comment = lines.get(node.end_lineno) or lines.get(node.lineno)
+            if comment:
+                docs[node.target.id] = comment
+    return docs
 
 
 def configuration_help(schema: type, task: str) -> str:
