@@ -236,9 +236,11 @@ def load_generator(path: str, ema_rate: float | str | None = None, device: torch
         state = checkpoint["model"]
     else:
         names = {phema.average_key(key): key for key in checkpoint["ema"]}
-        if phema.average_key(ema_rate) not in names:
-            raise ValueError(f"{path} has no EMA {ema_rate}; it has {', '.join(checkpoint['ema']) or 'none'}")
-        state = checkpoint["ema"][names[phema.average_key(ema_rate)]]
+        wanted = phema.average_key(ema_rate)
+        if wanted not in names:
+            what = f"at rate {ema_rate}" if wanted[0] == "rate" else ema_rate
+            raise ValueError(f"{path} has no EMA {what}; it has {', '.join(checkpoint['ema']) or 'none'}")
+        state = checkpoint["ema"][names[wanted]]
     model.load_state_dict(state)
     return model.eval().requires_grad_(False).to(device)
 
