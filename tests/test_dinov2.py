@@ -212,3 +212,20 @@ def test_fd_dinov2_needs_edm2_reference_format_and_older_tables_still_load(tmp_p
          "fid": "3.5"}.get(name, "") for name in older) + "\n")
     (result,) = ResultsTable(str(tmp_path / "old.csv")).results.values()
     assert result.fid == 3.5 and result.fd_dinov2 is None
+
+
+def test_fetch_weights_fetches_dinov2_when_asked(tmp_path, monkeypatch, capsys):
+    from pid_diffusion.cli import fetch_weights
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.chdir(REPO)  # The default preset's teacher: the bundled one, present.
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *args, **kwargs: (_ for _ in ()).throw(urllib.error.URLError("offline (simulated)")))
+    with pytest.raises(SystemExit):
+        fetch_weights.main(["--preset=default", "--no-detector", "--fd-dinov2"])
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    assert f"download {dinov2.DINOV2.url}\n      save as  {cache / dinov2.DINOV2_FILENAME}" in capsys.readouterr().out
+    fetched = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, *args, **kwargs: (
+        fetched.append(url), Path(dst).write_bytes(b"weights")))
+    fetch_weights.main(["--preset=default", "--no-detector", "--fd-dinov2"])
+    assert fetched == [dinov2.DINOV2.url] and (cache / dinov2.DINOV2_FILENAME).is_file()
