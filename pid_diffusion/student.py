@@ -38,7 +38,7 @@ from pid_diffusion.networks.edm2 import Precond
 
 EDM_CLASS, EDM2_CLASS = "EDMPrecond", "Precond"  # the teacher classes a student is built from
 
-_AUGMENT_MAPPING = "map_augment."  # The raw network's augment-label layer (EDM's key names).
+AUGMENT_MAPPING = "map_augment."  # The raw network's augment-label layer (EDM's key names).
 
 
 class StudentInit(enum.Enum):
@@ -46,6 +46,7 @@ class StudentInit(enum.Enum):
 
     TEACHER = "teacher"  # copy the teacher's F_φ (every paper run)
     RANDOM = "random"  # keep the network's own initialisation (the paper's ablation)
+    FILE = "file"  # copy an official PID student file's weights (student.path; distill.build loads them)
 
 
 class PIDStudent(nn.Module):
@@ -102,10 +103,11 @@ class PIDStudent(nn.Module):
         if init is StudentInit.TEACHER:
             raw = teacher.model if network_class == EDM_CLASS else teacher.unet
             weights = {key: value.float() for key, value in raw.state_dict().items()
-                       if not key.startswith(_AUGMENT_MAPPING)}
+                       if not key.startswith(AUGMENT_MAPPING)}
             student.model.load_state_dict(weights)  # strict: any other difference is an error
         elif init is not StudentInit.RANDOM:
-            raise TypeError(f"init={init!r}: pass a StudentInit member")
+            raise TypeError(f"init={init!r}: pass StudentInit.TEACHER or RANDOM (a file's weights are loaded into "
+                            "the built student: official.load_student_weights)")
         return student
 
     def forward(self, z: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None

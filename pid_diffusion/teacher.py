@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import itertools
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -32,7 +34,7 @@ from pid_diffusion.networks.edm import EDMPrecond
 
 __all__ = [
     "EDM_RELEASE_URL", "CheckpointFormat", "TeacherCheckpoint", "TeacherCheckpointError",
-    "read_teacher_checkpoint", "check_state_dict", "convert_edm", "load_teacher", "require_teacher_file",
+    "read_teacher_checkpoint", "check_state_dict", "convert_edm", "load_teacher", "network_hash", "require_teacher_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -257,7 +259,7 @@ def _listed(keys: list[str]) -> str:
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], path: str,
-                     class_name: str = TEACHER_CLASS) -> None:
+                     network: str = "EDMPrecond(**network_kwargs)") -> None:
     """Raise one error listing every missing, unexpected and mis-shaped key, instead of torch's first failure."""
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
@@ -266,7 +268,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[s
     if missing or unexpected or misshaped:
         problems = [f"{label} ({len(keys)}): {_listed(keys)}" for label, keys in
                     (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise TeacherCheckpointError(f"{path} does not fit {class_name}(**network_kwargs): " + "; ".join(problems))
+        raise TeacherCheckpointError(f"{path} does not fit {network}: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,7 +283,7 @@ def convert_edm(src: str | os.PathLike, dst: str | os.PathLike, preset: str | No
     checkpoint = read_teacher_checkpoint(src, preset)
     check_state_dict(checkpoint.state_dict,
                      _expected_shapes(checkpoint.network_kwargs, src, checkpoint.class_name), src,
-                     checkpoint.class_name)
+                     f"{checkpoint.class_name}(**network_kwargs)")
     fileio.atomic_torch_save(checkpoint.to_file_dict(source=src), dst)
     return checkpoint
 
@@ -300,7 +302,7 @@ def load_teacher(path: str | os.PathLike, preset: str | None = None, dropout: fl
     # Dropout is a constructor argument that EDM copies into every block, so override it before building.
     # Built on the meta device: every tensor then comes from the checkpoint, with no random initialisation.
     network = _build({**checkpoint.network_kwargs, "dropout": dropout}, "meta", path, checkpoint.class_name)
-    check_state_dict(checkpoint.state_dict, _shapes(network), path, checkpoint.class_name)
+    check_state_dict(checkpoint.state_dict, _shapes(network), path, f"{checkpoint.class_name}(**network_kwargs)")
     network.load_state_dict(checkpoint.state_dict, strict=True, assign=True)
     unfilled = [name for name, tensor in itertools.chain(network.named_parameters(), network.named_buffers())
                 if tensor.is_meta]
@@ -309,3 +311,16 @@ def load_teacher(path: str | os.PathLike, preset: str | None = None, dropout: fl
                            f"({', '.join(unfilled)}); load_teacher cannot fill them from a checkpoint")
     network.encoder = checkpoint.encoder
     return network.to(device).eval().requires_grad_(False)
+
+
+def network_hash(model: nn.Module) -> str:
+    """SHA-256 of a network's class, constructor arguments and every tensor of its state_dict (names, dtypes,
+    shapes, values): equal for an EDM .pkl and the .pt converted from it, different for any other weights."""
+    digest = hashlib.sha256()
+    spec = {"class": type(model).__name__, "kwargs": getattr(model, "init_kwargs", None)}
+    digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()  # Memory format (channels-last) is not content.
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")  # 0-dim too
+    return digest.hexdigest()
