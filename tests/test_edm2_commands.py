@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from edm2_helpers import install_tiny_vae, sd_vae_description, write_teacher
-from launch import REPO, subprocess_env
+from launch import REPO, mpirun_command, mpirun_env, needs_mpirun, subprocess_env
 from pid_diffusion import encoders
 from test_fid import SMALL_FEATURE_DIM, small_detector
 from test_metrics import write_lpips_standins
@@ -124,3 +124,24 @@ def test_latent_path_errors_are_one_line(workspace, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("pid-sample: error: the VAE stabilityai/sd-vae-ft-mse")
     for expected in (*encoders.VAE_FILES, str(tmp_path / "empty_hub"), "pid-fetch-weights"):
         assert expected in lines[0]
+
+
+@needs_mpirun
+def test_two_ranks_keep_forced_weight_normalisation_in_step(workspace):
+    """DDP with EDM2's in-place weight normalisation: two ranks of one sample each, their weights compared after
+    every step (sync_check_every=1); the result equals the one-process run of the same global batch."""
+    runs = {}
+    for processes in (1, 2):
+        run_dir = workspace / f"ranks-{processes}"
+        arguments = ["-m", "pid_diffusion.cli.distill", f"--teacher.path={workspace / 'main.pt'}",
+                     f"--teacher.guide_path={workspace / 'guide.pt'}", f"--teacher.guidance={GUIDANCE}",
+                     "--pid.metric=l2", "--train.steps=2", "--train.batch=2", "--train.ema_rates=0.999",
+                     "--run.image_every=0", "--run.sync_check_every=1", f"--run.dir={run_dir}"]
+        env = {**mpirun_env(), "HF_HUB_CACHE": str(workspace / "hub"), "HF_HUB_OFFLINE": "1",
+               "OMP_NUM_THREADS": "1"}
+        command = mpirun_command(processes, *arguments) if processes > 1 else [sys.executable, *arguments]
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout + result.stderr
+        runs[processes] = torch.load(run_dir / "checkpoint-00000002.pt", weights_only=True)["model"]
+    for key, value in runs[1].items():
+        torch.testing.assert_close(runs[2][key], value, rtol=1e-4, atol=1e-5, msg=key)
