@@ -12,7 +12,7 @@ CI's shared 24 GiB, and on 2 cores the XS case alone takes 3 GB and minutes. The
 and the parameter count; XXL against EDM2's own key list) is checked on the meta device in
 test_networks_edm2.py, and they are made of the same blocks as the sizes run here, only wider (model_channels
 256 to 448 against 128 and 192; the number of attention heads follows from the width).
-""""""
+"""
 
 import csv
 import io
@@ -153,7 +153,7 @@ def test_img512_xs_through_the_commands(tmp_path):
         assert preview.size == (IMAGE_SIZE + 4, IMAGE_SIZE + 4)
     last = checkpoint.checkpoint_path(str(run_dir), 2)
     spec = fileio.torch_load(last)["model_spec"]["kwargs"]
-    assert spec["network_class"] == "Precond" and spec["network_kwargs"]["model_channels"] == 128
+    assert spec["network_class"] == "Precond" and spec["network_kwargs"]["model_channels"] == EDM2_PRESETS[XS]["model_channels"]
 
     npz = workspace / "student.npz"
     run([sys.executable, "-m", "pid_diffusion.cli.sample", "--checkpoint", last, "--ema=0.999", "--seeds=0-1",
