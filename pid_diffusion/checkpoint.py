@@ -37,6 +37,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from pid_diffusion.user_error import FileFormatError
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.utils.rng import capture_rng
 from pid_diffusion.config import TrainingConfig, to_dict
@@ -226,7 +227,7 @@ def load_generator(path: str, ema_rate: float | None = None, device: torch.devic
     checkpoint = fileio.torch_load(path)
     if not (isinstance(checkpoint, dict) and {"model_spec", "model", "ema"} <= checkpoint.keys()):
         found = sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path} is not a snapshot or training state (model_spec, model, ema), found {found}; a "
+        raise FileFormatError(f"{path} is not a snapshot or training state (model_spec, model, ema), found {found}; a "
                          "teacher file is read with --teacher (pid-sample), a run folder's weights are "
                          "snapshot-<step>.pt and checkpoint-<step>.pt")
     model = build_model(checkpoint["model_spec"])

@@ -26,6 +26,7 @@ import typing
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from pid_diffusion.user_error import UserError
 from pid_diffusion.utils import preemption
 
 __all__ = ["ConfigError", "LRDecay", "OnResume", "OptimizerKind", "Precision", "RunConfig", "TrainConfig",
@@ -33,7 +34,7 @@ __all__ = ["ConfigError", "LRDecay", "OnResume", "OptimizerKind", "Precision", "
            "leaf_keys", "on_resume", "parse_overrides", "resume_classes", "setting", "to_dict", "to_json"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value or key that cannot be used; the message names the key and the fix."""
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from pid_diffusion.user_error import FileFormatError
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.images import write_npz
 from pid_diffusion.inception import FEATURE_DIM, NUM_CLASSES, Detector
@@ -166,7 +167,7 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(io.BytesIO(fileio.read_bytes(path))) as data:
         missing = {"mu", "sigma"} - set(data.files)
         if missing:
-            raise ValueError(
+            raise FileFormatError(
                 f"{path} is not a reference statistics file: it lacks {sorted(missing)} (has {data.files}). "
                 f"Make one with pid-fid-ref."
             )

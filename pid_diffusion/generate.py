@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pid_diffusion.user_error import OptionError
 from pid_diffusion import samplers
 from pid_diffusion.utils import dist
 from pid_diffusion.images import to_uint8
@@ -94,9 +95,9 @@ def generate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], *,
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if classes is not None:
         if not net.label_dim:
-            raise ValueError("classes were given but the model is unconditional (label_dim = 0)")
+            raise OptionError("--classes was given but the model is unconditional (label_dim = 0): drop --classes")
         if not classes or not all(0 <= c < net.label_dim for c in classes):
-            raise ValueError(f"classes must be a non-empty list in [0, {net.label_dim}), got {list(classes)}")
+            raise OptionError(f"classes must be a non-empty list in [0, {net.label_dim}), got {list(classes)}")
     device = device or dist.device()
     seed_list = torch.as_tensor(list(seeds), dtype=torch.int64)
     positions = torch.arange(dist.rank(), len(seed_list), dist.world_size())

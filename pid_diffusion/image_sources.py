@@ -15,6 +15,7 @@ import blobfile as bf
 import numpy as np
 import PIL.Image
 
+from pid_diffusion.user_error import FileFormatError, MissingFileError
 from pid_diffusion.utils import fileio
 
 __all__ = ["FolderImages", "ImageSource", "NpzImages", "ZipImages", "edm_subset", "open_images"]
@@ -99,7 +100,9 @@ def open_images(path: str) -> ImageSource:
         return ZipImages(path)
     if bf.isdir(path):
         return FolderImages(path)
-    raise ValueError(f"{path} is neither a folder, a .zip nor an .npz of images")
+    if not bf.exists(path):
+        raise MissingFileError(f"{path}: no such folder or file of images; check the path")
+    raise FileFormatError(f"{path} is neither a folder, a .zip nor an .npz of images: give one of those")
 
 
 def edm_subset(num_images: int, num_expected: int | None, seed: int) -> np.ndarray:

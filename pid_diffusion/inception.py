@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from pid_diffusion.user_error import FileFormatError, MissingFileError
 from pid_diffusion.utils import fileio, hub
 
 __all__ = ["DETECTOR", "DETECTOR_FILENAME", "DETECTOR_URL", "FEATURE_DIM", "NUM_CLASSES", "Detector", "load_detector"]
@@ -60,12 +61,16 @@ def load_detector(path: str | None = None, device: torch.device | str = "cpu") -
     if path is None:
         (path,) = hub.resolve(DETECTOR)
     elif not fileio.exists(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No Inception detector at {path}. Download {DETECTOR_URL} there, or leave --detector unset to use "
             f"the torch hub cache."
         )
     with warnings.catch_warnings():
         # torch 2.x deprecates TorchScript, but the detector exists only as TorchScript (and EDM's pickle).
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.load.*")
-        module = torch.jit.load(io.BytesIO(fileio.read_bytes(path)), map_location=device)
+        try:
+            module = torch.jit.load(io.BytesIO(fileio.read_bytes(path)), map_location=device)
+        except RuntimeError as error:  # torch.jit's message for a file that is not TorchScript's zip
+            raise FileFormatError(f"{path} is not a TorchScript detector ({str(error).split('. ')[0]}); give EDM's "
+                                  f"Inception detector, {DETECTOR_URL}") from error
     return Detector(module, device, source=str(path))

@@ -4,8 +4,9 @@ start, resume or conflict, reading no weights.
 
 from __future__ import annotations
 
+from pid_diffusion.user_error import FileFormatError
 from pid_diffusion import checkpoint
-from pid_diffusion.config import OnResume, TrainingConfig, from_dict
+from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, from_dict
 from pid_diffusion.resume import resume_changes
 from pid_diffusion.train import batch_plan
 
@@ -26,7 +27,11 @@ def describe_launch(config: TrainingConfig, world_size: int) -> list[str]:
         return lines + [f"run folder {config.run.dir}: would start at step 0{note}"]
     step, path = latest
     header = checkpoint.read_header(path)
-    stored = from_dict(type(config), header["config"])
+    try:
+        stored = from_dict(type(config), header["config"])
+    except ConfigError as error:
+        raise FileFormatError(f"run folder {config.run.dir} holds a run of another task ({path}, a "
+                              f"{header['model_spec']['class']}: {error}); give this run its own run.dir") from error
     changes = resume_changes(stored, config, header["fingerprints"], None, path)
     if step >= config.train.steps:
         lines.append(f"run folder {config.run.dir}: complete ({path} is at step {step} ≥ train.steps)")

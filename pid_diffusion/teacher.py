@@ -22,6 +22,8 @@ import blobfile as bf
 import numpy as np
 import torch
 
+from pid_diffusion.user_error import MissingFileError
+from pid_diffusion.user_error import UserError
 from pid_diffusion.utils import fileio
 from pid_diffusion.networks import edm
 from pid_diffusion.edm_pickle import EDMPickleError, PickledModule, load_edm_pickle, state_dict_of
@@ -45,7 +47,7 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format.
 _MAX_LISTED_KEYS = 20  # Per category in a mismatch report; a wrong architecture would list hundreds.
 
 
-class TeacherCheckpointError(ValueError):
+class TeacherCheckpointError(UserError, ValueError):
     """A teacher checkpoint that cannot be read or does not fit the network it describes."""
 
 
@@ -76,7 +78,7 @@ class TeacherCheckpoint:
 def require_teacher_file(path: str) -> None:
     """A FileNotFoundError naming where EDM's teachers are, unless `path` exists (nothing is read)."""
     if not bf.exists(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"teacher checkpoint {path} not found. EDM's pretrained networks are at {EDM_RELEASE_URL}<name>.pkl "
             f"(<name> one of {', '.join(edm.EDM_PRESETS)}); download one and pass the .pkl directly, or "
             "convert it once with `pid-convert-edm SRC.pkl DST.pt` (see docs/teacher_checkpoints.md); "

@@ -12,7 +12,7 @@ from pid_diffusion.teacher import convert_edm
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = errors.ArgumentParser(
         prog="pid-convert-edm", description=__doc__,
         epilog="EDM's pretrained networks: https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/<name>.pkl")
     parser.add_argument("src", help="EDM .pkl (release file or network snapshot) or a plain state-dict .pt; "

@@ -43,8 +43,8 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pid-fit-dode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = errors.ArgumentParser(prog="pid-fit-dode", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True,
                         help="teacher: EDM .pkl, converted teacher .pt, or a state dict with --preset")
     parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture")

@@ -21,7 +21,8 @@ from torch import nn
 
 from pid_diffusion import checkpoint, config_files, samplers
 from pid_diffusion.utils import dist
-from pid_diffusion.cli.errors import UserError
+from pid_diffusion.cli import errors
+from pid_diffusion.user_error import UserError
 from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
                                   to_json)
 from pid_diffusion.evaluation import TRAINED_WEIGHTS
@@ -41,8 +42,8 @@ _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
 def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     """An argument parser that shows a command's module docstring as its help text."""
-    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return errors.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -221,8 +222,8 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
     """The network named by add_model_arguments' options, in eval mode on `device`."""
     if args.teacher is not None:
         if args.ema is not None:
-            raise ValueError("--ema applies to a training checkpoint; a teacher file holds one network")
+            raise UserError("--ema applies to a training checkpoint; a teacher file holds one network")
         return load_teacher(args.teacher, preset=args.preset, device=device)
     if args.preset is not None:
-        raise ValueError("--preset names a teacher state dict's architecture; a checkpoint records its own")
+        raise UserError("--preset names a teacher state dict's architecture; a checkpoint records its own")
     return checkpoint.load_generator(args.checkpoint, ema_rate=args.ema, device=device)

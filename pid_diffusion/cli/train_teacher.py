@@ -23,6 +23,7 @@ from pid_diffusion.cli import errors, options
 from pid_diffusion.samplers import HeunSampler
 from pid_diffusion.teacher_training import TASK, TeacherTrainingConfig, build, export_teacher, grid_path
 from pid_diffusion.generate import sampler_preview
+from pid_diffusion.launch import describe_launch
 from pid_diffusion.train import training_loop
 
 GRID_COLUMNS = 8  # Images per row of the exported teacher's sample grid.
@@ -45,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         args, config = parse_args(argv)
         if options.dry_run(args, config):
             return
+        report = describe_launch(config, dist.world_size())  # a mistake ends here, before the run folder is touched
         with logs.tee_output(config.run.dir):
+            dist.print0("\n".join(report))
             device = dist.device()
             objective, net = build(config)
             preview = sampler_preview(HeunSampler(), net, config.run.image_count, config.train.seed, device)
