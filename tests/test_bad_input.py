@@ -208,3 +208,54 @@ def test_a_mistake_is_one_line_with_status_2_and_changes_nothing(case, files, ca
     print(assert_one_error_line(case.command, stderr, case.words))  # the table of the sweep (pytest -s)
     for name, digest in runs.items():
         assert folder_digest(Path(files[name])) == digest, f"{case.id} changed {files[name]}"
+
+
+# A few cases as a user runs them: the console command in its own process, and under mpirun.
+SUBPROCESS_CASES = ["pid-distill: --pid.num_points=1", "pid-sample: seeds a-b", "pid-sample: teacher as checkpoint",
+                    "pid-fid: reference without mu"]
+MPIRUN_CASES = ["pid-distill: --train.batch=0", "pid-sample: seeds 5-1", "pid-sample: teacher as checkpoint"]
+CASE_BY_ID = {case.id: case for case in CASES}
+
+
+def run_case(case: Case, files: Files, cwd: Path, processes: int = 1) -> subprocess.CompletedProcess:
+    command = ["-m", f"pid_diffusion.cli.{MODULES[case.command]}", *arguments(case, files)]
+    if processes == 1:
+        command, env = [sys.executable, *command], subprocess_env()
+    else:
+        command, env = mpirun_command(processes, *command), mpirun_env()
+    env.pop(errors.DEBUG_VARIABLE, None)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("name", SUBPROCESS_CASES)
+def test_the_console_command_gives_the_same_line(name, files, tmp_path):
+    result = run_case(CASE_BY_ID[name], files, tmp_path)
+    assert result.returncode == errors.USAGE_STATUS, result.stderr
+    assert_one_error_line(CASE_BY_ID[name].command, result.stderr, CASE_BY_ID[name].words)
+
+
+@needs_mpirun
+@pytest.mark.xdist_group("mpirun")
+@pytest.mark.parametrize("name", MPIRUN_CASES)
+def test_under_mpirun_the_line_is_printed_once(name, files, tmp_path):
+    result = run_case(CASE_BY_ID[name], files, tmp_path, processes=2)
+    output = result.stdout + result.stderr
+    assert result.returncode == errors.USAGE_STATUS, output
+    assert_one_error_line(CASE_BY_ID[name].command, output, CASE_BY_ID[name].words)
+    assert "[rank" not in output and "MPI_ABORT" not in output, output
+
+
+def test_debug_variable_shows_the_traceback(files, tmp_path):
+    case = CASE_BY_ID["pid-fit-dode: missing teacher"]
+    env = {**subprocess_env(), errors.DEBUG_VARIABLE: "1"}
+    result = subprocess.run([sys.executable, "-m", "pid_diffusion.cli.fit_dode", *arguments(case, files)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "MissingFileError" in result.stderr
+
+
+@pytest.mark.parametrize("bug", [KeyError("a bug"), ValueError("a bug"), FileNotFoundError("a bug")])
+def test_a_bug_keeps_its_traceback(bug):
+    # Only UserError is a user's mistake: a ValueError or OSError from a bug is not turned into one line.
+    with pytest.raises(type(bug)):
+        with errors.reported("pid-test"):
+            raise bug

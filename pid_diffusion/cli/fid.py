@@ -80,7 +80,8 @@ def _default_csv(args) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error(), errors.reported("pid-fid"), preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-fid"):
+    stop = preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-fid")  # Ctrl-C, a launcher's stop: status 75
+    with dist.abort_on_error(), errors.reported("pid-fid"), stop:
         parser = build_parser()
         args = parser.parse_args(argv)
         _check(parser, args)

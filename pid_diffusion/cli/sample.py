@@ -53,7 +53,8 @@ def build_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error(), errors.reported("pid-sample"), preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-sample"):
+    stop = preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-sample")  # Ctrl-C, a launcher's stop: status 75
+    with dist.abort_on_error(), errors.reported("pid-sample"), stop:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not (args.grid or args.npz or args.png_dir):
