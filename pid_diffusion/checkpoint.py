@@ -37,7 +37,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from pid_diffusion.user_error import FileFormatError
+from pid_diffusion.user_error import FileFormatError, OptionError
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.utils.rng import capture_rng
 from pid_diffusion.config import TrainingConfig, to_dict
@@ -161,10 +161,10 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     """The training checkpoint at `path`; raises (what torch.load raises, or a ValueError) if it does not load."""
     state = fileio.torch_load(path)
     if not isinstance(state, dict):
-        raise ValueError(f"not a training checkpoint (a {type(state).__name__}, not a dictionary)")
+        raise FileFormatError(f"not a training checkpoint (a {type(state).__name__}, not a dictionary)")
     missing = [key for key in _KEYS if key not in state]
     if missing:
-        raise ValueError(f"not a training checkpoint (no {', '.join(missing)})")
+        raise FileFormatError(f"not a training checkpoint (no {', '.join(missing)})")
     return state
 
 
@@ -216,7 +216,7 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """A freshly initialised model from a `model_spec`."""
     if spec["class"] not in MODEL_CLASSES:
-        raise ValueError(f"checkpoint model class {spec['class']!r} is unknown; known: {', '.join(MODEL_CLASSES)}")
+        raise FileFormatError(f"checkpoint model class {spec['class']!r} is unknown; known: {', '.join(MODEL_CLASSES)}")
     module, attribute = MODEL_CLASSES[spec["class"]].split(":")
     return getattr(importlib.import_module(module), attribute)(**spec["kwargs"])
 
@@ -236,7 +236,7 @@ def load_generator(path: str, ema_rate: float | None = None, device: torch.devic
     else:
         rates = {float(key): key for key in checkpoint["ema"]}
         if float(ema_rate) not in rates:
-            raise ValueError(f"{path} has no EMA at rate {ema_rate}; it has {', '.join(checkpoint['ema']) or 'none'}")
+            raise OptionError(f"{path} has no EMA at rate {ema_rate}; it has {', '.join(checkpoint['ema']) or 'none'}")
         state = checkpoint["ema"][rates[float(ema_rate)]]
     model.load_state_dict(state)
     return model.eval().requires_grad_(False).to(device)

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from pid_diffusion.user_error import FileFormatError
+from pid_diffusion.user_error import FileFormatError, OptionError
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.images import write_npz
 from pid_diffusion.inception import FEATURE_DIM, NUM_CLASSES, Detector
@@ -56,7 +56,7 @@ class FeatureStats:
         """mu [dim] and the unbiased covariance sigma [dim, dim], float64."""
         num = int(self.num)
         if num < 2:
-            raise ValueError(f"A covariance needs at least 2 images, got {num}.")
+            raise OptionError(f"A covariance needs at least 2 images, got {num}.")
         mu = self.sum / num
         sigma = (self.sum_outer - torch.outer(mu, mu) * num) / (num - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
@@ -78,7 +78,7 @@ class InceptionScoreStats:
         device: torch.device | str = "cpu",
     ):
         if num_samples < num_splits:
-            raise ValueError(f"The Inception Score needs at least {num_splits} images (one per split).")
+            raise OptionError(f"The Inception Score needs at least {num_splits} images (one per split).")
         self.num_samples = num_samples
         self.num_splits = num_splits
         self._split_ends = torch.tensor(
@@ -137,7 +137,7 @@ def compute_statistics(
     for positions, images in batches:
         batch_features = detector.features(images)
         if batch_features.shape[1] != feature_dim:
-            raise ValueError(f"The detector gives {batch_features.shape[1]}-d features, the reference statistics "
+            raise FileFormatError(f"The detector gives {batch_features.shape[1]}-d features, the reference statistics "
                              f"are {feature_dim}-d: were they made with another detector?")
         features.update(batch_features)
         if scores is not None:
@@ -153,7 +153,7 @@ def compute_statistics(
 def fid_from_stats(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
     """FID = ‖mu − mu_ref‖² + tr(sigma + sigma_ref − 2 sqrtm(sigma sigma_ref)), real part, no epsilon (EDM)."""
     if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape or sigma.shape != mu.shape * 2:
-        raise ValueError(
+        raise FileFormatError(
             f"Statistics do not match: mu {mu.shape}, sigma {sigma.shape} against mu_ref {mu_ref.shape}, "
             f"sigma_ref {sigma_ref.shape}; was the reference computed with another detector?"
         )
@@ -173,7 +173,7 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
             )
         mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance.")
+        raise FileFormatError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance.")
     return mu, sigma
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from pid_diffusion.user_error import OptionError
+
 # The paper constants, defined here once (EDM's schedule; PID's grid of N points, docs/method.md §5).
 SIGMA_MIN = 0.002  # ε, the end of the trajectory.
 SIGMA_MAX = 80.0   # T, where x_θ(z, T) = z.
@@ -19,17 +21,17 @@ NUM_POINTS = 250   # N, points of PID's grid.
 def check_noise_range(sigma_min: float, sigma_max: float) -> None:
     """The range check of every (ε, T) pair: grids, samplers and students."""
     if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
+        raise OptionError(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
 
 
 def check_grid(num_points: int, rho: float, sigma_min: float, sigma_max: float, count: str = "num_points") -> None:
     """The range checks of a Karras grid or schedule, as ValueErrors naming the parameter (`count`: the name of
     the number of points at the caller)."""
     if num_points < 2:
-        raise ValueError(f"{count}={num_points}: the grid needs at least 2 points (N ≥ 2)")
+        raise OptionError(f"{count}={num_points}: the grid needs at least 2 points (N ≥ 2)")
     check_noise_range(sigma_min, sigma_max)
     if not rho > 0:
-        raise ValueError(f"rho={rho}: the Karras exponent must be positive")
+        raise OptionError(f"rho={rho}: the Karras exponent must be positive")
 
 
 class KarrasGrid:
@@ -60,7 +62,7 @@ class KarrasGrid:
         """n indices drawn uniformly from 0 … N−1, or from 1 … N−2 with `interior_only` (central differences)."""
         low, high = (1, self.num_points - 1) if interior_only else (0, self.num_points)
         if low >= high:
-            raise ValueError(f"a grid of {self.num_points} points has no interior points; use num_points ≥ 3")
+            raise OptionError(f"a grid of {self.num_points} points has no interior points; use num_points ≥ 3")
         return torch.randint(low, high, (n,), generator=generator, device=generator.device)
 
     def forward_neighbours(self, indices: torch.Tensor) -> torch.Tensor:

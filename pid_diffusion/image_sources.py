@@ -78,11 +78,11 @@ class NpzImages:
         with np.load(io.BytesIO(fileio.read_bytes(path))) as data:
             key = next((key for key in _NPZ_IMAGE_KEYS if key in data.files), None)
             if key is None:
-                raise ValueError(f"{path} holds {data.files}; expected uint8 NHWC images under one of "
+                raise FileFormatError(f"{path} holds {data.files}; expected uint8 NHWC images under one of "
                                  f"{list(_NPZ_IMAGE_KEYS)}")
             self.images = data[key]
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"{path}: expected uint8 [N, H, W, C] images, got {self.images.dtype} "
+            raise FileFormatError(f"{path}: expected uint8 [N, H, W, C] images, got {self.images.dtype} "
                              f"{self.images.shape}")
 
     def __len__(self) -> int:
@@ -112,7 +112,7 @@ def edm_subset(num_images: int, num_expected: int | None, seed: int) -> np.ndarr
     if num_expected is None:
         return indices
     if num_images < num_expected:
-        raise ValueError(f"found {num_images} images, but expected at least {num_expected}")
+        raise FileFormatError(f"found {num_images} images, but expected at least {num_expected}")
     if num_images > num_expected:
         np.random.RandomState(seed % _SUBSET_SEED_MODULUS).shuffle(indices)
         indices = np.sort(indices[:num_expected])

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
+from pid_diffusion.user_error import MissingFileError
 from pid_diffusion import checkpoint, config_files
 from pid_diffusion.utils import fileio
 from pid_diffusion.config import TrainingConfig, check
@@ -120,7 +121,7 @@ def export_teacher(config: TeacherTrainingConfig, path: str, ema_rate: float) ->
     """Write the EMA network of the run's newest checkpoint as a teacher file; returns that network."""
     latest = checkpoint.latest_checkpoint(config.run.dir)
     if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {config.run.dir}: train first (run without --export)")
+        raise MissingFileError(f"no checkpoint in {config.run.dir}: train first (run without --export)")
     _, source = latest
     net = checkpoint.load_generator(source, ema_rate=ema_rate)
     teacher = TeacherCheckpoint(net.init_kwargs, net.state_dict(), CheckpointFormat.CONVERTED)

@@ -26,7 +26,6 @@ import contextlib
 import copy
 import datetime
 import math
-import random
 from collections.abc import Iterator, Mapping
 from typing import Protocol
 
@@ -36,8 +35,10 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pid_diffusion.user_error import OptionError
 from pid_diffusion import checkpoint, images, resume, run_log
 from pid_diffusion.utils import dist, fileio, perf, preemption
+from pid_diffusion.utils.rng import seed_globals
 from pid_diffusion.config import ConfigError, LRDecay, OptimizerKind, Precision, TrainConfig, TrainingConfig, to_json
 from pid_diffusion.generate import Preview
 
@@ -98,7 +99,7 @@ class EMA:
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         missing = [str(rate) for rate in self.rates if str(rate) not in state]
         if missing:
-            raise ValueError(f"the checkpoint has no EMA at rate(s) {', '.join(missing)}; it has {', '.join(state)}")
+            raise OptionError(f"the checkpoint has no EMA at rate(s) {', '.join(missing)}; it has {', '.join(state)}")
         for rate, average in self.models.items():
             average.load_state_dict(state[str(rate)])
 
@@ -170,14 +171,6 @@ def loss_scaler(precision: Precision, device: torch.device) -> torch.amp.GradSca
 def _autocast(train: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     dtype = AUTOCAST_DTYPES[train.precision]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _seed_globals(seed: int, rank: int, step: int) -> None:
-    """Seed torch, numpy and python's global generators from (seed, rank, step): each rank its own stream."""
-    state = np.random.SeedSequence((seed, rank, step)).generate_state(2, dtype=np.uint32)
-    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-    np.random.seed(state)
-    random.seed(int(state[0]) << 32 | int(state[1]))
 
 
 def _apply_speed_options(model: nn.Module, train: TrainConfig, device: torch.device) -> None:
@@ -254,7 +247,7 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
     start_step, last_checkpoint, rng_restored, changes = resume.resume(config, model, ema, optimizer, scaler,
                                                                        fingerprints)
     if not rng_restored:
-        _seed_globals(train.seed, rank, start_step)
+        seed_globals(train.seed, rank, start_step)
     if train.compile:
         # In place, after the EMA copies and before DDP: the EMAs stay plain modules, and the state_dict keys
         # stay those of the model (the `_orig_mod.` prefix belongs to the wrapper `torch.compile(model)` returns).

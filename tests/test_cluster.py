@@ -109,7 +109,7 @@ def test_second_signal_exits_at_once_and_leaves_checkpoints_intact(tmp_path):
     _, err = job.communicate(timeout=JOB_TIMEOUT_S)
     assert job.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "second signal (SIGTERM): exiting now" in err
-    assert steps_in(tmp_path) == [] and not [n for n in fileio.listdir(tmp_path) if fileio.is_temporary(n)]
+    assert steps_in(tmp_path) == [] and not [n for n in fileio.listdir(tmp_path) if n.endswith(fileio.TEMP_SUFFIX)]
 
 
 def test_preempt_signals_are_validated():
@@ -165,8 +165,8 @@ def test_resume_skips_damaged_checkpoints_moves_them_aside_and_ends_bit_identica
 
     state = train_toy(tmp_path, *COMMON)
     out = capsys.readouterr().out
-    assert f"Skipping damaged checkpoint {checkpoint.checkpoint_path(str(tmp_path), 7)} (ValueError: not a training " \
-           f"checkpoint (no step, config" in out
+    assert f"Skipping damaged checkpoint {checkpoint.checkpoint_path(str(tmp_path), 7)} (FileFormatError: not a " \
+           f"training checkpoint (no step, config" in out
     assert f"Skipping damaged checkpoint {newest} (FileFormatError: {newest}: truncated, or not a zip-format " \
            f"torch.save file: no zip end record in its {len(whole) // 2} bytes); moved to {newest}.damaged" in out
     assert f"Resuming from {checkpoint.checkpoint_path(str(tmp_path), 3)} at step 3" in out
@@ -207,7 +207,7 @@ def test_failed_checkpoint_write_keeps_earlier_checkpoints_and_says_so(tmp_path,
                               f"(OSError: [Errno 28] No space left on device)")
     assert f"earlier checkpoints are intact ({checkpoint.checkpoint_path(str(tmp_path), 3)})" in message
     assert fileio.read_bytes(checkpoint.checkpoint_path(str(tmp_path), 3)) == first
-    assert steps_in(tmp_path) == [3] and not [n for n in fileio.listdir(tmp_path) if fileio.is_temporary(n)]
+    assert steps_in(tmp_path) == [3] and not [n for n in fileio.listdir(tmp_path) if n.endswith(fileio.TEMP_SUFFIX)]
 
 
 def test_checkpoints_stream_through_the_file(tmp_path, monkeypatch):

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         dist.init()
         device = dist.device()
         net = options.load_model(args, device)
-        sampler = options.sampler_from_args(args, net)
+        sampler = options.sampler_from_args(args, type(net).__name__)
         dist.print0(f"{len(args.seeds)} images, {sampler.num_network_calls} network call(s) each, "
                     f"{dist.world_size()} rank(s)")
         image_shape = (net.img_resolution, net.img_resolution, net.img_channels)
