@@ -29,7 +29,7 @@ from test_fid import SMALL_FEATURE_DIM, small_detector
 TEACHER = str(REPO / "model_zoo" / "edm-shapes-16x16.pt")
 MODULES = {"pid-convert-edm": "convert_edm", "pid-distill": "distill", "pid-demo": "demo",
            "pid-train-teacher": "train_teacher", "pid-sample": "sample", "pid-fid": "fid", "pid-fid-ref": "fid_ref",
-           "pid-fit-dode": "fit_dode", "pid-plot": "plot", "pid-fetch-weights": "fetch_weights"}
+           "pid-fit-dode": "fit_dode", "pid-plot": "plot", "pid-fetch-weights": "fetch_weights", "pid-phema": "phema"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ def files(tmp_path_factory) -> Files:
     np.savez(root / "no_mu.npz", sigma=np.eye(SMALL_FEATURE_DIM))
     np.savez(root / "ref.npz", mu=np.zeros(SMALL_FEATURE_DIM), sigma=np.eye(SMALL_FEATURE_DIM))
     f["ref"] = str(root / "ref.npz")
+    (root / "damaged-run").mkdir()
+    (root / "damaged-run" / "snapshot-00000001.pt").write_bytes(b"")
+    f["damaged_run"] = str(root / "damaged-run")
     (root / "empty-folder").mkdir()
     f["empty_folder"] = str(root / "empty-folder")
     f["ref_no_mu"] = str(root / "no_mu.npz")
@@ -179,6 +182,11 @@ CASES = [
     # pid-plot
     Case("pid-plot", "missing run folder", ("{root}/no-run",), ("no-run",)),
     Case("pid-plot", "folder without metrics", ("{empty_folder}",), ("nothing to plot",)),
+    # pid-phema
+    Case("pid-phema", "damaged snapshot", ("{damaged_run}", "--std", "0.05"), ("cannot be read",)),
+    Case("pid-phema", "run without power-function EMAs", ("{distill_run}", "--std", "0.05", "--out",
+                                                          "{root}/phema.pt"), ("power-function",)),
+    Case("pid-phema", "missing run folder", ("{root}/no-run", "--std", "0.05"), ("no-run",)),
     # pid-fetch-weights
     Case("pid-fetch-weights", "unknown preset", ("--preset=nope",), ("nope",)),
     Case("pid-fetch-weights", "--pid.num_points=1", ("--pid.num_points=1",), ("num_points",)),
