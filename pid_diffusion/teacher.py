@@ -173,7 +173,9 @@ def _torch_load(file: Any, path: str) -> Any:
     try:
         return torch.load(file, weights_only=True, map_location="cpu")
     except Exception as error:  # weights_only refusals and corrupt archives; name the file, keep the cause.
-        raise TeacherCheckpointError(f"{path}: torch.load(weights_only=True) failed: {error}") from error
+        first = str(error).split(". ")[0]  # torch's advice about corrupted files follows; the cause stays chained
+        raise TeacherCheckpointError(f"{path}: torch.load(weights_only=True) failed: {first}; is the file complete "
+                                     f"(compare its size with the original's)?") from error
 
 
 def read_teacher_checkpoint(path: str | os.PathLike, preset: str | None = None) -> TeacherCheckpoint:

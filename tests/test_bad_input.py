@@ -160,7 +160,7 @@ CASES = [
                                           "--csv", "{root}/fid.csv"), ("missing.pt",)),
     Case("pid-fid", "seeds 5-1", ("--run", "{distill_run}", "--ref", "{ref_no_mu}", "--seeds", "5-1"), ("5-1",)),
     Case("pid-fid", "seeds a-b", ("--run", "{distill_run}", "--ref", "{ref_no_mu}", "--seeds", "a-b"), ("a-b",)),
-    Case("pid-fid", "text detector", ("--run", "{distill_run}", "--ref", "{ref_no_mu}", "--detector", "{text}",
+    Case("pid-fid", "text detector", ("--run", "{distill_run}", "--ref", "{ref}", "--detector", "{text}",
                                       "--csv", "{root}/fid.csv"), ("text.pt",)),
     Case("pid-fid", "unknown preset", ("--teacher", "{state_dict}", "--preset", "nope", "--ref", "{ref}",
                                        "--detector", "{detector}", "--csv", "{root}/fid.csv"), ("nope",)),
