@@ -30,7 +30,7 @@ def describe_launch(config: TrainingConfig, world_size: int) -> list[str]:
     try:
         stored = from_dict(type(config), header["config"])
     except ConfigError as error:
-        raise FileFormatError(f"run folder {config.run.dir} holds a run of another task ({path}, a "
+        raise FileFormatError(f"run folder {config.run.dir} holds a run of another task ({path} trains "
                               f"{header['model_spec']['class']}: {error}); give this run its own run.dir") from error
     changes = resume_changes(stored, config, header["fingerprints"], None, path)
     if step >= config.train.steps:
