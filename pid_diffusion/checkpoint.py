@@ -21,14 +21,18 @@ Every entry holds only tensors and plain Python values, so it loads with `weight
 `resume` write and read the whole training state (the training loop calls them); `load_generator` reads
 either kind and needs nothing but the file: sampling and FID need neither the teacher nor the configuration.
 
-A training state that does not load (truncated by a disk error or an interrupted copy, corrupt, not a
-training state) is *damaged*: `newest_loadable` moves it aside to `<name>.damaged` (never deletes it) and
-`resume` falls back to the next older one.
+A snapshot or training state that does not load (truncated by a disk error or an interrupted copy, corrupt,
+a file of another kind under its name) is *damaged*, and every reader treats it alike: one line names the file
+and the reason (`skip_note`), the newest one that loads is used instead, and nothing is deleted. The launch
+check and `--dry-run` only report (`newest_header`); `resume` moves a damaged training state aside to
+`<name>.damaged` (out of pruning's and the next write's way) and falls back to the next older one; pid-fid
+records a row with the reason; pid-sample given a run folder samples its newest loadable file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import importlib
 import json
@@ -49,6 +53,7 @@ from pid_diffusion.config import (ConfigError, OnResume, TrainingConfig, flatten
 __all__ = [
     "CheckpointWriteError",
     "DAMAGED_SUFFIX",
+    "DamagedCheckpointError",
     "MODEL_CLASSES",
     "Change",
     "NoLoadableCheckpointError",
@@ -62,6 +67,8 @@ __all__ = [
     "load_generator",
     "model_spec",
     "network_hash",
+    "newest_generator",
+    "newest_header",
     "newest_loadable",
     "prune_checkpoints",
     "read_checkpoint",
@@ -71,8 +78,10 @@ __all__ = [
     "resume_changes",
     "save",
     "save_snapshot",
+    "skip_note",
     "snapshot_path",
     "step_of",
+    "write_failure",
 ]
 
 # Classes a checkpoint can rebuild, as "module:attribute", imported only when needed (no import cycles).
@@ -87,12 +96,17 @@ _KEYS = ("step", "config", "model_spec", "model", "ema", "optimizer", "scaler", 
 DAMAGED_SUFFIX = ".damaged"  # A training state that does not load is renamed <name>.damaged[.<n>].
 
 
-class NoLoadableCheckpointError(RuntimeError):
+class DamagedCheckpointError(ValueError):
+    """A snapshot or training state that does not load; the message names the file and the reason."""
+
+
+class NoLoadableCheckpointError(DamagedCheckpointError):
     """A run folder has training states, but none of them loads."""
 
 
 class CheckpointWriteError(RuntimeError):
-    """Writing a training state failed (disk full, permissions, the blob store); the earlier ones are intact."""
+    """Writing a snapshot or training state failed (disk full, permissions, the blob store); the earlier ones are
+    intact."""
 
 
 def checkpoint_path(folder: str, step: int) -> str:
@@ -160,21 +174,53 @@ def prune_checkpoints(folder: str, keep: int) -> None:
 
 def read_header(path: str) -> dict[str, Any]:
     """The small entries of a snapshot or training state (step, config, model_spec, the EMA names), without
-    reading its weights where the file is local: a local file is memory-mapped."""
+    reading its weights where the file is local: a local file is memory-mapped. A missing file raises
+    FileNotFoundError; one that does not load, DamagedCheckpointError."""
+    if not fileio.exists(path):
+        raise FileNotFoundError(f"No such file: {path}")
     try:
-        data = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    except (OSError, RuntimeError):  # A blob URL, or not torch.save's zip format: read it whole.
-        data = fileio.torch_load(path)
+        try:
+            data = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        except (OSError, RuntimeError):  # A blob URL, or not torch.save's zip format: read it whole.
+            data = fileio.torch_load(path)
+        _require_keys(data, ("step", "model_spec", "model", "ema"), "snapshot or training state")
+    except Exception as error:  # torch.load raises many kinds (zip, unpickling, EOF, OS errors).
+        raise DamagedCheckpointError(f"{path} does not load ({_reason(error)})") from error
     return {"step": data["step"], "config": data.get("config"), "model_spec": data["model_spec"],
             "ema": list(data["ema"]), "fingerprints": data.get("fingerprints", {})}
+
+
+def _require_keys(data: Any, keys: tuple[str, ...], kind: str) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"not a {kind} (a {type(data).__name__}, not a dictionary)")
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise ValueError(f"not a {kind} (no {', '.join(missing)})")
+
+
+def skip_note(path: str, error: BaseException) -> str:
+    """The one line every reader prints for a damaged file it skips: the file and the reason."""
+    kind = "snapshot" if _SNAPSHOT.match(path.rsplit("/", 1)[-1]) else "checkpoint"
+    reason = error.__cause__ if isinstance(error, DamagedCheckpointError) and error.__cause__ else error
+    return f"Skipping damaged {kind} {path} ({_reason(reason)})"
+
+
+def newest_header(folder: str) -> tuple[tuple[int, str, dict[str, Any]] | None, list[str]]:
+    """The newest training state of `folder` whose header loads, as (step, path, header), or None; and one
+    `skip_note` line per newer one that does not load. Reads no weights and changes nothing (the launch check)."""
+    notes = []
+    for step, path in reversed(find_checkpoints(folder)):
+        try:
+            return (step, path, read_header(path)), notes
+        except DamagedCheckpointError as error:
+            notes.append(skip_note(path, error))
+    return None, notes
+
+
 def read_checkpoint(path: str) -> dict[str, Any]:
     """The training checkpoint at `path`; raises (what torch.load raises, or a ValueError) if it does not load."""
     state = fileio.torch_load(path)
-    if not isinstance(state, dict):
-        raise ValueError(f"not a training checkpoint (a {type(state).__name__}, not a dictionary)")
-    missing = [key for key in _KEYS if key not in state]
-    if missing:
-        raise ValueError(f"not a training checkpoint (no {', '.join(missing)})")
+    _require_keys(state, _KEYS, "training checkpoint")
     return state
 
 
@@ -204,7 +250,7 @@ def newest_loadable(folder: str, log=print) -> tuple[str, dict[str, Any]] | None
             return path, read_checkpoint(path)
         except Exception as error:  # torch.load raises many kinds (zip, unpickling, EOF, OS errors).
             aside = _move_aside(path)
-            log(f"Skipping damaged checkpoint {path} ({_reason(error)}); moved to {aside}")
+            log(f"{skip_note(path, error)}; moved to {aside}")
             damaged.append(aside)
     if damaged:
         raise NoLoadableCheckpointError(
@@ -233,13 +279,16 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
 def load_generator(path: str, ema_rate: float | None = None, device: torch.device | str = "cpu") -> nn.Module:
     """The trained model of a snapshot or training state (its EMA at `ema_rate`, or the raw weights), in eval
-    mode, frozen."""
-    checkpoint = fileio.torch_load(path)
-    if not (isinstance(checkpoint, dict) and {"model_spec", "model", "ema"} <= checkpoint.keys()):
-        found = sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path} is not a snapshot or training state (model_spec, model, ema), found {found}; a "
-                         "teacher file is read with --teacher (pid-sample), a run folder's weights are "
-                         "snapshot-<step>.pt and checkpoint-<step>.pt")
+    mode, frozen. A file that does not load raises DamagedCheckpointError naming it and the reason."""
+    try:
+        checkpoint = fileio.torch_load(path)
+        _require_keys(checkpoint, ("model_spec", "model", "ema"), "snapshot or training state")
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch.load raises many kinds (zip, unpickling, EOF, OS errors).
+        raise DamagedCheckpointError(
+            f"{path} does not load ({_reason(error)}): name another snapshot or training state of the run, or the "
+            "run folder itself to use its newest loadable one (a teacher file is read with --teacher)") from error
     model = build_model(checkpoint["model_spec"])
     if ema_rate is None:
         state = checkpoint["model"]
@@ -252,6 +301,24 @@ def load_generator(path: str, ema_rate: float | None = None, device: torch.devic
     return model.eval().requires_grad_(False).to(device)
 
 
+def newest_generator(folder: str, ema_rate: float | None = None, device: torch.device | str = "cpu",
+                     log=print) -> tuple[str, nn.Module]:
+    """The newest file of a run folder that loads (`find_weights`), as (path, `load_generator`'s model); each
+    newer damaged one is skipped with one `skip_note` line through `log` and left in place."""
+    found = find_weights(folder)
+    if not found:
+        raise FileNotFoundError(f"no snapshot-<step>.pt or checkpoint-<step>.pt files in {folder}")
+    skipped = []
+    for _, path in reversed(found):
+        try:
+            return path, load_generator(path, ema_rate, device)
+        except DamagedCheckpointError as error:
+            log(skip_note(path, error))
+            skipped.append(path)
+    raise DamagedCheckpointError(f"no snapshot or training state in {folder} loads ({', '.join(skipped)}); "
+                                 "restore a good one into the folder")
+
+
 def network_hash(model: nn.Module) -> str:
     """SHA-256 of a network's class, constructor arguments and every tensor of its state_dict (names, dtypes,
     shapes, values): equal for an EDM .pkl and the .pt converted from it, different for any other weights."""
@@ -259,8 +326,10 @@ def network_hash(model: nn.Module) -> str:
     spec = {"class": type(model).__name__, "kwargs": getattr(model, "init_kwargs", None)}
     digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()  # Memory format (channels-last) is not content.
+        # Memory format is not content. `.contiguous()` is not enough: a channels-last [O, I, 1, 1] weight counts
+        # as contiguous yet keeps strides (I, 1, I, I), which a byte view refuses; flattening gives stride 1.
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
@@ -301,8 +370,8 @@ def save_snapshot(config: TrainingConfig, step: int, model: nn.Module, ema) -> s
     if dist.rank() != 0:
         return None
     path = snapshot_path(config.run.dir, step)
-    fileio.atomic_torch_save({"step": step, "config": to_dict(config), "model_spec": model_spec(model),
-                              "model": model.state_dict(), "ema": ema.state_dict()}, path)
+    _write(config.run.dir, {"step": step, "config": to_dict(config), "model_spec": model_spec(model),
+                            "model": model.state_dict(), "ema": ema.state_dict()}, path, "snapshot")
     _prune(find_snapshots(config.run.dir), config.run.keep_snapshots)
     return path
 
@@ -315,27 +384,40 @@ def save(config: TrainingConfig, step: int, model: nn.Module, ema, optimizer: to
     torch_dist.gather_object(capture_rng(), states, dst=0)
     path = checkpoint_path(config.run.dir, step)
     if dist.rank() == 0:
-        try:
-            fileio.atomic_torch_save({
-                "step": step,
-                "config": to_dict(config),
-                "model_spec": model_spec(model),
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": states,
-                "fingerprints": dict(fingerprints or {}),
-            }, path)
-        except Exception as error:
-            earlier = ", ".join(p for _, p in find_checkpoints(config.run.dir)) or "none"
-            raise CheckpointWriteError(
-                f"could not write checkpoint {path} ({type(error).__name__}: {error}); nothing was left in its "
-                f"place and the earlier checkpoints are intact ({earlier}). Fix the cause (disk space, "
-                f"permissions, the blob store), then re-run the same command to resume") from error
+        _write(config.run.dir, {
+            "step": step,
+            "config": to_dict(config),
+            "model_spec": model_spec(model),
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": states,
+            "fingerprints": dict(fingerprints or {}),
+        }, path, "checkpoint")
         prune_checkpoints(config.run.dir, config.run.keep_checkpoints)
     dist.barrier()
     return path
+
+
+def write_failure(folder: str, error: BaseException, what: str) -> CheckpointWriteError:
+    """The error that ends a run whose write of `what` failed: the cause, that nothing half-written is left, the
+    newest complete training state, and how to go on."""
+    newest = latest_checkpoint(folder)
+    intact = f"the newest complete training state, {newest[1]}, is intact" if newest else \
+        "no training state was complete yet"
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    fix = ("Free space on that disk, or keep fewer snapshots (run.keep_snapshots) or write them less often "
+           "(run.snapshot_every)" if full else "Fix the cause (disk space, permissions, the blob store)")
+    return CheckpointWriteError(f"could not write {what} ({type(error).__name__}: {error}); nothing was left in its "
+                                f"place and {intact}. {fix}, then re-run the same command to resume")
+
+
+def _write(folder: str, state: dict[str, Any], path: str, kind: str) -> None:
+    try:
+        fileio.atomic_torch_save(state, path)
+    except Exception as error:
+        raise write_failure(folder, error, f"{kind} {path}") from error
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,9 @@ Images stream from the sampler (or the image source) into the accumulators of fi
 PNGs on disk; every rank measures its share and the sums are reduced across ranks, so
 every rank must call these functions. The results table is a CSV with one row per (source, weights, seed
 range, sampler), rewritten atomically after each evaluation: an interrupted run loses only the evaluation in
-flight, and the same command run again evaluates only what is missing. A checkpoint that cannot be loaded
-gets a row with the error, retried on the next run. Several seed ranges give one row each; `best` keeps the
+flight, and the same command run again evaluates only what is missing. A damaged snapshot or training state
+(one that does not load) is skipped with one line naming it and the reason, and gets a row with the error,
+retried on the next run; nothing is deleted. Several seed ranges give one row each; `best` keeps the
 lowest FID, as EDM reports the best of three.
 """
 
@@ -219,7 +220,7 @@ def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[in
         for text, seeds in seed_ranges.items():
             table.record(Result(name, checkpoint.step_of(path), "", text, len(seeds), error=_error(error)),
                          write=is_writer)
-        dist.print0(f"{name}: cannot be read: {error}")
+        dist.print0(f"{checkpoint.skip_note(path, error)}; its row in {table.path} records why")
         return
     for ema in weights or available:
         for text, seeds in seed_ranges.items():

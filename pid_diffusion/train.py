@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import errno
 import json
 import math
 import random
@@ -296,10 +297,16 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
     `fingerprints` are the hashes of what the configuration's CONTENT fields name (the teacher's network):
     stored in each training state, and compared on resume when such a field changes. A signal of
     `run.preempt_signals` on any rank ends the run after the step in flight, with its training state, by
-    raising `preemption.Preempted` (exit status 75) on every rank.
+    raising `preemption.Preempted` (exit status 75) on every rank. A write that fails (a full disk) ends the
+    run with `checkpoint.CheckpointWriteError`, naming the newest complete training state, which is intact.
     """
     with preemption.SignalFlag(config.run.preempt_signals) as flag:
-        return _training_loop(config, objective, model, preview, fingerprints, flag)
+        try:
+            return _training_loop(config, objective, model, preview, fingerprints, flag)
+        except OSError as error:  # A full disk under another file of the run (metrics, a sample grid).
+            if error.errno != errno.ENOSPC:
+                raise
+            raise checkpoint.write_failure(config.run.dir, error, f"to {config.run.dir}") from error
 
 
 def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Module, preview: Preview | None,
@@ -420,18 +427,23 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
 
 def describe_launch(config: TrainingConfig, world_size: int) -> list[str]:
     """What `training_loop` would do with `config` on `world_size` ranks, reading no weights: the batch split and
-    whether the run folder would start, resume or conflict. Raises the error the run would give (a batch that
+    whether the run folder would start, resume (from its newest training state that loads; each newer damaged
+    one is named, and left in place) or conflict. Raises the error the run would give (a batch that
     does not split, options that may not change on resume)."""
     per_rank, micro = batch_plan(config.train, world_size)
     lines = [f"{world_size} rank(s): global batch {config.train.batch} = {world_size} × {per_rank} per rank, "
              f"{per_rank // micro} micro-batch(es) of {micro} per rank and step"]
-    latest = checkpoint.latest_checkpoint(config.run.dir)
-    if latest is None:
+    newest, damaged = checkpoint.newest_header(config.run.dir)  # Damaged newer ones: named, left in place.
+    lines += [f"{note}; the run moves it aside to <name>{checkpoint.DAMAGED_SUFFIX}" for note in damaged]
+    if newest is None and damaged:
+        raise checkpoint.NoLoadableCheckpointError(
+            f"no checkpoint in {config.run.dir} loads ({'; '.join(damaged)}). Restore a good checkpoint into the "
+            "folder, or start a new run folder")
+    if newest is None:
         snapshots = checkpoint.find_snapshots(config.run.dir)
         note = f" (its {len(snapshots)} snapshot(s) would be overwritten)" if snapshots else ""
         return lines + [f"run folder {config.run.dir}: would start at step 0{note}"]
-    step, path = latest
-    header = checkpoint.read_header(path)
+    step, path, header = newest
     stored = from_dict(type(config), header["config"])
     changes = checkpoint.resume_changes(stored, config, header["fingerprints"], None, path)
     if step >= config.train.steps:

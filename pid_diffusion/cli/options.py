@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pid_diffusion import checkpoint, config_files, samplers
-from pid_diffusion.utils import dist
+from pid_diffusion.utils import dist, fileio
 from pid_diffusion.cli.errors import UserError
 from pid_diffusion.config import (ConfigError, OnResume, field_docs, flatten, leaf_fields, on_resume,
                                   parse_overrides, to_dict, to_json)
@@ -159,7 +159,8 @@ def weights_name(text: str) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint/--ema or --teacher/--preset: where the network comes from."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="training checkpoint (a PID student or an EDM network)")
+    source.add_argument("--checkpoint", help="snapshot or training state (a PID student or an EDM network), or a run "
+                                             "folder: its newest one that loads")
     source.add_argument("--teacher", help="teacher: EDM .pkl, converted teacher .pt, or a state dict with --preset")
     parser.add_argument("--ema", type=float, help="EMA rate to sample from, e.g. 0.9999 (default: the trained weights)")
     parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (--teacher only)")
@@ -200,4 +201,8 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
         return load_teacher(args.teacher, preset=args.preset, device=device)
     if args.preset is not None:
         raise ValueError("--preset names a teacher state dict's architecture; a checkpoint records its own")
+    if fileio.isdir(args.checkpoint):  # A run folder: its newest file that loads, damaged newer ones named.
+        path, net = checkpoint.newest_generator(args.checkpoint, ema_rate=args.ema, device=device, log=dist.print0)
+        dist.print0(f"Sampling {path}")
+        return net
     return checkpoint.load_generator(args.checkpoint, ema_rate=args.ema, device=device)

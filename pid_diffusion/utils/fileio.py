@@ -22,6 +22,7 @@ __all__ = [
     "atomic_write_text",
     "exists",
     "is_local",
+    "isdir",
     "join",
     "listdir",
     "makedirs",
@@ -49,6 +50,11 @@ def join(*parts: str | os.PathLike) -> str:
 
 def exists(path: str | os.PathLike) -> bool:
     return bf.exists(str(path))
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    """True for an existing folder (a blob prefix on a blob store)."""
+    return bf.isdir(str(path))
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
