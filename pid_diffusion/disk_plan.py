@@ -3,7 +3,7 @@
 A run folder's weight files are snapshots (`run.snapshot_every`, the newest `run.keep_snapshots` kept, 0:
 all) and training states (`run.checkpoint_every` and the last step, the newest `run.keep_checkpoints` kept; a
 new one is complete before the oldest is removed, so one more exists for a moment). Their sizes are those of
-the folder's newest files where it has some, else estimated from the size of one network's weights:
+the folder's largest files of each kind where it has some, else estimated from the size of one network's weights:
 
     snapshot        (1 + EMAs) × weights                      model and every EMA
     training state  (1 + EMAs + 2) × weights                  … and the optimizer's two moments (Adam, RAdam)
@@ -80,10 +80,11 @@ def plan(config: TrainingConfig, network_bytes: int) -> DiskPlan:
     snapshot_bytes = (1 + emas) * network_bytes
     state_bytes = (1 + emas + OPTIMIZER_MOMENTS) * network_bytes
     measured = bool(snapshots or states)
+    # The largest of each kind: a damaged (truncated) file must not pass for the size of a complete one.
     if snapshots:
-        snapshot_bytes = fileio.size(snapshots[-1][1])
+        snapshot_bytes = max(fileio.size(path) for _, path in snapshots)
     if states:
-        state_bytes = fileio.size(states[-1][1])
+        state_bytes = max(fileio.size(path) for _, path in states)
     written_states = _writes(train.steps, run.checkpoint_every)
     peak_states = written_states if run.keep_checkpoints == 0 else min(written_states, run.keep_checkpoints + 1)
     kept_snapshots = _kept(_writes(train.steps, run.snapshot_every), run.keep_snapshots) if run.snapshot_every else 0
@@ -106,7 +107,7 @@ def describe(config: TrainingConfig, network_bytes: int, network_source: str) ->
     options to change when it does not fit. `network_source` says where `network_bytes` comes from."""
     result = plan(config, network_bytes)
     run = config.run
-    sizes = "sizes of the folder's newest files" if result.measured else f"estimated from {network_source}"
+    sizes = "sizes of the folder's files" if result.measured else f"estimated from {network_source}"
     kept = "all kept" if run.keep_snapshots == 0 else f"the newest {run.keep_snapshots} kept"
     free = "free space unknown (blob store)" if result.free_bytes is None else f"{_size(result.free_bytes)} free"
     lines = [f"disk: {result.snapshots} snapshot(s) × {_size(result.snapshot_bytes)} (run.snapshot_every="
