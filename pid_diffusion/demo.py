@@ -106,7 +106,7 @@ def _find_detector(options: DemoOptions) -> tuple[inception.Detector | None, str
     if not fileio.exists(path):
         return None, (f"FID: not measured — no Inception detector at {path}. Copy {inception.DETECTOR_URL} there "
                       f"(or pass --detector) to add FID against the data set.")
-    return inception.load_detector(path), f"FID: {options.fid_images} samples against {options.fid_images} data images."
+    return inception.load_detector(path, dist.device()), f"FID: {options.fid_images} samples against {options.fid_images} data images."
 
 
 def _reference_statistics(detector: inception.Detector, options: DemoOptions, run_dir: str) -> tuple[np.ndarray, np.ndarray]:

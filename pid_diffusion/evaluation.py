@@ -75,14 +75,20 @@ def evaluate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], de
              reference: tuple[np.ndarray, np.ndarray], batch_size: int, inception_score: bool = True
              ) -> tuple[float, float | None, float | None] | None:
     """(FID, IS mean, IS std) of `net` sampled over `seeds`; on rank 0 only (None elsewhere: the matrix
-    square root is computed once). Without `inception_score` the IS entries are None (one detector pass)."""
-    batches = generated_batches(net, sampler, seeds, batch_size, detector.device)
+    square root is computed once). Without `inception_score` the IS entries are None (one detector pass).
+    The latents are drawn on `net`'s device; the detector moves the images to its own."""
+    batches = generated_batches(net, sampler, seeds, batch_size, _device_of(net))
     features, scores = compute_statistics(batches, detector, len(seeds), feature_dim=len(reference[0]),
                                           inception_score=inception_score)
     if dist.rank() != 0:
         return None
     mu, sigma = features.mean_and_covariance()
     return fid_from_stats(mu, sigma, *reference), *(scores.score() if scores is not None else (None, None))
+
+
+def _device_of(net: nn.Module) -> torch.device:
+    """Where `net`'s weights are: where its inputs must be created."""
+    return next(net.parameters()).device
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -79,11 +79,12 @@ def sampler_preview(sampler: Callable, net: nn.Module, count: int, seed: int, de
     `net` gives the image shape and label count; the preview may then be called on any model of that shape.
     """
     shape = (count, net.img_channels, net.img_resolution, net.img_resolution)
+    # Drawn on the CPU (the same grid on every device), moved to `device` once; the labels are made there.
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
     labels = None
     if net.label_dim:
-        labels = torch.nn.functional.one_hot(torch.arange(count) % net.label_dim, net.label_dim)
-        labels = labels.to(device=device, dtype=torch.float32)
+        classes = torch.arange(count, device=device) % net.label_dim
+        labels = torch.nn.functional.one_hot(classes, net.label_dim).to(torch.float32)
     return lambda model: sampler(model, latents, labels).clamp(-1, 1)
 
 
@@ -209,9 +210,9 @@ def _apply_speed_options(model: nn.Module, train: TrainConfig, device: torch.dev
 
 
 def _grad_norm(model: nn.Module) -> torch.Tensor:
-    """Euclidean norm of all gradients together."""
+    """Euclidean norm of all gradients together, on their device (nothing is read back)."""
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return torch.stack(norms).norm() if norms else torch.zeros(())
+    return torch.stack(norms).norm() if norms else torch.zeros((), device=next(model.parameters()).device)
 
 
 def _weights_checksum(model: nn.Module) -> torch.Tensor:
@@ -367,9 +368,10 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
                 scaler.scale(losses.sum() / per_rank).backward()
             loss_sum += losses.detach().sum()
         # One all-reduce per step carries the loss and the number of ranks that received a preemption signal.
-        signalled = torch.tensor(float(flag.received is not None), device=device)
+        # torch.full fills on the device; torch.tensor would copy a host value there (a sync on CUDA).
+        signalled = torch.full((), float(flag.received is not None), device=device)
         totals = dist.all_reduce_sum(torch.stack([loss_sum, signalled]))
-        loss_total, signalled_ranks = totals.tolist()  # One device-to-host copy.
+        loss_total, signalled_ranks = totals.tolist()  # The step's one device-to-host copy.
         loss, stop = loss_total / world_size / per_rank, signalled_ranks > 0
         if not math.isfinite(loss):
             where = last_checkpoint or "none was written"
@@ -389,7 +391,7 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
         skipped = scaler.is_enabled() and scaler.get_scale() < scale
         if not skipped:
             ema.update(model)
-        interval.add(loss, grad_norm.item(), skipped)
+        interval.add(loss, grad_norm.detach(), skipped)  # Summed on the device, read at the log record.
         progress.update()
 
         # Periodic work: consistency check, log, sample grid, checkpoint.
@@ -482,7 +484,8 @@ class _Interval:
     def __init__(self):
         self.start, self.steps, self.loss, self.grad_norm, self.skipped = time.perf_counter(), 0, 0.0, 0.0, 0
 
-    def add(self, loss: float, grad_norm: float, skipped: bool) -> None:
+    def add(self, loss: float, grad_norm: torch.Tensor, skipped: bool) -> None:
+        """`grad_norm` stays a device tensor: its sum is read back once per record, not once per step."""
         self.steps += 1
         self.loss += loss
         self.grad_norm += grad_norm
@@ -496,7 +499,7 @@ class _Interval:
             "step": step,
             "loss": self.loss / self.steps,  # Mean over the interval of the global-batch mean loss.
             "lr": optimizer.param_groups[0]["lr"],
-            "grad_norm": self.grad_norm / self.steps,
+            "grad_norm": float(self.grad_norm) / self.steps,
             "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
             "skipped_steps": self.skipped,
             "images_per_s": train.batch * self.steps / seconds,
