@@ -303,13 +303,16 @@ def load_generator(path: str, ema_rate: float | None = None, device: torch.devic
 
 def newest_generator(folder: str, ema_rate: float | None = None, device: torch.device | str = "cpu",
                      log=print) -> tuple[str, nn.Module]:
-    """The newest file of a run folder that loads (`find_weights`), as (path, `load_generator`'s model); each
-    newer damaged one is skipped with one `skip_note` line through `log` and left in place."""
-    found = find_weights(folder)
+    """The newest file of a run folder that loads, as (path, `load_generator`'s model): the newest step's snapshot,
+    else its training state, else the step before; each damaged one tried is skipped with one `skip_note` line
+    through `log` and left in place."""
+    # Newest step first; at one step the snapshot (written first, the smaller file), then the training state.
+    found = sorted([(step, 1, path) for step, path in find_snapshots(folder)] +
+                   [(step, 0, path) for step, path in find_checkpoints(folder)], reverse=True)
     if not found:
         raise FileNotFoundError(f"no snapshot-<step>.pt or checkpoint-<step>.pt files in {folder}")
     skipped = []
-    for _, path in reversed(found):
+    for _, _, path in found:
         try:
             return path, load_generator(path, ema_rate, device)
         except DamagedCheckpointError as error:
