@@ -130,7 +130,7 @@ def test_a_full_disk_ends_the_run_with_the_last_training_state_intact_and_says_s
         f"left in its place and the newest complete training state, {intact}, is intact. Free space on that disk, "
         "or keep fewer snapshots (run.keep_snapshots) or write them less often (run.snapshot_every), then re-run "
         "the same command to resume"), err
-    assert not [name for name in os.listdir(run) if fileio.is_temporary(name)]
+    assert not [name for name in os.listdir(run) if name.endswith(fileio.TEMP_SUFFIX)]
     assert checkpoint.read_checkpoint(intact)["step"] == 1
     if target == "checkpoint":
         assert not os.path.exists(path)

@@ -6,6 +6,7 @@ samplers and weights of the sampling and evaluation commands.
 from __future__ import annotations
 
 import argparse
+import functools
 import ast
 import inspect
 import io
@@ -46,9 +47,10 @@ def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
 # Training commands: a configuration from a preset or a file, with overrides.
 
 
+@functools.cache  # Read once per process: every training command's parser shows them all (inspect is slow).
 def field_docs(cls: type) -> dict[str, str]:
     """The one-line comment beside each field declared in `cls`'s own source: the schema (config.py) documents
-    itself, and `--help` prints it."""
+    itself, and `--help` prints it. Callers must not modify the result (it is cached)."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # Defined where no source is kept (an interactive session).
