@@ -67,6 +67,7 @@ TRAINER_CASES = [
     ("constant lr", ["--train.lr_decay=constant"]),
     ("gradient clipping", ["--train.grad_clip=1.0"]),
     ("one EMA", ["--train.ema_rates=0.5"]),
+    ("power-function EMAs", ["--train.phema_stds=0.05,0.1"]),
     ("activation checkpointing", ["--train.activation_checkpointing=true"]),
     ("channels-last", ["--train.channels_last=true"]),
     # The speed options together, as README's "Speed options" lists them (compile aside: NOT_RUN).
