@@ -261,14 +261,18 @@ def sample_command(files: dict[str, str]) -> list[str]:
             f"{files['run']}/grid.png"]
 
 
-def fid_command(files: dict[str, str]) -> list[str]:
-    return ["-m", "pid_diffusion.cli.fid", "--run", files["run"], "--ref", files["ref"], "--detector",
-            files["detector"], "--seeds", "0-99", "--batch", "50", "--ema", "none"]
+def fid_command(files: dict[str, str], step: int, images: int) -> list[str]:
+    """FID of the run's last snapshot (one file: one 2048-d matrix square root)."""
+    return ["-m", "pid_diffusion.cli.fid", "--checkpoint", checkpoint.snapshot_path(files["run"], step), "--ref",
+            files["ref"], "--detector", files["detector"], "--seeds", f"0-{images - 1}", "--batch", "50", "--ema",
+            "none"]
 
 
-def demo_command(files: dict[str, str], steps: int) -> list[str]:
+def demo_command(files: dict[str, str], steps: int, fid_images: int | None) -> list[str]:
+    """pid-demo on its bundled teacher; with `fid_images`, its FID on the stand-in detector (on the run's device)."""
+    fid = [] if fid_images is None else ["--detector", files["detector"], "--fid-images", str(fid_images)]
     return ["-m", "pid_diffusion.cli.demo", f"--run.dir={files['demo']}", f"--train.steps={steps}",
-            "--eval-images", "16", "--detector", files["detector"], "--fid-images", "100"]
+            "--eval-images", "16", *fid]
 
 
 def _python(args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -280,10 +284,11 @@ def _failed(job: subprocess.CompletedProcess | subprocess.Popen, output: str) ->
     return f"FAIL: exit {job.returncode}: {lines[-1][:160]}"
 
 
-def command_rows(files: dict[str, str], preset: str, batch: int, steps: int, demo_steps: int,
-                 timeout: float = 300.0) -> list[tuple[str, str, float]]:
+def command_rows(files: dict[str, str], preset: str, batch: int, steps: int, demo_steps: int, fid_images: int,
+                 demo_fid_images: int | None, timeout: float = 300.0) -> list[tuple[str, str, float]]:
     """(row, status, seconds) of the user's commands: pid-distill killed (SIGKILL) once its first training state
-    is complete and run again to resume, then pid-sample and pid-fid of the run folder, and pid-demo."""
+    is complete and run again to resume, then pid-sample of the run folder, pid-fid of its last snapshot
+    (`fid_images` images), and pid-demo (FID over `demo_fid_images`, or none)."""
     rows = []
     command = distill_command(files, preset, batch, steps)
     start = time.perf_counter()
@@ -309,8 +314,8 @@ def command_rows(files: dict[str, str], preset: str, batch: int, steps: int, dem
     rows.append((f"pid-distill --preset={preset}, {steps} steps, killed and resumed", status,
                  time.perf_counter() - start))
     for name, args in (("pid-sample of the run folder", sample_command(files)),
-                       ("pid-fid of the run's snapshots", fid_command(files)),
-                       (f"pid-demo, {demo_steps} steps", demo_command(files, demo_steps))):
+                       (f"pid-fid of the last snapshot, {fid_images} images", fid_command(files, steps, fid_images)),
+                       (f"pid-demo, {demo_steps} steps", demo_command(files, demo_steps, demo_fid_images))):
         start = time.perf_counter()
         job = _python(args, timeout)
         status = "ok" if job.returncode == 0 else _failed(job, job.stdout + job.stderr)
@@ -368,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             status = f"FAIL: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
         rows.append((f"synchronising calls per training step, cifar10 (batch {BATCH['cifar10']})", status,
                      f"{time.perf_counter() - start:.1f} s total", ""))
-        for name, status, seconds in command_rows(files, "cifar10", BATCH["cifar10"], steps=3, demo_steps=5):
+        for name, status, seconds in command_rows(files, "cifar10", BATCH["cifar10"], steps=3, demo_steps=5,
+                                                  fid_images=1000, demo_fid_images=100):
             rows.append((name, status, f"{seconds:.1f} s total", ""))
 
     checks: list[tuple[str, Callable[[], Callable[[], None]]]] = [

@@ -47,14 +47,16 @@ def test_sync_count_counts_torchs_sync_warnings_and_fails_above_one():
 
 def test_the_command_rows_run_the_users_commands(tmp_path):
     """The rows' code path on the CPU: the bundled default's architecture with random weights instead of the
-    cifar10 preset's, the same kill, resume, pid-sample, pid-fid and pid-demo."""
+    cifar10 preset's, the same kill, resume, pid-sample, pid-fid and pid-demo, at sizes a CPU takes in seconds
+    (pid-fid of 20 images; the demo without FID: three 2048-d square roots cost a CPU minutes)."""
     from pid_diffusion.teacher import load_teacher
 
     kwargs = load_teacher(BUNDLED_TEACHER).init_kwargs
     with gpu_check.command_files(tmp_path, kwargs) as files:
         assert load_teacher(files["teacher"]).init_kwargs == kwargs
-        rows = gpu_check.command_rows(files, "default", batch=2, steps=3, demo_steps=2)
+        rows = gpu_check.command_rows(files, "default", batch=2, steps=2, demo_steps=1, fid_images=20,
+                                      demo_fid_images=None)
     assert [status.split(":")[0] for _, status, _ in rows] == ["ok"] * 4, rows
-    assert "resumed, step 3 written" in rows[0][1]
+    assert "resumed, step 2 written" in rows[0][1]
     assert (tmp_path / "run" / "grid.png").is_file() and (tmp_path / "run" / "fid.csv").is_file()
     assert (tmp_path / "demo" / "demo.png").is_file()
