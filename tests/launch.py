@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import TextIO
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,13 @@ def mpirun(processes: int, *command: str) -> subprocess.CompletedProcess:
                           text=True, timeout=JOB_TIMEOUT_S)
 
 
+def mpirun_module(processes: int, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args` on `processes` ranks; the test fails unless the job exits 0."""
+    result = mpirun(processes, "-m", module, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
 def wait_for(condition: Callable[[], bool], job: subprocess.Popen, what: str,
              timeout_s: float = POLL_TIMEOUT_S) -> None:
     """Poll `condition` until it holds; fail if `job` ends first or after `timeout_s` (a bounded wait)."""
@@ -78,6 +86,17 @@ def wait_for(condition: Callable[[], bool], job: subprocess.Popen, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout_s} s")
         time.sleep(0.02)
+
+
+def wait_for_line(pipe: TextIO, text: str) -> str:
+    """Read a job's output pipe (text mode) up to the first line containing `text`, and return what was read; fail
+    if the job closes it (ends) first."""
+    read = []
+    for line in pipe:
+        read.append(line)
+        if text in line:
+            return "".join(read)
+    raise AssertionError(f"the job closed its output before writing {text!r}:\n{''.join(read)[-3000:]}")
 
 
 def processes_mentioning(text: str) -> list[int]:

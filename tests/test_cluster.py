@@ -19,10 +19,10 @@ from pid_diffusion.utils import dist, fileio, preemption
 from pid_diffusion.config import ConfigError, RunConfig
 from pid_diffusion.train import NOISE_CHUNK, _rank_share
 
-from equality import assert_same_update
-from launch import JOB_TIMEOUT_S, REPO, mpirun, mpirun_command, mpirun_env, needs_mpirun, subprocess_env, wait_for
-from test_dist_mpi import REL_TWO_RANKS, initial_toy_state, latest
-from test_train import SCRIPT, assert_same_training_state, train_toy
+from equality import REL_TWO_RANKS, assert_same_training_state, assert_same_update
+from factories import TOY_SCRIPT, initial_toy_state, latest, train_toy
+from launch import (JOB_TIMEOUT_S, REPO, mpirun, mpirun_command, mpirun_env, needs_mpirun, subprocess_env, wait_for,
+                    wait_for_line)
 
 # An 8-step toy run with dropout (the global RNG must resume too) and checkpoints every 3 steps, so that a
 # preemption's checkpoint is not one the run writes anyway.
@@ -76,7 +76,7 @@ def test_preempted_run_requeued_ends_bit_identical(tmp_path, straight, signal_st
 
 def test_sigterm_from_outside_checkpoints_and_exits_75_then_resumes(tmp_path, straight):
     # The same command both times; the delay keeps the run going long enough for the signal to land mid-run.
-    command = [sys.executable, SCRIPT, f"--run.dir={tmp_path}", *COMMON, "--toy.step_delay_s=0.3"]
+    command = [sys.executable, TOY_SCRIPT, f"--run.dir={tmp_path}", *COMMON, "--toy.step_delay_s=0.3"]
     job = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     wait_for(lambda: steps_in(tmp_path) == [3], job, "the first checkpoint")
@@ -94,16 +94,15 @@ def test_sigterm_from_outside_checkpoints_and_exits_75_then_resumes(tmp_path, st
 
 
 def test_second_signal_exits_at_once_and_leaves_checkpoints_intact(tmp_path):
-    command = [sys.executable, SCRIPT, f"--run.dir={tmp_path}", *COMMON, "--toy.step_delay_s=2"]
+    command = [sys.executable, TOY_SCRIPT, f"--run.dir={tmp_path}", *COMMON, "--toy.step_delay_s=2"]
     job = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
-    # Wait until the loop has installed its handlers: the first step (2 s) is then in flight.
-    wait_for(lambda: fileio.exists(tmp_path / "config.json"), job, "the run start")
-    time.sleep(0.5)
+    # The first step (2 s) in flight, so the loop's handlers are installed; the second signal once the first is in.
+    err = wait_for_line(job.stderr, "toy: step 0 in flight")
     job.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    err += wait_for_line(job.stderr, "SIGTERM: finishing the step in flight")
     job.send_signal(signal.SIGTERM)
-    _, err = job.communicate(timeout=JOB_TIMEOUT_S)
+    err += job.communicate(timeout=JOB_TIMEOUT_S)[1]
     assert job.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "second signal (SIGTERM): exiting now" in err
     assert steps_in(tmp_path) == [] and not [n for n in fileio.listdir(tmp_path) if fileio.is_temporary(n)]
@@ -120,13 +119,13 @@ def test_preempt_signals_are_validated():
 @needs_mpirun
 def test_preemption_under_mpirun_resumes_bit_identical(tmp_path):
     common = [*COMMON, "--train.batch=8", "--toy.step_delay_s=0.2"]
-    job = mpirun(2, SCRIPT, f"--run.dir={tmp_path / 'straight'}", *common)
+    job = mpirun(2, TOY_SCRIPT, f"--run.dir={tmp_path / 'straight'}", *common)
     assert job.returncode == 0, job.stderr[-3000:]
     straight = latest(tmp_path / "straight")
 
     # A signal on rank 1 alone, in a random step of every run of the same command, requeued until done.
     folder, signal_step = tmp_path / "rank1", random.Random(12).randrange(3, 7)
-    command = [SCRIPT, f"--run.dir={folder}", *common, f"--toy.signal_step={signal_step}", "--toy.signal_rank=1"]
+    command = [TOY_SCRIPT, f"--run.dir={folder}", *common, f"--toy.signal_step={signal_step}", "--toy.signal_rank=1"]
     job = mpirun(2, *command)
     assert job.returncode == preemption.PREEMPTED_EXIT_CODE, job.stderr[-3000:]
     assert steps_in(folder)[-1] == signal_step + 1 and "Preempted (a signal on another rank)" in job.stdout
@@ -136,14 +135,14 @@ def test_preemption_under_mpirun_resumes_bit_identical(tmp_path):
 
     # SIGUSR1 to mpirun, which forwards it to every rank (SIGTERM to Open MPI's mpirun kills the ranks).
     folder = tmp_path / "launcher"
-    launcher = subprocess.Popen(mpirun_command(2, SCRIPT, f"--run.dir={folder}", *common), cwd=REPO, env=mpirun_env(),
+    launcher = subprocess.Popen(mpirun_command(2, TOY_SCRIPT, f"--run.dir={folder}", *common), cwd=REPO, env=mpirun_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: logged_steps(folder)[-1] >= 1, launcher, "the first step")
     launcher.send_signal(signal.SIGUSR1)
     out, err = launcher.communicate(timeout=JOB_TIMEOUT_S)
     assert launcher.returncode == preemption.PREEMPTED_EXIT_CODE, err[-3000:]
     assert "Preempted (SIGUSR1)" in out and 1 <= steps_in(folder)[-1] < 8
-    job = mpirun(2, SCRIPT, f"--run.dir={folder}", *common)
+    job = mpirun(2, TOY_SCRIPT, f"--run.dir={folder}", *common)
     assert job.returncode == 0, job.stderr[-3000:]
     assert_same_training_state(straight, latest(folder))
 
@@ -257,11 +256,12 @@ def test_launcher_reads_a_slurm_step(monkeypatch):
     assert dist._slurm_rendezvous() == "tcp://head:2999"
 
 
+@pytest.mark.two_cores
 def test_two_srun_tasks_set_by_hand_train_like_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, SCRIPT, f"--run.dir={tmp_path / 'two'}", "--train.steps=3"]
+    command = [sys.executable, TOY_SCRIPT, f"--run.dir={tmp_path / 'two'}", "--train.steps=3"]
     tasks = [subprocess.Popen(command, cwd=REPO, env=slurm_env(rank, port), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     for task in tasks:
@@ -322,10 +322,11 @@ SBATCH = os.path.join(REPO, "scripts", "slurm_distill.sbatch")
 
 @pytest.mark.parametrize("status, requeued", [(preemption.PREEMPTED_EXIT_CODE, True), (1, False)])
 def test_sbatch_script_requeues_a_preempted_job_only(tmp_path, status, requeued):
-    log, tools = tmp_path / "calls.log", tmp_path / "bin"
+    log, tools, release = tmp_path / "calls.log", tmp_path / "bin", tmp_path / "release"
     tools.mkdir()
-    # The stand-in srun runs for a moment, during which the batch shell itself gets SIGTERM (a preemption).
-    for name, body in (("srun", f'echo "srun $*" >> {log}; sleep 1; exit {status}'),
+    os.mkfifo(release)
+    # The stand-in srun runs until the test releases it, once the batch shell itself got SIGTERM (a preemption).
+    for name, body in (("srun", f'echo "srun $*" >> {log}; read line < {release}; exit {status}'),
                        ("scontrol", f'echo "scontrol $*" >> {log}')):
         (tools / name).write_text(f"#!/bin/sh\n{body}\n")
         (tools / name).chmod(0o755)
@@ -334,6 +335,9 @@ def test_sbatch_script_requeues_a_preempted_job_only(tmp_path, status, requeued)
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(log.exists, job, "srun to start")
     job.send_signal(signal.SIGTERM)
+    wait_for_line(job.stdout, "slurm_distill: signal received")  # the trap ran; srun is still running
+    with open(release, "w") as fifo:
+        fifo.write("done\n")
     out, err = job.communicate(timeout=JOB_TIMEOUT_S)
     assert job.returncode == status, err
     calls = log.read_text().splitlines()

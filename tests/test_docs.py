@@ -37,9 +37,7 @@ from pid_diffusion.teacher import load_teacher
 
 import docs_commands
 from docs_commands import MODULES, REPO, SCRIPTS, documented_commands, reduced, without_mpirun
-from test_fid import SMALL_FEATURE_DIM, small_detector, write_detector
-from test_metrics import write_lpips_standins
-from test_teacher import _release, _write_edm_pickle
+from factories import SMALL_FEATURE_DIM, edm_release, small_detector, write_detector, write_edm_pickle, write_lpips_standins
 
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
 TEACHER_NAMES = ["edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]
@@ -76,7 +74,7 @@ def standins(tmp_path_factory) -> Path:
     # Documented commands read preset files by their path in the checkout (pid-distill --config=...).
     shutil.copytree(REPO / "configs", files / "configs")
     teacher = load_teacher(BUNDLED_TEACHER)
-    _write_edm_pickle(files / "release.pkl", _release(teacher, teacher.init_kwargs))
+    write_edm_pickle(files / "release.pkl", edm_release(teacher, teacher.init_kwargs))
     for name in TEACHER_NAMES:
         shutil.copy(files / "release.pkl", files / "teachers" / f"{name}.pkl")
         shutil.copy(files / "release.pkl", files / f"{name}.pkl")

@@ -2,15 +2,12 @@
 error where it cannot work (forward-mode AD). LPIPS runs on random weight files in a temporary TORCH_HOME."""
 
 import copy
-import math
 from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 from pid_diffusion import distill
-from pid_diffusion.utils import hub
 from pid_diffusion.distill import resolve
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, pid_residual
@@ -21,10 +18,11 @@ from pid_diffusion.utils.perf import (ActivationCheckpointingError, Checkpointed
                                 enable_lpips_checkpointing)
 from pid_diffusion.student import PIDStudent
 
+from factories import LPIPS_CHANNELS, TINY_SONG_UNET, torch_home_with_lpips
+
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 # Tiny networks with every block kind: resampling, attention (SongUNet at 8×8, ADM everywhere), dropout on.
-SONG = dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
-            num_blocks=1, attn_resolutions=[8], dropout=0.2)
+SONG = {**TINY_SONG_UNET, "img_resolution": 16, "model_channels": 16, "attn_resolutions": [8], "dropout": 0.2}
 ADM = dict(img_resolution=8, img_channels=3, label_dim=4, model_type="DhariwalUNet", model_channels=64,
            channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.2)
 
@@ -150,25 +148,13 @@ def test_disable_copy_and_bad_input():
 # ----------------------------------------------------------------------------------------------------------
 # LPIPS.
 
-LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # piq's five layer weights, relu1_2 … relu5_3
 LPIPS_SIZE = 32  # upsampling target: the code path of the official 224×224 at a fiftieth of the cost
 
 
 @pytest.fixture(scope="module")
 def torch_home(tmp_path_factory):
     """A TORCH_HOME whose hub cache holds random VGG16 and piq LPIPS weight files."""
-    checkpoints = tmp_path_factory.mktemp("torch_home") / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    with torch.device("meta"):
-        shapes = {key: value.shape for key, value in torchvision.models.vgg16().state_dict().items()}
-    generator = torch.Generator().manual_seed(0)
-    # He-initialised features keep activations of order 1 through the 13 layers; LPIPS never uses the classifier.
-    vgg = {key: torch.randn(shape, generator=generator) * math.sqrt(2 / math.prod(shape[1:]))
-           if key.startswith("features.") and len(shape) > 1 else torch.zeros(shape) for key, shape in shapes.items()}
-    torch.save(vgg, checkpoints / hub.VGG16_IMAGENET.filename)
-    torch.save([torch.rand(1, c, 1, 1, generator=generator) for c in LPIPS_CHANNELS],
-               checkpoints / hub.PIQ_LPIPS_WEIGHTS.filename)
-    return checkpoints.parents[1]
+    return torch_home_with_lpips(tmp_path_factory.mktemp("torch_home"))
 
 
 @pytest.fixture(scope="module")

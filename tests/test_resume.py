@@ -15,8 +15,8 @@ from pid_diffusion.config import ConfigError, OnResume, flatten, leaf_fields, on
 from pid_diffusion.train import HISTORY_FILE
 
 import toy_training
-from test_sample import tiny_teacher, write_teacher_file
-from test_train import assert_same_training_state, train_toy
+from equality import assert_same_training_state
+from factories import fixture_teacher, train_toy, write_teacher_file
 
 # Micro-batches and speed options sum in another order: the weights after the resumed steps agree to this.
 NUMERICS_RTOL, NUMERICS_ATOL = 1e-5, 1e-6
@@ -140,7 +140,7 @@ def test_every_field_declares_its_resume_class_in_the_schema():
 
 
 def test_teacher_file_may_change_when_its_weights_are_equal(tmp_path, edm_fixtures_dir, capsys):
-    teacher = tiny_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
+    teacher = fixture_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
     write_teacher_file(str(tmp_path / "teacher.pt"), teacher)
     run = tmp_path / "run"
     options = [f"--run.dir={run}", "--train.batch=4", "--run.image_every=0", "--run.log_every=1"]

@@ -29,33 +29,10 @@ from pid_diffusion.student import PIDStudent, StudentInit
 from pid_diffusion.train import NonFiniteLossError, batch_plan, lr_at, training_loop
 
 import toy_training
-from equality import assert_mutants_fail, assert_same_update
+from equality import assert_mutants_fail, assert_same_training_state, assert_same_update
+from factories import TINY_SONG_UNET, TOY_SCRIPT, initial_toy_state, perturbed, train_toy
 from launch import JOB_TIMEOUT_S, REPO, subprocess_env, wait_for
 from toy_training import ToyNet, ToyObjective
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "toy_training.py")
-def train_toy(folder, *overrides: str) -> dict:
-    """Run the toy task in this process; returns the newest checkpoint."""
-    toy_training.main([f"--run.dir={folder}", *overrides])
-    return fileio.torch_load(checkpoint.latest_checkpoint(str(folder))[1])
-
-
-def assert_same_training_state(a: dict, b: dict) -> None:
-    """Bitwise equality of weights, EMAs and optimizer moments."""
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for rate in a["ema"]:
-        for key in a["ema"][rate]:
-            assert torch.equal(a["ema"][rate][key], b["ema"][rate][key]), (rate, key)
-    for index, state in a["optimizer"]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][index][key])), key
-
-
-def initial_toy_state() -> dict:
-    torch.manual_seed(0)  # toy_training.main's initial weights
-    return ToyNet().state_dict()
-
 
 def test_micro_batches_train_like_the_whole_batch(tmp_path):
     whole = train_toy(tmp_path / "whole", "--train.steps=3")
@@ -126,7 +103,7 @@ def test_kill_9_mid_run_then_rerun_gives_identical_weights(tmp_path):
     straight = train_toy(tmp_path / "straight", "--train.steps=8", "--run.checkpoint_every=3", "--toy.dropout=0.5")
     folder = tmp_path / "killed"
     # The same command both times; the delay only widens the window in which the kill lands mid-step.
-    command = [sys.executable, SCRIPT, f"--run.dir={folder}", "--train.steps=8", "--run.checkpoint_every=3",
+    command = [sys.executable, TOY_SCRIPT, f"--run.dir={folder}", "--train.steps=8", "--run.checkpoint_every=3",
                "--toy.dropout=0.5", "--toy.step_delay_s=0.3"]
     job = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -256,8 +233,7 @@ def test_tensorboard_is_off_by_default(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Speed options: the same training on a tiny PID task (a SongUNet student with dropout and attention).
 
-TINY_SONG = dict(img_resolution=8, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
-                 num_blocks=1, attn_resolutions=[4])
+TINY_SONG = {**TINY_SONG_UNET, "model_channels": 16}
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
@@ -266,20 +242,12 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 TINY_PID_STEPS = 8
 
 
-def perturbed(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
-    """`module` with every parameter moved by scale · N(0, 1), as EDM's reference fixtures are."""
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.add_(scale * torch.randn_like(parameter))
-    return module
-
-
 def train_tiny_pid(folder, channels_last: bool = False, dropout: float = 0.1, **options
                    ) -> tuple[dict, PIDStudent, dict]:
     """PID steps on a tiny perturbed SongUNet teacher with `train` options: the checkpoint, the trained student
     and its initial state_dict."""
     torch.manual_seed(0)
-    teacher = perturbed(EDMPrecond(**TINY_SONG, dropout=0.0)).eval().requires_grad_(False)
+    teacher = perturbed(EDMPrecond(**TINY_SONG)).eval().requires_grad_(False)
     if channels_last:  # what distill.build does with the teacher
         teacher.to(memory_format=torch.channels_last)
     grid = KarrasGrid(num_points=10, rho=7.0, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)

@@ -49,7 +49,7 @@ class ToyNet(nn.Module):
 class ToySection:
     width: int = 8                 # ToyNet width.
     dropout: float = 0.0           # ToyNet dropout (exercises the global RNG on resume).
-    step_delay_s: float = 0.0      # Sleep per loss call: a window for killing the job mid-run.
+    step_delay_s: float = 0.0      # Sleep per loss call, announced on stderr: a window for killing the job mid-run.
     fail_step: int = -1            # Raise on rank `fail_rank` at this step (-1: never).
     fail_rank: int = 0
     nan_step: int = -1             # Return a NaN loss at this step (-1: never).
@@ -86,7 +86,9 @@ class ToyObjective:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         step = self.calls  # One call per step when there is one micro-batch (the fault tests).
         self.calls += 1
-        time.sleep(self.toy.step_delay_s)
+        if self.toy.step_delay_s:  # the window opens: a test waiting for it reads this line
+            print(f"toy: step {step} in flight", file=sys.stderr, flush=True)
+            time.sleep(self.toy.step_delay_s)
         if step == self.toy.fail_step and dist.rank() == self.toy.fail_rank:
             raise RuntimeError(f"injected failure on rank {dist.rank()} at step {step}")
         if step == self.toy.signal_step and dist.rank() == self.toy.signal_rank:
