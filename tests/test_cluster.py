@@ -74,6 +74,7 @@ def test_preempted_run_requeued_ends_bit_identical(tmp_path, straight, signal_st
     assert_same_training_state(straight, state)
 
 
+@pytest.mark.slow
 def test_sigterm_from_outside_checkpoints_and_exits_75_then_resumes(tmp_path, straight):
     # The same command both times; the delay keeps the run going long enough for the signal to land mid-run.
     command = [sys.executable, TOY_SCRIPT, f"--run.dir={tmp_path}", *COMMON, "--toy.step_delay_s=0.3"]
@@ -93,6 +94,7 @@ def test_sigterm_from_outside_checkpoints_and_exits_75_then_resumes(tmp_path, st
     assert_same_training_state(straight, latest(tmp_path))
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_and_leaves_checkpoints_intact(tmp_path):
     command = [sys.executable, TOY_SCRIPT, f"--run.dir={tmp_path}", *COMMON, "--toy.step_delay_s=2"]
     job = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -320,6 +322,7 @@ def test_sample_batch_must_honour_size_and_device():
 SBATCH = os.path.join(REPO, "scripts", "slurm_distill.sbatch")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status, requeued", [(preemption.PREEMPTED_EXIT_CODE, True), (1, False)])
 def test_sbatch_script_requeues_a_preempted_job_only(tmp_path, status, requeued):
     log, tools, release = tmp_path / "calls.log", tmp_path / "bin", tmp_path / "release"

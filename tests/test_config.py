@@ -255,6 +255,7 @@ def test_preset_and_config_are_exclusive(capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_preset_files_are_installed_as_package_data(tmp_path):
     # A non-editable install copies what setuptools' build step collects: run it on a copy of the sources (it
     # writes beside them) and look for every preset file among the installed package's files.

@@ -27,6 +27,7 @@ def test_latent_k_depends_only_on_its_seed():
     assert torch.equal(few[0], torch.randn((3, 4, 4), generator=torch.Generator().manual_seed(10)))
 
 
+@pytest.mark.slow  # the user's main job, a distillation included
 def test_demo_distils_the_bundled_teacher(tmp_path, capsys):
     # The project ships the teacher (model_zoo/): a missing file is a failure, not a skip.
     assert BUNDLED_TEACHER.is_file(), f"the bundled teacher {BUNDLED_TEACHER} is missing from the checkout"

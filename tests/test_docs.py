@@ -37,7 +37,10 @@ from pid_diffusion.teacher import load_teacher
 
 import docs_commands
 from docs_commands import MODULES, REPO, SCRIPTS, documented_commands, reduced, without_mpirun
-from factories import SMALL_FEATURE_DIM, edm_release, small_detector, write_detector, write_edm_pickle, write_lpips_standins
+from factories import (SMALL_FEATURE_DIM, edm_release, small_detector, write_detector, write_edm_pickle,
+                       write_lpips_standins)
+
+pytestmark = pytest.mark.slow  # every documented command, as a user runs it (some start processes)
 
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
 TEACHER_NAMES = ["edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]

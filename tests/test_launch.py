@@ -118,6 +118,7 @@ def test_fetch_weights_downloads_each_file_or_says_where_to_put_it(tmp_path, mon
     assert len(fetched) == 4 and capsys.readouterr().out.count("present  ") == 4
 
 
+@pytest.mark.slow
 def test_a_batch_job_logs_plain_lines_into_log_txt(tmp_path):
     command = [sys.executable, "-m", "pid_diffusion.cli.distill", *BUNDLED, f"--run.dir={tmp_path}"]
     job = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)

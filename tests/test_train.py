@@ -99,6 +99,7 @@ def test_resume_with_another_configuration_is_an_error(tmp_path):
         train_toy(tmp_path, "--train.steps=4", "--train.lr=0.5")
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_gives_identical_weights(tmp_path):
     straight = train_toy(tmp_path / "straight", "--train.steps=8", "--run.checkpoint_every=3", "--toy.dropout=0.5")
     folder = tmp_path / "killed"
