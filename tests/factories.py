@@ -7,6 +7,7 @@ Test modules import from here (and from launch.py, equality.py, toy_training.py)
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import pickle
 import sys
@@ -278,6 +279,19 @@ def small_detector(path) -> str:
 # Run folders of the toy task (toy_training.py).
 
 TOY_SCRIPT = str(Path(toy_training.__file__).resolve())
+
+
+def steps_in(folder) -> list[int]:
+    """Steps of the run folder's training states."""
+    return [step for step, _ in checkpoint.find_checkpoints(str(folder))]
+
+
+def logged_steps(folder) -> list[int]:
+    """Steps of metrics.jsonl (the toy logs every step); [0] before the first."""
+    path = Path(folder) / "metrics.jsonl"
+    if not path.exists():
+        return [0]
+    return [json.loads(line)["step"] for line in fileio.read_bytes(path).decode().splitlines()]
 
 
 def latest(folder) -> dict:
