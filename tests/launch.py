@@ -113,19 +113,20 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def kill_job(job: subprocess.Popen, folder: str, timeout_s: float = 60.0) -> None:
-    """SIGKILL the job's process group (started with start_new_session=True), then make sure that no process of
-    it (found by its run folder on the command line) survives, within `timeout_s`."""
+    """SIGKILL every process of the job at once, as a scheduler ends it: its process group (started with
+    start_new_session=True) and the ranks a launcher's daemon started outside that group (found by the run folder
+    on their command line); return once none is left, within `timeout_s`."""
     try:
         os.killpg(job.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    job.wait(timeout=timeout_s)
-    deadline = time.monotonic() + timeout_s
-    while (survivors := processes_mentioning(folder)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in survivors:  # only processes of this job: their command line names its folder
+    for pid in processes_mentioning(folder):  # only processes of this job: their command line names its folder
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert not survivors, f"processes {survivors} of the killed job outlived it by {timeout_s} s"
+    job.wait(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while (survivors := processes_mentioning(folder)) and time.monotonic() < deadline:
+        time.sleep(0.1)  # a killed process leaves /proc once its parent (or init) reaps it
+    assert not survivors, f"processes {survivors} of the killed job outlived SIGKILL by {timeout_s} s"
