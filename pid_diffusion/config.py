@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pid_diffusion.utils import preemption
+from pid_diffusion.utils.values import parse_enum, plain
 
 __all__ = ["ConfigError", "LRDecay", "OnResume", "OptimizerKind", "Precision", "RunConfig", "TrainConfig",
            "TrainingConfig", "apply_overrides", "check", "diff", "flatten", "from_dict", "leaf_fields",
@@ -193,17 +194,7 @@ class TrainingConfig:
 
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-able dictionary of a configuration (enums as their values, tuples as lists)."""
-    return {field.name: _plain(getattr(config, field.name)) for field in dataclasses.fields(config)}
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return to_dict(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
+    return plain(config, "config")
 
 
 def to_json(config: Any) -> str:
@@ -259,13 +250,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return value if isinstance(value, tp) else from_dict(tp, value, prefix=key + ".")
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
         try:
-            return tp(value)
-        except ValueError:
-            choices = ", ".join(str(member.value) for member in tp)
-            raise ConfigError(f"{key}: {value!r} is not one of {choices}") from None
+            return parse_enum(tp, value, key)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import blobfile as bf
-import numpy as np
 import torch
 
 from pid_diffusion.utils import fileio
+from pid_diffusion.utils.values import plain
 from pid_diffusion.networks import edm
 from pid_diffusion.edm_pickle import EDMPickleError, PickledModule, load_edm_pickle, state_dict_of
 from pid_diffusion.networks.edm import EDMPrecond
@@ -93,16 +93,11 @@ def _preset_kwargs(preset: str) -> dict[str, Any]:
 
 def _plain(value: Any, name: str) -> Any:
     """A recorded constructor argument as plain data (NumPy scalars become numbers), or an error naming it."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item, f"{name}.{key}") for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item, f"{name}[{index}]") for index, item in enumerate(value)]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TeacherCheckpointError(f"constructor argument {name} is a {type(value).__name__}; EDM records only "
-                                 "numbers, strings, lists and dicts, so the file was modified")
+    try:
+        return plain(value, name)
+    except TypeError as error:
+        raise TeacherCheckpointError(f"constructor argument {error}: EDM records only plain data, so the file was "
+                                     "modified") from None
 
 
 def _from_edm_snapshot(data: Any, path: str) -> TeacherCheckpoint:
@@ -275,7 +270,7 @@ def load_teacher(path: str | os.PathLike, preset: str | None = None, dropout: fl
     return network.to(device).eval().requires_grad_(False)
 
 
-def network_hash(model: nn.Module) -> str:
+def network_hash(model: torch.nn.Module) -> str:
     """SHA-256 of a network's class, constructor arguments and every tensor of its state_dict (names, dtypes,
     shapes, values): equal for an EDM .pkl and the .pt converted from it, different for any other weights."""
     digest = hashlib.sha256()
