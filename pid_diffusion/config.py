@@ -4,8 +4,10 @@ A configuration is a tree of frozen dataclasses. Every task has the two sections
 (`run`: where and how often to write; `train`: batch, optimizer, precision, EMA) and adds its own (distill.py:
 `teacher`, `student`, `pid`; teacher_training.py: `data`, `network`, `edm`). The defaults are the paper's
 CIFAR-10 run. Values pass one boundary, `from_dict`, which checks each field's type, parses enum members from
-their string values and runs each section's range checks; preset files, stored configurations (`config.json`,
-checkpoints) and command-line overrides all go through it.
+their string values and runs each section's range checks; a section that checks its values with the checks of
+the object it configures (a grid, a loss) lets their ValueError through, and `from_dict` reports it as a
+ConfigError naming the section. Preset files, stored configurations (`config.json`, training states) and
+command-line overrides all go through it.
 
 Presets are JSON files holding only what differs from these defaults (configs/). Overrides
 come as `--section.key=value`, or `--key=value` when the key names one field of the whole tree; an unknown
@@ -220,7 +222,9 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
     values = {key: _convert(value, hints[key], prefix + key) for key, value in data.items()}
     try:
         return cls(**values)
-    except TypeError as error:  # A missing required field.
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:  # A missing required field, or the checks of an object it builds.
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from None
 
 

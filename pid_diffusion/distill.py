@@ -21,7 +21,7 @@ import blobfile as bf
 
 from pid_diffusion import config_files
 from pid_diffusion.utils import hub, perf
-from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, check, setting
+from pid_diffusion.config import OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_options
 from pid_diffusion.metrics import Metric
@@ -77,12 +77,9 @@ class PIDConfig:
     pseudo_huber_c: float | None = None             # c of metric=pseudo_huber; None: iCT's 0.00054·sqrt(d).
 
     def __post_init__(self):
-        # The grid's and the residual's own checks, reported under this section's name.
-        try:
-            check_grid(self.num_points, self.rho, self.sigma_min, self.sigma_max)
-            check_options(self.derivative, self.form, self.stop_neighbour_grad)
-        except ValueError as error:
-            raise ConfigError(f"pid: {error}") from None
+        # The grid's and the residual's own checks (from_dict reports them under this section's name).
+        check_grid(self.num_points, self.rho, self.sigma_min, self.sigma_max)
+        check_options(self.derivative, self.form, self.stop_neighbour_grad)
         minimum = 3 if self.derivative is Derivative.CENTRAL else 2
         check(self.num_points >= minimum, "pid.num_points",
               f"the {self.derivative.value} scheme needs ≥ {minimum} grid points, got {self.num_points}")

@@ -18,7 +18,7 @@ import torch
 from pid_diffusion import checkpoint, config_files
 from pid_diffusion.utils import fileio
 from pid_diffusion.config import TrainingConfig, check
-from pid_diffusion.edm_loss import EDMObjective
+from pid_diffusion.edm_loss import EDMObjective, check_options
 from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.teacher import CheckpointFormat, TeacherCheckpoint
 from pid_diffusion.toydata import ShapesSpec, make_shapes
@@ -78,8 +78,7 @@ class EDMLossConfig:
     conditional: bool = False  # Condition on the shape class (label_dim = number of shapes).
 
     def __post_init__(self):
-        check(self.P_std > 0, "edm.P_std", f"must be > 0, got {self.P_std}")
-        check(self.sigma_data > 0, "edm.sigma_data", f"must be > 0, got {self.sigma_data}")
+        check_options(self.P_std, self.sigma_data)  # EDMObjective's checks (from_dict names the section).
 
 
 @dataclasses.dataclass(frozen=True)
