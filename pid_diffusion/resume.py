@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from pid_diffusion.checkpoint import NoLoadableCheckpointError, newest_loadable, read_checkpoint
-from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, flatten, from_dict, resume_classes, to_dict
+from pid_diffusion.config import (ConfigError, OnResume, TrainingConfig, diff, flatten, from_dict, resume_classes,
+                                  to_dict)
 from pid_diffusion.utils import dist
 from pid_diffusion.utils.rng import restore_rng
 
@@ -44,7 +45,7 @@ def resume_changes(stored: TrainingConfig, config: TrainingConfig, stored_finger
     classes = resume_classes(type(config))
     old, new = flatten(to_dict(stored)), flatten(to_dict(config))
     changes = [Change(key, old.get(key), new.get(key), classes.get(key, OnResume.MATCH))
-               for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+               for key in diff(stored, config)]
     refused = [str(change) for change in changes if change.kind is OnResume.MATCH]
     if fingerprints is not None:
         for change in changes:
