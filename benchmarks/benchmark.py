@@ -44,7 +44,7 @@ from pid_diffusion.distill import DistillConfig, resolve
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.inception import Detector
 from pid_diffusion.loss import Derivative, PIDObjective
-from pid_diffusion.metrics import PiqLPIPS, VGGLPIPS, upsample_for_lpips
+from pid_diffusion.distances import PiqLPIPS, VGGLPIPS, upsample_for_lpips
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond
 from pid_diffusion.utils.perf import (disable_activation_checkpointing, enable_activation_checkpointing,
                                 enable_lpips_checkpointing, retain_freed_cpu_memory)
@@ -427,7 +427,7 @@ def update_rows(bench: Bench, verdicts: list[str]) -> list[Row]:
 
 
 def lpips_rows(bench: Bench, verdicts: list[str]) -> list[Row]:
-    """PiqLPIPS with both images in one VGG pass (metrics.py) against piq's own two passes, and against two
+    """PiqLPIPS with both images in one VGG pass (distances.py) against piq's own two passes, and against two
     passes whose target side (the teacher's denoised image, never differentiated) runs without autograd."""
     metric = bench.metric
     if not isinstance(metric, PiqLPIPS):
@@ -467,7 +467,7 @@ def lpips_rows(bench: Bench, verdicts: list[str]) -> list[Row]:
                     f"fastest: {best}" + (" (the default)." if best == "one" else
                                          ". PID's target (the teacher's denoised image) needs no gradient, yet in "
                                          "one concatenated pass autograd backpropagates through its half of the "
-                                         "batch as well: metrics.py should run the target's VGG pass under "
+                                         "batch as well: distances.py should run the target's VGG pass under "
                                          "torch.no_grad (the lead's to change; the default is kept meanwhile)."))
     return [
         Row(name, f"LPIPS fwd+bwd, batch {batch}: one VGG pass (default)", f"{seconds['one']:.3g} s",

@@ -24,7 +24,7 @@ from pid_diffusion.utils import hub, perf
 from pid_diffusion.config import OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_options
-from pid_diffusion.metrics import Metric
+from pid_diffusion.distances import Metric
 from pid_diffusion.networks.edm import EDM_PRESETS
 from pid_diffusion.student import PIDStudent, StudentInit
 from pid_diffusion.teacher import EDM_RELEASE_URL, load_teacher, network_hash, require_teacher_file

@@ -38,7 +38,7 @@ from pid_diffusion.teacher import load_teacher
 import docs_commands
 from docs_commands import MODULES, REPO, SCRIPTS, documented_commands, reduced, without_mpirun
 from test_fid import SMALL_FEATURE_DIM, small_detector, write_detector
-from test_metrics import write_lpips_standins
+from test_distances import write_lpips_standins
 from test_teacher import _release, _write_edm_pickle
 
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"

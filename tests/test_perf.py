@@ -14,7 +14,7 @@ from pid_diffusion.utils import hub
 from pid_diffusion.distill import resolve
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, pid_residual
-from pid_diffusion.metrics import L2, PiqLPIPS, VGGLPIPS
+from pid_diffusion.distances import L2, PiqLPIPS, VGGLPIPS
 from pid_diffusion.networks.edm import EDMPrecond, UNetBlock
 from pid_diffusion.utils.perf import (ActivationCheckpointingError, CheckpointedSequential, CheckpointedUNetBlock,
                                 disable_activation_checkpointing, enable_activation_checkpointing,

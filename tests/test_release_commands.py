@@ -32,7 +32,7 @@ from pid_diffusion.networks.edm import EDM_PRESETS
 
 from launch import MPIRUN
 from test_fid import SMALL_FEATURE_DIM, write_detector
-from test_metrics import write_lpips_standins
+from test_distances import write_lpips_standins
 from test_release_gradients import random_teacher
 from test_teacher import _release, _write_edm_pickle
 

@@ -22,7 +22,7 @@ from pid_diffusion.config import ConfigError, LRDecay, RunConfig, TrainConfig
 from pid_diffusion.distill import DistillConfig
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import PIDObjective
-from pid_diffusion.metrics import L2
+from pid_diffusion.distances import L2
 from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.utils.perf import CheckpointedUNetBlock
 from pid_diffusion.student import PIDStudent, StudentInit

@@ -24,7 +24,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pid_diffusion.metrics import PiqLPIPS, VGGLPIPS
+from pid_diffusion.distances import PiqLPIPS, VGGLPIPS
 from pid_diffusion.networks.edm import DhariwalUNet, SongUNet, UNetBlock
 
 __all__ = ["ActivationCheckpointingError", "CheckpointedSequential", "CheckpointedUNetBlock",
