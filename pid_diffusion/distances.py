@@ -198,7 +198,7 @@ class Metric(enum.Enum):
 
     @property
     def is_lpips(self) -> bool:
-        """Whether the distance runs VGG16, whose activations `perf.enable_lpips_checkpointing` can recompute."""
+        """Whether the distance runs VGG16, whose activations `perf.enable_lpips_recomputation` can recompute."""
         return self in (Metric.LPIPS_PIQ, Metric.LPIPS_VGG)
 
     @property

@@ -102,10 +102,10 @@ class DistillConfig(TrainingConfig):
     pid: PIDConfig = dataclasses.field(default_factory=PIDConfig)
 
     def __post_init__(self):
-        # perf.CheckpointedUNetBlock raises at the first step; a configuration should fail before the run starts.
+        # perf.RecomputedUNetBlock raises at the first step; a configuration should fail before the run starts.
         check(not (self.train.activation_checkpointing and self.pid.derivative is Derivative.JVP),
               "train.activation_checkpointing",
-              "cannot combine with pid.derivative=jvp (checkpointing does not recompute forward-mode tangents): "
+              "cannot combine with pid.derivative=jvp (recomputation drops forward-mode tangents): "
               "set it to false, or use derivative=forward or central")
 
 
@@ -128,7 +128,7 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
     if config.train.channels_last:
         teacher.to(memory_format=torch.channels_last)
     if config.train.activation_checkpointing and pid.metric.is_lpips:
-        perf.enable_lpips_checkpointing(metric)
+        perf.enable_lpips_recomputation(metric)
     objective = PIDObjective(teacher, grid, metric, derivative=pid.derivative, form=pid.form,
                              stop_neighbour_grad=pid.stop_neighbour_grad)
     torch.manual_seed(config.train.seed)  # The random initialisation of the ablation; DDP broadcasts rank 0's.

@@ -24,7 +24,7 @@ from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import PIDObjective
 from pid_diffusion.distances import L2
 from pid_diffusion.networks.edm import EDMPrecond
-from pid_diffusion.utils.perf import CheckpointedUNetBlock
+from pid_diffusion.utils.perf import RecomputedUNetBlock
 from pid_diffusion.student import PIDStudent, StudentInit
 from pid_diffusion.train import NonFiniteLossError, batch_plan, lr_at, training_loop
 
@@ -309,7 +309,7 @@ def plain_tiny_pid_without_dropout(tmp_path_factory):
 def test_activation_checkpointing_trains_like_the_plain_student(tmp_path, plain_tiny_pid):
     plain, _, initial = plain_tiny_pid
     state, student, _ = train_tiny_pid(tmp_path, activation_checkpointing=True)
-    assert any(isinstance(module, CheckpointedUNetBlock) for module in student.modules())
+    assert any(isinstance(module, RecomputedUNetBlock) for module in student.modules())
     # The recomputation replays the same kernels and, through the restored RNG, the same dropout masks
     # (measured: bitwise equal; every update ≥ 1000 tolerances of 1e-4 of its size).
     assert list(state["model"]) == list(plain["model"]) == list(initial)
