@@ -20,7 +20,7 @@ from pid_diffusion.utils import fileio
 from pid_diffusion.config import TrainingConfig, check
 from pid_diffusion.edm_loss import EDMObjective, check_options
 from pid_diffusion.networks.edm import EDMPrecond
-from pid_diffusion.teacher import CheckpointFormat, TeacherCheckpoint
+from pid_diffusion.teacher import TeacherFormat, TeacherFile
 from pid_diffusion.toydata import ShapesSpec, make_shapes
 
 __all__ = ["DataConfig", "EDMLossConfig", "NetworkConfig", "TASK", "TeacherTrainingConfig", "build",
@@ -122,7 +122,7 @@ def export_teacher(config: TeacherTrainingConfig, path: str, ema_rate: float) ->
         raise FileNotFoundError(f"no checkpoint in {config.run.dir}: train first (run without --export)")
     _, source = latest
     net = checkpoint.load_generator(source, ema_rate=ema_rate)
-    teacher = TeacherCheckpoint(net.init_kwargs, net.state_dict(), CheckpointFormat.CONVERTED)
+    teacher = TeacherFile(net.init_kwargs, net.state_dict(), TeacherFormat.CONVERTED)
     fileio.atomic_torch_save(teacher.to_file_dict(source=f"{source} (EMA {ema_rate})"), path)
     return net
 
