@@ -230,7 +230,7 @@ def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[in
             try:
                 if ema not in available:
                     raise ValueError(f"no weights {ema!r}; it has {', '.join(available)}")
-                net = checkpoint.load_generator(
+                net = checkpoint.load_network(
                     path, ema_rate=None if ema == TRAINED_WEIGHTS else float(ema), device=detector.device)
             except Exception as error:
                 table.record(dataclasses.replace(result, error=_error(error)), write=is_writer)

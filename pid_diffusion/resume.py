@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pid_diffusion.checkpoint import NoLoadableCheckpointError, newest_loadable, read_checkpoint
+from pid_diffusion.checkpoint import NoLoadableTrainingStateError, newest_loadable, read_training_state
 from pid_diffusion.config import (ConfigError, OnResume, TrainingConfig, diff, flatten, from_dict, resume_classes,
                                   to_dict)
 from pid_diffusion.utils import dist
@@ -75,15 +75,15 @@ def resume(config: TrainingConfig, model: nn.Module, ema, optimizer: torch.optim
     if rank == 0:
         try:
             found = newest_loadable(config.run.dir, log=dist.print0)
-        except NoLoadableCheckpointError as raised:
+        except NoLoadableTrainingStateError as raised:
             error = str(raised)
     path, error = dist.broadcast_object((found[0] if found else None, error))
     if error is not None:
-        raise NoLoadableCheckpointError(error)
+        raise NoLoadableTrainingStateError(error)
     if path is None:
         return 0, None, False, []
     # On the CPU: RNG states must stay there; load_state_dict moves the rest.
-    state = found[1] if rank == 0 else read_checkpoint(path)
+    state = found[1] if rank == 0 else read_training_state(path)
     step = state["step"]
     stored = from_dict(type(config), state["config"])
     changes = resume_changes(stored, config, state.get("fingerprints", {}), fingerprints or {}, path)

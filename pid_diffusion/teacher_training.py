@@ -117,11 +117,11 @@ def build(config: TeacherTrainingConfig) -> tuple[EDMObjective, EDMPrecond]:
 
 def export_teacher(config: TeacherTrainingConfig, path: str, ema_rate: float) -> EDMPrecond:
     """Write the EMA network of the run's newest checkpoint as a teacher file; returns that network."""
-    latest = checkpoint.latest_checkpoint(config.run.dir)
+    latest = checkpoint.latest_training_state(config.run.dir)
     if latest is None:
         raise FileNotFoundError(f"no checkpoint in {config.run.dir}: train first (run without --export)")
     _, source = latest
-    net = checkpoint.load_generator(source, ema_rate=ema_rate)
+    net = checkpoint.load_network(source, ema_rate=ema_rate)
     teacher = TeacherFile(net.init_kwargs, net.state_dict(), TeacherFormat.CONVERTED)
     fileio.atomic_torch_save(teacher.to_file_dict(source=f"{source} (EMA {ema_rate})"), path)
     return net

@@ -87,7 +87,7 @@ def standins(tmp_path_factory) -> Path:
          "--train.ema_rates=0.999,0.9999,0.99995"])
     for path in STUDENT_CHECKPOINTS:
         (files / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(checkpoint.latest_checkpoint(str(run_dir))[1], files / path)
+        shutil.copy(checkpoint.latest_training_state(str(run_dir))[1], files / path)
     for path in STUDENT_SNAPSHOTS:
         shutil.copy(checkpoint.find_snapshots(str(run_dir))[-1][1], files / path)
 

@@ -210,4 +210,4 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
         return load_teacher(args.teacher, preset=args.preset, device=device)
     if args.preset is not None:
         raise ValueError("--preset names a teacher state dict's architecture; a checkpoint records its own")
-    return checkpoint.load_generator(args.checkpoint, ema_rate=args.ema, device=device)
+    return checkpoint.load_network(args.checkpoint, ema_rate=args.ema, device=device)
