@@ -333,6 +333,6 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
 def _write_preview(preview: Preview, model: nn.Module, path: str) -> None:
     model.eval()
     try:
-        images.write_grid(preview(model), path)
+        images.write_tiled(preview(model), path)
     finally:
         model.train()
