@@ -43,7 +43,7 @@ def build_parser():
     parser.add_argument("--seeds", nargs="+", type=options.seed_range,
                         help=f"seed ranges, each evaluated separately, e.g. 0-49999 50000-99999 (default {DEFAULT_SEEDS})")
     parser.add_argument("--ema", nargs="+", type=options.weights_name,
-                        help=f"weights to evaluate: EMA rates and/or '{evaluation.TRAINED_WEIGHTS}' (default: all)")
+                        help=f"weights to evaluate: EMA rates and/or '{evaluation.NO_EMA}' (default: all)")
     parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (--teacher only)")
     parser.add_argument("--batch", type=int, default=250, help="images per rank and batch (default 250)")
     parser.add_argument("--detector", help="inception-2015-12-05.pt (default: the torch hub cache)")

@@ -23,7 +23,7 @@ from pid_diffusion import checkpoint, config_files, samplers
 from pid_diffusion.utils import dist
 from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
                                   to_json)
-from pid_diffusion.evaluation import TRAINED_WEIGHTS
+from pid_diffusion.evaluation import NO_EMA
 from pid_diffusion.generate import SamplerKind, sampler_for
 from pid_diffusion.grid import NUM_POINTS
 from pid_diffusion.teacher import load_teacher
@@ -167,14 +167,14 @@ def seed_range(text: str) -> tuple[str, list[int]]:
 
 def weights_name(text: str) -> str:
     """'none' or an EMA rate written as the checkpoint's `ema` keys write it (str of the float)."""
-    if text == TRAINED_WEIGHTS:
+    if text == NO_EMA:
         return text
     try:
         rate = float(text)
     except ValueError:
         rate = math.nan
     if not 0 < rate < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an EMA rate in (0, 1) nor '{TRAINED_WEIGHTS}'")
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an EMA rate in (0, 1) nor '{NO_EMA}'")
     return str(rate)
 
 
