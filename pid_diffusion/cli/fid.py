@@ -108,8 +108,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             evaluation.evaluate_file(args.checkpoint, table, seed_ranges, detector, reference, args.ref, **generated)
         elif args.teacher:
             net = load_teacher(args.teacher, preset=args.preset, device=detector.device)
-            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, options.sampler_from_args(args, type(net).__name__),
-                                        table, seed_ranges, detector, reference, args.ref, **common)
+            sampler = options.sampler_from_args(args, type(net).__name__)
+            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, sampler, table, seed_ranges, detector,
+                                        reference, args.ref, **common)
         else:
             evaluation.evaluate_images(args.images.rsplit("/", 1)[-1], open_images(args.images), table, detector,
                                        reference, args.ref, **common)
