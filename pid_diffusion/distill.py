@@ -19,7 +19,7 @@ import torch
 
 import blobfile as bf
 
-from pid_diffusion import config_files
+from pid_diffusion import config_files, official
 from pid_diffusion.utils import hub, perf
 from pid_diffusion.config import OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
@@ -55,11 +55,14 @@ class TeacherConfig:
 class StudentConfig:
     """The student x_θ(z, t): the teacher's architecture."""
 
-    init: StudentInit = StudentInit.TEACHER  # Start from the teacher's weights, or random (an ablation).
+    init: StudentInit = StudentInit.TEACHER  # Start from the teacher's weights, random (an ablation), or a file.
+    path: str | None = None                  # init=file: an official PID student file (pid_cifar.pt, model/ema_*.pt).
     dropout: float = 0.0                     # Dropout of the student network (the paper uses 0).
 
     def __post_init__(self):
         check(0 <= self.dropout < 1, "student.dropout", f"need 0 ≤ dropout < 1, got {self.dropout}")
+        check((self.path is not None) == (self.init is StudentInit.FILE), "student.path",
+              f"names the file of init=file, and only then (init is {self.init.value}, path is {self.path})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +135,12 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
     objective = PIDObjective(teacher, grid, metric, derivative=pid.derivative, form=pid.form,
                              stop_neighbour_grad=pid.stop_neighbour_grad)
     torch.manual_seed(config.train.seed)  # The random initialisation of the ablation; DDP broadcasts rank 0's.
-    student = PIDStudent.from_teacher(teacher, pid.sigma_min, pid.sigma_max, init=config.student.init,
+    from_file = config.student.init is StudentInit.FILE
+    student = PIDStudent.from_teacher(teacher, pid.sigma_min, pid.sigma_max,
+                                      init=StudentInit.RANDOM if from_file else config.student.init,
                                       network_overrides={"dropout": config.student.dropout})
+    if from_file:  # The file's weights replace the network's own initialisation.
+        official.load_student_weights(student, config.student.path)
     return objective, student.to(device)
 
 
@@ -164,8 +171,13 @@ def check_files(config: DistillConfig) -> list[str]:
     """Check, without reading them, that the teacher and the pretrained weight files exist: the error the run
     would give otherwise (FileNotFoundError, hub.MissingWeightsError), or one line per file found."""
     require_teacher_file(config.teacher.path)
+    if config.student.init is StudentInit.FILE and not bf.exists(config.student.path):
+        raise FileNotFoundError(f"student.path {config.student.path}: no such file (init=file starts the student "
+                                "from it)")
     hub.require_present(*weight_files(config))
     found = [f"teacher {config.teacher.path}: found ({_size(config.teacher.path)})"]
+    if config.student.init is StudentInit.FILE:
+        found.append(f"student {config.student.path}: found ({_size(config.student.path)})")
     found += [f"{file.filename} ({file.used_by}): found in {hub.checkpoints_dir()}" for file in weight_files(config)]
     return found
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from pid_diffusion.image_sources import ImageSource
 from pid_diffusion.inception import Detector
 
 __all__ = ["CSV_FIELDS", "Result", "ResultsTable", "NO_EMA", "evaluate", "evaluate_file", "evaluate_images",
-           "evaluate_network", "evaluate_run", "generated_batches", "image_batches", "reference_statistics",
+           "evaluate_network", "evaluate_run", "evaluate_weights", "generated_batches", "image_batches", "reference_statistics",
            "sampler_label"]
 
 NO_EMA = "none"  # The `ema` column (and --ema value) of the raw trained weights, which no EMA averaged.
@@ -221,17 +222,33 @@ def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[in
                          write=is_writer)
         dist.print0(f"{name}: cannot be read: {error}")
         return
-    for ema in weights or available:
+    files = {ema: (name, functools.partial(checkpoint.load_network, path,
+                                           ema_rate=None if ema == NO_EMA else float(ema),
+                                           device=detector.device))
+             for ema in available}
+    evaluate_weights(table, files, name, step, weights, sampler, seed_ranges, detector, reference, reference_name,
+                     batch_size=batch_size, on_result=on_result)
+
+
+def evaluate_weights(table: ResultsTable, files: Mapping[str, tuple[str, Callable[[], nn.Module]]], fallback_name: str,
+                     step: int | None, weights: Sequence[str] | None, sampler: samplers.Sampler,
+                     seed_ranges: dict[str, list[int]], detector: Detector, reference: tuple[np.ndarray, np.ndarray],
+                     reference_name: str, *, batch_size: int, on_result: Callable[[Result], None]) -> None:
+    """Every missing (weights, seed range) of one step: `files` maps each set of weights it has (an EMA name,
+    NO_EMA) to (the file name of its rows, a loader of the network); `weights` None: all of them.
+    Weights that are not there, or do not load, get a row with the error (named `fallback_name` when absent)."""
+    is_writer = dist.rank() == 0
+    for ema in weights or list(files):
+        name, load = files.get(ema, (fallback_name, None))
         for text, seeds in seed_ranges.items():
             result = Result(name, step, ema, text, len(seeds), sampler=sampler_label(sampler),
                             detector=detector.source, reference=reference_name)
             if table.is_done(result.key):
                 continue
             try:
-                if ema not in available:
-                    raise ValueError(f"no weights {ema!r}; it has {', '.join(available)}")
-                net = checkpoint.load_network(
-                    path, ema_rate=None if ema == NO_EMA else float(ema), device=detector.device)
+                if load is None:
+                    raise ValueError(f"no weights {ema!r}; it has {', '.join(files)}")
+                net = load()
             except Exception as error:
                 table.record(dataclasses.replace(result, error=_error(error)), write=is_writer)
                 dist.print0(f"{name} ema {ema}: cannot be loaded: {error}")

@@ -220,7 +220,8 @@ def _listed(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else "")
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], path: str) -> None:
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], path: str,
+                     network: str = "EDMPrecond(**network_kwargs)") -> None:
     """Raise one error listing every missing, unexpected and mis-shaped key, instead of torch's first failure."""
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
@@ -229,7 +230,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[s
     if missing or unexpected or misshaped:
         problems = [f"{label} ({len(keys)}): {_listed(keys)}" for label, keys in
                     (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise TeacherFileError(f"{path} does not fit EDMPrecond(**network_kwargs): " + "; ".join(problems))
+        raise TeacherFileError(f"{path} does not fit {network}: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, config_files, samplers
+from pid_diffusion import config_files, official, samplers
 from pid_diffusion.utils import dist
 from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
                                   to_json)
@@ -181,10 +181,12 @@ def weights_name(text: str) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint/--ema or --teacher/--preset: where the network comes from."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="training checkpoint (a PID student or an EDM network)")
+    source.add_argument("--checkpoint", help="snapshot or training state (a PID student or an EDM network), or a "
+                                             "student file of the official PID code with --preset")
     source.add_argument("--teacher", help="teacher: EDM .pkl, converted teacher .pt, or a state dict with --preset")
     parser.add_argument("--ema", type=float, help="EMA rate to sample from, e.g. 0.9999 (default: the trained weights)")
-    parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (--teacher only)")
+    parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (a teacher's, or an "
+                                         "official PID student's)")
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +210,4 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
         if args.ema is not None:
             raise ValueError("--ema applies to a training checkpoint; a teacher file holds one network")
         return load_teacher(args.teacher, preset=args.preset, device=device)
-    if args.preset is not None:
-        raise ValueError("--preset names a teacher state dict's architecture; a checkpoint records its own")
-    return checkpoint.load_network(args.checkpoint, ema_rate=args.ema, device=device)
+    return official.load_network(args.checkpoint, preset=args.preset, ema_rate=args.ema, device=device)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pid_diffusion import images as image_io
-from pid_diffusion.utils import dist, fileio
+from pid_diffusion.utils import dist, fileio, preemption
 from pid_diffusion.cli import errors, options
 from pid_diffusion.generate import Batch, gather_rows, generate
 
@@ -53,7 +53,7 @@ def build_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error(), errors.reported("pid-sample"):
+    with dist.abort_on_error(), errors.reported("pid-sample"), preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-sample"):
         parser = build_parser()
         args = parser.parse_args(argv)
         if not (args.grid or args.npz or args.png_dir):
