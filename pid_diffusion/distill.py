@@ -17,10 +17,8 @@ from typing import Any
 
 import torch
 
-import blobfile as bf
-
 from pid_diffusion import config_files, official
-from pid_diffusion.utils import hub, perf
+from pid_diffusion.utils import fileio, hub, perf
 from pid_diffusion.config import OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_options
@@ -171,7 +169,7 @@ def check_files(config: DistillConfig) -> list[str]:
     """Check, without reading them, that the teacher and the pretrained weight files exist: the error the run
     would give otherwise (FileNotFoundError, hub.MissingWeightsError), or one line per file found."""
     require_teacher_file(config.teacher.path)
-    if config.student.init is StudentInit.FILE and not bf.exists(config.student.path):
+    if config.student.init is StudentInit.FILE and not fileio.exists(config.student.path):
         raise FileNotFoundError(f"student.path {config.student.path}: no such file (init=file starts the student "
                                 "from it)")
     hub.require_present(*weight_files(config))
@@ -184,6 +182,6 @@ def check_files(config: DistillConfig) -> list[str]:
 
 def _size(path: str) -> str:
     try:
-        return f"{bf.stat(path).size / 2**20:.1f} MiB"
+        return f"{fileio.size(path) / 2**20:.1f} MiB"
     except (OSError, AttributeError):
         return "size unknown"

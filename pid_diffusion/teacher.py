@@ -18,7 +18,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import blobfile as bf
 import torch
 
 from pid_diffusion.utils import fileio
@@ -75,7 +74,7 @@ class TeacherFile:
 
 def require_teacher_file(path: str) -> None:
     """A FileNotFoundError naming where EDM's teachers are, unless `path` exists (nothing is read)."""
-    if not bf.exists(path):
+    if not fileio.exists(path):
         raise FileNotFoundError(
             f"teacher file {path} not found. EDM's pretrained networks are at {EDM_RELEASE_URL}<name>.pkl "
             f"(<name> one of {', '.join(edm.EDM_PRESETS)}); download one and pass the .pkl directly, or "
@@ -176,7 +175,7 @@ def read_teacher_file(path: str | os.PathLike, preset: str | None = None) -> Tea
     """
     path = str(path)
     require_teacher_file(path)
-    with bf.BlobFile(path, "rb") as file:
+    with fileio.open_read(path) as file:
         is_zip = file.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
         file.seek(0)
         if is_zip:
