@@ -28,7 +28,6 @@ training state) is *damaged*: `newest_loadable` moves it aside to `<name>.damage
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -40,6 +39,8 @@ from torch import nn
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.utils.rng import capture_rng
 from pid_diffusion.config import TrainingConfig, to_dict
+from pid_diffusion.networks.edm import EDMPrecond
+from pid_diffusion.student import PIDStudent
 
 __all__ = [
     "TrainingStateWriteError",
@@ -64,11 +65,8 @@ __all__ = [
     "step_of",
 ]
 
-# Classes a snapshot or training state can rebuild, as "module:attribute", imported only when needed (no import cycles).
-MODEL_CLASSES: dict[str, str] = {
-    "PIDStudent": "pid_diffusion.student:PIDStudent",
-    "EDMPrecond": "pid_diffusion.networks.edm:EDMPrecond",
-}
+# The classes a snapshot or training state can rebuild, by the name its model_spec records.
+MODEL_CLASSES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in (PIDStudent, EDMPrecond)}
 
 _TRAINING_STATE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 _SNAPSHOT = re.compile(r"^snapshot-(\d{8})\.pt$")
@@ -216,8 +214,7 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     """A freshly initialised model from a `model_spec`."""
     if spec["class"] not in MODEL_CLASSES:
         raise ValueError(f"checkpoint model class {spec['class']!r} is unknown; known: {', '.join(MODEL_CLASSES)}")
-    module, attribute = MODEL_CLASSES[spec["class"]].split(":")
-    return getattr(importlib.import_module(module), attribute)(**spec["kwargs"])
+    return MODEL_CLASSES[spec["class"]](**spec["kwargs"])
 
 
 def load_network(path: str, ema_rate: float | None = None, device: torch.device | str = "cpu") -> nn.Module:
