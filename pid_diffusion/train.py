@@ -173,12 +173,12 @@ def _autocast(train: TrainConfig, device: torch.device) -> contextlib.AbstractCo
 
 
 def _apply_speed_options(model: nn.Module, train: TrainConfig, device: torch.device) -> None:
-    """Memory format, activation checkpointing and CPU memory reuse, in place: the state_dict keys and the maths
+    """Memory format, activation recomputation and CPU memory reuse, in place: the state_dict keys and the maths
     stay (channels-last kernels sum in another order)."""
     if train.channels_last:
         model.to(memory_format=torch.channels_last)  # Activations follow: a convolution outputs its weight's format.
     if train.activation_checkpointing:
-        perf.enable_activation_checkpointing(model)
+        perf.enable_activation_recomputation(model)
     if device.type == "cpu":
         # Without it glibc unmaps freed activations and the next step faults every page in again
         # (benchmarks/RESULTS.md); the process keeps its peak memory instead.
@@ -332,6 +332,6 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
 def _write_preview(preview: Preview, model: nn.Module, path: str) -> None:
     model.eval()
     try:
-        images.write_grid(preview(model), path)
+        images.write_tiled(preview(model), path)
     finally:
         model.train()

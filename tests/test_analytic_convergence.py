@@ -16,7 +16,7 @@ from torch import nn
 from pid_diffusion.analytic import GaussianTeacher
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, pid_residual
-from pid_diffusion.metrics import L2
+from pid_diffusion.distances import L2
 from pid_diffusion.student import PIDStudent
 
 T, EPS, RHO = 80.0, 0.002, 7.0  # the paper's grid (docs/method.md §3)

@@ -22,7 +22,7 @@ from pid_diffusion.config import (
 )
 from pid_diffusion.distill import DistillConfig, resolve
 from pid_diffusion.loss import Derivative, ResidualForm
-from pid_diffusion.metrics import Metric
+from pid_diffusion.distances import Metric
 from pid_diffusion.student import StudentInit
 
 PAPER_EMA = (0.999, 0.9999, 0.99995)

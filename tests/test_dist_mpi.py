@@ -22,7 +22,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "toy_training.py")
 
 
 def latest(folder) -> dict:
-    return fileio.torch_load(checkpoint.latest_checkpoint(str(folder))[1])
+    return fileio.torch_load(checkpoint.latest_training_state(str(folder))[1])
 
 
 def initial_toy_state() -> dict:
@@ -127,7 +127,7 @@ def test_pid_student_on_two_ranks_matches_one_rank(pid_one_and_two_ranks):
     assert fileio.exists(folder / "two" / "samples-00000008.png")
 
     # The checkpoint alone rebuilds the student for sampling.
-    student = checkpoint.load_generator(checkpoint.latest_checkpoint(str(folder / "two"))[1], ema_rate=0.999)
+    student = checkpoint.load_network(checkpoint.latest_training_state(str(folder / "two"))[1], ema_rate=0.999)
     assert isinstance(student, PIDStudent) and student.label_dim == 2
     for key, value in student.state_dict().items():
         assert torch.equal(value, two["ema"]["0.999"][key]), key
@@ -146,7 +146,7 @@ def test_failing_rank_ends_the_mpi_job(tmp_path):
     job = mpirun(2, SCRIPT, f"--run.dir={tmp_path}", "--train.steps=4", "--toy.fail_step=1", "--toy.fail_rank=1")
     assert job.returncode != 0
     assert "injected failure on rank 1 at step 1" in job.stderr
-    assert [step for step, _ in checkpoint.find_checkpoints(str(tmp_path))] == []
+    assert [step for step, _ in checkpoint.find_training_states(str(tmp_path))] == []
 
 
 def test_torchrun_two_ranks_match_one_rank(tmp_path):

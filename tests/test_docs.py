@@ -41,7 +41,7 @@ import docs_commands
 from docs_commands import MODULES, REPO, SCRIPTS, documented_commands, reduced, without_mpirun
 from test_fid import SMALL_FEATURE_DIM, small_detector, write_detector
 from test_dinov2 import REF as REF_DINOV2, write_tiny_weights
-from test_metrics import write_lpips_standins
+from test_distances import write_lpips_standins
 from test_teacher import _release, _write_edm_pickle
 
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
@@ -98,7 +98,7 @@ def standins(tmp_path_factory) -> Path:
          "--train.ema_rates=0.999,0.9999,0.99995", "--train.phema_stds=0.05,0.1"])
     for path in STUDENT_CHECKPOINTS:
         (files / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(checkpoint.latest_checkpoint(str(run_dir))[1], files / path)
+        shutil.copy(checkpoint.latest_training_state(str(run_dir))[1], files / path)
     for path in STUDENT_SNAPSHOTS:  # The step inside as the name says: post-hoc EMA reads both.
         snapshot = torch.load(checkpoint.find_snapshots(str(run_dir))[-1][1], weights_only=True)
         torch.save({**snapshot, "step": checkpoint.step_of(path)}, files / path)

@@ -41,7 +41,7 @@ def tiny_teacher(fixtures_dir, name: str = "ref_song_cond.pt") -> EDMPrecond:
 
 
 def write_student_checkpoint(path: str, teacher: EDMPrecond, step: int, ema_rates=("0.999",)) -> None:
-    """A training checkpoint in the ARCHITECTURE.md layout (the entries load_generator reads), its trained
+    """A training checkpoint in the ARCHITECTURE.md layout (the entries load_network reads), its trained
     weights and each EMA moved randomly away from the teacher's."""
     student = PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX)
     generator = torch.Generator().manual_seed(step)
@@ -102,7 +102,7 @@ def test_image_k_is_the_student_on_latent_and_class_of_seed_k(tmp_path, student_
                  "--npz", str(tmp_path / "s.npz")])
     out = load_npz(tmp_path / "s.npz")
 
-    student = checkpoint.load_generator(student_checkpoint, ema_rate=0.999)
+    student = checkpoint.load_network(student_checkpoint, ema_rate=0.999)
     shape = (student.img_channels, student.img_resolution, student.img_resolution)
     pairs = [seeded_latent_and_label(seed, shape, student.label_dim) for seed in seeds]
     latents = torch.stack([latent for latent, _ in pairs])

@@ -23,7 +23,7 @@ from pid_diffusion import config_files, official, phema, samplers
 from pid_diffusion.utils import dist
 from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
                                   to_json)
-from pid_diffusion.evaluation import TRAINED_WEIGHTS
+from pid_diffusion.evaluation import NO_EMA
 from pid_diffusion.generate import SamplerKind, sampler_for
 from pid_diffusion.grid import NUM_POINTS
 from pid_diffusion.teacher import load_teacher
@@ -168,7 +168,7 @@ def seed_range(text: str) -> tuple[str, list[int]]:
 def weights_name(text: str) -> str:
     """'none', an EMA rate written as the checkpoint's `ema` keys write it (str of the float), or a power-function
     EMA or post-hoc reconstruction as 'std-<σ_rel>' (written as phema.std_name writes it)."""
-    if text == TRAINED_WEIGHTS:
+    if text == NO_EMA:
         return text
     if phema.is_std_name(text):
         try:
@@ -181,7 +181,7 @@ def weights_name(text: str) -> str:
     except ValueError:
         rate = math.nan
     if not 0 < rate < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an EMA rate in (0, 1) nor '{TRAINED_WEIGHTS}'")
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an EMA rate in (0, 1) nor '{NO_EMA}'")
     return str(rate)
 
 
@@ -218,5 +218,5 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
         if args.ema is not None:
             raise ValueError("--ema applies to a training checkpoint; a teacher file holds one network")
         return load_teacher(args.teacher, preset=args.preset, device=device)
-    ema = None if args.ema == TRAINED_WEIGHTS else args.ema
+    ema = None if args.ema == NO_EMA else args.ema
     return official.load_network(args.checkpoint, preset=args.preset, ema_rate=ema, device=device)

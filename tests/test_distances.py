@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from pid_diffusion.utils import hub
-from pid_diffusion.metrics import L1, L2, Metric, PiqLPIPS, PseudoHuber, VGGLPIPS, upsample_for_lpips
+from pid_diffusion.distances import L1, L2, Metric, PiqLPIPS, PseudoHuber, VGGLPIPS, upsample_for_lpips
 
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # VGG16 relu1_2 … relu5_3
 # The tests upsample to 64×64 instead of the official 224×224: the same code path at a twelfth of the cost.
