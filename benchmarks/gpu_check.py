@@ -36,7 +36,7 @@ from pid_diffusion import samplers  # noqa: E402
 from pid_diffusion.generate import generate  # noqa: E402
 from pid_diffusion.grid import KarrasGrid  # noqa: E402
 from pid_diffusion.loss import PIDObjective  # noqa: E402
-from pid_diffusion.metrics import Metric  # noqa: E402
+from pid_diffusion.distances import Metric  # noqa: E402
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond  # noqa: E402
 from pid_diffusion.student import PIDStudent  # noqa: E402
 

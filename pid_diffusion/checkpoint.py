@@ -12,13 +12,14 @@ renamed (fileio), so a file with its name is always complete:
     model_spec    {"class": "PIDStudent" | "EDMPrecond", "kwargs": ...}         ✓           ✓
     model         model state_dict                                             ✓           ✓
     ema           {"0.999": state_dict, ...}, one per EMA rate                 ✓           ✓
+                  and {"std-0.050": ...} per power-function EMA (phema.py)
     optimizer     optimizer state_dict                                                     ✓
     scaler        GradScaler state_dict (fp16 loss scaling)                                ✓
     rng           one entry per rank: {"torch", "cuda", "numpy", "python"}                 ✓
     fingerprints  {"teacher.path": sha256, ...}: hashes of the files CONTENT fields name   ✓
 
 Every entry holds only tensors and plain Python values, so it loads with `weights_only=True`. `save` writes the
-whole training state (the training loop calls it; resume.py reads it back); `load_generator` reads
+whole training state (the training loop calls it; resume.py reads it back); `load_network` reads
 either kind and needs nothing but the file: sampling and FID need neither the teacher nor the configuration.
 
 A training state that does not load (truncated by a disk error or an interrupted copy, corrupt, not a
@@ -28,7 +29,6 @@ training state) is *damaged*: `newest_loadable` moves it aside to `<name>.damage
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -37,26 +37,29 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from pid_diffusion import phema
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.utils.rng import capture_rng
 from pid_diffusion.config import TrainingConfig, to_dict
+from pid_diffusion.networks.edm import EDMPrecond
+from pid_diffusion.student import PIDStudent
 
 __all__ = [
-    "CheckpointWriteError",
+    "TrainingStateWriteError",
     "DAMAGED_SUFFIX",
     "MODEL_CLASSES",
-    "NoLoadableCheckpointError",
+    "NoLoadableTrainingStateError",
     "build_model",
-    "checkpoint_path",
-    "find_checkpoints",
+    "training_state_path",
+    "find_training_states",
     "find_snapshots",
     "find_weights",
-    "latest_checkpoint",
-    "load_generator",
+    "latest_training_state",
+    "load_network",
     "model_spec",
     "newest_loadable",
-    "prune_checkpoints",
-    "read_checkpoint",
+    "prune_training_states",
+    "read_training_state",
     "read_header",
     "save",
     "save_snapshot",
@@ -64,11 +67,8 @@ __all__ = [
     "step_of",
 ]
 
-# Classes a checkpoint can rebuild, as "module:attribute", imported only when needed (no import cycles).
-MODEL_CLASSES: dict[str, str] = {
-    "PIDStudent": "pid_diffusion.student:PIDStudent",
-    "EDMPrecond": "pid_diffusion.networks.edm:EDMPrecond",
-}
+# The classes a snapshot or training state can rebuild, by the name its model_spec records.
+MODEL_CLASSES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in (PIDStudent, EDMPrecond)}
 
 _TRAINING_STATE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 _SNAPSHOT = re.compile(r"^snapshot-(\d{8})\.pt$")
@@ -76,15 +76,15 @@ _KEYS = ("step", "config", "model_spec", "model", "ema", "optimizer", "scaler", 
 DAMAGED_SUFFIX = ".damaged"  # A training state that does not load is renamed <name>.damaged[.<n>].
 
 
-class NoLoadableCheckpointError(RuntimeError):
+class NoLoadableTrainingStateError(RuntimeError):
     """A run folder has training states, but none of them loads."""
 
 
-class CheckpointWriteError(RuntimeError):
+class TrainingStateWriteError(RuntimeError):
     """Writing a training state failed (disk full, permissions, the blob store); the earlier ones are intact."""
 
 
-def checkpoint_path(folder: str, step: int) -> str:
+def training_state_path(folder: str, step: int) -> str:
     """The training state of `step` in `folder`."""
     return fileio.join(folder, f"checkpoint-{step:08d}.pt")
 
@@ -112,7 +112,7 @@ def step_of(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def find_checkpoints(folder: str) -> list[tuple[int, str]]:
+def find_training_states(folder: str) -> list[tuple[int, str]]:
     """Complete training states in `folder` as (step, path), oldest first; temporary files are skipped."""
     return _find(folder, _TRAINING_STATE)
 
@@ -125,14 +125,14 @@ def find_snapshots(folder: str) -> list[tuple[int, str]]:
 def find_weights(folder: str) -> list[tuple[int, str]]:
     """One file per step that has trained weights, oldest first: its snapshot, or its training state where
     no snapshot was written (a folder of an older version, or with run.snapshot_every=0)."""
-    by_step = dict(find_checkpoints(folder))
+    by_step = dict(find_training_states(folder))
     by_step.update(find_snapshots(folder))
     return sorted(by_step.items())
 
 
-def latest_checkpoint(folder: str) -> tuple[int, str] | None:
+def latest_training_state(folder: str) -> tuple[int, str] | None:
     """The newest complete training state in `folder`, or None."""
-    found = find_checkpoints(folder)
+    found = find_training_states(folder)
     return found[-1] if found else None
 
 
@@ -142,9 +142,9 @@ def _prune(found: list[tuple[int, str]], keep: int) -> None:
             fileio.remove(path)
 
 
-def prune_checkpoints(folder: str, keep: int) -> None:
+def prune_training_states(folder: str, keep: int) -> None:
     """Delete all but the newest `keep` training states (keep = 0 keeps all). Call after a new one is complete."""
-    _prune(find_checkpoints(folder), keep)
+    _prune(find_training_states(folder), keep)
 
 
 def read_header(path: str) -> dict[str, Any]:
@@ -156,8 +156,8 @@ def read_header(path: str) -> dict[str, Any]:
         data = fileio.torch_load(path)
     return {"step": data["step"], "config": data.get("config"), "model_spec": data["model_spec"],
             "ema": list(data["ema"]), "fingerprints": data.get("fingerprints", {})}
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """The training checkpoint at `path`; raises (what torch.load raises, or a ValueError) if it does not load."""
+def read_training_state(path: str) -> dict[str, Any]:
+    """The training state at `path`; raises (what torch.load raises, or a ValueError) if it does not load."""
     state = fileio.torch_load(path)
     if not isinstance(state, dict):
         raise ValueError(f"not a training checkpoint (a {type(state).__name__}, not a dictionary)")
@@ -168,7 +168,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 
 def _move_aside(path: str) -> str:
-    """Rename a damaged checkpoint to a free `<path>.damaged[.<n>]` name, out of `find_checkpoints`' sight."""
+    """Rename a damaged training state to a free `<path>.damaged[.<n>]` name, out of `find_training_states`' sight."""
     target, count = path + DAMAGED_SUFFIX, 1
     while fileio.exists(target):
         target, count = f"{path}{DAMAGED_SUFFIX}.{count}", count + 1
@@ -182,21 +182,21 @@ def _reason(error: BaseException) -> str:
 
 
 def newest_loadable(folder: str, log=print) -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint of `folder` that loads, as (path, state); None when there is no checkpoint.
+    """The newest training state of `folder` that loads, as (path, state); None when there is none.
 
     Each newer one that does not load is moved aside, with one line through `log` naming the file and the
-    reason; when none loads, NoLoadableCheckpointError names them all. Call it on one process only.
+    reason; when none loads, NoLoadableTrainingStateError names them all. Call it on one process only.
     """
     damaged = []
-    for _, path in reversed(find_checkpoints(folder)):
+    for _, path in reversed(find_training_states(folder)):
         try:
-            return path, read_checkpoint(path)
+            return path, read_training_state(path)
         except Exception as error:  # torch.load raises many kinds (zip, unpickling, EOF, OS errors).
             aside = _move_aside(path)
             log(f"Skipping damaged checkpoint {path} ({_reason(error)}); moved to {aside}")
             damaged.append(aside)
     if damaged:
-        raise NoLoadableCheckpointError(
+        raise NoLoadableTrainingStateError(
             f"no checkpoint in {folder} loads; the damaged ones were moved aside: {', '.join(damaged)}. "
             f"Restore a good checkpoint into the folder, or start a new run folder")
     return None
@@ -216,27 +216,29 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     """A freshly initialised model from a `model_spec`."""
     if spec["class"] not in MODEL_CLASSES:
         raise ValueError(f"checkpoint model class {spec['class']!r} is unknown; known: {', '.join(MODEL_CLASSES)}")
-    module, attribute = MODEL_CLASSES[spec["class"]].split(":")
-    return getattr(importlib.import_module(module), attribute)(**spec["kwargs"])
+    return MODEL_CLASSES[spec["class"]](**spec["kwargs"])
 
 
-def load_generator(path: str, ema_rate: float | None = None, device: torch.device | str = "cpu") -> nn.Module:
-    """The trained model of a snapshot or training state (its EMA at `ema_rate`, or the raw weights), in eval
-    mode, frozen."""
-    checkpoint = fileio.torch_load(path)
-    if not (isinstance(checkpoint, dict) and {"model_spec", "model", "ema"} <= checkpoint.keys()):
-        found = sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+def load_network(path: str, ema_rate: float | str | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """The trained network of a snapshot or training state, whatever it is (a PID student, or the EDM denoiser
+    of a teacher-training run): its EMA at `ema_rate`, a power-function EMA or post-hoc reconstruction named
+    'std-<σ_rel>', or the raw weights, in eval mode, frozen."""
+    data = fileio.torch_load(path)
+    if not (isinstance(data, dict) and {"model_spec", "model", "ema"} <= data.keys()):
+        found = sorted(map(str, data))[:10] if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path} is not a snapshot or training state (model_spec, model, ema), found {found}; a "
                          "teacher file is read with --teacher (pid-sample), a run folder's weights are "
                          "snapshot-<step>.pt and checkpoint-<step>.pt")
-    model = build_model(checkpoint["model_spec"])
+    model = build_model(data["model_spec"])
     if ema_rate is None:
-        state = checkpoint["model"]
+        state = data["model"]
     else:
-        rates = {float(key): key for key in checkpoint["ema"]}
-        if float(ema_rate) not in rates:
-            raise ValueError(f"{path} has no EMA at rate {ema_rate}; it has {', '.join(checkpoint['ema']) or 'none'}")
-        state = checkpoint["ema"][rates[float(ema_rate)]]
+        names = {phema.average_key(key): key for key in data["ema"]}
+        wanted = phema.average_key(ema_rate)
+        if wanted not in names:
+            what = f"at rate {ema_rate}" if wanted[0] == "rate" else ema_rate
+            raise ValueError(f"{path} has no EMA {what}; it has {', '.join(data['ema']) or 'none'}")
+        state = data["ema"][names[wanted]]
     model.load_state_dict(state)
     return model.eval().requires_grad_(False).to(device)
 
@@ -263,7 +265,7 @@ def save(config: TrainingConfig, step: int, model: nn.Module, ema, optimizer: to
     Call on every rank: the RNG states are gathered."""
     states = [None] * dist.world_size() if dist.rank() == 0 else None
     torch_dist.gather_object(capture_rng(), states, dst=0)
-    path = checkpoint_path(config.run.dir, step)
+    path = training_state_path(config.run.dir, step)
     if dist.rank() == 0:
         try:
             fileio.atomic_torch_save({
@@ -278,11 +280,11 @@ def save(config: TrainingConfig, step: int, model: nn.Module, ema, optimizer: to
                 "fingerprints": dict(fingerprints or {}),
             }, path)
         except Exception as error:
-            earlier = ", ".join(p for _, p in find_checkpoints(config.run.dir)) or "none"
-            raise CheckpointWriteError(
+            earlier = ", ".join(p for _, p in find_training_states(config.run.dir)) or "none"
+            raise TrainingStateWriteError(
                 f"could not write checkpoint {path} ({type(error).__name__}: {error}); nothing was left in its "
                 f"place and the earlier checkpoints are intact ({earlier}). Fix the cause (disk space, "
                 f"permissions, the blob store), then re-run the same command to resume") from error
-        prune_checkpoints(config.run.dir, config.run.keep_checkpoints)
+        prune_training_states(config.run.dir, config.run.keep_checkpoints)
     dist.barrier()
     return path

@@ -112,7 +112,7 @@ def _reference_statistics(detector: inception.Detector, options: DemoOptions, ru
         data = make_shapes(dataclasses.replace(options.data, num_images=options.fid_images))
         stats = evaluation.reference_statistics(data.images.permute(0, 2, 3, 1).numpy(), detector, _FID_BATCH)
         if dist.rank() == 0:
-            save_reference(path, *stats)
+            save_reference(path, *stats.fid)
         dist.barrier()
     return load_reference(path)
 
@@ -151,8 +151,8 @@ def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> lis
     training_loop(config, objective, student, preview, fingerprints(objective))
 
     # After: the newest checkpoint's weights, as pid-sample would load them; every rank shares the FIDs.
-    _, path = checkpoint.latest_checkpoint(config.run.dir)
-    distilled = checkpoint.load_generator(path, ema_rate=options.ema_rate, device=device)
+    _, path = checkpoint.latest_training_state(config.run.dir)
+    distilled = checkpoint.load_network(path, ema_rate=options.ema_rate, device=device)
     fids, fid_note = _fids(config, options, [(teacher, heun), (initial, one_step), (distilled, one_step)])
     rows: list[Row] = []
     if is_main:

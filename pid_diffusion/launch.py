@@ -19,7 +19,7 @@ def describe_launch(config: TrainingConfig, world_size: int) -> list[str]:
     per_rank, micro = batch_plan(config.train, world_size)
     lines = [f"{world_size} rank(s): global batch {config.train.batch} = {world_size} × {per_rank} per rank, "
              f"{per_rank // micro} micro-batch(es) of {micro} per rank and step"]
-    latest = checkpoint.latest_checkpoint(config.run.dir)
+    latest = checkpoint.latest_training_state(config.run.dir)
     if latest is None:
         snapshots = checkpoint.find_snapshots(config.run.dir)
         note = f" (its {len(snapshots)} snapshot(s) would be overwritten)" if snapshots else ""

@@ -58,6 +58,14 @@ def pid_residual(student: nn.Module, teacher: nn.Module, z: torch.Tensor, indice
     detaches the neighbour values (finite differences only). Grid times are float64, cast to z's dtype.
     """
     check_options(derivative, form, stop_neighbour_grad)
+    return _pid_residual(student, teacher, z, indices, class_labels, grid, metric, derivative, form,
+                         stop_neighbour_grad)
+
+
+def _pid_residual(student: nn.Module, teacher: nn.Module, z: torch.Tensor, indices: torch.Tensor,
+                  class_labels: torch.Tensor | None, grid: KarrasGrid, metric: PerSampleDistance,
+                  derivative: Derivative, form: ResidualForm, stop_neighbour_grad: bool) -> torch.Tensor:
+    """`pid_residual` with options already checked (by `PIDObjective`, once, instead of at every step)."""
     if indices.shape != (z.shape[0],):
         raise ValueError(f"indices have shape {tuple(indices.shape)}; need one grid index per latent, "
                          f"shape ({z.shape[0]},)")
@@ -117,9 +125,8 @@ class PIDObjective:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-sample PID residual [B] of the student `model` on `batch`."""
-        return pid_residual(model, self.teacher, batch["z"], batch["indices"], batch.get("class_labels"),
-                            grid=self.grid, metric=self.metric, derivative=self.derivative, form=self.form,
-                            stop_neighbour_grad=self.stop_neighbour_grad)
+        return _pid_residual(model, self.teacher, batch["z"], batch["indices"], batch.get("class_labels"),
+                             self.grid, self.metric, self.derivative, self.form, self.stop_neighbour_grad)
 
 
 def _trajectory_and_derivative(student: nn.Module, z: torch.Tensor, indices: torch.Tensor,

@@ -35,7 +35,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pid_diffusion import checkpoint, images, resume, run_log
+from pid_diffusion import checkpoint, images, phema, resume, run_log
 from pid_diffusion.utils import dist, fileio, perf, preemption
 from pid_diffusion.utils.rng import seed_globals
 from pid_diffusion.config import ConfigError, LRDecay, OptimizerKind, Precision, TrainConfig, TrainingConfig, to_json
@@ -173,12 +173,12 @@ def _autocast(train: TrainConfig, device: torch.device) -> contextlib.AbstractCo
 
 
 def _apply_speed_options(model: nn.Module, train: TrainConfig, device: torch.device) -> None:
-    """Memory format, activation checkpointing and CPU memory reuse, in place: the state_dict keys and the maths
+    """Memory format, activation recomputation and CPU memory reuse, in place: the state_dict keys and the maths
     stay (channels-last kernels sum in another order)."""
     if train.channels_last:
         model.to(memory_format=torch.channels_last)  # Activations follow: a convolution outputs its weight's format.
     if train.activation_checkpointing:
-        perf.enable_activation_checkpointing(model)
+        perf.enable_activation_recomputation(model)
     if device.type == "cpu":
         # Without it glibc unmaps freed activations and the next step faults every page in again
         # (benchmarks/RESULTS.md); the process keeps its peak memory instead.
@@ -241,7 +241,7 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
     model.to(device).train()
     _apply_speed_options(model, train, device)
     optimizer = build_optimizer(model.parameters(), train)
-    ema = EMA(model, train.ema_rates)
+    ema = phema.Averages(EMA(model, train.ema_rates), phema.PowerFunctionEMA(model, train.phema_stds))
     scaler = loss_scaler(train.precision, device)
     start_step, last_checkpoint, rng_restored, changes = resume.resume(config, model, ema, optimizer, scaler,
                                                                        fingerprints)
@@ -302,8 +302,7 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         skipped = scaler.is_enabled() and scaler.get_scale() < scale
-        if not skipped:
-            ema.update(model)
+        ema.update(model, nimg=done * train.batch, batch=train.batch, skipped=skipped)
         log.step(loss, grad_norm.item(), skipped)
 
         # Periodic work: consistency check, log, sample grid, checkpoint.
@@ -333,6 +332,6 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
 def _write_preview(preview: Preview, model: nn.Module, path: str) -> None:
     model.eval()
     try:
-        images.write_grid(preview(model), path)
+        images.write_tiled(preview(model), path)
     finally:
         model.train()

@@ -7,6 +7,7 @@ Test modules import from here (and from launch.py, equality.py, toy_training.py)
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import pickle
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from pid_diffusion import checkpoint
+from pid_diffusion import checkpoint, dinov2
 from pid_diffusion.inception import NUM_CLASSES
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond
 from pid_diffusion.student import PIDStudent
@@ -89,7 +90,7 @@ WEIGHT_NOISE = 0.02  # how far test weights are moved from the teacher's, so eve
 
 
 def write_student_checkpoint(path: str, teacher: EDMPrecond, step: int, ema_rates=("0.999",)) -> None:
-    """A training checkpoint in the ARCHITECTURE.md layout (the entries load_generator reads), its trained
+    """A training checkpoint in the ARCHITECTURE.md layout (the entries load_network reads), its trained
     weights and each EMA moved randomly away from the teacher's."""
     student = PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX)
     generator = torch.Generator().manual_seed(step)
@@ -234,6 +235,25 @@ def torch_home_with_lpips(root: Path) -> Path:
     return root
 
 
+DINOV2_REFERENCE = Path(__file__).resolve().parent / "fixtures" / "dinov2" / "ref_dinov2_tiny.pt"
+
+
+@functools.cache
+def tiny_dinov2_reference() -> dict:
+    """The tiny DINOv2 fixture: its weights, shape and reference outputs (tests/fixtures/dinov2/README.md)."""
+    return torch.load(DINOV2_REFERENCE, weights_only=True)
+
+
+def write_tiny_dinov2_weights(folder: Path) -> Path:
+    """The tiny DINOv2 where the hub cache keeps ViT-L/14's file, with its heads (not in any shape) recorded."""
+    reference = tiny_dinov2_reference()
+    path = folder / "hub" / "checkpoints" / dinov2.DINOV2_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    heads = reference["model_kwargs"]["num_heads"]
+    torch.save({"state_dict": reference["state_dict"], "model_kwargs": {"num_heads": heads}}, path)
+    return path
+
+
 DETECTOR_POOL = 4  # the stand-in detector's average pooling (the fixture's detector_def)
 SMALL_FEATURE_DIM = 16  # the stand-in detector of the pid-fid tests: small enough for a fast sqrtm
 
@@ -283,7 +303,7 @@ TOY_SCRIPT = str(Path(toy_training.__file__).resolve())
 
 def steps_in(folder) -> list[int]:
     """Steps of the run folder's training states."""
-    return [step for step, _ in checkpoint.find_checkpoints(str(folder))]
+    return [step for step, _ in checkpoint.find_training_states(str(folder))]
 
 
 def logged_steps(folder) -> list[int]:
@@ -296,7 +316,7 @@ def logged_steps(folder) -> list[int]:
 
 def latest(folder) -> dict:
     """The newest training state of a run folder."""
-    return fileio.torch_load(checkpoint.latest_checkpoint(str(folder))[1])
+    return fileio.torch_load(checkpoint.latest_training_state(str(folder))[1])
 
 
 def train_toy(folder, *overrides: str) -> dict:

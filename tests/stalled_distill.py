@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
     call = PIDObjective.__call__
 
     def stalling_call(self, model, batch):
-        if fileio.exists(checkpoint.checkpoint_path(run_dir, step)):
+        if fileio.exists(checkpoint.training_state_path(run_dir, step)):
             threading.Event().wait()  # never set: the test kills the job here
         return call(self, model, batch)
 

@@ -16,7 +16,7 @@ from torch import nn
 from pid_diffusion.analytic import GaussianTeacher
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, pid_residual
-from pid_diffusion.metrics import L2
+from pid_diffusion.distances import L2
 from pid_diffusion.student import PIDStudent
 
 from factories import TINY_SONG_UNET

@@ -127,8 +127,8 @@ def test_preemption_under_mpirun_resumes_bit_identical(tmp_path):
 
     # SIGUSR1 to mpirun, which forwards it to every rank (SIGTERM to Open MPI's mpirun kills the ranks).
     folder = tmp_path / "launcher"
-    launcher = subprocess.Popen(mpirun_command(2, TOY_SCRIPT, f"--run.dir={folder}", *common), cwd=REPO, env=mpirun_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(mpirun_command(2, TOY_SCRIPT, f"--run.dir={folder}", *common), cwd=REPO,
+                                env=mpirun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: logged_steps(folder)[-1] >= 1, launcher, "the first step")
     launcher.send_signal(signal.SIGUSR1)
     out, err = launcher.communicate(timeout=JOB_TIMEOUT_S)
@@ -145,39 +145,39 @@ def test_preemption_under_mpirun_resumes_bit_identical(tmp_path):
 
 def test_resume_skips_damaged_checkpoints_moves_them_aside_and_ends_bit_identical(tmp_path, straight, capsys):
     train_toy(tmp_path, *COMMON[1:], "--train.steps=6")  # checkpoints 3 and 6
-    newest = checkpoint.checkpoint_path(str(tmp_path), 6)
+    newest = checkpoint.training_state_path(str(tmp_path), 6)
     whole = fileio.read_bytes(newest)
     fileio.atomic_write_bytes(whole[: len(whole) // 2], newest)  # truncated by a disk error or an interrupted copy
-    torch.save({"weights": torch.zeros(2)}, checkpoint.checkpoint_path(str(tmp_path), 7))  # not a training checkpoint
+    torch.save({"weights": torch.zeros(2)}, checkpoint.training_state_path(str(tmp_path), 7))  # not a training checkpoint
     capsys.readouterr()
 
     state = train_toy(tmp_path, *COMMON)
     out = capsys.readouterr().out
-    assert f"Skipping damaged checkpoint {checkpoint.checkpoint_path(str(tmp_path), 7)} (ValueError: not a training " \
+    assert f"Skipping damaged checkpoint {checkpoint.training_state_path(str(tmp_path), 7)} (ValueError: not a training " \
            f"checkpoint (no step, config" in out
     assert f"Skipping damaged checkpoint {newest} (ValueError: truncated, or not a zip-format torch.save file: no " \
            f"zip end record in its {len(whole) // 2} bytes); moved to {newest}.damaged" in out
-    assert f"Resuming from {checkpoint.checkpoint_path(str(tmp_path), 3)} at step 3" in out
+    assert f"Resuming from {checkpoint.training_state_path(str(tmp_path), 3)} at step 3" in out
     assert fileio.read_bytes(newest + ".damaged") == whole[: len(whole) // 2]  # moved aside, never deleted
-    assert fileio.exists(checkpoint.checkpoint_path(str(tmp_path), 7) + ".damaged")
+    assert fileio.exists(checkpoint.training_state_path(str(tmp_path), 7) + ".damaged")
     assert_same_training_state(straight, state)
 
 
 def test_no_loadable_checkpoint_is_one_error_naming_the_files(tmp_path):
     for step in (2, 4):
-        fileio.atomic_write_bytes(b"garbage", checkpoint.checkpoint_path(str(tmp_path), step))
-    with pytest.raises(checkpoint.NoLoadableCheckpointError) as error:
+        fileio.atomic_write_bytes(b"garbage", checkpoint.training_state_path(str(tmp_path), step))
+    with pytest.raises(checkpoint.NoLoadableTrainingStateError) as error:
         train_toy(tmp_path, *COMMON)
     message = str(error.value)
     assert "no checkpoint in" in message and "\n" not in message
     for step in (2, 4):
-        assert checkpoint.checkpoint_path(str(tmp_path), step) + ".damaged" in message
+        assert checkpoint.training_state_path(str(tmp_path), step) + ".damaged" in message
     assert steps_in(tmp_path) == []
 
 
 def test_failed_checkpoint_write_keeps_earlier_checkpoints_and_says_so(tmp_path, monkeypatch):
     train_toy(tmp_path, *COMMON[1:], "--train.steps=3")
-    first = fileio.read_bytes(checkpoint.checkpoint_path(str(tmp_path), 3))
+    first = fileio.read_bytes(checkpoint.training_state_path(str(tmp_path), 3))
     real_save = torch.save
 
     def disk_full(obj, f, *args, **kwargs):  # A full disk after part of the file was written.
@@ -187,14 +187,14 @@ def test_failed_checkpoint_write_keeps_earlier_checkpoints_and_says_so(tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(checkpoint.CheckpointWriteError) as error:
+    with pytest.raises(checkpoint.TrainingStateWriteError) as error:
         train_toy(tmp_path, *COMMON)
     monkeypatch.setattr(torch, "save", real_save)
     message = str(error.value)
-    assert message.startswith(f"could not write checkpoint {checkpoint.checkpoint_path(str(tmp_path), 6)} "
+    assert message.startswith(f"could not write checkpoint {checkpoint.training_state_path(str(tmp_path), 6)} "
                               f"(OSError: [Errno 28] No space left on device)")
-    assert f"earlier checkpoints are intact ({checkpoint.checkpoint_path(str(tmp_path), 3)})" in message
-    assert fileio.read_bytes(checkpoint.checkpoint_path(str(tmp_path), 3)) == first
+    assert f"earlier checkpoints are intact ({checkpoint.training_state_path(str(tmp_path), 3)})" in message
+    assert fileio.read_bytes(checkpoint.training_state_path(str(tmp_path), 3)) == first
     assert steps_in(tmp_path) == [3] and not [n for n in fileio.listdir(tmp_path) if n.endswith(fileio.TEMP_SUFFIX)]
 
 
@@ -393,5 +393,5 @@ def test_sbatch_script_trains_and_a_cancelled_job_requeues_and_resumes_bit_ident
     # The requeued job runs the same script again: it resumes and ends as the job never stopped.
     job = sbatch_job(folder, log)
     out, _ = job.communicate(timeout=JOB_TIMEOUT_S)
-    assert job.returncode == 0 and f"Resuming from {checkpoint.checkpoint_path(str(folder), stopped)}" in out, out
+    assert job.returncode == 0 and f"Resuming from {checkpoint.training_state_path(str(folder), stopped)}" in out, out
     assert_same_training_state(latest(tmp_path / "straight"), latest(folder))

@@ -22,7 +22,7 @@ from pid_diffusion.config import (
 )
 from pid_diffusion.distill import DistillConfig, resolve
 from pid_diffusion.loss import Derivative, ResidualForm
-from pid_diffusion.metrics import Metric
+from pid_diffusion.distances import Metric
 from pid_diffusion.student import StudentInit
 
 PAPER_EMA = (0.999, 0.9999, 0.99995)
@@ -195,7 +195,7 @@ TASKS = {"distill": DistillConfig, "teacher": teacher_training.TeacherTrainingCo
 
 def test_every_preset_of_both_tasks_is_a_file():
     assert config_files.preset_names("distill") == ["cifar10", "cifar10-central", "default", "imagenet64",
-                                               "imagenet64-central"]
+                                               "imagenet64-central", "shapes-zoo"]
     assert config_files.preset_names("teacher") == ["default"]
 
 

@@ -102,7 +102,7 @@ def test_pid_student_on_two_ranks_matches_one_rank(pid_one_and_two_ranks):
     assert fileio.exists(folder / "two" / "samples-00000008.png")
 
     # The checkpoint alone rebuilds the student for sampling.
-    student = checkpoint.load_generator(checkpoint.latest_checkpoint(str(folder / "two"))[1], ema_rate=0.999)
+    student = checkpoint.load_network(checkpoint.latest_training_state(str(folder / "two"))[1], ema_rate=0.999)
     assert isinstance(student, PIDStudent) and student.label_dim == 2
     for key, value in student.state_dict().items():
         assert torch.equal(value, two["ema"]["0.999"][key]), key
@@ -139,11 +139,11 @@ def test_pid_student_killed_on_two_ranks_resumes_bitwise(tmp_path):
                               cwd=REPO, env=launch.mpirun_env(), start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        launch.wait_for(lambda: fileio.exists(checkpoint.checkpoint_path(folder, 3)), killed,
+        launch.wait_for(lambda: fileio.exists(checkpoint.training_state_path(folder, 3)), killed,
                         "the step-3 checkpoint was written")
     finally:
         launch.kill_job(killed, folder)
-    assert [step for step, _ in checkpoint.find_checkpoints(folder)] == [3]
+    assert [step for step, _ in checkpoint.find_training_states(folder)] == [3]
 
     job = mpirun(2, *distill_module, f"--run.dir={folder}", *options)
     assert job.returncode == 0, job.stderr[-3000:]
@@ -153,7 +153,7 @@ def test_pid_student_killed_on_two_ranks_resumes_bitwise(tmp_path):
     assert_same_training_state(straight, resumed)
     # Mutant: a resume that stopped at the checkpoint (or never trained after it) is not the same state.
     with pytest.raises(AssertionError):
-        assert_same_training_state(straight, fileio.torch_load(checkpoint.checkpoint_path(folder, 3)))
+        assert_same_training_state(straight, fileio.torch_load(checkpoint.training_state_path(folder, 3)))
 
 
 @needs_mpirun
@@ -162,7 +162,7 @@ def test_failing_rank_ends_the_mpi_job(tmp_path):
     job = mpirun(2, TOY_SCRIPT, f"--run.dir={tmp_path}", "--train.steps=4", "--toy.fail_step=1", "--toy.fail_rank=1")
     assert job.returncode != 0
     assert "injected failure on rank 1 at step 1" in job.stderr
-    assert [step for step, _ in checkpoint.find_checkpoints(str(tmp_path))] == []
+    assert [step for step, _ in checkpoint.find_training_states(str(tmp_path))] == []
 
 
 @pytest.mark.two_cores

@@ -252,7 +252,7 @@ def test_csv_survives_an_interruption_and_a_bad_checkpoint(tmp_path, run_folder,
         fid_cli.main(fid_args(run_folder))
     rows = read_rows(run_folder["csv"])
     assert [(r["checkpoint"], r["ema"]) for r in rows] == [
-        ("checkpoint-00000100.pt", "0.999"), ("checkpoint-00000100.pt", evaluation.TRAINED_WEIGHTS)]
+        ("checkpoint-00000100.pt", "0.999"), ("checkpoint-00000100.pt", evaluation.NO_EMA)]
     assert all(r["fid"] and not r["error"] for r in rows)
     dist.shutdown()
 
@@ -264,8 +264,8 @@ def test_csv_survives_an_interruption_and_a_bad_checkpoint(tmp_path, run_folder,
     assert len(evaluated) == 2
     rows = read_rows(run_folder["csv"])
     assert [(r["step"], r["ema"], bool(r["error"])) for r in rows] == [
-        ("100", "0.999", False), ("100", evaluation.TRAINED_WEIGHTS, False), ("200", "0.999", False),
-        ("200", evaluation.TRAINED_WEIGHTS, False), ("300", "", True)]
+        ("100", "0.999", False), ("100", evaluation.NO_EMA, False), ("200", "0.999", False),
+        ("200", evaluation.NO_EMA, False), ("300", "", True)]
     assert "checkpoint-00000300.pt" in rows[-1]["checkpoint"] and rows[-1]["error"]
     fids = [float(r["fid"]) for r in rows[:4]]
     assert len(set(fids)) == 4  # four different sets of weights

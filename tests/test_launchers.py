@@ -70,9 +70,9 @@ def assert_stopped_and_saved(launch: Launch, folder: Path, after: int) -> int:
     output = launch.output()
     stopped = steps_in(folder)[-1]
     assert after < stopped < 6 and logged_steps(folder)[-1] == stopped, output[-3000:]
-    assert f"Preempted (SIGUSR1) after step {stopped}: {checkpoint.checkpoint_path(str(folder), stopped)}" in output
+    assert f"Preempted (SIGUSR1) after step {stopped}: {checkpoint.training_state_path(str(folder), stopped)}" in output
     assert "[rank 0] SIGUSR1" in output and "[rank 1] SIGUSR1" in output
-    assert not [name for name in fileio.listdir(folder) if fileio.is_temporary(name)]
+    assert not [name for name in fileio.listdir(folder) if name.endswith(fileio.TEMP_SUFFIX)]
     assert_no_process_left(str(folder))
     return stopped
 
@@ -110,7 +110,7 @@ def test_a_second_ctrl_c_ends_the_job_at_once(tmp_path):
     assert launch.wait() == 128 + signal.SIGINT, launch.output()[-3000:]
     assert time.monotonic() - sent < SECOND_SIGNAL_LIMIT_S
     assert "second signal (SIGINT): ending the job now" in launch.output()
-    assert not [name for name in fileio.listdir(folder) if fileio.is_temporary(name)]
+    assert not [name for name in fileio.listdir(folder) if name.endswith(fileio.TEMP_SUFFIX)]
     assert_no_process_left(str(folder))
 
 
@@ -126,5 +126,5 @@ def test_sampling_launcher_stops_on_ctrl_c_writing_nothing_partial(tmp_path):
     output = launch.output()
     assert output.count("pid-sample: stopped by SIGUSR1") == 1 and "Traceback" not in output, output[-3000:]
     assert not grid.exists() and not (tmp_path / "out" / "samples.npz").exists()
-    assert not (tmp_path / "out").exists() or not [n for n in os.listdir(tmp_path / "out") if fileio.is_temporary(n)]
+    assert not (tmp_path / "out").exists() or not [n for n in os.listdir(tmp_path / "out") if n.endswith(fileio.TEMP_SUFFIX)]
     assert_no_process_left(str(tmp_path))

@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pid_diffusion.utils import dist
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, pid_residual
-from pid_diffusion.metrics import L2
+from pid_diffusion.distances import L2
 from pid_diffusion.student import PIDStudent
 
 from factories import tiny_teacher

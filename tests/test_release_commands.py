@@ -102,12 +102,12 @@ def distill_killed_and_resumed(command: list[str], processes: int, env: dict[str
     """Start the run, SIGKILL it (every process) once step 1's checkpoint exists, then rerun the same command."""
     job = subprocess.Popen(launch(command, processes), cwd=REPO, env=env, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = checkpoint.checkpoint_path(str(run_dir), 1)
+    first = checkpoint.training_state_path(str(run_dir), 1)
     try:
         wait_for(lambda: fileio.exists(first), job, "the first checkpoint was written", JOB_TIMEOUT_S)
     finally:
         kill_job(job, str(run_dir))
-    assert [step for step, _ in checkpoint.find_checkpoints(str(run_dir))] == [1], "killed after step 2 finished"
+    assert [step for step, _ in checkpoint.find_training_states(str(run_dir))] == [1], "killed after step 2 finished"
     output = run(launch(command, processes), env)
     assert "Resuming from" in output and "at step 1" in output, output
     return output
@@ -140,9 +140,9 @@ def full_path(workspace: Path, name: str, processes: int, batch: int, metric: st
     # Distil `steps` steps, killed during step 2; the same command resumes and finishes.
     distill_killed_and_resumed(distill_command(teacher, name, run_dir, steps, batch, metric), processes, env,
                                run_dir)
-    written = [step for step, _ in checkpoint.find_checkpoints(str(run_dir))]
+    written = [step for step, _ in checkpoint.find_training_states(str(run_dir))]
     assert written == list(range(1, steps + 1))
-    last = checkpoint.checkpoint_path(str(run_dir), steps)
+    last = checkpoint.training_state_path(str(run_dir), steps)
     assert fileio.torch_load(last)["model_spec"]["kwargs"]["network_kwargs"]["augment_dim"] == 0
 
     # Samples of the student.
@@ -213,7 +213,7 @@ def distil_one_step_and_sample(workspace: Path, name: str, teacher: Path) -> Non
     # No snapshot: the training state holds the same weights, and a 296 M-parameter snapshot costs CI seconds.
     output = run([*distill_command(teacher, name, run_dir, 1, 1, "l2"), "--run.snapshot_every=0"], env)
     assert "Training PIDStudent" in output
-    sample_and_check(["--checkpoint", checkpoint.checkpoint_path(str(run_dir), 1)], name, workspace,
+    sample_and_check(["--checkpoint", checkpoint.training_state_path(str(run_dir), 1)], name, workspace,
                      f"student-{name}", 2, env)
     shutil.rmtree(run_dir)
     teacher.unlink()

@@ -34,11 +34,11 @@ def test_snapshots_are_all_kept_and_training_states_pruned(tmp_path):
     state = train_toy(tmp_path, "--train.steps=5", "--run.snapshot_every=1", "--run.checkpoint_every=2",
                       "--run.keep_checkpoints=1")
     assert [step for step, _ in checkpoint.find_snapshots(str(tmp_path))] == [1, 2, 3, 4, 5]
-    assert [step for step, _ in checkpoint.find_checkpoints(str(tmp_path))] == [5]  # The last step always writes one.
+    assert [step for step, _ in checkpoint.find_training_states(str(tmp_path))] == [5]  # The last step always writes one.
     snapshot = fileio.torch_load(checkpoint.snapshot_path(str(tmp_path), 5))
     assert set(snapshot) == {"step", "config", "model_spec", "model", "ema"}  # No optimizer, no RNG states.
     for rate in ("0.9", "0.99"):  # pid-sample and pid-fid read either kind.
-        from_snapshot = checkpoint.load_generator(checkpoint.snapshot_path(str(tmp_path), 5), ema_rate=float(rate))
+        from_snapshot = checkpoint.load_network(checkpoint.snapshot_path(str(tmp_path), 5), ema_rate=float(rate))
         for key, value in from_snapshot.state_dict().items():
             assert torch.equal(value, state["ema"][rate][key])
     assert [step for step, _ in checkpoint.find_weights(str(tmp_path))] == [1, 2, 3, 4, 5]
@@ -93,7 +93,7 @@ def resume_with(halfway, tmp_path, key: str) -> tuple[dict, dict]:
     _, first, common = halfway
     folder = tmp_path / "resumed"
     shutil.copytree(first, folder)
-    stored = fileio.torch_load(checkpoint.latest_checkpoint(str(first))[1])["config"]
+    stored = fileio.torch_load(checkpoint.latest_training_state(str(first))[1])["config"]
     value = flatten(stored)[key]
     options = dict(option[2:].split("=", 1) for option in common)
     if key != "run.dir":  # The copy is the move.

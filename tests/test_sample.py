@@ -55,7 +55,7 @@ def test_image_k_is_the_student_on_latent_and_class_of_seed_k(tmp_path, student_
                  "--npz", str(tmp_path / "s.npz")])
     out = load_npz(tmp_path / "s.npz")
 
-    student = checkpoint.load_generator(student_checkpoint, ema_rate=0.999)
+    student = checkpoint.load_network(student_checkpoint, ema_rate=0.999)
     shape = (student.img_channels, student.img_resolution, student.img_resolution)
     pairs = [seeded_latent_and_label(seed, shape, student.label_dim) for seed in seeds]
     latents = torch.stack([latent for latent, _ in pairs])

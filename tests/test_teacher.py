@@ -21,7 +21,7 @@ from pid_diffusion.cli.convert_edm import main as convert_main
 from pid_diffusion.edm_pickle import load_edm_pickle, state_dict_of
 from pid_diffusion.networks.edm import EDMPrecond, UNetBlock
 from pid_diffusion.teacher import (
-    EDM_RELEASE_URL, CheckpointFormat, TeacherCheckpointError, convert_edm, load_teacher, read_teacher_checkpoint,
+    EDM_RELEASE_URL, TeacherFormat, TeacherFileError, convert_edm, load_teacher, read_teacher_file,
 )
 
 from factories import EDMLoss, edm_release, mark_persistent, write_edm_pickle
@@ -84,8 +84,8 @@ def test_snapshot_reads_at_every_pickle_protocol(protocol, tmp_path, edm_fixture
     network, kwargs, ref = _reference(edm_fixtures_dir, "ref_dhariwal_cond.pt")
     snapshot = dict(ema=mark_persistent(network, kwargs), loss_fn=EDMLoss(), augment_pipe=None,
                     dataset_kwargs=dict(path="imagenet-64x64.zip", use_labels=True))
-    checkpoint = read_teacher_checkpoint(write_edm_pickle(tmp_path / "snap.pkl", snapshot, protocol=protocol))
-    assert checkpoint.source_format is CheckpointFormat.EDM_PICKLE
+    checkpoint = read_teacher_file(write_edm_pickle(tmp_path / "snap.pkl", snapshot, protocol=protocol))
+    assert checkpoint.source_format is TeacherFormat.EDM_PICKLE
     assert checkpoint.network_kwargs == kwargs
     assert list(checkpoint.state_dict) == list(ref["state_dict"])
     assert all(torch.equal(checkpoint.state_dict[key], value) for key, value in ref["state_dict"].items())
@@ -140,8 +140,8 @@ def test_forbidden_global_is_refused_by_name(tmp_path, edm_fixtures_dir):
     data = edm_release(network, kwargs)
     data["dataset_kwargs"]["path"] = _SystemCall(f"touch {marker}")
     pkl = write_edm_pickle(tmp_path / "evil.pkl", data)
-    with pytest.raises(TeacherCheckpointError) as error:
-        read_teacher_checkpoint(pkl)
+    with pytest.raises(TeacherFileError) as error:
+        read_teacher_file(pkl)
     assert f"{os.system.__module__}.{os.system.__name__}" in str(error.value)
     assert "not an EDM checkpoint or was modified" in str(error.value)
     assert str(pkl) in str(error.value)
@@ -166,8 +166,8 @@ def test_storage_bytes_are_loaded_with_weights_only(tmp_path, edm_fixtures_dir):
     network, kwargs, _ = _reference(edm_fixtures_dir, "ref_song_cond.pt")
     data = edm_release(network, kwargs)
     data["dataset_kwargs"]["path"] = _StorageBytes(_SystemCall(f"touch {marker}"))
-    with pytest.raises(TeacherCheckpointError, match="weights_only|Unsupported global") as error:
-        read_teacher_checkpoint(write_edm_pickle(tmp_path / "evil_storage.pkl", data))
+    with pytest.raises(TeacherFileError, match="weights_only|Unsupported global") as error:
+        read_teacher_file(write_edm_pickle(tmp_path / "evil_storage.pkl", data))
     assert f"{os.system.__module__}.{os.system.__name__}" in str(error.value)
     assert not marker.exists()
 
@@ -175,10 +175,10 @@ def test_storage_bytes_are_loaded_with_weights_only(tmp_path, edm_fixtures_dir):
 def test_other_edm_contents_are_refused(tmp_path, edm_fixtures_dir):
     network, kwargs, _ = _reference(edm_fixtures_dir, "ref_song_cond.pt")
     no_ema = write_edm_pickle(tmp_path / "no_ema.pkl", dict(net=mark_persistent(network, kwargs)))
-    with pytest.raises(TeacherCheckpointError, match=r"expected EDM's dict\(ema=.*found \['net'\]"):
-        read_teacher_checkpoint(no_ema)
-    with pytest.raises(TeacherCheckpointError, match="records its own network_kwargs; drop the preset"):
-        read_teacher_checkpoint(write_edm_pickle(tmp_path / "release.pkl", edm_release(network, kwargs)), "x")
+    with pytest.raises(TeacherFileError, match=r"expected EDM's dict\(ema=.*found \['net'\]"):
+        read_teacher_file(no_ema)
+    with pytest.raises(TeacherFileError, match="records its own network_kwargs; drop the preset"):
+        read_teacher_file(write_edm_pickle(tmp_path / "release.pkl", edm_release(network, kwargs)), "x")
 
 
 class VPPrecond(nn.Module):
@@ -187,8 +187,8 @@ class VPPrecond(nn.Module):
 
 def test_non_edm_precond_is_refused(tmp_path):
     pkl = write_edm_pickle(tmp_path / "vp.pkl", dict(ema=mark_persistent(VPPrecond(), {})))
-    with pytest.raises(TeacherCheckpointError, match="ema network is a VPPrecond; PID distils EDMPrecond"):
-        read_teacher_checkpoint(pkl)
+    with pytest.raises(TeacherFileError, match="ema network is a VPPrecond; PID distils EDMPrecond"):
+        read_teacher_file(pkl)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_official_pid_state_dict_with_preset(zipped, tiny_preset, tmp_path, edm_
                 if not key.startswith("model.map_augment.")}
     src = tmp_path / "pid_teacher.pt"
     torch.save(stripped, src, _use_new_zipfile_serialization=zipped)
-    with pytest.raises(TeacherCheckpointError, match=f"plain state dict.*preset.*{tiny_preset}"):
+    with pytest.raises(TeacherFileError, match=f"plain state dict.*preset.*{tiny_preset}"):
         load_teacher(src)
     teacher = load_teacher(src, preset=tiny_preset)
     assert torch.count_nonzero(teacher.model.map_augment.weight) == 0
@@ -210,8 +210,8 @@ def test_official_pid_state_dict_with_preset(zipped, tiny_preset, tmp_path, edm_
 
     dst = tmp_path / "teacher.pt"
     assert convert_main([str(src), str(dst), "--preset", tiny_preset]) == 0
-    converted = read_teacher_checkpoint(dst)
-    assert converted.source_format is CheckpointFormat.CONVERTED
+    converted = read_teacher_file(dst)
+    assert converted.source_format is TeacherFormat.CONVERTED
     assert converted.network_kwargs == edm.EDM_PRESETS[tiny_preset]
     assert torch.equal(_denoise(load_teacher(dst), ref), _denoise(teacher, ref))
 
@@ -228,7 +228,7 @@ def test_mismatched_checkpoint_lists_every_bad_key(release_pkl, tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save(data, bad)
     for attempt in (lambda: load_teacher(bad), lambda: convert_edm(bad, tmp_path / "never.pt")):
-        with pytest.raises(TeacherCheckpointError) as error:
+        with pytest.raises(TeacherFileError) as error:
             attempt()
         message = str(error.value)
         assert "missing (1): model.map_layer1.bias" in message

@@ -26,8 +26,6 @@ from pid_diffusion.utils import dist
 from pid_diffusion.config import TrainingConfig, apply_overrides, parse_overrides  # noqa: E402
 from pid_diffusion.train import training_loop  # noqa: E402
 
-checkpoint.MODEL_CLASSES["ToyNet"] = "toy_training:ToyNet"
-
 CHANNELS, SIZE = 2, 4  # Images of the toy task: [B, 2, 4, 4].
 
 
@@ -43,6 +41,9 @@ class ToyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gain * self.net(x)
+
+
+checkpoint.MODEL_CLASSES["ToyNet"] = ToyNet  # So that snapshots and training states can rebuild it.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pid_diffusion.utils import hub
-from pid_diffusion.metrics import L1, L2, Metric, PiqLPIPS, PseudoHuber, VGGLPIPS, upsample_for_lpips
+from pid_diffusion.distances import L1, L2, Metric, PiqLPIPS, PseudoHuber, VGGLPIPS, upsample_for_lpips
 
 from factories import LPIPS_CHANNELS, torch_home_with_lpips
 
