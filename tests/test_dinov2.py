@@ -147,6 +147,7 @@ def run(*command: str, torch_home: Path) -> str:
     return job.stdout
 
 
+@pytest.mark.slow
 def test_distill_with_power_emas_then_phema_then_fid_with_fd_dinov2(tmp_path):
     torch_home = tmp_path / "torch"
     write_tiny_dinov2_weights(torch_home)
