@@ -42,10 +42,10 @@ from pid_diffusion.fid import FEATURE_DIM, save_reference  # noqa: E402
 from pid_diffusion.generate import generate  # noqa: E402
 from pid_diffusion.grid import KarrasGrid  # noqa: E402
 from pid_diffusion.loss import PIDObjective  # noqa: E402
-from pid_diffusion.metrics import Metric  # noqa: E402
+from pid_diffusion.distances import Metric  # noqa: E402
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond  # noqa: E402
 from pid_diffusion.student import PIDStudent  # noqa: E402
-from pid_diffusion.teacher import CheckpointFormat, TeacherCheckpoint  # noqa: E402
+from pid_diffusion.teacher import TeacherFile, TeacherFormat  # noqa: E402
 
 ARCHITECTURES = {"cifar10": "edm-cifar10-32x32-uncond-vp", "imagenet64": "edm-imagenet-64x64-cond-adm"}
 BATCH = {"cifar10": 32, "imagenet64": 8}  # per step; small enough for any current GPU
@@ -227,7 +227,7 @@ def write_random_teacher(path: Path, network_kwargs: dict) -> Path:
         for tensor in network.parameters():
             if not tensor.any():
                 tensor.normal_(0, 0.01)
-    payload = TeacherCheckpoint(dict(network_kwargs), network.state_dict(), CheckpointFormat.CONVERTED)
+    payload = TeacherFile(dict(network_kwargs), network.state_dict(), TeacherFormat.CONVERTED)
     torch.save(payload.to_file_dict("random weights (benchmarks/gpu_check.py)"), path)
     return path
 
@@ -294,7 +294,7 @@ def command_rows(files: dict[str, str], preset: str, batch: int, steps: int, dem
     start = time.perf_counter()
     job = subprocess.Popen([sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
-    first = checkpoint.checkpoint_path(files["run"], 1)
+    first = checkpoint.training_state_path(files["run"], 1)
     deadline = time.monotonic() + timeout
     while not os.path.exists(first) and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -306,7 +306,7 @@ def command_rows(files: dict[str, str], preset: str, batch: int, steps: int, dem
         rows.append((f"pid-distill --preset={preset}, {steps} steps", _failed(job, output), time.perf_counter() - start))
         return rows
     resumed = _python(command, timeout)
-    newest = checkpoint.latest_checkpoint(files["run"])
+    newest = checkpoint.latest_training_state(files["run"])
     if resumed.returncode != 0 or newest is None or newest[0] != steps or "Resuming from" not in resumed.stdout:
         status = _failed(resumed, resumed.stdout + resumed.stderr)
     else:

@@ -19,7 +19,7 @@ renamed (fileio), so a file with its name is always complete:
     fingerprints  {"teacher.path": sha256, ...}: hashes of the files CONTENT fields name   ✓
 
 Every entry holds only tensors and plain Python values, so it loads with `weights_only=True`. `save` writes the
-whole training state (the training loop calls it; resume.py reads it back); `load_generator` reads
+whole training state (the training loop calls it; resume.py reads it back); `load_network` reads
 either kind and needs nothing but the file: sampling and FID need neither the teacher nor the configuration.
 
 A snapshot or training state that does not load (truncated by a disk error or an interrupted copy, corrupt,
@@ -46,27 +46,29 @@ from pid_diffusion import phema
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.utils.rng import capture_rng
 from pid_diffusion.config import TrainingConfig, to_dict
+from pid_diffusion.networks.edm import EDMPrecond
+from pid_diffusion.student import PIDStudent
 
 __all__ = [
-    "CheckpointWriteError",
+    "TrainingStateWriteError",
     "DAMAGED_SUFFIX",
     "DamagedCheckpointError",
     "MODEL_CLASSES",
-    "NoLoadableCheckpointError",
+    "NoLoadableTrainingStateError",
     "build_model",
     "damaged",
-    "checkpoint_path",
-    "find_checkpoints",
+    "training_state_path",
+    "find_training_states",
     "find_snapshots",
     "find_weights",
-    "latest_checkpoint",
-    "load_generator",
+    "latest_training_state",
+    "load_network",
     "model_spec",
     "newest_generator",
     "newest_header",
     "newest_loadable",
-    "prune_checkpoints",
-    "read_checkpoint",
+    "prune_training_states",
+    "read_training_state",
     "read_header",
     "save",
     "save_snapshot",
@@ -76,11 +78,8 @@ __all__ = [
     "write_failure",
 ]
 
-# Classes a checkpoint can rebuild, as "module:attribute", imported only when needed (no import cycles).
-MODEL_CLASSES: dict[str, str] = {
-    "PIDStudent": "pid_diffusion.student:PIDStudent",
-    "EDMPrecond": "pid_diffusion.networks.edm:EDMPrecond",
-}
+# The classes a snapshot or training state can rebuild, by the name its model_spec records.
+MODEL_CLASSES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in (PIDStudent, EDMPrecond)}
 
 _TRAINING_STATE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 _SNAPSHOT = re.compile(r"^snapshot-(\d{8})\.pt$")
@@ -92,16 +91,16 @@ class DamagedCheckpointError(ValueError):
     """A snapshot or training state that does not load; the message names the file and the reason."""
 
 
-class NoLoadableCheckpointError(DamagedCheckpointError):
+class NoLoadableTrainingStateError(DamagedCheckpointError):
     """A run folder has training states, but none of them loads."""
 
 
-class CheckpointWriteError(RuntimeError):
+class TrainingStateWriteError(RuntimeError):
     """Writing a snapshot or training state failed (disk full, permissions, the blob store); the earlier ones are
     intact."""
 
 
-def checkpoint_path(folder: str, step: int) -> str:
+def training_state_path(folder: str, step: int) -> str:
     """The training state of `step` in `folder`."""
     return fileio.join(folder, f"checkpoint-{step:08d}.pt")
 
@@ -129,7 +128,7 @@ def step_of(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def find_checkpoints(folder: str) -> list[tuple[int, str]]:
+def find_training_states(folder: str) -> list[tuple[int, str]]:
     """Complete training states in `folder` as (step, path), oldest first; temporary files are skipped."""
     return _find(folder, _TRAINING_STATE)
 
@@ -142,14 +141,14 @@ def find_snapshots(folder: str) -> list[tuple[int, str]]:
 def find_weights(folder: str) -> list[tuple[int, str]]:
     """One file per step that has trained weights, oldest first: its snapshot, or its training state where
     no snapshot was written (a folder of an older version, or with run.snapshot_every=0)."""
-    by_step = dict(find_checkpoints(folder))
+    by_step = dict(find_training_states(folder))
     by_step.update(find_snapshots(folder))
     return sorted(by_step.items())
 
 
-def latest_checkpoint(folder: str) -> tuple[int, str] | None:
+def latest_training_state(folder: str) -> tuple[int, str] | None:
     """The newest complete training state in `folder`, or None."""
-    found = find_checkpoints(folder)
+    found = find_training_states(folder)
     return found[-1] if found else None
 
 
@@ -159,9 +158,9 @@ def _prune(found: list[tuple[int, str]], keep: int) -> None:
             fileio.remove(path)
 
 
-def prune_checkpoints(folder: str, keep: int) -> None:
+def prune_training_states(folder: str, keep: int) -> None:
     """Delete all but the newest `keep` training states (keep = 0 keeps all). Call after a new one is complete."""
-    _prune(find_checkpoints(folder), keep)
+    _prune(find_training_states(folder), keep)
 
 
 def read_header(path: str) -> dict[str, Any]:
@@ -201,7 +200,7 @@ def newest_header(folder: str) -> tuple[tuple[int, str, dict[str, Any]] | None, 
     """The newest training state of `folder` whose header loads, as (step, path, header), or None; and one
     `skip_note` line per newer one that does not load. Reads no weights and changes nothing (the launch check)."""
     notes = []
-    for step, path in reversed(find_checkpoints(folder)):
+    for step, path in reversed(find_training_states(folder)):
         try:
             return (step, path, read_header(path)), notes
         except DamagedCheckpointError as error:
@@ -209,15 +208,15 @@ def newest_header(folder: str) -> tuple[tuple[int, str, dict[str, Any]] | None, 
     return None, notes
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """The training checkpoint at `path`; raises (what torch.load raises, or a ValueError) if it does not load."""
+def read_training_state(path: str) -> dict[str, Any]:
+    """The training state at `path`; raises (what torch.load raises, or a ValueError) if it does not load."""
     state = fileio.torch_load(path)
     _require_keys(state, _KEYS, "training checkpoint")
     return state
 
 
 def _move_aside(path: str) -> str:
-    """Rename a damaged checkpoint to a free `<path>.damaged[.<n>]` name, out of `find_checkpoints`' sight."""
+    """Rename a damaged training state to a free `<path>.damaged[.<n>]` name, out of `find_training_states`' sight."""
     target, count = path + DAMAGED_SUFFIX, 1
     while fileio.exists(target):
         target, count = f"{path}{DAMAGED_SUFFIX}.{count}", count + 1
@@ -231,21 +230,21 @@ def _reason(error: BaseException) -> str:
 
 
 def newest_loadable(folder: str, log=print) -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint of `folder` that loads, as (path, state); None when there is no checkpoint.
+    """The newest training state of `folder` that loads, as (path, state); None when there is none.
 
     Each newer one that does not load is moved aside, with one line through `log` naming the file and the
-    reason; when none loads, NoLoadableCheckpointError names them all. Call it on one process only.
+    reason; when none loads, NoLoadableTrainingStateError names them all. Call it on one process only.
     """
     damaged = []
-    for _, path in reversed(find_checkpoints(folder)):
+    for _, path in reversed(find_training_states(folder)):
         try:
-            return path, read_checkpoint(path)
+            return path, read_training_state(path)
         except Exception as error:  # torch.load raises many kinds (zip, unpickling, EOF, OS errors).
             aside = _move_aside(path)
             log(f"{skip_note(path, error)}; moved to {aside}")
             damaged.append(aside)
     if damaged:
-        raise NoLoadableCheckpointError(
+        raise NoLoadableTrainingStateError(
             f"no checkpoint in {folder} loads; the damaged ones were moved aside: {', '.join(damaged)}. "
             f"Restore a good checkpoint into the folder, or start a new run folder")
     return None
@@ -265,31 +264,31 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     """A freshly initialised model from a `model_spec`."""
     if spec["class"] not in MODEL_CLASSES:
         raise ValueError(f"checkpoint model class {spec['class']!r} is unknown; known: {', '.join(MODEL_CLASSES)}")
-    module, attribute = MODEL_CLASSES[spec["class"]].split(":")
-    return getattr(importlib.import_module(module), attribute)(**spec["kwargs"])
+    return MODEL_CLASSES[spec["class"]](**spec["kwargs"])
 
 
-def load_generator(path: str, ema_rate: float | str | None = None, device: torch.device | str = "cpu") -> nn.Module:
-    """The trained model of a snapshot or training state (its EMA at `ema_rate`, a power-function EMA or
-    post-hoc reconstruction named 'std-<σ_rel>', or the raw weights), in eval mode, frozen. A file that does not
-    load raises DamagedCheckpointError naming it and the reason."""
+def load_network(path: str, ema_rate: float | str | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """The trained network of a snapshot or training state, whatever it is (a PID student, or the EDM denoiser
+    of a teacher-training run): its EMA at `ema_rate`, a power-function EMA or post-hoc reconstruction named
+    'std-<σ_rel>', or the raw weights, in eval mode, frozen. A file that does not load raises
+    DamagedCheckpointError naming it and the reason."""
     try:
-        checkpoint = fileio.torch_load(path)
-        _require_keys(checkpoint, ("model_spec", "model", "ema"), "snapshot or training state")
+        data = fileio.torch_load(path)
+        _require_keys(data, ("model_spec", "model", "ema"), "snapshot or training state")
     except FileNotFoundError:
         raise
     except Exception as error:  # torch.load raises many kinds (zip, unpickling, EOF, OS errors).
         raise damaged(path, error) from error
-    model = build_model(checkpoint["model_spec"])
+    model = build_model(data["model_spec"])
     if ema_rate is None:
-        state = checkpoint["model"]
+        state = data["model"]
     else:
-        names = {phema.average_key(key): key for key in checkpoint["ema"]}
+        names = {phema.average_key(key): key for key in data["ema"]}
         wanted = phema.average_key(ema_rate)
         if wanted not in names:
             what = f"at rate {ema_rate}" if wanted[0] == "rate" else ema_rate
-            raise ValueError(f"{path} has no EMA {what}; it has {', '.join(checkpoint['ema']) or 'none'}")
-        state = checkpoint["ema"][names[wanted]]
+            raise ValueError(f"{path} has no EMA {what}; it has {', '.join(data['ema']) or 'none'}")
+        state = data["ema"][names[wanted]]
     model.load_state_dict(state)
     return model.eval().requires_grad_(False).to(device)
 
@@ -303,18 +302,18 @@ def damaged(path: str, error: BaseException) -> DamagedCheckpointError:
 
 def newest_generator(folder: str, ema_rate: float | None = None, device: torch.device | str = "cpu",
                      log=print) -> tuple[str, nn.Module]:
-    """The newest file of a run folder that loads, as (path, `load_generator`'s model): the newest step's snapshot,
+    """The newest file of a run folder that loads, as (path, `load_network`'s model): the newest step's snapshot,
     else its training state, else the step before; each damaged one tried is skipped with one `skip_note` line
     through `log` and left in place."""
     # Newest step first; at one step the snapshot (written first, the smaller file), then the training state.
     found = sorted([(step, 1, path) for step, path in find_snapshots(folder)] +
-                   [(step, 0, path) for step, path in find_checkpoints(folder)], reverse=True)
+                   [(step, 0, path) for step, path in find_training_states(folder)], reverse=True)
     if not found:
         raise FileNotFoundError(f"no snapshot-<step>.pt or checkpoint-<step>.pt files in {folder}")
     skipped = []
     for _, _, path in found:
         try:
-            return path, load_generator(path, ema_rate, device)
+            return path, load_network(path, ema_rate, device)
         except DamagedCheckpointError as error:
             log(skip_note(path, error))
             skipped.append(path)
@@ -344,7 +343,7 @@ def save(config: TrainingConfig, step: int, model: nn.Module, ema, optimizer: to
     Call on every rank: the RNG states are gathered."""
     states = [None] * dist.world_size() if dist.rank() == 0 else None
     torch_dist.gather_object(capture_rng(), states, dst=0)
-    path = checkpoint_path(config.run.dir, step)
+    path = training_state_path(config.run.dir, step)
     if dist.rank() == 0:
         _write(config.run.dir, {
             "step": step,
@@ -357,21 +356,21 @@ def save(config: TrainingConfig, step: int, model: nn.Module, ema, optimizer: to
             "rng": states,
             "fingerprints": dict(fingerprints or {}),
         }, path, "checkpoint")
-        prune_checkpoints(config.run.dir, config.run.keep_checkpoints)
+        prune_training_states(config.run.dir, config.run.keep_checkpoints)
     dist.barrier()
     return path
 
 
-def write_failure(folder: str, error: BaseException, what: str) -> CheckpointWriteError:
+def write_failure(folder: str, error: BaseException, what: str) -> TrainingStateWriteError:
     """The error that ends a run whose write of `what` failed: the cause, that nothing half-written is left, the
     newest complete training state, and how to go on."""
-    newest = latest_checkpoint(folder)
+    newest = latest_training_state(folder)
     intact = f"the newest complete training state, {newest[1]}, is intact" if newest else \
         "no training state was complete yet"
     full = isinstance(error, OSError) and error.errno == errno.ENOSPC
     fix = ("Free space on that disk, or keep fewer snapshots (run.keep_snapshots) or write them less often "
            "(run.snapshot_every)" if full else "Fix the cause (disk space, permissions, the blob store)")
-    return CheckpointWriteError(f"could not write {what} ({type(error).__name__}: {error}); nothing was left in its "
+    return TrainingStateWriteError(f"could not write {what} ({type(error).__name__}: {error}); nothing was left in its "
                                 f"place and {intact}. {fix}, then re-run the same command to resume")
 
 

@@ -151,8 +151,8 @@ def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> lis
     training_loop(config, objective, student, preview, fingerprints(objective))
 
     # After: the newest checkpoint's weights, as pid-sample would load them; every rank shares the FIDs.
-    _, path = checkpoint.latest_checkpoint(config.run.dir)
-    distilled = checkpoint.load_generator(path, ema_rate=options.ema_rate, device=device)
+    _, path = checkpoint.latest_training_state(config.run.dir)
+    distilled = checkpoint.load_network(path, ema_rate=options.ema_rate, device=device)
     fids, fid_note = _fids(config, options, [(teacher, heun), (initial, one_step), (distilled, one_step)])
     rows: list[Row] = []
     if is_main:

@@ -75,7 +75,7 @@ def _free_bytes(folder: str) -> int | None:
 def plan(config: TrainingConfig, network_bytes: int) -> DiskPlan:
     """The peak of `config`'s weight files, for a network whose weights take `network_bytes`."""
     run, train = config.run, config.train
-    snapshots, states = checkpoint.find_snapshots(run.dir), checkpoint.find_checkpoints(run.dir)
+    snapshots, states = checkpoint.find_snapshots(run.dir), checkpoint.find_training_states(run.dir)
     emas = len(train.ema_rates)
     snapshot_bytes = (1 + emas) * network_bytes
     state_bytes = (1 + emas + OPTIMIZER_MOMENTS) * network_bytes

@@ -24,7 +24,7 @@ def describe_launch(config: TrainingConfig, world_size: int) -> list[str]:
     newest, damaged = checkpoint.newest_header(config.run.dir)  # Damaged newer ones: named, left in place.
     lines += [f"{note}; the run moves it aside to <name>{checkpoint.DAMAGED_SUFFIX}" for note in damaged]
     if newest is None and damaged:
-        raise checkpoint.NoLoadableCheckpointError(
+        raise checkpoint.NoLoadableTrainingStateError(
             f"no checkpoint in {config.run.dir} loads ({'; '.join(damaged)}). Restore a good checkpoint into the "
             "folder, or start a new run folder")
     if newest is None:

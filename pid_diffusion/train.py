@@ -174,12 +174,12 @@ def _autocast(train: TrainConfig, device: torch.device) -> contextlib.AbstractCo
 
 
 def _apply_speed_options(model: nn.Module, train: TrainConfig, device: torch.device) -> None:
-    """Memory format, activation checkpointing and CPU memory reuse, in place: the state_dict keys and the maths
+    """Memory format, activation recomputation and CPU memory reuse, in place: the state_dict keys and the maths
     stay (channels-last kernels sum in another order)."""
     if train.channels_last:
         model.to(memory_format=torch.channels_last)  # Activations follow: a convolution outputs its weight's format.
     if train.activation_checkpointing:
-        perf.enable_activation_checkpointing(model)
+        perf.enable_activation_recomputation(model)
     if device.type == "cpu":
         # Without it glibc unmaps freed activations and the next step faults every page in again
         # (benchmarks/RESULTS.md); the process keeps its peak memory instead.
@@ -225,7 +225,7 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
     stored in each training state, and compared on resume when such a field changes. A signal of
     `run.preempt_signals` on any rank ends the run after the step in flight, with its training state, by
     raising `preemption.Preempted` (exit status 75) on every rank. A write that fails (a full disk) ends the
-    run with `checkpoint.CheckpointWriteError`, naming the newest complete training state, which is intact.
+    run with `checkpoint.TrainingStateWriteError`, naming the newest complete training state, which is intact.
     """
     with preemption.SignalFlag(config.run.preempt_signals) as flag:
         try:
@@ -340,6 +340,6 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
 def _write_preview(preview: Preview, model: nn.Module, path: str) -> None:
     model.eval()
     try:
-        images.write_grid(preview(model), path)
+        images.write_tiled(preview(model), path)
     finally:
         model.train()

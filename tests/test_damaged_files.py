@@ -24,7 +24,7 @@ from pid_diffusion.fid import save_reference
 from pid_diffusion.utils import dist
 
 from launch import JOB_TIMEOUT_S, REPO, subprocess_env
-from test_fid import SMALL_FEATURE_DIM, small_detector
+from factories import SMALL_FEATURE_DIM, small_detector
 
 # Two tiny steps of the bundled default, a snapshot and a training state after each.
 RUN = ["--preset=default", "--train.batch=2", "--run.log_every=1", "--run.image_every=0", "--run.snapshot_every=1",
@@ -93,7 +93,7 @@ def test_resume_skips_the_damaged_newest_moves_it_aside_and_trains_on(run, kind,
     assert f"{note}; moved to {newest}.damaged" in out  # ... and the resume.
     assert f"Resuming from {run}/checkpoint-00000001.pt at step 1" in out
     assert open(newest + ".damaged", "rb").read() == data  # Kept, under another name.
-    assert [step for step, _ in checkpoint.find_checkpoints(str(run))] == [1, 2, 3]
+    assert [step for step, _ in checkpoint.find_training_states(str(run))] == [1, 2, 3]
 
 
 def test_no_loadable_training_state_is_one_line_and_nothing_changes(run, capsys):
@@ -109,6 +109,7 @@ def test_no_loadable_training_state_is_one_line_and_nothing_changes(run, capsys)
     assert listing(run) == before
 
 
+@pytest.mark.slow
 def test_the_issues_report_truncated_newest_then_more_steps(run):
     """The report of issue 21 through `python -m pid_diffusion.cli.distill`: the newest training state cut to
     4096 bytes, then the same run with more steps: it resumes from the one before and finishes."""

@@ -17,7 +17,7 @@ from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond
 from pid_diffusion.utils import fileio
 
 from launch import REPO
-from test_metrics import write_lpips_standins
+from factories import write_lpips_standins
 
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
 RUN = ["--preset=default", "--train.batch=2", "--run.log_every=1", "--run.image_every=0", "--run.snapshot_every=1",
@@ -39,7 +39,7 @@ def test_the_estimate_before_a_run_is_the_size_of_what_it_writes(tmp_path, capsy
 
     distill_cli.main([*RUN, "--train.steps=3", f"--run.dir={run}"])
     snapshot = os.path.getsize(checkpoint.snapshot_path(str(run), 3))
-    state = os.path.getsize(checkpoint.checkpoint_path(str(run), 3))
+    state = os.path.getsize(checkpoint.training_state_path(str(run), 3))
     # The teacher file holds one network's weights (and a little metadata): the estimate is within 0.5 %.
     assert estimate.snapshot_bytes == pytest.approx(snapshot, rel=5e-3)
     assert estimate.state_bytes == pytest.approx(state, rel=5e-3)
@@ -109,7 +109,7 @@ def full_disk_at(monkeypatch, target: str) -> None:
 @pytest.mark.parametrize("target", ["snapshot", "checkpoint", "metrics"])
 def test_a_full_disk_ends_the_run_with_the_last_training_state_intact_and_says_so(tmp_path, monkeypatch, capsys, target):
     run = tmp_path / "run"
-    path = {"snapshot": checkpoint.snapshot_path(str(run), 2), "checkpoint": checkpoint.checkpoint_path(str(run), 2),
+    path = {"snapshot": checkpoint.snapshot_path(str(run), 2), "checkpoint": checkpoint.training_state_path(str(run), 2),
             "metrics": str(run / "metrics.jsonl")}[target]
     written = []
     if target == "metrics":  # Its second write (step 2's record): the first creates it.
@@ -123,7 +123,7 @@ def test_a_full_disk_ends_the_run_with_the_last_training_state_intact_and_says_s
     monkeypatch.undo()
     assert exit_info.value.code == USAGE_STATUS
     err = capsys.readouterr().err.strip().splitlines()
-    intact = checkpoint.checkpoint_path(str(run), 1)
+    intact = checkpoint.training_state_path(str(run), 1)
     what = f"{target} {path}" if target != "metrics" else f"to {run}"
     assert len(err) == 1 and err[0].startswith(
         f"pid-distill: error: could not write {what} (OSError: [Errno 28] No space left on device); nothing was "
@@ -131,10 +131,10 @@ def test_a_full_disk_ends_the_run_with_the_last_training_state_intact_and_says_s
         "or keep fewer snapshots (run.keep_snapshots) or write them less often (run.snapshot_every), then re-run "
         "the same command to resume"), err
     assert not [name for name in os.listdir(run) if name.endswith(fileio.TEMP_SUFFIX)]
-    assert checkpoint.read_checkpoint(intact)["step"] == 1
+    assert checkpoint.read_training_state(intact)["step"] == 1
     if target == "checkpoint":
         assert not os.path.exists(path)
 
     distill_cli.main([*RUN, "--train.steps=3", f"--run.dir={run}"])  # Space again: the same command resumes.
     assert f"Resuming from {intact}" in capsys.readouterr().out
-    assert checkpoint.latest_checkpoint(str(run))[0] == 3
+    assert checkpoint.latest_training_state(str(run))[0] == 3

@@ -25,10 +25,10 @@ from pid_diffusion.teacher import load_teacher
 from pid_diffusion.teacher_training import TeacherTrainingConfig
 
 from launch import REPO
-from test_metrics import write_lpips_standins
-from test_teacher import _release, _write_edm_pickle
+from factories import edm_release, write_edm_pickle, write_lpips_standins
 
-pytestmark = pytest.mark.options_sweep
+# In-process, but about a minute of CPU in all: the full suite's tier.
+pytestmark = [pytest.mark.slow, pytest.mark.options_sweep]
 
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
 STEPS = 2
@@ -153,7 +153,7 @@ def files(tmp_path_factory):
     checkpoints.mkdir(parents=True)
     write_lpips_standins(checkpoints)
     teacher = load_teacher(BUNDLED_TEACHER)
-    teacher_pkl = _write_edm_pickle(root / "teacher.pkl", _release(teacher, teacher.init_kwargs))
+    teacher_pkl = write_edm_pickle(root / "teacher.pkl", edm_release(teacher, teacher.init_kwargs))
     student = PIDStudent.from_teacher(teacher, 0.002, 80.0)
     torch.save(student.model.state_dict(), root / "student.pt")
     return dict(torch_home=root / "torch_home", teacher_pkl=str(teacher_pkl), student_file=str(root / "student.pt"))
@@ -170,7 +170,7 @@ def quick_plots(monkeypatch):
 
 def assert_trained(folder) -> None:
     """Both steps ran with finite losses and the last training state is complete."""
-    assert checkpoint.latest_checkpoint(str(folder))[0] == STEPS
+    assert checkpoint.latest_training_state(str(folder))[0] == STEPS
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == STEPS and all(math.isfinite(record["loss"]) for record in records)
 
@@ -186,9 +186,9 @@ def _check_files(name: str, folder) -> None:
         expected = [2] if name == "snapshots kept" else [1, 2]
         assert [step for step, _ in checkpoint.find_snapshots(str(folder))] == expected
     if name == "training states":
-        assert [step for step, _ in checkpoint.find_checkpoints(str(folder))] == [2]
+        assert [step for step, _ in checkpoint.find_training_states(str(folder))] == [2]
     if name == "all training states":
-        assert [step for step, _ in checkpoint.find_checkpoints(str(folder))] == [1, 2]
+        assert [step for step, _ in checkpoint.find_training_states(str(folder))] == [1, 2]
 
 
 @pytest.mark.parametrize("name, args", TRAINER_CASES + DISTILL_CASES, ids=[n for n, _ in TRAINER_CASES + DISTILL_CASES])

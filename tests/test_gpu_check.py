@@ -45,6 +45,7 @@ def test_sync_count_counts_torchs_sync_warnings_and_fails_above_one():
     assert gpu_check.sync_status(gpu_check.syncs_per_step(short, long + 1)).startswith("FAIL")
 
 
+@pytest.mark.slow
 def test_the_command_rows_run_the_users_commands(tmp_path):
     """The rows' code path on the CPU: the bundled default's architecture with random weights instead of the
     cifar10 preset's, the same kill, resume, pid-sample, pid-fid and pid-demo, at sizes a CPU takes in seconds

@@ -24,7 +24,7 @@ from pid_diffusion import checkpoint, config_files, official, phema, samplers
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
                                   to_json)
-from pid_diffusion.evaluation import TRAINED_WEIGHTS
+from pid_diffusion.evaluation import NO_EMA
 from pid_diffusion.generate import SamplerKind, sampler_for
 from pid_diffusion.grid import NUM_POINTS
 from pid_diffusion.teacher import load_teacher
@@ -170,7 +170,7 @@ def seed_range(text: str) -> tuple[str, list[int]]:
 def weights_name(text: str) -> str:
     """'none', an EMA rate written as the checkpoint's `ema` keys write it (str of the float), or a power-function
     EMA or post-hoc reconstruction as 'std-<σ_rel>' (written as phema.std_name writes it)."""
-    if text == TRAINED_WEIGHTS:
+    if text == NO_EMA:
         return text
     if phema.is_std_name(text):
         try:
@@ -183,7 +183,7 @@ def weights_name(text: str) -> str:
     except ValueError:
         rate = math.nan
     if not 0 < rate < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an EMA rate in (0, 1) nor '{TRAINED_WEIGHTS}'")
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an EMA rate in (0, 1) nor '{NO_EMA}'")
     return str(rate)
 
 
@@ -221,7 +221,7 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
         if args.ema is not None:
             raise ValueError("--ema applies to a training checkpoint; a teacher file holds one network")
         return load_teacher(args.teacher, preset=args.preset, device=device)
-    ema = None if args.ema == TRAINED_WEIGHTS else args.ema
+    ema = None if args.ema == NO_EMA else args.ema
     if fileio.isdir(args.checkpoint):  # A run folder: its newest file that loads, damaged newer ones named.
         path, net = checkpoint.newest_generator(args.checkpoint, ema_rate=ema, device=device, log=dist.print0)
         dist.print0(f"Sampling {path}")

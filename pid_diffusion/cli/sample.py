@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if dist.rank() == 0:
             images = images.cpu().numpy()
             if args.grid:
-                image_io.write_png(image_io.grid(images, columns), args.grid)
+                image_io.write_png(image_io.tile(images, columns), args.grid)
             if args.npz:
                 extra = {} if labels is None else dict(labels=labels.cpu().numpy())
                 image_io.write_npz(args.npz, images=images, seeds=np.asarray(args.seeds, dtype=np.int64), **extra)

@@ -32,6 +32,7 @@ __all__ = [
     "rename",
     "size",
     "torch_load",
+    "walk_files",
 ]
 
 TEMP_SUFFIX = ".tmp"  # Of a file while `atomic_write` writes it: never a complete file.
@@ -55,6 +56,11 @@ def exists(path: str | os.PathLike) -> bool:
 def isdir(path: str | os.PathLike) -> bool:
     """True for an existing folder (a blob prefix on a blob store)."""
     return bf.isdir(str(path))
+
+
+def walk_files(path: str | os.PathLike) -> list[str]:
+    """Paths of every file under the folder `path`, recursively, sorted."""
+    return sorted(bf.join(folder, name) for folder, _, names in bf.walk(str(path)) for name in names)
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
