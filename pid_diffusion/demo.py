@@ -103,7 +103,7 @@ def _find_detector(options: DemoOptions) -> tuple[inception.Detector | None, str
     if not fileio.exists(path):
         return None, (f"FID: not measured — no Inception detector at {path}. Copy {inception.DETECTOR_URL} there "
                       f"(or pass --detector) to add FID against the data set.")
-    return inception.load_detector(path), f"FID: {options.fid_images} samples against {options.fid_images} data images."
+    return inception.load_detector(path, dist.device()), f"FID: {options.fid_images} samples against {options.fid_images} data images."
 
 
 def _reference_statistics(detector: inception.Detector, options: DemoOptions, run_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -152,8 +152,8 @@ def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> lis
     training_loop(config, objective, student, preview, fingerprints(objective))
 
     # After: the newest checkpoint's weights, as pid-sample would load them; every rank shares the FIDs.
-    _, path = checkpoint.latest_checkpoint(config.run.dir)
-    distilled = checkpoint.load_generator(path, ema_rate=options.ema_rate, device=device)
+    _, path = checkpoint.latest_training_state(config.run.dir)
+    distilled = checkpoint.load_network(path, ema_rate=options.ema_rate, device=device)
     fids, fid_note = _fids(config, options, [(teacher, heun), (initial, one_step), (distilled, one_step)])
     rows: list[Row] = []
     if is_main:

@@ -21,6 +21,7 @@ def test_agreement_of_a_constant_offset():
     assert agreement(reference, reference) == (0.0, math.inf)
 
 
+@pytest.mark.slow  # the user's main job, a distillation included
 def test_demo_distils_the_bundled_teacher(tmp_path, capsys):
     # The project ships the teacher (model_zoo/): a missing file is a failure, not a skip.
     assert BUNDLED_TEACHER.is_file(), f"the bundled teacher {BUNDLED_TEACHER} is missing from the checkout"

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from typing import IO, NoReturn
 
+from pid_diffusion.checkpoint import TrainingStateWriteError
 from pid_diffusion.user_error import UserError
 from pid_diffusion.utils import dist
 
@@ -89,7 +90,7 @@ def reported(prog: str) -> Iterator[None]:
             raise
         _wait_for_rank_0()
         _exit(error.code if isinstance(error.code, int) else USAGE_STATUS)  # argparse has printed (rank 0)
-    except UserError as error:
+    except (UserError, TrainingStateWriteError) as error:  # the latter: a failed write, the last state intact
         if _debug():
             raise
         _wait_for_rank_0()
