@@ -98,7 +98,7 @@ def open_images(path: str) -> ImageSource:
         return ZipImages(path)
     if fileio.isdir(path):
         return FolderImages(path)
-    if not bf.exists(path):
+    if not fileio.exists(path):
         raise MissingFileError(f"{path}: no such folder or file of images; check the path")
     raise FileFormatError(f"{path} is neither a folder, a .zip nor an .npz of images: give one of those")
 

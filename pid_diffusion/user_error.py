@@ -4,7 +4,7 @@
 the wrong format or architecture, an option value out of range, options that do not go together), with a
 message that names the problem and the fix. The command lines print it as one line and exit with status 2
 (`pid_diffusion/cli/errors.py`); every other exception is a bug and keeps its traceback. The library's
-specific errors derive from it (`ConfigError`, `TeacherCheckpointError`, `EDMPickleError`,
+specific errors derive from it (`ConfigError`, `TeacherFileError`, `EDMPickleError`,
 `MissingWeightsError`), each also from the built-in type it refines, so `except ValueError` still catches them.
 """
 

@@ -24,7 +24,7 @@ import torch
 from pid_diffusion.cli import errors
 
 from launch import JOB_TIMEOUT_S, REPO, mpirun_command, mpirun_env, needs_mpirun, subprocess_env
-from test_fid import SMALL_FEATURE_DIM, small_detector
+from factories import SMALL_FEATURE_DIM, small_detector
 
 TEACHER = str(REPO / "model_zoo" / "edm-shapes-16x16.pt")
 MODULES = {"pid-convert-edm": "convert_edm", "pid-distill": "distill", "pid-demo": "demo",
@@ -246,6 +246,7 @@ def run_case(case: Case, files: Files, cwd: Path, processes: int = 1) -> subproc
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SUBPROCESS_CASES)
 def test_the_console_command_gives_the_same_line(name, files, tmp_path):
     result = run_case(CASE_BY_ID[name], files, tmp_path)
@@ -254,7 +255,6 @@ def test_the_console_command_gives_the_same_line(name, files, tmp_path):
 
 
 @needs_mpirun
-@pytest.mark.xdist_group("mpirun")
 @pytest.mark.parametrize("name", MPIRUN_CASES)
 def test_under_mpirun_the_line_is_printed_once(name, files, tmp_path):
     result = run_case(CASE_BY_ID[name], files, tmp_path, processes=2)
@@ -264,6 +264,7 @@ def test_under_mpirun_the_line_is_printed_once(name, files, tmp_path):
     assert "[rank" not in output and "MPI_ABORT" not in output, output
 
 
+@pytest.mark.slow
 def test_debug_variable_shows_the_traceback(files, tmp_path):
     case = CASE_BY_ID["pid-fit-dode: missing teacher"]
     env = {**subprocess_env(), errors.DEBUG_VARIABLE: "1"}

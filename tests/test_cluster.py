@@ -153,10 +153,10 @@ def test_resume_skips_damaged_checkpoints_moves_them_aside_and_ends_bit_identica
 
     state = train_toy(tmp_path, *COMMON)
     out = capsys.readouterr().out
-    assert f"Skipping damaged checkpoint {checkpoint.training_state_path(str(tmp_path), 7)} (ValueError: not a training " \
-           f"checkpoint (no step, config" in out
-    assert f"Skipping damaged checkpoint {newest} (ValueError: truncated, or not a zip-format torch.save file: no " \
-           f"zip end record in its {len(whole) // 2} bytes); moved to {newest}.damaged" in out
+    assert f"Skipping damaged checkpoint {checkpoint.training_state_path(str(tmp_path), 7)} (FileFormatError: not a " \
+           f"training checkpoint (no step, config" in out
+    assert f"Skipping damaged checkpoint {newest} (FileFormatError: {newest}: truncated, or not a zip-format " \
+           f"torch.save file: no zip end record in its {len(whole) // 2} bytes); moved to {newest}.damaged" in out
     assert f"Resuming from {checkpoint.training_state_path(str(tmp_path), 3)} at step 3" in out
     assert fileio.read_bytes(newest + ".damaged") == whole[: len(whole) // 2]  # moved aside, never deleted
     assert fileio.exists(checkpoint.training_state_path(str(tmp_path), 7) + ".damaged")

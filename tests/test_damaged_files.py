@@ -42,11 +42,10 @@ def damage(path, kind: str) -> bytes:
     return data
 
 
-def reason(kind: str, data: bytes) -> str:
-    return {"truncated": f"ValueError: truncated, or not a zip-format torch.save file: no zip end record in its "
-                         f"{len(data)} bytes",
-            "other_format": f"ValueError: truncated, or not a zip-format torch.save file: no zip end record in its "
-                            f"{len(PNG)} bytes"}[kind]
+def reason(kind: str, data: bytes, path) -> str:
+    size = {"truncated": len(data), "other_format": len(PNG)}[kind]
+    return (f"FileFormatError: {path}: truncated, or not a zip-format torch.save file: no zip end record in its "
+            f"{size} bytes")
 
 
 def listing(folder) -> dict[str, bytes]:
@@ -76,7 +75,7 @@ def test_launch_check_and_dry_run_name_the_damaged_file_resume_from_the_older_an
     capsys.readouterr()
     distill_cli.main([*RUN, "--train.steps=3", f"--run.dir={run}", "--dry-run"])
     report = capsys.readouterr().err
-    assert f"Skipping damaged checkpoint {newest} ({reason(kind, data)})" in report
+    assert f"Skipping damaged checkpoint {newest} ({reason(kind, data, newest)})" in report
     assert f"would resume from {run}/checkpoint-00000001.pt at step 1" in report
     assert listing(run) == before  # Nothing moved, nothing deleted.
 
@@ -88,7 +87,7 @@ def test_resume_skips_the_damaged_newest_moves_it_aside_and_trains_on(run, kind,
     capsys.readouterr()
     distill_cli.main([*RUN, "--train.steps=3", f"--run.dir={run}"])
     out = capsys.readouterr().out
-    note = f"Skipping damaged checkpoint {newest} ({reason(kind, data)})"
+    note = f"Skipping damaged checkpoint {newest} ({reason(kind, data, newest)})"
     assert f"{note}; the run moves it aside" in out  # The launch check, before anything is loaded ...
     assert f"{note}; moved to {newest}.damaged" in out  # ... and the resume.
     assert f"Resuming from {run}/checkpoint-00000001.pt at step 1" in out
@@ -120,8 +119,8 @@ def test_the_issues_report_truncated_newest_then_more_steps(run):
                           f"--run.dir={run}"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                          timeout=JOB_TIMEOUT_S)
     assert job.returncode == 0, job.stderr
-    assert (f"Skipping damaged checkpoint {newest} (ValueError: truncated, or not a zip-format torch.save file: no "
-            f"zip end record in its 4096 bytes); moved to {newest}.damaged") in job.stdout
+    assert (f"Skipping damaged checkpoint {newest} (FileFormatError: {newest}: truncated, or not a zip-format "
+            f"torch.save file: no zip end record in its 4096 bytes); moved to {newest}.damaged") in job.stdout
     assert (run / "checkpoint-00000003.pt").is_file() and (run / "checkpoint-00000002.pt.damaged").read_bytes() == data
 
 
@@ -138,12 +137,12 @@ def test_pid_fid_skips_a_damaged_snapshot_with_a_row_and_scores_the_others(run, 
                   "--seeds", "0-9", "--batch", "10", "--ema", "none"])
     dist.shutdown()
     out = capsys.readouterr().out
-    assert f"Skipping damaged snapshot {damaged} ({reason(kind, data)}); its row in {table} records why" in out
+    assert f"Skipping damaged snapshot {damaged} ({reason(kind, data, damaged)}); its row in {table} records why" in out
     rows = list(csv.DictReader(io.StringIO(table.read_text())))
     by_file = {row["checkpoint"]: row for row in rows}
     assert by_file["snapshot-00000001.pt"]["fid"] and not by_file["snapshot-00000001.pt"]["error"]
     assert not by_file["snapshot-00000002.pt"]["fid"]
-    assert reason(kind, data) in by_file["snapshot-00000002.pt"]["error"]
+    assert reason(kind, data, damaged) in by_file["snapshot-00000002.pt"]["error"]
     assert listing(run) == before
 
 
@@ -158,13 +157,14 @@ def test_pid_sample_names_a_damaged_file_and_takes_a_run_folders_newest_loadable
         sample_cli.main(["--checkpoint", damaged, "--seeds", "0-1", "--grid", str(tmp_path / "a.png")])
     assert exit_info.value.code == USAGE_STATUS
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"pid-sample: error: {damaged} does not load ({reason(kind, data)})")
+    assert len(err) == 1
+    assert err[0].startswith(f"pid-sample: error: {damaged} does not load ({reason(kind, data, damaged)})")
     assert "the run folder itself to use its newest loadable one" in err[0]
 
     sample_cli.main(["--checkpoint", str(run), "--seeds", "0-1", "--grid", str(tmp_path / "b.png")])
     dist.shutdown()
     out = capsys.readouterr().out
-    assert f"Skipping damaged snapshot {damaged} ({reason(kind, data)})" in out
+    assert f"Skipping damaged snapshot {damaged} ({reason(kind, data, damaged)})" in out
     assert f"Skipping damaged checkpoint {run}/checkpoint-00000002.pt" in out
     assert f"Sampling {run}/snapshot-00000001.pt" in out
     assert (tmp_path / "b.png").is_file() and not (tmp_path / "a.png").exists()

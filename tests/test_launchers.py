@@ -1,19 +1,21 @@
 """Stopping a job through its launcher script saves it: Ctrl-C in a terminal (SIGINT to the script's process
 group), SIGTERM to the script, and a second Ctrl-C, through scripts/*.sh under mpirun with two processes."""
 
+import importlib
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pid_diffusion import checkpoint
 from pid_diffusion.utils import fileio, preemption
 
 from equality import assert_same_training_state
-from factories import latest, logged_steps, steps_in
+from factories import SMALL_FEATURE_DIM, latest, logged_steps, small_detector, steps_in
 from launch import JOB_TIMEOUT_S, REPO, mpirun_env, processes_mentioning, wait_for
 
 # mpirun jobs never run beside each other (their ranks would share the machine's two cores): conftest.py puts
@@ -128,3 +130,30 @@ def test_sampling_launcher_stops_on_ctrl_c_writing_nothing_partial(tmp_path):
     assert not grid.exists() and not (tmp_path / "out" / "samples.npz").exists()
     assert not (tmp_path / "out").exists() or not [n for n in os.listdir(tmp_path / "out") if n.endswith(fileio.TEMP_SUFFIX)]
     assert_no_process_left(str(tmp_path))
+
+
+def test_fid_launcher_stops_on_ctrl_c_keeping_finished_rows_and_resumes(tmp_path):
+    # A run folder with two snapshots (three weights each), a stand-in detector and reference statistics.
+    run = tmp_path / "run"
+    importlib.import_module("pid_diffusion.cli.distill").main(
+        [f"--run.dir={run}", "--train.steps=2", "--run.snapshot_every=1", "--run.image_every=0"])
+    detector = small_detector(tmp_path / "detector.pt")
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(SMALL_FEATURE_DIM), sigma=np.eye(SMALL_FEATURE_DIM))
+    command = ["scripts/fid_eval.sh", str(run), "cifar10", "--detector", detector]
+    env = dict(REF=str(tmp_path / "ref.npz"), SEED_RANGES="0-499", BATCH="50")
+
+    launch = Launch(tmp_path / "stopped.log", *command, **env)
+    wait_for(lambda: "FID" in launch.output(), launch.job, "the first result")
+    launch.ctrl_c()
+    assert launch.wait() == preemption.PREEMPTED_EXIT_CODE, launch.output()[-3000:]
+    output = launch.output()
+    assert output.count("pid-fid: stopped by SIGUSR1") == 1 and "Traceback" not in output, output[-3000:]
+    finished = output.count(": FID ")
+    rows = (run / "fid.csv").read_text().splitlines()[1:]
+    assert 1 <= finished == len(rows) < 6, output[-3000:]  # the rows printed before the stop, each complete
+    assert_no_process_left(str(run))
+
+    launch = Launch(tmp_path / "resumed.log", *command, **env)  # the same command evaluates the rest
+    assert launch.wait() == 0, launch.output()[-3000:]
+    table = (run / "fid.csv").read_text().splitlines()[1:]
+    assert set(rows) <= set(table) and len(table) == 6
