@@ -125,7 +125,7 @@ class RunConfig:
     sync_check_every: int = setting(1000, OnResume.FREE)    # Steps between checks that all ranks hold identical weights; 0 never.
     timeout_minutes: float = setting(10.0, OnResume.FREE)   # A collective waiting longer than this fails the job (a rank died).
     tensorboard: bool = setting(False, OnResume.FREE)       # Also write TensorBoard event files to the run folder (pip install tensorboard).
-    preempt_signals: tuple[str, ...] = setting(("SIGTERM", "SIGINT", "SIGUSR1"), OnResume.FREE)  # Signals that stop the run after the step in flight, with a training state and exit status 75.
+    preempt_signals: tuple[str, ...] = setting(preemption.STOP_SIGNALS, OnResume.FREE)  # Signals that stop the run after the step in flight, with a training state and exit status 75.
 
     def __post_init__(self):
         check(bool(self.dir), "run.dir", "must name a folder")

@@ -202,12 +202,12 @@ def _score(table: ResultsTable, result: Result, net: nn.Module, sampler: sampler
 
 def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[int]], detector: Detector,
                   reference: tuple[np.ndarray, np.ndarray], reference_name: str, *, weights: Sequence[str] | None,
-                  sampler_for: Callable[[str, bool], samplers.Sampler], batch_size: int,
+                  sampler_for: Callable[[str], samplers.Sampler], batch_size: int,
                   on_result: Callable[[Result], None] = lambda result: None) -> None:
     """Every missing (weights, seed range) of one snapshot or training state, each recorded in `table`
     (written by rank 0) as soon as it is measured; `on_result` is called on rank 0 after each recorded score.
-    `weights`: EMA names and/or TRAINED_WEIGHTS; None: all the file holds. `sampler_for(model class, is a PID
-    student)` gives the sampler, chosen before any weights are read. A file or a set of weights that cannot be
+    `weights`: EMA names and/or TRAINED_WEIGHTS; None: all the file holds. `sampler_for(model class)` gives
+    the sampler, chosen before any weights are read. A file or a set of weights that cannot be
     loaded gets a row with the error."""
     is_writer = dist.rank() == 0
     name = path.rsplit("/", 1)[-1]
@@ -215,7 +215,7 @@ def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[in
         header = checkpoint.read_header(path)  # A local file is memory-mapped: a re-run reads no weights.
         step, available = header["step"], [TRAINED_WEIGHTS, *header["ema"]]
         model_class = header["model_spec"]["class"]
-        sampler = sampler_for(model_class, model_class == "PIDStudent")
+        sampler = sampler_for(model_class)
     except Exception as error:  # An unreadable file of any kind: record it and go on with the others.
         for text, seeds in seed_ranges.items():
             table.record(Result(name, checkpoint.step_of(path), "", text, len(seeds), error=_error(error)),

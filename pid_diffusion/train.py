@@ -26,7 +26,6 @@ import contextlib
 import copy
 import datetime
 import math
-import random
 from collections.abc import Iterator, Mapping
 from typing import Protocol
 
@@ -38,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pid_diffusion import checkpoint, images, resume, run_log
 from pid_diffusion.utils import dist, fileio, perf, preemption
+from pid_diffusion.utils.rng import seed_globals
 from pid_diffusion.config import ConfigError, OptimizerKind, Precision, TrainConfig, TrainingConfig, to_json
 from pid_diffusion.generate import Preview
 from pid_diffusion.schedule import lr_at
@@ -162,14 +162,6 @@ def _autocast(train: TrainConfig, device: torch.device) -> contextlib.AbstractCo
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _seed_globals(seed: int, rank: int, step: int) -> None:
-    """Seed torch, numpy and python's global generators from (seed, rank, step): each rank its own stream."""
-    state = np.random.SeedSequence((seed, rank, step)).generate_state(2, dtype=np.uint32)
-    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-    np.random.seed(state)
-    random.seed(int(state[0]) << 32 | int(state[1]))
-
-
 def _apply_speed_options(model: nn.Module, train: TrainConfig, device: torch.device) -> None:
     """Memory format, activation checkpointing and CPU memory reuse, in place: the state_dict keys and the maths
     stay (channels-last kernels sum in another order)."""
@@ -244,7 +236,7 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
     start_step, last_checkpoint, rng_restored, changes = resume.resume(config, model, ema, optimizer, scaler,
                                                                        fingerprints)
     if not rng_restored:
-        _seed_globals(train.seed, rank, start_step)
+        seed_globals(train.seed, rank, start_step)
     if train.compile:
         # In place, after the EMA copies and before DDP: the EMAs stay plain modules, and the state_dict keys
         # stay those of the model (the `_orig_mod.` prefix belongs to the wrapper `torch.compile(model)` returns).

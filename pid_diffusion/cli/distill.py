@@ -1,4 +1,4 @@
-"""`pid-distill`: distil an EDM teacher into a one-step PID student (PID.md §5).
+"""`pid-distill`: distil an EDM teacher into a one-step PID student (docs/method.md §5).
 
     pid-distill --preset=cifar10 --train.batch=256                   # one process (or torchrun)
     mpirun -np 8 pid-distill --preset=cifar10                        # eight processes

@@ -24,7 +24,7 @@ import functools
 from collections.abc import Sequence
 
 from pid_diffusion import checkpoint, evaluation, official, plots
-from pid_diffusion.utils import dist, fileio
+from pid_diffusion.utils import dist, fileio, preemption
 from pid_diffusion.cli import errors, options
 from pid_diffusion.fid import load_reference
 from pid_diffusion.image_sources import open_images
@@ -110,7 +110,7 @@ def _default_csv(args) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error(), errors.reported("pid-fid"):
+    with dist.abort_on_error(), errors.reported("pid-fid"), preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-fid"):
         parser = build_parser()
         args = parser.parse_args(argv)
         _check(parser, args)
@@ -132,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"IS {result.is_mean:.3f} ± {result.is_std:.3f}", flush=True)
 
         common = dict(batch_size=args.batch, on_result=report)
-        generated = dict(weights=args.ema, sampler_for=functools.partial(options.sampler_for_network, args), **common)
-        student_sampler = functools.partial(options.sampler_for_network, args, "PIDStudent", True)
+        generated = dict(weights=args.ema, sampler_for=functools.partial(options.sampler_from_args, args), **common)
+        student_sampler = functools.partial(options.sampler_from_args, args, "PIDStudent")
         if is_official and args.run:
             official.evaluate_run(args.run, args.preset, table, seed_ranges, detector, reference, args.ref,
                                   weights=args.ema, sampler=student_sampler(), **common)
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             evaluation.evaluate_file(args.checkpoint, table, seed_ranges, detector, reference, args.ref, **generated)
         elif args.teacher:
             net = load_teacher(args.teacher, preset=args.preset, device=detector.device)
-            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, options.sampler_from_args(args, net),
+            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, options.sampler_from_args(args, type(net).__name__),
                                         table, seed_ranges, detector, reference, args.ref, **common)
         else:
             evaluation.evaluate_images(args.images.rsplit("/", 1)[-1], open_images(args.images), table, detector,

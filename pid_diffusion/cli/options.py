@@ -21,18 +21,15 @@ from torch import nn
 
 from pid_diffusion import config_files, official, samplers
 from pid_diffusion.utils import dist
-from pid_diffusion.cli.errors import UserError
 from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
                                   to_json)
 from pid_diffusion.evaluation import TRAINED_WEIGHTS
-from pid_diffusion.dode import DODESampler
 from pid_diffusion.generate import SamplerKind, sampler_for
 from pid_diffusion.grid import NUM_POINTS
-from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
 
 __all__ = ["add_configuration_source", "add_model_arguments", "add_sampler_arguments", "configuration_help", "dry_run",
-           "field_docs", "load_model", "parse_int_list", "parse_training", "sampler_for_network", "sampler_from_args",
+           "field_docs", "load_model", "parse_int_list", "parse_training", "sampler_from_args",
            "seed_range", "training_parser", "weights_name"]
 
 C = TypeVar("C")
@@ -202,21 +199,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a D-ODE sampler written by pid-fit-dode, for a denoiser (instead of --sampler/--steps)")
 
 
-def sampler_from_args(args: argparse.Namespace, net: nn.Module) -> samplers.Sampler:
-    """The sampler add_sampler_arguments' options name for `net`: a D-ODE file, or make_sampler's choice."""
-    return sampler_for_network(args, type(net).__name__, isinstance(net, PIDStudent))
-
-
-def sampler_for_network(args: argparse.Namespace, network: str, is_student: bool) -> samplers.Sampler:
-    """`sampler_from_args` for a network known by its class name (a checkpoint's model_spec), before loading it."""
-    if args.sampler_file is None:
-        return sampler_for(args.sampler, args.steps, network, is_student=is_student)
-    if args.sampler is not None or args.steps is not None:
-        raise UserError("--sampler-file holds its solver and steps: drop --sampler and --steps")
-    if is_student:
-        raise UserError(f"{args.sampler_file} is a D-ODE sampler for a denoiser; a PID student samples in one "
-                        "step: drop --sampler-file")
-    return DODESampler.load(args.sampler_file)
+def sampler_from_args(args: argparse.Namespace, network: str) -> samplers.Sampler:
+    """The sampler add_sampler_arguments' options name for a network of class `network` (generate.sampler_for)."""
+    return sampler_for(network, args.sampler, args.steps, args.sampler_file)
 
 
 def load_model(args: Any, device: torch.device) -> nn.Module:

@@ -1,5 +1,5 @@
-"""The process's global random-number generators (torch CPU and CUDA, numpy, python): their states as plain
-values, for a training state to carry them across a resume."""
+"""The process's global random-number generators (torch CPU and CUDA, numpy, python): seeded per rank, and their
+states as plain values, for a training state to carry them across a resume."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture_rng", "restore_rng"]
+__all__ = ["capture_rng", "restore_rng", "seed_globals"]
 
 
 def capture_rng() -> dict[str, Any]:
@@ -36,3 +36,11 @@ def restore_rng(state: dict[str, Any]) -> None:
                          "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def seed_globals(seed: int, rank: int, step: int) -> None:
+    """Seed torch, numpy and python's global generators from (seed, rank, step): each rank its own stream."""
+    state = np.random.SeedSequence((seed, rank, step)).generate_state(2, dtype=np.uint32)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+    np.random.seed(state)
+    random.seed(int(state[0]) << 32 | int(state[1]))
