@@ -45,8 +45,9 @@ from test_teacher import _release, _write_edm_pickle
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
 TEACHER_NAMES = ["edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]
 STUDENT_CHECKPOINTS = ["runs/pid-cifar10/checkpoint-00800000.pt", "runs/pid-imagenet64/checkpoint-00400000.pt"]
-STUDENT_SNAPSHOTS = ["runs/pid-cifar10/snapshot-00800000.pt"]
-REFERENCES = ["fid-refs/cifar10-32x32.npz", "fid-refs/imagenet-64x64.npz", "samples-stats.npz"]
+STUDENT_SNAPSHOTS = ["runs/pid-cifar10/snapshot-00800000.pt", "runs/pid-default/snapshot-00001000.pt"]
+REFERENCES = ["fid-refs/cifar10-32x32.npz", "fid-refs/imagenet-64x64.npz", "samples-stats.npz",
+              "fid-refs/shapes-16x16.npz"]
 EDM_FID_REFS_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"  # wget of a reference: the stand-in's copy
 # The official PID code's files (docs/evaluation.md): a released student and a run folder, holding the bundled
 # teacher's network as a student; the release preset their commands name stands for its architecture.
@@ -95,6 +96,7 @@ def standins(tmp_path_factory) -> Path:
         (files / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(checkpoint.latest_checkpoint(str(run_dir))[1], files / path)
     for path in STUDENT_SNAPSHOTS:
+        (files / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(checkpoint.find_snapshots(str(run_dir))[-1][1], files / path)
 
     (files / "fid-refs").mkdir()

@@ -8,6 +8,7 @@ Ranks share the images; rank 0 writes `--dest` (an npz with float64 `mu`, `sigma
 `--compare A B` prints the FID between two statistics files (EDM's `fid.py ref` output, or this command's).
 
     pid-fid-ref --data cifar10-32x32.zip --dest cifar10-32x32.npz
+    pid-fid-ref --data shapes --dest fid-refs/shapes-16x16.npz     # the bundled teacher's data set, drawn here
     pid-fid-ref --data samples/ --num-images 50000 --dest samples-stats.npz
     pid-fid-ref --compare samples-stats.npz cifar10-32x32.npz
 """
@@ -27,7 +28,8 @@ from pid_diffusion.inception import load_detector
 def build_parser():
     parser = options.parser("pid-fid-ref", __doc__)
     task = parser.add_mutually_exclusive_group(required=True)
-    task.add_argument("--data", help="folder, .zip or .npz of images (with --dest)")
+    task.add_argument("--data", help="folder, .zip or .npz of images, or 'shapes': the bundled teacher's data set, "
+                                     "drawn here (with --dest)")
     task.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print the FID between two statistics files")
     parser.add_argument("--dest", help="output .npz with mu and sigma")
     parser.add_argument("--num-images", type=int, help="measure exactly this many images (default: all)")
