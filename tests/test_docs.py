@@ -123,7 +123,8 @@ def standins(tmp_path_factory) -> Path:
     torch.save({"state": {}, "param_groups": []}, files / OFFICIAL_RUN / "opt010000.pt")
 
     dode = fit_dode(teacher, Solver.HEUN, 4, multiplier=2, num_samples=2, seed=0)
-    dode.save(files / "edm-shapes-16x16.dode-heun-4.pt")
+    (files / "runs" / "dode").mkdir(parents=True)
+    dode.save(files / "runs" / "dode" / "edm-shapes-16x16.dode-heun-4.pt")
 
     stub = root / "bin" / "mpirun"
     stub.parent.mkdir()
@@ -143,7 +144,6 @@ def workspace(standins: Path, folder: Path) -> Path:
     (folder / "model_zoo").mkdir(exist_ok=True)  # the official release's stand-in is in model_zoo/pid_cifar
     for source in (REPO / "model_zoo").iterdir():
         os.link(source, folder / "model_zoo" / source.name)
-    os.link(files / "edm-shapes-16x16.dode-heun-4.pt", folder / "model_zoo" / "edm-shapes-16x16.dode-heun-4.pt")
     (folder / "scripts").symlink_to(REPO / "scripts")
     (folder / "benchmarks").symlink_to(REPO / "benchmarks")
     return folder
@@ -273,3 +273,13 @@ def test_documented_command_runs(document, command, standins, tmp_path, monkeypa
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     run_documented(words, folder, standins, monkeypatch)
+
+
+def test_the_folders_the_documented_commands_write_are_ignored_by_git():
+    """`git status` stays clean after following the documents: runs, teachers and reference statistics."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["runs/pid-default/snapshot-00000100.pt", "runs/dode/edm-shapes-16x16.dode-heun-4.pt",
+             "teachers/edm-cifar10-32x32-uncond-vp.pt", "fid-refs/cifar10-32x32.npz"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == paths
