@@ -19,6 +19,7 @@ from test_fid import NUM_SEEDS, fid_args, run_folder, write_detector  # noqa: F4
 NOT_COMPARABLE = "not comparable with published ones"
 
 
+@pytest.mark.slow  # toydata's command writes the data set as a file
 def test_reference_of_the_bundled_data_is_that_of_its_images(tmp_path, capsys):
     # pid-fid-ref writes statistics of the real detector's width: a stand-in of that width, under another name.
     generator = torch.Generator().manual_seed(2)

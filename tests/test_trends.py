@@ -67,6 +67,7 @@ def test_a_diverged_seed_is_reported_not_averaged():
     assert rows[3] == "| L1 | distance | diverged in all 1 seeds (non-finite loss) | — | 0 | — |"
 
 
+@pytest.mark.slow
 def test_a_partial_or_quick_study_leaves_the_published_page_alone(tmp_path):
     """Only the full default study (or --page) writes docs/trends.md; --quick says it checks the tool, and
     deletes its run folders."""
