@@ -28,7 +28,7 @@ from pid_diffusion.student import PIDStudent, StudentInit
 from pid_diffusion.teacher import EDM_RELEASE_URL, load_teacher, network_hash, require_teacher_file
 
 __all__ = ["DistillConfig", "PIDConfig", "StudentConfig", "TASK", "TeacherConfig", "build", "check_files",
-           "fingerprints", "resolve", "teacher_release", "weight_files"]
+           "fingerprints", "network_size", "resolve", "teacher_release", "weight_files"]
 
 TASK = "distill"  # Its presets: configs/distill/<name>.json.
 
@@ -178,6 +178,14 @@ def check_files(config: DistillConfig) -> list[str]:
         found.append(f"student {config.student.path}: found ({_size(config.student.path)})")
     found += [f"{file.filename} ({file.used_by}): found in {hub.checkpoints_dir()}" for file in weight_files(config)]
     return found
+
+
+def network_size(config: DistillConfig) -> tuple[int, str]:
+    """Bytes of one network's weights, for the launch check's disk estimate (`disk_plan`), and where they come
+    from: the teacher file's size (the student is the teacher's architecture; a converted teacher or a state
+    dict holds just its weights, an EDM .pkl a little more)."""
+    size = bf.stat(config.teacher.path).size
+    return size, f"the teacher file's {size / 1e6:.3g} MB"
 
 
 def _size(path: str) -> str:

@@ -7,8 +7,9 @@ Images stream from the sampler (or the image source) into the accumulators of fi
 PNGs on disk; every rank measures its share and the sums are reduced across ranks, so
 every rank must call these functions. The results table is a CSV with one row per (source, weights, seed
 range, sampler), rewritten atomically after each evaluation: an interrupted run loses only the evaluation in
-flight, and the same command run again evaluates only what is missing. A checkpoint that cannot be loaded
-gets a row with the error, retried on the next run. Several seed ranges give one row each; `best` keeps the
+flight, and the same command run again evaluates only what is missing. A damaged snapshot or training state
+(one that does not load) is skipped with one line naming it and the reason, and gets a row with the error,
+retried on the next run; nothing is deleted. Several seed ranges give one row each; `best` keeps the
 lowest FID, as EDM reports the best of three.
 """
 
@@ -95,8 +96,9 @@ def evaluate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], de
              fd_dinov2: FDDINOv2 | None = None) -> tuple[float, float | None, float | None, float | None] | None:
     """(FID, IS mean, IS std, FD_DINOv2) of `net` sampled over `seeds`; on rank 0 only (None elsewhere: the
     matrix square roots are computed once). Without `inception_score` the IS entries are None (one detector
-    pass); without `fd_dinov2` the last one is."""
-    batches = generated_batches(net, sampler, seeds, batch_size, detector.device)
+    pass); without `fd_dinov2` the last one is. The latents are drawn on `net`'s device; the detectors move the
+    images to their own."""
+    batches = generated_batches(net, sampler, seeds, batch_size, _device_of(net))
     also = [] if fd_dinov2 is None else [fd_dinov2.accumulator()]
     features, scores = compute_statistics(batches, detector, len(seeds), feature_dim=len(reference[0]),
                                           inception_score=inception_score, also=also)
@@ -109,6 +111,11 @@ def evaluate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], de
 def _fd(also: list[tuple[DINOv2Detector, FeatureStats]], fd_dinov2: FDDINOv2 | None) -> float | None:
     """FD_DINOv2 from the filled accumulator of `also`, or None where it was not asked for."""
     return None if fd_dinov2 is None else fid_from_stats(*also[0][1].mean_and_covariance(), *fd_dinov2.reference)
+
+
+def _device_of(net: nn.Module) -> torch.device:
+    """Where `net`'s weights are: where its inputs must be created."""
+    return next(net.parameters()).device
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,7 +257,7 @@ def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[in
         for text, seeds in seed_ranges.items():
             table.record(Result(name, checkpoint.step_of(path), "", text, len(seeds), error=_error(error)),
                          write=is_writer)
-        dist.print0(f"{name}: cannot be read: {error}")
+        dist.print0(f"{checkpoint.skip_note(path, error)}; its row in {table.path} records why")
         return
     files = {ema: (name, functools.partial(checkpoint.load_network, path,
                                            ema_rate=None if ema == NO_EMA else ema,

@@ -58,6 +58,7 @@ def pid_residual(student: nn.Module, teacher: nn.Module, z: torch.Tensor, indice
     detaches the neighbour values (finite differences only). Grid times are float64, cast to z's dtype.
     """
     check_options(derivative, form, stop_neighbour_grad)
+    grid.check_indices(indices, interior_only=derivative is Derivative.CENTRAL)  # Indices from outside: checked.
     return _pid_residual(student, teacher, z, indices, class_labels, grid, metric, derivative, form,
                          stop_neighbour_grad)
 
@@ -65,12 +66,12 @@ def pid_residual(student: nn.Module, teacher: nn.Module, z: torch.Tensor, indice
 def _pid_residual(student: nn.Module, teacher: nn.Module, z: torch.Tensor, indices: torch.Tensor,
                   class_labels: torch.Tensor | None, grid: KarrasGrid, metric: PerSampleDistance,
                   derivative: Derivative, form: ResidualForm, stop_neighbour_grad: bool) -> torch.Tensor:
-    """`pid_residual` with options already checked (by `PIDObjective`, once, instead of at every step)."""
+    """`pid_residual` with options already checked (by `PIDObjective`, once, instead of at every step) and trusted
+    indices (those `KarrasGrid.sample_indices` draws: in range by construction, so nothing is read back from the
+    device for them)."""
     if indices.shape != (z.shape[0],):
         raise ValueError(f"indices have shape {tuple(indices.shape)}; need one grid index per latent, "
                          f"shape ({z.shape[0]},)")
-    grid.check_indices(indices, interior_only=derivative is Derivative.CENTRAL)
-
     y_i, dy_dt = _trajectory_and_derivative(student, z, indices, class_labels, grid, derivative,
                                             stop_neighbour_grad)
     t_i = _per_sample(grid.times(indices), z)
@@ -124,7 +125,8 @@ class PIDObjective:
         return batch
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-sample PID residual [B] of the student `model` on `batch`."""
+        """Per-sample PID residual [B] of the student `model` on `batch` (drawn by `sample_batch`: its indices
+        are in range by construction and are not read back, so a step makes no device sync for them)."""
         return _pid_residual(model, self.teacher, batch["z"], batch["indices"], batch.get("class_labels"),
                              self.grid, self.metric, self.derivative, self.form, self.stop_neighbour_grad)
 

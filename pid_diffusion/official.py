@@ -128,7 +128,12 @@ def load_network(path: str, preset: str | None = None, ema_rate: float | str | N
     """The network of a model file, told apart by content: a snapshot or training state (its EMA at `ema_rate`,
     or its trained weights; `preset` must be None), or an official student file (`preset` names its
     architecture; the file holds one set of weights, so `ema_rate` must be None)."""
-    data = _peek(path)
+    try:
+        data = _peek(path)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch.load raises many kinds (zip, unpickling, EOF, OS errors).
+        raise checkpoint.damaged(path, error) from error
     if _is_flat_state_dict(data):
         if preset is None:
             raise ValueError(f"{path} is a plain state dict (a student of the official PID code), which does not "

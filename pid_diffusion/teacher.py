@@ -277,7 +277,9 @@ def network_hash(model: torch.nn.Module) -> str:
     spec = {"class": type(model).__name__, "kwargs": getattr(model, "init_kwargs", None)}
     digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()  # Memory format (channels-last) is not content.
+        # Memory format is not content. `.contiguous()` is not enough: a channels-last [O, I, 1, 1] weight counts
+        # as contiguous yet keeps strides (I, 1, I, I), which a byte view refuses; flattening gives stride 1.
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()

@@ -193,7 +193,7 @@ def test_failed_checkpoint_write_keeps_earlier_checkpoints_and_says_so(tmp_path,
     message = str(error.value)
     assert message.startswith(f"could not write checkpoint {checkpoint.training_state_path(str(tmp_path), 6)} "
                               f"(OSError: [Errno 28] No space left on device)")
-    assert f"earlier checkpoints are intact ({checkpoint.training_state_path(str(tmp_path), 3)})" in message
+    assert f"the newest complete training state, {checkpoint.training_state_path(str(tmp_path), 3)}, is intact" in message
     assert fileio.read_bytes(checkpoint.training_state_path(str(tmp_path), 3)) == first
     assert steps_in(tmp_path) == [3] and not [n for n in fileio.listdir(tmp_path) if n.endswith(fileio.TEMP_SUFFIX)]
 

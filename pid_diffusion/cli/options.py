@@ -6,6 +6,7 @@ samplers and weights of the sampling and evaluation commands.
 from __future__ import annotations
 
 import argparse
+import functools
 import ast
 import inspect
 import io
@@ -19,8 +20,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from pid_diffusion import config_files, official, phema, samplers
-from pid_diffusion.utils import dist
+from pid_diffusion import checkpoint, config_files, official, phema, samplers
+from pid_diffusion.utils import dist, fileio
 from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
                                   to_json)
 from pid_diffusion.evaluation import NO_EMA
@@ -46,9 +47,10 @@ def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
 # Training commands: a configuration from a preset or a file, with overrides.
 
 
+@functools.cache  # Read once per process: every training command's parser shows them all (inspect is slow).
 def field_docs(cls: type) -> dict[str, str]:
     """The one-line comment beside each field declared in `cls`'s own source: the schema (config.py) documents
-    itself, and `--help` prints it."""
+    itself, and `--help` prints it. Callers must not modify the result (it is cached)."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # Defined where no source is kept (an interactive session).
@@ -188,8 +190,9 @@ def weights_name(text: str) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint/--ema or --teacher/--preset: where the network comes from."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="snapshot or training state (a PID student or an EDM network), or a "
-                                             "student file of the official PID code with --preset")
+    source.add_argument("--checkpoint", help="snapshot or training state (a PID student or an EDM network), a run "
+                                             "folder (its newest one that loads), or a student file of the official "
+                                             "PID code with --preset")
     source.add_argument("--teacher", help="teacher: EDM .pkl, converted teacher .pt, or a state dict with --preset")
     parser.add_argument("--ema", type=weights_name, help="EMA to sample from: a rate, e.g. 0.9999, or a power-function "
                         "EMA or post-hoc reconstruction, e.g. std-0.050 (default: the trained weights)")
@@ -219,4 +222,8 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
             raise ValueError("--ema applies to a training checkpoint; a teacher file holds one network")
         return load_teacher(args.teacher, preset=args.preset, device=device)
     ema = None if args.ema == NO_EMA else args.ema
+    if fileio.isdir(args.checkpoint):  # A run folder: its newest file that loads, damaged newer ones named.
+        path, net = checkpoint.newest_generator(args.checkpoint, ema_rate=ema, device=device, log=dist.print0)
+        dist.print0(f"Sampling {path}")
+        return net
     return official.load_network(args.checkpoint, preset=args.preset, ema_rate=ema, device=device)

@@ -54,6 +54,7 @@ def exists(path: str | os.PathLike) -> bool:
 
 
 def isdir(path: str | os.PathLike) -> bool:
+    """True for an existing folder (a blob prefix on a blob store)."""
     return bf.isdir(str(path))
 
 
