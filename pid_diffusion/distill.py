@@ -23,7 +23,8 @@ from pid_diffusion import checkpoint, config_files
 from pid_diffusion.utils import hub, perf
 from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
-from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_options
+from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, StudentPrecision, check_options
+from pid_diffusion.precision import check_recipe
 from pid_diffusion.metrics import Metric
 from pid_diffusion.networks.edm import EDM_PRESETS
 from pid_diffusion.student import PIDStudent, StudentInit
@@ -75,6 +76,7 @@ class PIDConfig:
     form: ResidualForm = ResidualForm.DENOISER      # denoiser (Eq. 9, official) or derivative (Eq. 8).
     stop_neighbour_grad: bool = False               # Detach the neighbour evaluation y_j.
     pseudo_huber_c: float | None = None             # c of metric=pseudo_huber; None: iCT's 0.00054·sqrt(d).
+    student_precision: StudentPrecision = StudentPrecision.TRAIN  # The student's passes: train (train.precision), fp32, or train_rounded_difference (docs/precision.md).
 
     def __post_init__(self):
         # The grid's and the residual's own checks, reported under this section's name.
@@ -106,6 +108,10 @@ class DistillConfig(TrainingConfig):
 
     def __post_init__(self):
         # perf.CheckpointedUNetBlock raises at the first step; a configuration should fail before the run starts.
+        try:  # A 16-bit finite difference is rounded away near ε (docs/precision.md).
+            check_recipe(self.train.precision, self.pid.derivative, self.pid.student_precision)
+        except ValueError as error:
+            raise ConfigError(f"pid.student_precision: {error}") from None
         check(not (self.train.activation_checkpointing and self.pid.derivative is Derivative.JVP),
               "train.activation_checkpointing",
               "cannot combine with pid.derivative=jvp (checkpointing does not recompute forward-mode tangents): "
@@ -133,10 +139,11 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
     if config.train.activation_checkpointing and pid.metric.is_lpips:
         perf.enable_lpips_checkpointing(metric)
     objective = PIDObjective(teacher, grid, metric, derivative=pid.derivative, form=pid.form,
-                             stop_neighbour_grad=pid.stop_neighbour_grad)
+                             stop_neighbour_grad=pid.stop_neighbour_grad, student_precision=pid.student_precision)
     torch.manual_seed(config.train.seed)  # The random initialisation of the ablation; DDP broadcasts rank 0's.
+    # The recipe alone sets the student's arithmetic: never the teacher's own fp16 image path (ADM's use_fp16).
     student = PIDStudent.from_teacher(teacher, pid.sigma_min, pid.sigma_max, init=config.student.init,
-                                      network_overrides={"dropout": config.student.dropout})
+                                      network_overrides={"dropout": config.student.dropout, "use_fp16": False})
     return objective, student.to(device)
 
 
