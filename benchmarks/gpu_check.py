@@ -75,7 +75,8 @@ def _timed(device: torch.device, step: Callable[[], None]) -> tuple[float, float
     return statistics.median(times), torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def _networks(name: str, device: torch.device) -> tuple[EDMPrecond, PIDStudent]:
+def release_networks(name: str, device: torch.device) -> tuple[EDMPrecond, PIDStudent]:
+    """A release architecture with random weights (seed 0, output layers not zero) and its student."""
     torch.manual_seed(0)
     teacher = EDMPrecond(**{**EDM_PRESETS[name], "dropout": 0.0})
     with torch.no_grad():
@@ -89,7 +90,7 @@ def _networks(name: str, device: torch.device) -> tuple[EDMPrecond, PIDStudent]:
 
 def pid_step(architecture: str, variant: str, device: torch.device) -> Callable[[], None]:
     """One optimizer step of PID on the release architecture, in the variant's precision and layout."""
-    teacher, student = _networks(ARCHITECTURES[architecture], device)
+    teacher, student = release_networks(ARCHITECTURES[architecture], device)
     precision = variant.split("+")[0]
     if "channels_last" in variant:
         teacher.to(memory_format=torch.channels_last)
@@ -128,7 +129,7 @@ def nccl_step(device: torch.device) -> Callable[[], None]:
     os.environ.setdefault("MASTER_PORT", "29533")
     if not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
-    teacher, student = _networks(ARCHITECTURES["cifar10"], device)
+    teacher, student = release_networks(ARCHITECTURES["cifar10"], device)
     model = DistributedDataParallel(student, device_ids=[device.index or 0])
     objective = PIDObjective(teacher, KarrasGrid(250, 7.0, 0.002, 80.0), Metric.L2.build())
     optimizer = torch.optim.RAdam(model.parameters(), lr=1e-5)
@@ -144,7 +145,7 @@ def nccl_step(device: torch.device) -> Callable[[], None]:
 
 def sampling_step(device: torch.device) -> Callable[[], None]:
     """One-step sampling of 500 CIFAR-10 images (seeded per image, as pid-sample)."""
-    _, student = _networks(ARCHITECTURES["cifar10"], device)
+    _, student = release_networks(ARCHITECTURES["cifar10"], device)
     student.eval()
     return lambda: [None for _ in generate(student, samplers.OneStepSampler(), range(500), batch_size=250,
                                            device=device)]
@@ -167,7 +168,7 @@ def fid_step(device: torch.device) -> Callable[[], None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         detector = Detector(torch.jit.script(StandIn()), device, source="stand-in")
-    _, student = _networks(ARCHITECTURES["cifar10"], device)
+    _, student = release_networks(ARCHITECTURES["cifar10"], device)
     student.eval()
 
     def step() -> None:

@@ -57,7 +57,9 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        student = "" if self.student_precision is StudentPrecision.TRAIN else f", student {self.student_precision.value}"
+        """`bf16 forward`; `bf16 forward, student fp32` (mixed); `bf16 forward, rounded` (named unsafe)."""
+        student = {StudentPrecision.TRAIN: "", StudentPrecision.FP32: ", student fp32",
+                   StudentPrecision.TRAIN_ROUNDED_DIFFERENCE: ", rounded"}[self.student_precision]
         return f"{self.precision.value} {self.derivative.value}{student}"
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
@@ -82,12 +84,14 @@ class Errors:
     """A recipe's errors at one grid time t_i, each a ratio of norms over the batch.
 
     derivative: ‖dy/dt − dy/dt₆₄‖ / ‖dy/dt₆₄‖, the same scheme in float64 (the recipe's rounding);
+    term:       t ‖dy/dt − dy/dt₆₄‖ / ‖D‖, that rounding in Eq. 9's units (the target y − t dy/dt against D);
     target:     ‖(y − t dy/dt) − (y − t dy/dt)₆₄‖ / ‖D‖, Eq. 9's student side (rounding of y and of t·dy/dt);
     truncation: t ‖dy/dt₆₄ − exact₆₄‖ / ‖D‖, the scheme's own error in Eq. 9's units (0 for JVP);
     teacher:    ‖D − D₃₂‖ / ‖D₃₂‖, the teacher's rounding in the recipe (its target side).
     """
 
     derivative: float
+    term: float
     target: float
     truncation: float
     teacher: float
@@ -131,6 +135,7 @@ def errors(student: nn.Module, teacher: nn.Module, z: torch.Tensor, index: int, 
     scale = ref.denoised.double().norm().item()
     target = (y.double() - ref.t * d.double()) - (ref.y - ref.t * d_ref)
     return Errors(derivative=((d.double() - d_ref).norm() / d_ref.norm()).item(),
+                  term=ref.t * (d.double() - d_ref).norm().item() / scale,
                   target=target.norm().item() / scale,
                   truncation=ref.t * (d_ref - exact).norm().item() / scale,
                   teacher=((denoised.double() - ref.denoised.double()).norm()).item() / scale)
