@@ -108,17 +108,19 @@ def _denoise(teacher: nn.Module, y: torch.Tensor, t: torch.Tensor, class_labels:
 
 @torch.no_grad()  # forward-mode AD (the JVP) works without the graph
 def reference(student: nn.Module, teacher: nn.Module, z: torch.Tensor, index: int, grid: KarrasGrid,
-              class_labels: torch.Tensor | None = None) -> Reference:
-    """The float64 reference at grid index `index` for latents z (every latent at the same time)."""
-    z64 = z.to(torch.float64)
+              class_labels: torch.Tensor | None = None, dtype: torch.dtype = torch.float64) -> Reference:
+    """The reference at grid index `index` for latents z (every latent at the same time), computed in `dtype`
+    outside any autocast: float64, or float32 (a recipe against an fp32 pass, as benchmarks/gpu_check.py)."""
+    z_ref = z.to(dtype)
     indices = torch.full((z.shape[0],), index, dtype=torch.long, device=z.device)
     derivatives, y = {}, None
-    for scheme in _schemes(grid, index):
-        y, d = trajectory_and_derivative(student, z64, indices, class_labels, grid=grid, derivative=scheme)
-        derivatives[scheme] = d
     t = grid.times(indices).to(z.device)
-    return Reference(t=float(grid.sigmas[index]), y=y, derivatives=derivatives,
-                     denoised=_denoise(teacher, y, t, class_labels))
+    with torch.autocast(z.device.type, enabled=False):
+        for scheme in _schemes(grid, index):
+            y, d = trajectory_and_derivative(student, z_ref, indices, class_labels, grid=grid, derivative=scheme)
+            derivatives[scheme] = d.double()
+        denoised = _denoise(teacher, y, t, class_labels)
+    return Reference(t=float(grid.sigmas[index]), y=y.double(), derivatives=derivatives, denoised=denoised)
 
 
 @torch.no_grad()
