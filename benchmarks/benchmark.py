@@ -53,7 +53,7 @@ from pid_diffusion.samplers import OneStepSampler
 from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
 from pid_diffusion.teacher_training import DataConfig, NetworkConfig
-from pid_diffusion.train import EMA
+from pid_diffusion.train import AUTOCAST_DTYPES, EMA, loss_scaler
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -102,7 +102,7 @@ class Options:
     profile: bool
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = self.precision.autocast_dtype
+        dtype = AUTOCAST_DTYPES[self.precision]
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     @property
@@ -232,7 +232,7 @@ class Bench:
         options.prepare(self.student, self.teacher, *self.metrics)
         self.optimizer = train.optimizer.build(self.student.parameters(), train)
         self.ema = EMA(self.student, train.ema_rates)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=options.precision.needs_loss_scaling)
+        self.scaler = loss_scaler(options.precision, device)
         if options.compile:
             for module in (self.student.model, self.teacher.model, *self.metrics):
                 module.compile()
@@ -347,7 +347,7 @@ def training_rows(bench: Bench, verdicts: list[str]) -> tuple[list[Row], dict[st
     if options.profile:
         _profile(bench.step, f"{name}: training step")
 
-    dtype = options.precision.autocast_dtype or torch.float32
+    dtype = AUTOCAST_DTYPES[options.precision] or torch.float32
     before = _measure.measured_peak_flops(device, dtype)
     seconds = _measure.interleaved({
         "step": bench.step,

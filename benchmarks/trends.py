@@ -44,7 +44,8 @@ import torch
 from pid_diffusion import checkpoint
 from pid_diffusion.utils import fileio, hub
 from pid_diffusion.config import LRDecay, diff, from_dict
-from pid_diffusion.demo import agreement, evaluation_latents
+from pid_diffusion.demo import agreement
+from pid_diffusion.generate import seeded_inputs
 from pid_diffusion.distill import DistillConfig, build, resolve
 from pid_diffusion.samplers import EulerSampler, HeunSampler, OneStepSampler
 from pid_diffusion.teacher import load_teacher
@@ -403,8 +404,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The reference: the teacher's Heun output on the held-out latents, once.
     base = config_of(settings[0], budget, 0, args.out)
     teacher = load_teacher(base.teacher.path, base.teacher.preset)
-    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
-    latents = evaluation_latents(budget.eval_images, budget.eval_seed, shape)
+    latents, _ = seeded_inputs(teacher, range(budget.eval_seed, budget.eval_seed + budget.eval_images), "cpu")
     with torch.no_grad():
         reference = HeunSampler(sigma_min=base.pid.sigma_min, sigma_max=base.pid.sigma_max)(teacher, latents).clamp(-1, 1)
 

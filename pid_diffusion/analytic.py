@@ -34,7 +34,6 @@ class GaussianTeacher(nn.Module):
         self.img_resolution = img_resolution
         self.sigma_data = float(sigma_data)
         self.label_dim = 0
-        self.use_fp16 = False
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None, force_fp32: bool = False) -> torch.Tensor:

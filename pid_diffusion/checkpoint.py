@@ -1,5 +1,5 @@
-"""Snapshots and training states: the file formats, finding them, pruning, resuming, and rebuilding a model
-for inference.
+"""Snapshots and training states: the file formats, finding them, writing, pruning, reading, and rebuilding a
+model for inference.
 
 Two kinds of file live in a run folder, as in EDM: a *snapshot* `snapshot-<step:08d>.pt` holds what FID and
 sampling need, every `run.snapshot_every` steps and all kept by default (FID against the step); a *training
@@ -17,43 +17,36 @@ renamed (fileio), so a file with its name is always complete:
     rng           one entry per rank: {"torch", "cuda", "numpy", "python"}                 ✓
     fingerprints  {"teacher.path": sha256, ...}: hashes of the files CONTENT fields name   ✓
 
-Every entry holds only tensors and plain Python values, so it loads with `weights_only=True`. `save` and
-`resume` write and read the whole training state (the training loop calls them); `load_generator` reads
+Every entry holds only tensors and plain Python values, so it loads with `weights_only=True`. `save` writes the
+whole training state (the training loop calls it; resume.py reads it back); `load_generator` reads
 either kind and needs nothing but the file: sampling and FID need neither the teacher nor the configuration.
 
 A training state that does not load (truncated by a disk error or an interrupted copy, corrupt, not a
 training state) is *damaged*: `newest_loadable` moves it aside to `<name>.damaged` (never deletes it) and
-`resume` falls back to the next older one.
+`resume.resume` falls back to the next older one.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import importlib
-import json
-import random
 import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
 from pid_diffusion.utils import dist, fileio
-from pid_diffusion.config import (ConfigError, OnResume, TrainingConfig, flatten, from_dict, resume_classes,
-                                  to_dict)
+from pid_diffusion.utils.rng import capture_rng
+from pid_diffusion.config import TrainingConfig, to_dict
 
 __all__ = [
     "CheckpointWriteError",
     "DAMAGED_SUFFIX",
     "MODEL_CLASSES",
-    "Change",
     "NoLoadableCheckpointError",
     "build_model",
-    "capture_rng",
     "checkpoint_path",
     "find_checkpoints",
     "find_snapshots",
@@ -61,14 +54,10 @@ __all__ = [
     "latest_checkpoint",
     "load_generator",
     "model_spec",
-    "network_hash",
     "newest_loadable",
     "prune_checkpoints",
     "read_checkpoint",
     "read_header",
-    "restore_rng",
-    "resume",
-    "resume_changes",
     "save",
     "save_snapshot",
     "snapshot_path",
@@ -252,45 +241,6 @@ def load_generator(path: str, ema_rate: float | None = None, device: torch.devic
     return model.eval().requires_grad_(False).to(device)
 
 
-def network_hash(model: nn.Module) -> str:
-    """SHA-256 of a network's class, constructor arguments and every tensor of its state_dict (names, dtypes,
-    shapes, values): equal for an EDM .pkl and the .pt converted from it, different for any other weights."""
-    digest = hashlib.sha256()
-    spec = {"class": type(model).__name__, "kwargs": getattr(model, "init_kwargs", None)}
-    digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()  # Memory format (channels-last) is not content.
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def capture_rng() -> dict[str, Any]:
-    """This process's global generator states (torch CPU and CUDA, numpy, python) as plain values."""
-    numpy_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # The current device's.
-        "numpy": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-                  "pos": numpy_state["state"]["pos"], "has_gauss": numpy_state["has_gauss"],
-                  "gauss": numpy_state["gauss"]},
-        "python": random.getstate(),
-    }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of `capture_rng`."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"])
-    numpy_state = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
-                         "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The training state: written and resumed by the training loop.
 
@@ -336,83 +286,3 @@ def save(config: TrainingConfig, step: int, model: nn.Module, ema, optimizer: to
         prune_checkpoints(config.run.dir, config.run.keep_checkpoints)
     dist.barrier()
     return path
-
-
-@dataclasses.dataclass(frozen=True)
-class Change:
-    """An option that differs between the stored run and the command resuming it."""
-
-    key: str
-    stored: Any
-    now: Any
-    kind: OnResume
-
-    def __str__(self) -> str:
-        return f"{self.key}: {json.dumps(self.stored)} → {json.dumps(self.now)}"
-
-
-def resume_changes(stored: TrainingConfig, config: TrainingConfig, stored_fingerprints: Mapping[str, str],
-                   fingerprints: Mapping[str, str] | None, path: str) -> list[Change]:
-    """The changes between a stored configuration and `config` that a resumed run may make, or one
-    ConfigError naming every change it may not: a MATCH field (the run's maths), or a CONTENT field whose file
-    now holds other weights. `fingerprints` None (the dry-run, which loads nothing) leaves CONTENT changes to
-    the run, which compares the hashes."""
-    classes = resume_classes(type(config))
-    old, new = flatten(to_dict(stored)), flatten(to_dict(config))
-    changes = [Change(key, old.get(key), new.get(key), classes.get(key, OnResume.MATCH))
-               for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
-    refused = [str(change) for change in changes if change.kind is OnResume.MATCH]
-    if fingerprints is not None:
-        for change in changes:
-            if change.kind is OnResume.CONTENT and stored_fingerprints.get(change.key) != fingerprints.get(change.key):
-                refused.append(f"{change} (its network's weights differ from the stored run's)")
-    if refused:
-        raise ConfigError(f"{path} was written with other options that define the run's maths: {'; '.join(refused)}. "
-                          "Resume with the stored values (see config.json) or start a new run folder")
-    return changes
-
-
-def resume(config: TrainingConfig, model: nn.Module, ema, optimizer: torch.optim.Optimizer,
-           scaler: torch.amp.GradScaler, fingerprints: Mapping[str, str] | None = None
-           ) -> tuple[int, str | None, bool, list[Change]]:
-    """Load the newest training state of the run folder: (its step, its path, whether this rank's RNG state
-    was restored, the allowed option changes); (0, None, False, []) without one.
-
-    Newer training states that do not load are moved aside (`newest_loadable`). Options that define the run's
-    maths must equal the stored ones (`resume_changes`); the others (intervals,
-    folders, the step limit, speed options, a teacher file holding the same weights) may change. A job with
-    another number of ranks than the one that wrote the state continues with fresh RNG states (the caller
-    seeds them), so its random numbers differ from an uninterrupted run's.
-    """
-    rank, world_size = dist.rank(), dist.world_size()
-    # Rank 0 alone chooses, so no two ranks move one damaged file; the others load its choice.
-    found, error = None, None
-    if rank == 0:
-        try:
-            found = newest_loadable(config.run.dir, log=dist.print0)
-        except NoLoadableCheckpointError as raised:
-            error = str(raised)
-    path, error = dist.broadcast_object((found[0] if found else None, error))
-    if error is not None:
-        raise NoLoadableCheckpointError(error)
-    if path is None:
-        return 0, None, False, []
-    # On the CPU: RNG states must stay there; load_state_dict moves the rest.
-    state = found[1] if rank == 0 else read_checkpoint(path)
-    step = state["step"]
-    stored = from_dict(type(config), state["config"])
-    changes = resume_changes(stored, config, state.get("fingerprints", {}), fingerprints or {}, path)
-    model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    restored = len(state["rng"]) == world_size
-    if restored:
-        restore_rng(state["rng"][rank])
-    else:
-        dist.print0(f"{path} holds RNG states of {len(state['rng'])} ranks, this job has {world_size}; "
-                    f"reseeding the global generators from (seed, rank, step)")
-    dist.print0(f"Resuming from {path} at step {step}")
-    for change in changes:
-        dist.print0(f"  changed on resume ({change.kind.value}): {change}")
-    return step, path, restored, changes

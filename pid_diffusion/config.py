@@ -16,27 +16,20 @@ key is an error that lists the close matches.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import enum
-import inspect
-import io
 import json
 import math
-import textwrap
-import tokenize
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-import torch
-
 from pid_diffusion.utils import preemption
 
 __all__ = ["ConfigError", "LRDecay", "OnResume", "OptimizerKind", "Precision", "RunConfig", "TrainConfig",
-           "TrainingConfig", "apply_overrides", "check", "diff", "field_docs", "flatten", "from_dict", "leaf_fields",
+           "TrainingConfig", "apply_overrides", "check", "diff", "flatten", "from_dict", "leaf_fields",
            "leaf_keys", "on_resume", "parse_overrides", "resume_classes", "setting", "to_dict", "to_json"]
 
 
@@ -86,7 +79,7 @@ class OptimizerKind(enum.Enum):
 
 
 class LRDecay(enum.Enum):
-    """The learning rate after warm-up: constant (the paper), or decayed to 0 at the last step.
+    """The learning rate after warm-up: constant (the paper), or decayed to 0 at the last step (train.lr_at).
 
     A decay to zero helps a short run most (the final steps average out the gradient noise, as an EMA does);
     the paper's runs are long and keep it constant.
@@ -96,29 +89,14 @@ class LRDecay(enum.Enum):
     COSINE = "cosine"  # lr · ½ (1 + cos(π p)), p the fraction of the post-warm-up steps done
     LINEAR = "linear"  # lr · (1 − p)
 
-    def factor(self, progress: float) -> float:
-        """The multiplier of the learning rate at `progress` ∈ [0, 1] of the post-warm-up steps."""
-        if self is LRDecay.COSINE:
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        if self is LRDecay.LINEAR:
-            return 1 - progress
-        return 1.0
-
 
 class Precision(enum.Enum):
-    """Arithmetic of the forward pass: fp32, fp16 autocast with dynamic loss scaling, or bf16 autocast."""
+    """Arithmetic of the forward pass: fp32, fp16 autocast with dynamic loss scaling, or bf16 autocast
+    (train.AUTOCAST_DTYPES, train.loss_scaler)."""
 
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return {Precision.FP32: None, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}[self]
-
-    @property
-    def needs_loss_scaling(self) -> bool:
-        return self is Precision.FP16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -146,7 +124,7 @@ class RunConfig:
     sync_check_every: int = setting(1000, OnResume.FREE)    # Steps between checks that all ranks hold identical weights; 0 never.
     timeout_minutes: float = setting(10.0, OnResume.FREE)   # A collective waiting longer than this fails the job (a rank died).
     tensorboard: bool = setting(False, OnResume.FREE)       # Also write TensorBoard event files to the run folder (pip install tensorboard).
-    preempt_signals: tuple[str, ...] = setting(("SIGTERM", "SIGINT", "SIGUSR1"), OnResume.FREE)  # Signals that stop the run after the step in flight, with a training state and exit status 75.
+    preempt_signals: tuple[str, ...] = setting(preemption.STOP_SIGNALS, OnResume.FREE)  # Signals that stop the run after the step in flight, with a training state and exit status 75.
 
     def __post_init__(self):
         check(bool(self.dir), "run.dir", "must name a folder")
@@ -323,26 +301,6 @@ def leaf_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, type, datacl
 def leaf_keys(cls: type, prefix: str = "") -> Iterator[str]:
     """Dotted names of every field of a configuration class, sections expanded."""
     return (key for key, _, _ in leaf_fields(cls, prefix))
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line comment beside each field declared in `cls`'s own source: the schema documents itself,
-    and `--help` reads it from here."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):  # Defined where no source is kept (an interactive session).
-        return {}
-    lines = {}
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            lines[token.start[0]] = token.string.lstrip("#").strip()
-    docs = {}
-    for node in ast.parse(source).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            comment = lines.get(node.end_lineno) or lines.get(node.lineno)
-            if comment:
-                docs[node.target.id] = comment
-    return docs
 
 
 def parse_overrides(args: Sequence[str]) -> dict[str, str]:

@@ -26,9 +26,10 @@ from pid_diffusion.fid import load_reference, save_reference
 from pid_diffusion.images import labelled_rows_png
 from pid_diffusion.samplers import HeunSampler, OneStepSampler, Sampler
 from pid_diffusion.toydata import ShapesSpec, make_shapes
-from pid_diffusion.train import sampler_preview, training_loop
+from pid_diffusion.generate import sampler_preview, seeded_inputs
+from pid_diffusion.train import training_loop
 
-__all__ = ["DemoOptions", "Row", "agreement", "evaluation_latents", "run_demo", "format_table"]
+__all__ = ["DemoOptions", "Row", "agreement", "run_demo", "format_table"]
 
 _FID_BATCH = 100  # Images per detector batch.
 
@@ -70,11 +71,6 @@ class Row:
 
 # ----------------------------------------------------------------------------------------------------------
 # Pieces.
-
-
-def evaluation_latents(count: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """N(0, I) latents [count, *shape]; latent k depends only on seed + k (EDM generate.py)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + k)) for k in range(count)])
 
 
 def agreement(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -140,8 +136,7 @@ def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> lis
     pid = config.pid
     heun = HeunSampler(sigma_min=pid.sigma_min, sigma_max=pid.sigma_max)
     one_step = OneStepSampler()
-    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
-    latents = evaluation_latents(options.eval_images, options.eval_seed, shape).to(device)
+    latents, _ = seeded_inputs(teacher, range(options.eval_seed, options.eval_seed + options.eval_images), device)
     is_main = dist.rank() == 0
 
     # Before: the teacher's reference trajectories and the initialised student (kept for FID).
@@ -184,7 +179,7 @@ def _fids(config: DistillConfig, options: DemoOptions, models: list[tuple[nn.Mod
         return [None] * len(models), note
     dist.print0(f"FID over {options.fid_images} images each (teacher, student before, student after) ...")
     reference = _reference_statistics(detector, options, config.run.dir)
-    seeds = range(options.eval_seed, options.eval_seed + options.fid_images)  # Image k: evaluation_latents' k.
+    seeds = range(options.eval_seed, options.eval_seed + options.fid_images)  # Image k: the latents' k.
     fids = []
     for net, sampler in models:
         scores = evaluation.evaluate(net, sampler, seeds, detector, reference, _FID_BATCH, inception_score=False)

@@ -19,7 +19,7 @@ import torch
 
 import blobfile as bf
 
-from pid_diffusion import checkpoint, config_files
+from pid_diffusion import config_files, official
 from pid_diffusion.utils import hub, perf
 from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
@@ -28,7 +28,7 @@ from pid_diffusion.precision import check_recipe
 from pid_diffusion.metrics import Metric
 from pid_diffusion.networks.edm import EDM_PRESETS
 from pid_diffusion.student import PIDStudent, StudentInit
-from pid_diffusion.teacher import EDM_RELEASE_URL, load_teacher, require_teacher_file
+from pid_diffusion.teacher import EDM_RELEASE_URL, load_teacher, network_hash, require_teacher_file
 
 __all__ = ["DistillConfig", "PIDConfig", "StudentConfig", "TASK", "TeacherConfig", "build", "check_files",
            "fingerprints", "resolve", "teacher_release", "weight_files"]
@@ -56,11 +56,14 @@ class TeacherConfig:
 class StudentConfig:
     """The student x_θ(z, t): the teacher's architecture."""
 
-    init: StudentInit = StudentInit.TEACHER  # Start from the teacher's weights, or random (an ablation).
+    init: StudentInit = StudentInit.TEACHER  # Start from the teacher's weights, random (an ablation), or a file.
+    path: str | None = None                  # init=file: an official PID student file (pid_cifar.pt, model/ema_*.pt).
     dropout: float = 0.0                     # Dropout of the student network (the paper uses 0).
 
     def __post_init__(self):
         check(0 <= self.dropout < 1, "student.dropout", f"need 0 ≤ dropout < 1, got {self.dropout}")
+        check((self.path is not None) == (self.init is StudentInit.FILE), "student.path",
+              f"names the file of init=file, and only then (init is {self.init.value}, path is {self.path})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,16 +144,20 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
     objective = PIDObjective(teacher, grid, metric, derivative=pid.derivative, form=pid.form,
                              stop_neighbour_grad=pid.stop_neighbour_grad, student_precision=pid.student_precision)
     torch.manual_seed(config.train.seed)  # The random initialisation of the ablation; DDP broadcasts rank 0's.
+    from_file = config.student.init is StudentInit.FILE
     # The recipe alone sets the student's arithmetic: never the teacher's own fp16 image path (ADM's use_fp16).
-    student = PIDStudent.from_teacher(teacher, pid.sigma_min, pid.sigma_max, init=config.student.init,
+    student = PIDStudent.from_teacher(teacher, pid.sigma_min, pid.sigma_max,
+                                      init=StudentInit.RANDOM if from_file else config.student.init,
                                       network_overrides={"dropout": config.student.dropout, "use_fp16": False})
+    if from_file:  # The file's weights replace the network's own initialisation.
+        official.load_student_weights(student, config.student.path)
     return objective, student.to(device)
 
 
 def fingerprints(objective: PIDObjective) -> dict[str, str]:
     """Hashes of what the CONTENT fields name (`training_loop`'s fingerprints): the teacher's network, the
     same whichever file (EDM .pkl, converted .pt, state dict with a preset) holds it."""
-    digest = checkpoint.network_hash(objective.teacher)
+    digest = network_hash(objective.teacher)
     return {"teacher.path": digest, "teacher.preset": digest}
 
 
@@ -174,8 +181,13 @@ def check_files(config: DistillConfig) -> list[str]:
     """Check, without reading them, that the teacher and the pretrained weight files exist: the error the run
     would give otherwise (FileNotFoundError, hub.MissingWeightsError), or one line per file found."""
     require_teacher_file(config.teacher.path)
+    if config.student.init is StudentInit.FILE and not bf.exists(config.student.path):
+        raise FileNotFoundError(f"student.path {config.student.path}: no such file (init=file starts the student "
+                                "from it)")
     hub.require_present(*weight_files(config))
     found = [f"teacher {config.teacher.path}: found ({_size(config.teacher.path)})"]
+    if config.student.init is StudentInit.FILE:
+        found.append(f"student {config.student.path}: found ({_size(config.student.path)})")
     found += [f"{file.filename} ({file.used_by}): found in {hub.checkpoints_dir()}" for file in weight_files(config)]
     return found
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from pid_diffusion.utils import fileio
+from pid_diffusion.networks import one_hot
 from pid_diffusion.samplers import Denoiser, HeunSampler, edm_sigmas, euler, heun
 
 __all__ = [
@@ -270,7 +271,7 @@ def fit_batch(net: torch.nn.Module, num_samples: int, seed: int,
     labels = None
     if net.label_dim:
         classes = torch.randint(net.label_dim, (num_samples,), generator=generator)
-        labels = torch.nn.functional.one_hot(classes, net.label_dim).to(torch.float32).to(device)
+        labels = one_hot(classes, net.label_dim).to(device)
     return latents.to(device), labels
 
 

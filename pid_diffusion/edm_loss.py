@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pid_diffusion.networks import one_hot
 from pid_diffusion.toydata import ImageDataset
 
 __all__ = ["EDMObjective"]
@@ -49,7 +49,7 @@ class EDMObjective:
         noise = torch.randn(images.shape, generator=generator, device=device)
         batch = {"images": images, "sigma": sigma, "noise": noise}
         if self.label_dim:
-            batch["class_labels"] = F.one_hot(labels, self.label_dim).to(torch.float32)
+            batch["class_labels"] = one_hot(labels, self.label_dim)
         return batch
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:

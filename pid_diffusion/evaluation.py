@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from pid_diffusion.image_sources import ImageSource
 from pid_diffusion.inception import Detector
 
 __all__ = ["CSV_FIELDS", "Result", "ResultsTable", "TRAINED_WEIGHTS", "evaluate", "evaluate_file", "evaluate_images",
-           "evaluate_network", "evaluate_run", "generated_batches", "image_batches", "reference_statistics",
+           "evaluate_network", "evaluate_run", "evaluate_weights", "generated_batches", "image_batches", "reference_statistics",
            "sampler_label"]
 
 TRAINED_WEIGHTS = "none"  # The `ema` column of the trained (not averaged) weights.
@@ -201,12 +202,12 @@ def _score(table: ResultsTable, result: Result, net: nn.Module, sampler: sampler
 
 def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[int]], detector: Detector,
                   reference: tuple[np.ndarray, np.ndarray], reference_name: str, *, weights: Sequence[str] | None,
-                  sampler_for: Callable[[str, bool], samplers.Sampler], batch_size: int,
+                  sampler_for: Callable[[str], samplers.Sampler], batch_size: int,
                   on_result: Callable[[Result], None] = lambda result: None) -> None:
     """Every missing (weights, seed range) of one snapshot or training state, each recorded in `table`
     (written by rank 0) as soon as it is measured; `on_result` is called on rank 0 after each recorded score.
-    `weights`: EMA names and/or TRAINED_WEIGHTS; None: all the file holds. `sampler_for(model class, is a PID
-    student)` gives the sampler, chosen before any weights are read. A file or a set of weights that cannot be
+    `weights`: EMA names and/or TRAINED_WEIGHTS; None: all the file holds. `sampler_for(model class)` gives
+    the sampler, chosen before any weights are read. A file or a set of weights that cannot be
     loaded gets a row with the error."""
     is_writer = dist.rank() == 0
     name = path.rsplit("/", 1)[-1]
@@ -214,24 +215,40 @@ def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[in
         header = checkpoint.read_header(path)  # A local file is memory-mapped: a re-run reads no weights.
         step, available = header["step"], [TRAINED_WEIGHTS, *header["ema"]]
         model_class = header["model_spec"]["class"]
-        sampler = sampler_for(model_class, model_class == "PIDStudent")
+        sampler = sampler_for(model_class)
     except Exception as error:  # An unreadable file of any kind: record it and go on with the others.
         for text, seeds in seed_ranges.items():
             table.record(Result(name, checkpoint.step_of(path), "", text, len(seeds), error=_error(error)),
                          write=is_writer)
         dist.print0(f"{name}: cannot be read: {error}")
         return
-    for ema in weights or available:
+    files = {ema: (name, functools.partial(checkpoint.load_generator, path,
+                                           ema_rate=None if ema == TRAINED_WEIGHTS else float(ema),
+                                           device=detector.device))
+             for ema in available}
+    evaluate_weights(table, files, name, step, weights, sampler, seed_ranges, detector, reference, reference_name,
+                     batch_size=batch_size, on_result=on_result)
+
+
+def evaluate_weights(table: ResultsTable, files: Mapping[str, tuple[str, Callable[[], nn.Module]]], fallback_name: str,
+                     step: int | None, weights: Sequence[str] | None, sampler: samplers.Sampler,
+                     seed_ranges: dict[str, list[int]], detector: Detector, reference: tuple[np.ndarray, np.ndarray],
+                     reference_name: str, *, batch_size: int, on_result: Callable[[Result], None]) -> None:
+    """Every missing (weights, seed range) of one step: `files` maps each set of weights it has (an EMA name,
+    TRAINED_WEIGHTS) to (the file name of its rows, a loader of the network); `weights` None: all of them.
+    Weights that are not there, or do not load, get a row with the error (named `fallback_name` when absent)."""
+    is_writer = dist.rank() == 0
+    for ema in weights or list(files):
+        name, load = files.get(ema, (fallback_name, None))
         for text, seeds in seed_ranges.items():
             result = Result(name, step, ema, text, len(seeds), sampler=sampler_label(sampler),
                             detector=detector.source, reference=reference_name)
             if table.is_done(result.key):
                 continue
             try:
-                if ema not in available:
-                    raise ValueError(f"no weights {ema!r}; it has {', '.join(available)}")
-                net = checkpoint.load_generator(
-                    path, ema_rate=None if ema == TRAINED_WEIGHTS else float(ema), device=detector.device)
+                if load is None:
+                    raise ValueError(f"no weights {ema!r}; it has {', '.join(files)}")
+                net = load()
             except Exception as error:
                 table.record(dataclasses.replace(result, error=_error(error)), write=is_writer)
                 dist.print0(f"{name} ema {ema}: cannot be loaded: {error}")

@@ -11,7 +11,7 @@ The generators live on the sampling device, as in EDM, so on a GPU a teacher rep
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +19,13 @@ from torch import nn
 
 from pid_diffusion import samplers
 from pid_diffusion.utils import dist
+from pid_diffusion.dode import DODESampler
 from pid_diffusion.images import to_uint8
+from pid_diffusion.networks import one_hot
 from pid_diffusion.student import PIDStudent
 
-__all__ = ["Batch", "SamplerKind", "gather_rows", "generate", "make_sampler", "sampler_for"]
+__all__ = ["Batch", "Preview", "SamplerKind", "gather_rows", "generate", "sampler_for", "sampler_preview",
+           "seeded_inputs"]
 
 _SEED_MODULUS = 1 << 32  # torch generators take 64-bit seeds; EDM reduces seeds modulo 2^32
 
@@ -35,17 +38,23 @@ class SamplerKind(enum.Enum):
     EULER = "euler"  # teacher: explicit Euler on PID's Karras grid (the PID ceiling, docs/method.md §6)
 
 
-def make_sampler(kind: SamplerKind | None, steps: int | None, net: nn.Module) -> samplers.Sampler:
-    """The sampler for `net`: a student samples in one step, a denoiser with Heun or Euler.
+def sampler_for(network: str, kind: SamplerKind | None = None, steps: int | None = None,
+                sampler_file: str | None = None) -> samplers.Sampler:
+    """The sampler for a network known by its class name (`type(net).__name__`, or a snapshot's model_spec
+    before its weights are read): a PID student samples in one step, a denoiser with Heun, Euler or the D-ODE
+    sampler in `sampler_file` (written by pid-fit-dode).
 
     `kind` None picks the network's natural sampler; `steps` None keeps the sampler's default (Heun: EDM's
     18 Karras steps; Euler: the points of PID's grid).
     """
-    return sampler_for(kind, steps, type(net).__name__, is_student=isinstance(net, PIDStudent))
-
-
-def sampler_for(kind: SamplerKind | None, steps: int | None, network: str, *, is_student: bool) -> samplers.Sampler:
-    """`make_sampler` for a network known by its class name (a checkpoint's model_spec), before loading it."""
+    is_student = network == PIDStudent.__name__
+    if sampler_file is not None:
+        if kind is not None or steps is not None:
+            raise ValueError("--sampler-file holds its solver and steps: drop --sampler and --steps")
+        if is_student:
+            raise ValueError(f"{sampler_file} is a D-ODE sampler for a denoiser; a PID student samples in one "
+                             "step: drop --sampler-file")
+        return DODESampler.load(sampler_file)
     kind = kind or (SamplerKind.ONE_STEP if is_student else SamplerKind.HEUN)
     if (kind is SamplerKind.ONE_STEP) != is_student:
         network = "a PID student" if is_student else f"a denoiser ({network})"
@@ -70,13 +79,18 @@ class Batch:
     labels: torch.Tensor | None  # int64 [n] class indices; None for an unconditional model
 
 
-def _latents_and_labels(net: nn.Module, seeds: torch.Tensor, classes: Sequence[int] | None,
-                        positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Latent k ~ N(0, I) from a generator seeded with seed k, then its class from the same generator
-    (EDM's StackedRandomGenerator), or `classes[position % len(classes)]` when classes are given."""
+def seeded_inputs(net: nn.Module, seeds: Sequence[int], device: torch.device | str,
+                  classes: Sequence[int] | None = None, positions: Sequence[int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The network inputs of `seeds`, the one path from seeds to latents: latent k ~ N(0, I) [C, H, W] from a
+    generator on `device` seeded with seeds[k], then, for a conditional `net`, its class index from the same
+    generator (EDM's StackedRandomGenerator), or `classes[positions[k] % len(classes)]` when classes are given
+    (`positions`: the seeds' places in the whole seed list, default 0, 1, 2, …). Returns (latents [n, C, H, W],
+    class indices [n] or None); `networks.one_hot` turns the classes into the networks' labels."""
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    positions = range(len(seeds)) if positions is None else positions
     latents, labels = [], []
-    for seed, position in zip(seeds.tolist(), positions.tolist()):
+    for seed, position in zip(seeds, positions):
         generator = torch.Generator(device).manual_seed(seed % _SEED_MODULUS)
         latents.append(torch.randn(shape, generator=generator, device=device))
         if net.label_dim and classes is None:
@@ -101,9 +115,8 @@ def generate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], *,
     seed_list = torch.as_tensor(list(seeds), dtype=torch.int64)
     positions = torch.arange(dist.rank(), len(seed_list), dist.world_size())
     for chunk in positions.split(batch_size):
-        latents, labels = _latents_and_labels(net, seed_list[chunk], classes, chunk, device)
-        one_hot = None if labels is None else nn.functional.one_hot(labels, net.label_dim).to(torch.float32)
-        images = to_uint8(sampler(net, latents, one_hot))
+        latents, labels = seeded_inputs(net, seed_list[chunk].tolist(), device, classes, chunk.tolist())
+        images = to_uint8(sampler(net, latents, None if labels is None else one_hot(labels, net.label_dim)))
         yield Batch(chunk, seed_list[chunk], images, labels)
 
 
@@ -120,3 +133,18 @@ def gather_rows(local: torch.Tensor, num_rows: int) -> torch.Tensor:
                              f"{num_rows} are {expected}: gather what `generate` gave each rank")
         rows[rank::world] = shard
     return rows
+
+
+Preview = Callable[[nn.Module], torch.Tensor]  # model -> images in [−1, 1] from fixed noise, for sample grids.
+
+
+def sampler_preview(sampler: Callable, net: nn.Module, count: int, seed: int, device: torch.device) -> Preview:
+    """A `Preview` that runs `sampler` on the latents of seeds `seed`, …, `seed + count − 1`, classes cycling
+    0, 1, 2, …
+
+    `net` gives the image shape and label count; the preview may then be called on any model of that shape.
+    """
+    classes = range(net.label_dim) if net.label_dim else None
+    latents, labels = seeded_inputs(net, range(seed, seed + count), device, classes)
+    labels = None if labels is None else one_hot(labels, net.label_dim)
+    return lambda model: sampler(model, latents, labels).clamp(-1, 1)

@@ -27,6 +27,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from pid_diffusion.grid import KarrasGrid
+from pid_diffusion.networks import one_hot
 
 PerSampleDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # d(a, b) -> distances [B]
 
@@ -135,7 +136,7 @@ class PIDObjective:
         batch = dict(z=z, indices=indices)
         if self.label_dim:
             classes = torch.randint(self.label_dim, (batch_size,), generator=generator, device=device)
-            batch["class_labels"] = torch.nn.functional.one_hot(classes, self.label_dim).to(torch.float32)
+            batch["class_labels"] = one_hot(classes, self.label_dim)
         return batch
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 from pid_diffusion.grid import check_noise_range
 from pid_diffusion.networks.edm import EDMPrecond
 
-_AUGMENT_MAPPING = "map_augment."  # The raw network's augment-label layer (EDM's key names).
+AUGMENT_MAPPING = "map_augment."  # The raw network's augment-label layer (EDM's key names).
 
 
 class StudentInit(enum.Enum):
@@ -31,6 +31,7 @@ class StudentInit(enum.Enum):
 
     TEACHER = "teacher"  # copy the teacher's F_φ (every paper run)
     RANDOM = "random"  # keep the network's own initialisation (the paper's ablation)
+    FILE = "file"  # copy an official PID student file's weights (student.path; distill.build loads them)
 
 
 class PIDStudent(nn.Module):
@@ -73,10 +74,11 @@ class PIDStudent(nn.Module):
         student = cls(network_kwargs, sigma_min, sigma_max, teacher.sigma_data)
         if init is StudentInit.TEACHER:
             weights = {key: value for key, value in teacher.model.state_dict().items()
-                       if not key.startswith(_AUGMENT_MAPPING)}
+                       if not key.startswith(AUGMENT_MAPPING)}
             student.model.load_state_dict(weights)  # strict: any other difference is an error
         elif init is not StudentInit.RANDOM:
-            raise TypeError(f"init={init!r}: pass a StudentInit member")
+            raise TypeError(f"init={init!r}: pass StudentInit.TEACHER or RANDOM (a file's weights are loaded into "
+                            "the built student: official.load_student_weights)")
         return student
 
     def forward(self, z: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None

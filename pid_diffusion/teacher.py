@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import itertools
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -27,7 +29,7 @@ from pid_diffusion.networks.edm import EDMPrecond
 
 __all__ = [
     "EDM_RELEASE_URL", "CheckpointFormat", "TeacherCheckpoint", "TeacherCheckpointError",
-    "read_teacher_checkpoint", "check_state_dict", "convert_edm", "load_teacher", "require_teacher_file",
+    "read_teacher_checkpoint", "check_state_dict", "convert_edm", "load_teacher", "network_hash", "require_teacher_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -223,7 +225,8 @@ def _listed(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else "")
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], path: str) -> None:
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], path: str,
+                     network: str = "EDMPrecond(**network_kwargs)") -> None:
     """Raise one error listing every missing, unexpected and mis-shaped key, instead of torch's first failure."""
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
@@ -232,7 +235,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[s
     if missing or unexpected or misshaped:
         problems = [f"{label} ({len(keys)}): {_listed(keys)}" for label, keys in
                     (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise TeacherCheckpointError(f"{path} does not fit EDMPrecond(**network_kwargs): " + "; ".join(problems))
+        raise TeacherCheckpointError(f"{path} does not fit {network}: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,3 +274,16 @@ def load_teacher(path: str | os.PathLike, preset: str | None = None, dropout: fl
         raise RuntimeError(f"EDMPrecond holds tensors its state_dict does not save ({', '.join(unfilled)}); "
                            "load_teacher cannot fill them from a checkpoint")
     return network.to(device).eval().requires_grad_(False)
+
+
+def network_hash(model: nn.Module) -> str:
+    """SHA-256 of a network's class, constructor arguments and every tensor of its state_dict (names, dtypes,
+    shapes, values): equal for an EDM .pkl and the .pt converted from it, different for any other weights."""
+    digest = hashlib.sha256()
+    spec = {"class": type(model).__name__, "kwargs": getattr(model, "init_kwargs", None)}
+    digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()  # Memory format (channels-last) is not content.
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

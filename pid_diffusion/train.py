@@ -1,5 +1,5 @@
-"""The training loop shared by distillation and teacher training: DDP, micro-batches, precision, EMA,
-checkpoints, exact resume, logging.
+"""The training loop shared by distillation and teacher training: DDP, micro-batches, precision, EMA, the
+optimizer and its learning-rate schedule; checkpoint.py saves, resume.py resumes, run_log.py records.
 
 The loop knows a task only through its `Objective` (ARCHITECTURE.md). The global batch of step s is cut
 into chunks of `NOISE_CHUNK` samples, and chunk c is drawn by `objective.sample_batch` from its own
@@ -18,8 +18,6 @@ with the same weights as one that was never interrupted. Options that do not def
 (`config.OnResume`) may change on resume; each start and resume is recorded in the run folder's
 history.jsonl with what changed. A preemption signal (preemption.py) stops every rank after the same step,
 with a training state of that step.
-
-Progress goes to a tqdm bar on a terminal and to one plain line per log record otherwise (a batch job's log).
 """
 
 from __future__ import annotations
@@ -27,30 +25,24 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import json
 import math
-import random
-import sys
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-import tqdm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pid_diffusion import checkpoint, images
+from pid_diffusion import checkpoint, images, resume, run_log
 from pid_diffusion.utils import dist, fileio, perf, preemption
-from pid_diffusion.config import (ConfigError, OnResume, OptimizerKind, RunConfig, TrainConfig, TrainingConfig,
-                                  from_dict, to_json)
+from pid_diffusion.utils.rng import seed_globals
+from pid_diffusion.config import ConfigError, LRDecay, OptimizerKind, Precision, TrainConfig, TrainingConfig, to_json
+from pid_diffusion.generate import Preview
 
-__all__ = ["EMA", "HISTORY_FILE", "NOISE_CHUNK", "NonFiniteLossError", "Objective", "Preview", "batch_plan",
-           "build_optimizer", "chunk_generator", "describe_launch", "lr_at", "sampler_preview", "training_loop"]
-
-HISTORY_FILE = "history.jsonl"  # One record per start or resume of a run: when, where, what changed.
+__all__ = ["AUTOCAST_DTYPES", "EMA", "NOISE_CHUNK", "NonFiniteLossError", "Objective", "batch_plan",
+           "build_optimizer", "chunk_generator", "loss_scaler", "lr_at", "training_loop"]
 
 # Samples per generator: sample k of step s is sample k mod NOISE_CHUNK of chunk k // NOISE_CHUNK. Small
 # enough that a rank wastes little when its share is not a multiple of it, large enough that the per-chunk
@@ -67,23 +59,6 @@ class Objective(Protocol):
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-sample losses [b] of a (micro-)batch; `model` is the DDP-wrapped model."""
-
-
-Preview = Callable[[nn.Module], torch.Tensor]  # model -> images in [−1, 1] from fixed noise, for sample grids.
-
-
-def sampler_preview(sampler: Callable, net: nn.Module, count: int, seed: int, device: torch.device) -> Preview:
-    """A `Preview` that runs `sampler` on `count` fixed latents seeded by `seed`, classes cycling 0, 1, 2, …
-
-    `net` gives the image shape and label count; the preview may then be called on any model of that shape.
-    """
-    shape = (count, net.img_channels, net.img_resolution, net.img_resolution)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    labels = None
-    if net.label_dim:
-        labels = torch.nn.functional.one_hot(torch.arange(count) % net.label_dim, net.label_dim)
-        labels = labels.to(device=device, dtype=torch.float32)
-    return lambda model: sampler(model, latents, labels).clamp(-1, 1)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -178,20 +153,23 @@ def lr_at(train: TrainConfig, step: int) -> float:
     step after the last would have lr 0 (the last step itself still moves)."""
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
-    return train.lr * train.lr_decay.factor((step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)  # In [0, 1).
+    factor = {LRDecay.CONSTANT: 1.0, LRDecay.COSINE: 0.5 * (1 + math.cos(math.pi * progress)),
+              LRDecay.LINEAR: 1 - progress}[train.lr_decay]
+    return train.lr * factor
+
+
+AUTOCAST_DTYPES = {Precision.FP32: None, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
+
+
+def loss_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for fp16, whose range is too narrow for small gradients; a disabled scaler otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision is Precision.FP16)
 
 
 def _autocast(train: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = train.precision.autocast_dtype
+    dtype = AUTOCAST_DTYPES[train.precision]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _seed_globals(seed: int, rank: int, step: int) -> None:
-    """Seed torch, numpy and python's global generators from (seed, rank, step): each rank its own stream."""
-    state = np.random.SeedSequence((seed, rank, step)).generate_state(2, dtype=np.uint32)
-    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-    np.random.seed(state)
-    random.seed(int(state[0]) << 32 | int(state[1]))
 
 
 def _apply_speed_options(model: nn.Module, train: TrainConfig, device: torch.device) -> None:
@@ -232,57 +210,6 @@ def _check_ranks_agree(model: nn.Module, step: int) -> None:
                            f"some rank updated its model outside DDP")
 
 
-class _MetricsLog:
-    """metrics.jsonl in the run folder, one JSON record per log step, TensorBoard event files beside it when
-    `run.tensorboard` is set, and the plot of the records (training.png); rank 0 only.
-
-    The file is rewritten atomically (blob stores cannot append); a resumed run drops the records of steps
-    after its checkpoint, which it trains again.
-    """
-
-    def __init__(self, run: RunConfig, resume_step: int):
-        self.folder = run.dir
-        self.path = fileio.join(run.dir, "metrics.jsonl")
-        self.records: list[dict] = []
-        if fileio.exists(self.path):
-            lines = fileio.read_bytes(self.path).decode("utf-8").splitlines()
-            self.records = [record for line in lines if line and (record := json.loads(line))["step"] <= resume_step]
-        self.tensorboard = _tensorboard_writer(run.dir, resume_step) if run.tensorboard else None
-
-    def append(self, record: dict) -> None:
-        self.records.append(record)
-        fileio.atomic_write_text("".join(json.dumps(r) + "\n" for r in self.records), self.path)
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key not in ("step", "time") and value is not None:
-                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"], walltime=record["time"])
-            self.tensorboard.flush()
-
-    def plot(self) -> None:
-        if self.records:
-            from pid_diffusion import plots  # Here: matplotlib costs a second at import, only when plotting.
-
-            plots.plot_training(self.records, fileio.join(self.folder, plots.TRAINING_PLOT))
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-def _tensorboard_writer(folder: str, resume_step: int):
-    """A TensorBoard SummaryWriter on the run folder (local folders only), as EDM's training loop opens one."""
-    if not fileio.is_local(folder):
-        raise ConfigError(f"run.tensorboard: TensorBoard writes local files only; {folder} is a blob URL. "
-                          "Set run.tensorboard=false (metrics.jsonl has the same records)")
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install 'pid-diffusion[tensorboard]' "
-                          "(or set run.tensorboard=false)") from None
-    # purge_step: a resumed run drops the events of steps it trains again, as metrics.jsonl drops its records.
-    return SummaryWriter(folder, purge_step=resume_step + 1 if resume_step else None)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The loop.
 
@@ -315,29 +242,24 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
     _apply_speed_options(model, train, device)
     optimizer = build_optimizer(model.parameters(), train)
     ema = EMA(model, train.ema_rates)
-    scaler = torch.amp.GradScaler(device.type, enabled=train.precision.needs_loss_scaling)
-    start_step, last_checkpoint, rng_restored, changes = checkpoint.resume(config, model, ema, optimizer, scaler,
-                                                                           fingerprints)
+    scaler = loss_scaler(train.precision, device)
+    start_step, last_checkpoint, rng_restored, changes = resume.resume(config, model, ema, optimizer, scaler,
+                                                                       fingerprints)
     if not rng_restored:
-        _seed_globals(train.seed, rank, start_step)
+        seed_globals(train.seed, rank, start_step)
     if train.compile:
         # In place, after the EMA copies and before DDP: the EMAs stay plain modules, and the state_dict keys
         # stay those of the model (the `_orig_mod.` prefix belongs to the wrapper `torch.compile(model)` returns).
         model.compile()
     if rank == 0:
         fileio.atomic_write_text(to_json(config), fileio.join(run.dir, "config.json"))
-        _record_history(run.dir, start_step, last_checkpoint, changes, world_size, per_rank, micro)
-        metrics = _MetricsLog(run, start_step)
+        run_log.record_history(run.dir, start_step, last_checkpoint, changes, world_size, per_rank, micro)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dist.print0(f"Training {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) "
                 f"on {world_size} rank(s), {per_rank} samples per rank in micro-batches of {micro}, "
                 f"steps {start_step} → {train.steps}, run folder {run.dir}")
 
-    # A bar on a terminal; in a batch job's log file, the plain line of each log record instead.
-    interactive = sys.stderr.isatty()
-    progress = tqdm.tqdm(total=train.steps, initial=start_step, disable=rank != 0 or not interactive, unit="step",
-                         dynamic_ncols=True)
-    interval = _Interval()
+    log = run_log.RunLog(run, train, start_step, active=rank == 0)
     for step in range(start_step, train.steps):
         done = step + 1
         for group in optimizer.param_groups:
@@ -382,19 +304,13 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
         skipped = scaler.is_enabled() and scaler.get_scale() < scale
         if not skipped:
             ema.update(model)
-        interval.add(loss, grad_norm.item(), skipped)
-        progress.update()
+        log.step(loss, grad_norm.item(), skipped)
 
         # Periodic work: consistency check, log, sample grid, checkpoint.
         if run.sync_check_every and done % run.sync_check_every == 0:
             _check_ranks_agree(model, done)
         if done % run.log_every == 0 or done == train.steps:
-            record = interval.record(done, train, optimizer, scaler)
-            if rank == 0:
-                metrics.append(record)
-                progress.set_postfix(loss=f"{record['loss']:.4g}", skipped=record["skipped_steps"])
-                if not interactive:
-                    print(_progress_line(record, train.steps), flush=True)
+            log.record(done, optimizer.param_groups[0]["lr"], scaler.get_scale() if scaler.is_enabled() else None)
         if preview is not None and run.image_every and done % run.image_every == 0 and rank == 0:
             _write_preview(preview, model, fileio.join(run.dir, f"samples-{done:08d}.png"))
         preempted = stop and done < train.steps
@@ -402,97 +318,15 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
             checkpoint.save_snapshot(config, done, model, ema)
         if done % run.checkpoint_every == 0 or done == train.steps or preempted:
             last_checkpoint = checkpoint.save(config, done, model, ema, optimizer, scaler, fingerprints)
-            if rank == 0:
-                metrics.plot()
+            log.plot()
         if preempted:
-            progress.close()
-            if rank == 0:
-                metrics.close()
+            log.close()
             who = flag.received or "a signal on another rank"
             dist.print0(f"Preempted ({who}) after step {done}: {last_checkpoint} is complete. Exiting with status "
                         f"{preemption.PREEMPTED_EXIT_CODE}; re-run the same command to resume")
             raise preemption.Preempted()
-    progress.close()
-    if rank == 0:
-        metrics.close()
+    log.close()
     return model
-
-
-def describe_launch(config: TrainingConfig, world_size: int) -> list[str]:
-    """What `training_loop` would do with `config` on `world_size` ranks, reading no weights: the batch split and
-    whether the run folder would start, resume or conflict. Raises the error the run would give (a batch that
-    does not split, options that may not change on resume)."""
-    per_rank, micro = batch_plan(config.train, world_size)
-    lines = [f"{world_size} rank(s): global batch {config.train.batch} = {world_size} × {per_rank} per rank, "
-             f"{per_rank // micro} micro-batch(es) of {micro} per rank and step"]
-    latest = checkpoint.latest_checkpoint(config.run.dir)
-    if latest is None:
-        snapshots = checkpoint.find_snapshots(config.run.dir)
-        note = f" (its {len(snapshots)} snapshot(s) would be overwritten)" if snapshots else ""
-        return lines + [f"run folder {config.run.dir}: would start at step 0{note}"]
-    step, path = latest
-    header = checkpoint.read_header(path)
-    stored = from_dict(type(config), header["config"])
-    changes = checkpoint.resume_changes(stored, config, header["fingerprints"], None, path)
-    if step >= config.train.steps:
-        lines.append(f"run folder {config.run.dir}: complete ({path} is at step {step} ≥ train.steps)")
-    else:
-        lines.append(f"run folder {config.run.dir}: would resume from {path} at step {step}")
-    for change in changes:
-        check = " (compared with the stored hash once loaded)" if change.kind is OnResume.CONTENT else ""
-        lines.append(f"  changed on resume, {change.kind.value}: {change}{check}")
-    return lines
-
-
-def _record_history(folder: str, step: int, resumed_from: str | None, changes: list[checkpoint.Change],
-                    world_size: int, per_rank: int, micro: int) -> None:
-    """Append this start or resume, with the options it changed, to the run folder's history.jsonl."""
-    path = fileio.join(folder, HISTORY_FILE)
-    text = fileio.read_bytes(path).decode("utf-8") if fileio.exists(path) else ""
-    record = {"time": time.time(), "event": "resume" if resumed_from else "start", "step": step,
-              "from": resumed_from, "world_size": world_size, "per_rank_batch": per_rank, "micro_batch": micro,
-              "changes": {change.key: {"stored": change.stored, "now": change.now, "on_resume": change.kind.name}
-                          for change in changes}}
-    fileio.atomic_write_text(text + json.dumps(record) + "\n", path)  # Rewritten whole: blob stores cannot append.
-
-
-def _progress_line(record: dict, steps: int) -> str:
-    """One log record as a plain line: what a batch job's log shows instead of a progress bar."""
-    remaining = datetime.timedelta(seconds=round(record["s_per_step"] * (steps - record["step"])))
-    return (f"step {record['step']}/{steps} ({100 * record['step'] / steps:.1f}%)  loss {record['loss']:.4g}  "
-            f"grad norm {record['grad_norm']:.3g}  {record['s_per_step']:.3g} s/step  "
-            f"{record['images_per_s']:.4g} images/s  remaining {remaining}")
-
-
-class _Interval:
-    """Sums over the steps since the last log record."""
-
-    def __init__(self):
-        self.start, self.steps, self.loss, self.grad_norm, self.skipped = time.perf_counter(), 0, 0.0, 0.0, 0
-
-    def add(self, loss: float, grad_norm: float, skipped: bool) -> None:
-        self.steps += 1
-        self.loss += loss
-        self.grad_norm += grad_norm
-        self.skipped += int(skipped)
-
-    def record(self, step: int, train: TrainConfig, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler) -> dict:
-        """The log record of the interval ending at `step`, then a fresh interval."""
-        seconds = time.perf_counter() - self.start
-        record = {
-            "step": step,
-            "loss": self.loss / self.steps,  # Mean over the interval of the global-batch mean loss.
-            "lr": optimizer.param_groups[0]["lr"],
-            "grad_norm": self.grad_norm / self.steps,
-            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
-            "skipped_steps": self.skipped,
-            "images_per_s": train.batch * self.steps / seconds,
-            "s_per_step": seconds / self.steps,
-            "time": time.time(),
-        }
-        self.__init__()
-        return record
 
 
 @torch.no_grad()

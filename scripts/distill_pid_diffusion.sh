@@ -18,4 +18,4 @@ HOSTFILE=${HOSTFILE:-}                          # Open MPI host file for several
 
 source "$(dirname "${BASH_SOURCE[0]}")/mpi_options.sh"
 
-mpirun "${MPI_OPTIONS[@]}" python -m pid_diffusion.cli.distill --preset="${PRESET}" "$@"
+run_stoppable mpirun "${MPI_OPTIONS[@]}" python -m pid_diffusion.cli.distill --preset="${PRESET}" "$@"

@@ -29,7 +29,7 @@ esac
 source "$(dirname "${BASH_SOURCE[0]}")/mpi_options.sh"
 
 # shellcheck disable=SC2086  # SEED_RANGES is a list of ranges, one argument each.
-mpirun "${MPI_OPTIONS[@]}" \
+run_stoppable mpirun "${MPI_OPTIONS[@]}" \
   python -m pid_diffusion.cli.fid \
     --run "${RUN_DIR}" \
     --ref "${REF}" \

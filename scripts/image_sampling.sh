@@ -23,7 +23,7 @@ fi
 
 source "$(dirname "${BASH_SOURCE[0]}")/mpi_options.sh"
 
-mpirun "${MPI_OPTIONS[@]}" \
+run_stoppable mpirun "${MPI_OPTIONS[@]}" \
   python -m pid_diffusion.cli.sample \
     "${SOURCE[@]}" \
     --seeds "${SEEDS}" \

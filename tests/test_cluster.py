@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,8 @@ from pid_diffusion.config import ConfigError, RunConfig
 from pid_diffusion.train import NOISE_CHUNK, _rank_share
 
 from equality import assert_same_update
-from launch import JOB_TIMEOUT_S, REPO, mpirun, mpirun_command, mpirun_env, needs_mpirun, subprocess_env, wait_for
+from launch import (JOB_TIMEOUT_S, REPO, mpirun, mpirun_command, mpirun_env, needs_mpirun, processes_mentioning,
+                    subprocess_env, wait_for)
 from test_dist_mpi import REL_TWO_RANKS, initial_toy_state, latest
 from test_train import SCRIPT, assert_same_training_state, train_toy
 
@@ -101,12 +103,13 @@ def test_second_signal_exits_at_once_and_leaves_checkpoints_intact(tmp_path):
     wait_for(lambda: fileio.exists(tmp_path / "config.json"), job, "the run start")
     time.sleep(0.5)
     job.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    job.send_signal(signal.SIGTERM)  # a copy of the same request (another route delivers it): no effect
+    time.sleep(preemption.SAME_REQUEST_S + 0.3)
     job.send_signal(signal.SIGTERM)
     _, err = job.communicate(timeout=JOB_TIMEOUT_S)
     assert job.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "second signal (SIGTERM): exiting now" in err
-    assert steps_in(tmp_path) == [] and not [n for n in fileio.listdir(tmp_path) if fileio.is_temporary(n)]
+    assert steps_in(tmp_path) == [] and not [n for n in fileio.listdir(tmp_path) if n.endswith(fileio.TEMP_SUFFIX)]
 
 
 def test_preempt_signals_are_validated():
@@ -204,7 +207,7 @@ def test_failed_checkpoint_write_keeps_earlier_checkpoints_and_says_so(tmp_path,
                               f"(OSError: [Errno 28] No space left on device)")
     assert f"earlier checkpoints are intact ({checkpoint.checkpoint_path(str(tmp_path), 3)})" in message
     assert fileio.read_bytes(checkpoint.checkpoint_path(str(tmp_path), 3)) == first
-    assert steps_in(tmp_path) == [3] and not [n for n in fileio.listdir(tmp_path) if fileio.is_temporary(n)]
+    assert steps_in(tmp_path) == [3] and not [n for n in fileio.listdir(tmp_path) if n.endswith(fileio.TEMP_SUFFIX)]
 
 
 def test_checkpoints_stream_through_the_file(tmp_path, monkeypatch):
@@ -318,18 +321,22 @@ def test_sample_batch_must_honour_size_and_device():
 # The SLURM batch script, with stand-ins for srun and scontrol.
 
 SBATCH = os.path.join(REPO, "scripts", "slurm_distill.sbatch")
+FAKE_SLURM = REPO / "tests" / "fixtures" / "slurm"  # srun (two local tasks) and scontrol stand-ins: README.md there
 
 
 @pytest.mark.parametrize("status, requeued", [(preemption.PREEMPTED_EXIT_CODE, True), (1, False)])
 def test_sbatch_script_requeues_a_preempted_job_only(tmp_path, status, requeued):
     log, tools = tmp_path / "calls.log", tmp_path / "bin"
     tools.mkdir()
-    # The stand-in srun runs for a moment, during which the batch shell itself gets SIGTERM (a preemption).
-    for name, body in (("srun", f'echo "srun $*" >> {log}; sleep 1; exit {status}'),
+    # The stand-in srun runs for a moment, during which the batch shell itself gets SIGTERM (a preemption),
+    # which it passes on to srun as SIGUSR1 (what srun and mpirun forward to every rank as "stop after the step").
+    for name, body in (("srun", f'trap \'echo "srun got USR1" >> {log}\' USR1; echo "srun $*" >> {log}; sleep 1; '
+                                f'exit {status}'),
                        ("scontrol", f'echo "scontrol $*" >> {log}')):
         (tools / name).write_text(f"#!/bin/sh\n{body}\n")
         (tools / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "77"}
+    env = {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+           "SLURM_SUBMIT_DIR": str(REPO)}
     job = subprocess.Popen(["bash", SBATCH, "imagenet64", "--train.steps=5"], cwd=tmp_path, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(log.exists, job, "srun to start")
@@ -337,6 +344,62 @@ def test_sbatch_script_requeues_a_preempted_job_only(tmp_path, status, requeued)
     out, err = job.communicate(timeout=JOB_TIMEOUT_S)
     assert job.returncode == status, err
     calls = log.read_text().splitlines()
-    assert calls[0] == ("srun --mpi=none --kill-on-bad-exit=1 pid-distill --preset=imagenet64 --run.dir=runs/pid-"
-                        "imagenet64 --teacher.path=teachers/edm-imagenet-64x64-cond-adm.pkl --train.steps=5")
-    assert calls[1:] == (["scontrol requeue 77"] if requeued else [])
+    # The preset names the run folder and the teacher (teachers/<name>.pt); the script adds nothing to override.
+    assert calls[0] == "srun --mpi=none --kill-on-bad-exit=1 pid-distill --preset=imagenet64 --train.steps=5"
+    assert calls[1:] == ["srun got USR1", *(["scontrol requeue 77"] if requeued else [])]
+
+
+def test_sbatch_overrides_replace_the_presets_values(tmp_path):
+    # RUN_DIR and TEACHER are overrides too; an argument naming the same key is the user's mistake, said once.
+    log, tools = tmp_path / "calls.log", tmp_path / "bin"
+    tools.mkdir()
+    (tools / "srun").write_text(f'#!/bin/sh\necho "srun $*" >> {log}\n')
+    (tools / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
+           "RUN_DIR": "runs/mine", "TEACHER": "/data/t.pkl"}
+    subprocess.run(["bash", SBATCH, "cifar10", "--train.lr=1e-4"], cwd=tmp_path, env=env, check=True,
+                   timeout=JOB_TIMEOUT_S)
+    assert log.read_text().splitlines() == ["srun --mpi=none --kill-on-bad-exit=1 pid-distill --preset=cifar10 "
+                                            "--run.dir=runs/mine --teacher.path=/data/t.pkl --train.lr=1e-4"]
+
+
+def sbatch_job(folder, log, *overrides: str) -> subprocess.Popen:
+    """The batch script of job 4242, as SLURM starts it (in the submit folder), on two stand-in srun tasks."""
+    env = {**subprocess_env(), "PATH": os.pathsep.join([str(FAKE_SLURM), os.path.dirname(sys.executable),
+                                                        os.environ["PATH"]]),
+           "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(REPO), "FAKE_SLURM_LOG": str(log)}
+    return subprocess.Popen(["bash", SBATCH, "default", f"--run.dir={folder}", *LAUNCHED_RUN, *overrides], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+# The bundled default for a few steps: one log line per step, no images, snapshots or periodic training states.
+LAUNCHED_RUN = ["--train.steps=6", "--run.log_every=1", "--run.image_every=0", "--run.snapshot_every=0",
+                "--run.checkpoint_every=1000"]
+
+
+def test_sbatch_script_trains_and_a_cancelled_job_requeues_and_resumes_bit_identical(tmp_path):
+    log = tmp_path / "slurm.log"
+    job = sbatch_job(tmp_path / "straight", log)
+    out, _ = job.communicate(timeout=JOB_TIMEOUT_S)
+    assert job.returncode == 0, out[-3000:]
+    assert "on 2 rank(s)" in out and not log.exists()
+
+    # scancel (or a preemption): SIGTERM to every process of the job, the batch shell, srun and each task,
+    # after the first step; each task also gets srun's forwarded copies, which count as the same request.
+    folder = tmp_path / "cancelled"
+    job = sbatch_job(folder, log)
+    wait_for(lambda: logged_steps(folder)[-1] >= 1, job, "the first step")
+    for pid in processes_mentioning(str(folder)):
+        os.kill(pid, signal.SIGTERM)
+    out, _ = job.communicate(timeout=JOB_TIMEOUT_S)
+    assert job.returncode == preemption.PREEMPTED_EXIT_CODE, out[-3000:]
+    stopped = steps_in(folder)[-1]
+    assert 1 <= stopped < 6 and re.search(rf"Preempted \(SIG(TERM|USR1)\) after step {stopped}:", out), out[-3000:]
+    assert "second signal (" not in out and log.read_text() == "scontrol requeue 4242\n"
+    assert not processes_mentioning(str(folder))
+
+    # The requeued job runs the same script again: it resumes and ends as the job never stopped.
+    job = sbatch_job(folder, log)
+    out, _ = job.communicate(timeout=JOB_TIMEOUT_S)
+    assert job.returncode == 0 and f"Resuming from {checkpoint.checkpoint_path(str(folder), stopped)}" in out, out
+    assert_same_training_state(latest(tmp_path / "straight"), latest(folder))

@@ -147,11 +147,12 @@ def test_a_bare_key_must_name_one_field():
 
 
 def test_every_option_is_read_by_the_code_that_runs():
-    # An option parsed and never read is a silent no-op: each field must be read by the loop, the assembly of
-    # the task (distill.build, with the metric options it hands on), the checkpoints the loop writes, or the
-    # task's CLI. The training loop builds the optimizer and the learning-rate schedule.
+    # An option parsed and never read is a silent no-op: each field must be read by the loop (or its run log),
+    # the assembly of the task (distill.build, with the metric options it hands on), the checkpoints the loop
+    # writes, or the task's CLI. The training loop builds the optimizer and the learning-rate schedule.
     package = Path(cfg.__file__).parent
-    readers = "\n".join([(package / "train.py").read_text(), (package / "checkpoint.py").read_text(),
+    modules = ("train.py", "run_log.py", "checkpoint.py")
+    readers = "\n".join([*((package / name).read_text() for name in modules),
                          inspect.getsource(distill.build), inspect.getsource(distill.PIDConfig.metric_options),
                          inspect.getsource(distill_cli)])
     unread = [key for key in cfg.leaf_keys(DistillConfig) if not re.search(rf"\.{key.split('.')[-1]}\b", readers)]

@@ -33,6 +33,7 @@ from pid_diffusion.config import to_json
 from pid_diffusion.dode import Solver, fit_dode
 from pid_diffusion.fid import save_reference
 from pid_diffusion.inception import DETECTOR_FILENAME, FEATURE_DIM
+from pid_diffusion.networks import edm
 from pid_diffusion.teacher import load_teacher
 
 import docs_commands
@@ -46,6 +47,11 @@ TEACHER_NAMES = ["edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]
 STUDENT_CHECKPOINTS = ["runs/pid-cifar10/checkpoint-00800000.pt", "runs/pid-imagenet64/checkpoint-00400000.pt"]
 STUDENT_SNAPSHOTS = ["runs/pid-cifar10/snapshot-00800000.pt"]
 REFERENCES = ["fid-refs/cifar10-32x32.npz", "fid-refs/imagenet-64x64.npz", "samples-stats.npz"]
+EDM_FID_REFS_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"  # wget of a reference: the stand-in's copy
+# The official PID code's files (docs/evaluation.md): a released student and a run folder, holding the bundled
+# teacher's network as a student; the release preset their commands name stands for its architecture.
+OFFICIAL_RELEASE = "model_zoo/pid_cifar/pid_cifar.pt"
+OFFICIAL_RUN = "experiment/pid_cifar"
 NUM_DATA_IMAGES = 10
 TRAINING_COMMANDS = ("pid-distill", "pid-train-teacher", "pid-demo")
 NOT_RUN = {  # Commands whose effect the suite itself is: they run in CI before and around these tests.
@@ -106,6 +112,14 @@ def standins(tmp_path_factory) -> Path:
             PIL.Image.fromarray(image).save(buffer, format="PNG")
             archive.writestr(f"{index:05d}.png", buffer.getvalue())
 
+    weights = teacher.model.state_dict()
+    (files / OFFICIAL_RELEASE).parent.mkdir(parents=True)
+    torch.save(weights, files / OFFICIAL_RELEASE)
+    (files / OFFICIAL_RUN).mkdir(parents=True)
+    torch.save({f"model.{key}": value for key, value in weights.items()}, files / OFFICIAL_RUN / "model010000.pt")
+    torch.save(weights, files / OFFICIAL_RUN / "ema_0.9999_010000.pt")
+    torch.save({"state": {}, "param_groups": []}, files / OFFICIAL_RUN / "opt010000.pt")
+
     dode = fit_dode(teacher, Solver.HEUN, 4, multiplier=2, num_samples=2, seed=0)
     dode.save(files / "edm-shapes-16x16.dode-heun-4.pt")
 
@@ -124,7 +138,7 @@ def workspace(standins: Path, folder: Path) -> Path:
             target = folder / source.relative_to(files)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(source, target)
-    (folder / "model_zoo").mkdir()
+    (folder / "model_zoo").mkdir(exist_ok=True)  # the official release's stand-in is in model_zoo/pid_cifar
     for source in (REPO / "model_zoo").iterdir():
         os.link(source, folder / "model_zoo" / source.name)
     os.link(files / "edm-shapes-16x16.dode-heun-4.pt", folder / "model_zoo" / "edm-shapes-16x16.dode-heun-4.pt")
@@ -180,6 +194,9 @@ def run_documented(words: list[str], folder: Path, standins: Path, monkeypatch) 
         monkeypatch.setenv("TORCH_HOME", str(standins / "empty_torch_home"))
     if program == "pid-fid-ref":
         monkeypatch.setenv("TORCH_HOME", str(standins / "torch_home_full_width"))
+    if program in ("pid-sample", "pid-fid") and any(word.startswith((OFFICIAL_RELEASE, OFFICIAL_RUN)) for word in words):
+        student_kwargs = {**load_teacher(BUNDLED_TEACHER).init_kwargs, "augment_dim": 0}
+        monkeypatch.setitem(edm.EDM_PRESETS, words[words.index("--preset") + 1], student_kwargs)
     if program in TRAINING_COMMANDS or words[:2] == ["bash", "scripts/distill_pid_diffusion.sh"]:
         shutil.rmtree(folder / "runs")  # a new run: the stand-in checkpoints are for sampling and FID
     for word in words[1:] if program == "pid-distill" else []:  # a replay: the run folder's config.json
@@ -198,6 +215,11 @@ def run_documented(words: list[str], folder: Path, standins: Path, monkeypatch) 
         return None
     if program == "mkdir":
         subprocess.run(words, cwd=folder, check=True)
+        return None
+    if program == "wget" and words[1].startswith(EDM_FID_REFS_URL):
+        target = folder / words[words.index("-P") + 1] / words[1].rsplit("/", 1)[1]
+        target.unlink(missing_ok=True)  # the workspace links every stand-in: the download replaces it
+        shutil.copy(standins / "files" / "fid-refs" / target.name, target)
         return None
     if program == "wget" and words[-1].startswith(hub_release_prefix()):
         destination = folder / (words[words.index("-P") + 1] if "-P" in words else ".")

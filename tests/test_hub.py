@@ -45,7 +45,7 @@ def test_present_file_is_not_downloaded(torch_home, monkeypatch):
 
 def test_absent_file_is_downloaded_and_hash_checked(torch_home, source_file):
     sha256 = hashlib.sha256(source_file.read_bytes()).hexdigest()
-    path = hub.resolve_weights("weights.bin", source_file.as_uri(), sha256_prefix=sha256[:8])
+    (path,) = hub.resolve(hub.WeightFile("weights.bin", source_file.as_uri(), sha256_prefix=sha256[:8]))
     assert path == torch_home / "hub" / "checkpoints" / "weights.bin"
     assert path.read_bytes() == source_file.read_bytes()
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
@@ -53,7 +53,7 @@ def test_absent_file_is_downloaded_and_hash_checked(torch_home, source_file):
 
 def test_hash_mismatch_leaves_nothing_and_says_so(torch_home, source_file):
     with pytest.raises(hub.MissingWeightsError, match="invalid hash value"):
-        hub.resolve_weights("weights.bin", source_file.as_uri(), sha256_prefix="00000000")
+        hub.resolve(hub.WeightFile("weights.bin", source_file.as_uri(), sha256_prefix="00000000"))
     assert not any((torch_home / "hub" / "checkpoints").iterdir())
 
 
@@ -81,9 +81,9 @@ def test_only_the_missing_file_is_reported(torch_home, monkeypatch):
 
 
 def test_known_weights_table():
-    assert hub.KNOWN_WEIGHTS["vgg16-397923af.pth"].url == "https://download.pytorch.org/models/vgg16-397923af.pth"
-    assert hub.KNOWN_WEIGHTS["lpips_weights.pt"].url.endswith("/lpips_weights.pt")
-    for file in hub.KNOWN_WEIGHTS.values():  # torch.hub derives the cache name from the URL
+    assert hub.VGG16_IMAGENET.url == "https://download.pytorch.org/models/vgg16-397923af.pth"
+    assert hub.PIQ_LPIPS_WEIGHTS.url.endswith("/lpips_weights.pt")
+    for file in (hub.VGG16_IMAGENET, hub.PIQ_LPIPS_WEIGHTS):  # torch.hub derives the cache name from the URL
         assert file.url.rsplit("/", 1)[-1] == file.filename
 
 

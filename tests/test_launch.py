@@ -15,7 +15,8 @@ from pid_diffusion.utils import hub
 from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.cli import fetch_weights
 from pid_diffusion.cli.errors import USAGE_STATUS
-from pid_diffusion.config import field_docs, leaf_fields
+from pid_diffusion.cli.options import field_docs
+from pid_diffusion.config import leaf_fields
 from pid_diffusion.distill import DistillConfig, resolve
 from pid_diffusion.teacher import load_teacher
 

@@ -12,7 +12,7 @@ from pid_diffusion import checkpoint
 from pid_diffusion.utils import fileio
 from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.config import ConfigError, OnResume, flatten, leaf_fields, on_resume
-from pid_diffusion.train import HISTORY_FILE
+from pid_diffusion.run_log import HISTORY_FILE
 
 import toy_training
 from test_sample import tiny_teacher, write_teacher_file

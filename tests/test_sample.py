@@ -7,6 +7,7 @@ last bits (about 1e-6 here), which can move a rare uint8 value by one level, on 
 
 import argparse
 import subprocess
+import types
 
 import numpy as np
 import PIL.Image
@@ -17,7 +18,7 @@ from pid_diffusion import checkpoint, samplers
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion import images as images_module
 from pid_diffusion.cli import options, sample
-from pid_diffusion.generate import SamplerKind, make_sampler
+from pid_diffusion.generate import SamplerKind, sampler_for, sampler_preview, seeded_inputs
 from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.student import PIDStudent
 
@@ -164,17 +165,37 @@ def test_teacher_samples_with_its_sampler_on_seeded_latents_and_given_classes(tm
     np.testing.assert_array_equal(out["images"], images_module.to_uint8(expected).numpy())
 
 
+def test_latent_k_depends_only_on_its_seed():
+    # The one path from seeds to latents (pid-sample, pid-fid, the demo and the training preview use it).
+    net = types.SimpleNamespace(img_channels=3, img_resolution=4, label_dim=0)
+    few, many = seeded_inputs(net, range(10, 12), "cpu")[0], seeded_inputs(net, range(9, 14), "cpu")[0]
+    assert torch.equal(few[0], many[1]) and torch.equal(few[1], many[2])
+    assert torch.equal(few[0], torch.randn((3, 4, 4), generator=torch.Generator().manual_seed(10)))
+
+
+def test_the_preview_draws_the_latents_of_its_seeds_with_classes_cycling(edm_fixtures_dir):
+    teacher = tiny_teacher(edm_fixtures_dir)
+    seen = []
+    preview = sampler_preview(lambda net, x, labels: seen.append((x, labels)) or x, teacher, 5, 7, "cpu")
+    preview(teacher)
+    latents, labels = seen[0]
+    expected, _ = seeded_inputs(teacher, range(7, 12), "cpu")
+    assert torch.equal(latents, expected)
+    assert labels.argmax(1).tolist() == [k % teacher.label_dim for k in range(5)] and labels.sum(1).eq(1).all()
+
+
 def test_sampler_must_fit_the_network(edm_fixtures_dir):
     teacher = tiny_teacher(edm_fixtures_dir)
     student = PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX)
-    assert isinstance(make_sampler(None, None, student), samplers.OneStepSampler)
-    assert make_sampler(None, None, teacher) == samplers.HeunSampler()
+    student, teacher = type(student).__name__, type(teacher).__name__
+    assert isinstance(sampler_for(student), samplers.OneStepSampler)
+    assert sampler_for(teacher) == samplers.HeunSampler()
     with pytest.raises(ValueError, match="cannot sample a PID student"):
-        make_sampler(SamplerKind.HEUN, 18, student)
+        sampler_for(student, SamplerKind.HEUN, 18)
     with pytest.raises(ValueError, match="cannot sample a denoiser"):
-        make_sampler(SamplerKind.ONE_STEP, None, teacher)
+        sampler_for(teacher, SamplerKind.ONE_STEP)
     with pytest.raises(ValueError, match="steps does not apply to the one-step sampler"):
-        make_sampler(None, 4, student)
+        sampler_for(student, steps=4)
 
 
 def test_seed_lists_follow_edm_syntax():

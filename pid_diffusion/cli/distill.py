@@ -1,4 +1,4 @@
-"""`pid-distill`: distil an EDM teacher into a one-step PID student (PID.md §5).
+"""`pid-distill`: distil an EDM teacher into a one-step PID student (docs/method.md §5).
 
     pid-distill --preset=cifar10 --train.batch=256                   # one process (or torchrun)
     mpirun -np 8 pid-distill --preset=cifar10                        # eight processes
@@ -26,7 +26,9 @@ from pid_diffusion.utils import dist, logs
 from pid_diffusion.cli import errors, options
 from pid_diffusion.distill import TASK, DistillConfig, build, check_files, fingerprints
 from pid_diffusion.samplers import OneStepSampler
-from pid_diffusion.train import describe_launch, sampler_preview, training_loop
+from pid_diffusion.generate import sampler_preview
+from pid_diffusion.launch import describe_launch
+from pid_diffusion.train import training_loop
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,6 +103,8 @@ def reported(prog: str) -> Iterator[None]:
     try:
         with _argparse_quiet_off_rank_0():
             yield
+    except dist.JobExit:  # every rank stops at the same point (preemption): no message, its own status
+        raise
     except SystemExit as error:
         if error.code in (None, 0) or dist.world_size() == 1:
             raise

@@ -13,6 +13,8 @@ the step) use the best (lowest FID), as EDM reports the best of three.
     pid-fid --checkpoint runs/cifar10/snapshot-00200000.pt --ema 0.9999 --ref cifar10-32x32.npz
     pid-fid --teacher edm-cifar10-32x32-uncond-vp.pkl --sampler heun --steps 18 --ref cifar10-32x32.npz
     pid-fid --images samples.npz --ref cifar10-32x32.npz                             # EDM's `fid.py calc`
+    pid-fid --checkpoint pid_cifar.pt --preset edm-cifar10-32x32-uncond-vp --ref cifar10-32x32.npz  # official PID
+    pid-fid --run OPENAI_LOGDIR --preset edm-cifar10-32x32-uncond-vp --ref cifar10-32x32.npz     # an official run
     mpirun -np 8 pid-fid --run runs/cifar10 --ref cifar10-32x32.npz --seeds 0-49999 50000-99999 --batch 500
 """
 
@@ -21,12 +23,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-from pid_diffusion import checkpoint, evaluation, plots
-from pid_diffusion.utils import dist, fileio
+from pid_diffusion import checkpoint, evaluation, official, plots
+from pid_diffusion.utils import dist, fileio, preemption
 from pid_diffusion.cli import errors, options
 from pid_diffusion.fid import load_reference
 from pid_diffusion.image_sources import open_images
 from pid_diffusion.inception import load_detector
+from pid_diffusion.networks.edm import EDM_PRESETS
 from pid_diffusion.teacher import load_teacher
 
 DEFAULT_SEEDS = "0-49999"  # EDM's 50,000 images.
@@ -35,8 +38,10 @@ DEFAULT_SEEDS = "0-49999"  # EDM's 50,000 images.
 def build_parser():
     parser = options.parser("pid-fid", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="run folder: every snapshot (and training state of a step without one)")
-    source.add_argument("--checkpoint", help="one snapshot or training state")
+    source.add_argument("--run", help="run folder: every snapshot (and training state of a step without one); or an "
+                                      "official PID run folder (model<step>.pt, ema_<rate>_<step>.pt) with --preset")
+    source.add_argument("--checkpoint", help="one snapshot or training state, or an official PID student file with "
+                                             "--preset")
     source.add_argument("--teacher", help="a teacher (EDM .pkl, converted .pt, or a state dict with --preset)")
     source.add_argument("--images", help="images to score as they are: an .npz (pid-sample --npz), folder or zip")
     parser.add_argument("--ref", required=True, help="reference statistics (EDM npz with mu, sigma)")
@@ -44,7 +49,8 @@ def build_parser():
                         help=f"seed ranges, each evaluated separately, e.g. 0-49999 50000-99999 (default {DEFAULT_SEEDS})")
     parser.add_argument("--ema", nargs="+", type=options.weights_name,
                         help=f"weights to evaluate: EMA rates and/or '{evaluation.TRAINED_WEIGHTS}' (default: all)")
-    parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (--teacher only)")
+    parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture: a teacher's, or the "
+                                         "official PID code's students (--checkpoint, --run)")
     parser.add_argument("--batch", type=int, default=250, help="images per rank and batch (default 250)")
     parser.add_argument("--detector", help="inception-2015-12-05.pt (default: the torch hub cache)")
     parser.add_argument("--csv", help="results table (default: fid.csv in the run folder, or beside the "
@@ -62,16 +68,40 @@ def _check(parser, args) -> None:
         parser.error("--seeds, --sampler, --steps and --sampler-file generate images; --images scores the given ones")
     if args.ema and not (args.run or args.checkpoint):
         parser.error("--ema names weights of a snapshot or training state (--run or --checkpoint)")
-    if args.preset and not args.teacher:
-        parser.error("--preset names a teacher state dict's architecture (--teacher only)")
+    if args.preset and args.images:
+        parser.error("--preset names the architecture of a plain state dict; --images are scored as they are")
     if args.plot and not args.run:
         parser.error("--plot draws FID against the step of a run (--run only)")
-    if args.run and not checkpoint.find_weights(args.run):
-        parser.error(f"no snapshot-<step>.pt or checkpoint-<step>.pt files in {args.run}")
+    if args.run and not (checkpoint.find_weights(args.run) or official.run_files(args.run)):
+        parser.error(f"no snapshot-<step>.pt or checkpoint-<step>.pt files (nor an official PID run's "
+                     f"model<step>.pt, ema_<rate>_<step>.pt) in {args.run}")
     for name in ("checkpoint", "teacher", "images", "ref", "sampler_file"):
         path = getattr(args, name)
         if path and not fileio.exists(path):
             parser.error(f"--{name} {path}: no such file")
+
+
+def _official(args) -> bool:
+    """Whether --run or --checkpoint names the official PID code's files (told apart by content), which need
+    --preset; this project's files record their architecture and take none."""
+    if args.run:
+        found = not checkpoint.find_weights(args.run)
+        what = f"{args.run} is an official PID run folder"
+    elif args.checkpoint:
+        found = official.is_student_file(args.checkpoint)
+        what = f"{args.checkpoint} is a student state dict of the official PID code"
+    else:
+        return False
+    if found and not args.preset:
+        raise errors.UserError(f"{what}, which does not record its architecture: name it with --preset, one of "
+                     f"{', '.join(EDM_PRESETS)}")
+    if found and args.checkpoint and args.ema:
+        raise errors.UserError(f"{args.checkpoint} holds one network (the official code writes each EMA rate to its own "
+                     "ema_<rate>_<step>.pt): drop --ema and pass that file")
+    if not found and args.preset:
+        raise errors.UserError(f"{args.run or args.checkpoint} is this project's, which records its own architecture: "
+                     "drop --preset")
+    return found
 
 
 def _default_csv(args) -> str:
@@ -80,10 +110,11 @@ def _default_csv(args) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error(), errors.reported("pid-fid"):
+    with dist.abort_on_error(), errors.reported("pid-fid"), preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-fid"):
         parser = build_parser()
         args = parser.parse_args(argv)
         _check(parser, args)
+        is_official = _official(args)
         seed_ranges = dict(args.seeds or [options.seed_range(DEFAULT_SEEDS)])
         plot_path = args.plot or (fileio.join(args.run, plots.FID_PLOT) if args.run else None)
 
@@ -101,14 +132,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"IS {result.is_mean:.3f} ± {result.is_std:.3f}", flush=True)
 
         common = dict(batch_size=args.batch, on_result=report)
-        generated = dict(weights=args.ema, sampler_for=functools.partial(options.sampler_for_network, args), **common)
-        if args.run:
+        generated = dict(weights=args.ema, sampler_for=functools.partial(options.sampler_from_args, args), **common)
+        student_sampler = functools.partial(options.sampler_from_args, args, "PIDStudent")
+        if is_official and args.run:
+            official.evaluate_run(args.run, args.preset, table, seed_ranges, detector, reference, args.ref,
+                                  weights=args.ema, sampler=student_sampler(), **common)
+        elif is_official:
+            official.evaluate_file(args.checkpoint, args.preset, table, seed_ranges, detector, reference, args.ref,
+                                   sampler=student_sampler(), **common)
+        elif args.run:
             evaluation.evaluate_run(args.run, table, seed_ranges, detector, reference, args.ref, **generated)
         elif args.checkpoint:
             evaluation.evaluate_file(args.checkpoint, table, seed_ranges, detector, reference, args.ref, **generated)
         elif args.teacher:
             net = load_teacher(args.teacher, preset=args.preset, device=detector.device)
-            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, options.sampler_from_args(args, net),
+            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, options.sampler_from_args(args, type(net).__name__),
                                         table, seed_ranges, detector, reference, args.ref, **common)
         else:
             evaluation.evaluate_images(args.images.rsplit("/", 1)[-1], open_images(args.images), table, detector,

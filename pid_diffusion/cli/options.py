@@ -6,29 +6,31 @@ samplers and weights of the sampling and evaluation commands.
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
+import io
 import math
 import re
+import textwrap
+import tokenize
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, config_files, samplers
+from pid_diffusion import config_files, official, samplers
 from pid_diffusion.utils import dist
-from pid_diffusion.cli.errors import UserError
-from pid_diffusion.config import (ConfigError, OnResume, field_docs, flatten, leaf_fields, on_resume,
-                                  parse_overrides, to_dict, to_json)
+from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
+                                  to_json)
 from pid_diffusion.evaluation import TRAINED_WEIGHTS
-from pid_diffusion.dode import DODESampler
 from pid_diffusion.generate import SamplerKind, sampler_for
 from pid_diffusion.grid import NUM_POINTS
-from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
 
 __all__ = ["add_configuration_source", "add_model_arguments", "add_sampler_arguments", "configuration_help", "dry_run",
-           "load_model", "parse_int_list", "parse_training", "sampler_for_network", "sampler_from_args", "seed_range",
-           "training_parser", "weights_name"]
+           "field_docs", "load_model", "parse_int_list", "parse_training", "sampler_from_args",
+           "seed_range", "training_parser", "weights_name"]
 
 C = TypeVar("C")
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -42,6 +44,26 @@ def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------------------------
 # Training commands: a configuration from a preset or a file, with overrides.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line comment beside each field declared in `cls`'s own source: the schema (config.py) documents
+    itself, and `--help` prints it."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # Defined where no source is kept (an interactive session).
+        return {}
+    lines = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            lines[token.start[0]] = token.string.lstrip("#").strip()
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            comment = lines.get(node.end_lineno) or lines.get(node.lineno)
+            if comment:
+                docs[node.target.id] = comment
+    return docs
 
 
 def configuration_help(schema: type, task: str) -> str:
@@ -159,10 +181,12 @@ def weights_name(text: str) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint/--ema or --teacher/--preset: where the network comes from."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="training checkpoint (a PID student or an EDM network)")
+    source.add_argument("--checkpoint", help="snapshot or training state (a PID student or an EDM network), or a "
+                                             "student file of the official PID code with --preset")
     source.add_argument("--teacher", help="teacher: EDM .pkl, converted teacher .pt, or a state dict with --preset")
     parser.add_argument("--ema", type=float, help="EMA rate to sample from, e.g. 0.9999 (default: the trained weights)")
-    parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (--teacher only)")
+    parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (a teacher's, or an "
+                                         "official PID student's)")
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,21 +199,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a D-ODE sampler written by pid-fit-dode, for a denoiser (instead of --sampler/--steps)")
 
 
-def sampler_from_args(args: argparse.Namespace, net: nn.Module) -> samplers.Sampler:
-    """The sampler add_sampler_arguments' options name for `net`: a D-ODE file, or make_sampler's choice."""
-    return sampler_for_network(args, type(net).__name__, isinstance(net, PIDStudent))
-
-
-def sampler_for_network(args: argparse.Namespace, network: str, is_student: bool) -> samplers.Sampler:
-    """`sampler_from_args` for a network known by its class name (a checkpoint's model_spec), before loading it."""
-    if args.sampler_file is None:
-        return sampler_for(args.sampler, args.steps, network, is_student=is_student)
-    if args.sampler is not None or args.steps is not None:
-        raise UserError("--sampler-file holds its solver and steps: drop --sampler and --steps")
-    if is_student:
-        raise UserError(f"{args.sampler_file} is a D-ODE sampler for a denoiser; a PID student samples in one "
-                        "step: drop --sampler-file")
-    return DODESampler.load(args.sampler_file)
+def sampler_from_args(args: argparse.Namespace, network: str) -> samplers.Sampler:
+    """The sampler add_sampler_arguments' options name for a network of class `network` (generate.sampler_for)."""
+    return sampler_for(network, args.sampler, args.steps, args.sampler_file)
 
 
 def load_model(args: Any, device: torch.device) -> nn.Module:
@@ -198,6 +210,4 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
         if args.ema is not None:
             raise ValueError("--ema applies to a training checkpoint; a teacher file holds one network")
         return load_teacher(args.teacher, preset=args.preset, device=device)
-    if args.preset is not None:
-        raise ValueError("--preset names a teacher state dict's architecture; a checkpoint records its own")
-    return checkpoint.load_generator(args.checkpoint, ema_rate=args.ema, device=device)
+    return official.load_network(args.checkpoint, preset=args.preset, ema_rate=args.ema, device=device)

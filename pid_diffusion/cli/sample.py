@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pid_diffusion import images as image_io
-from pid_diffusion.utils import dist, fileio
+from pid_diffusion.utils import dist, fileio, preemption
 from pid_diffusion.cli import errors, options
 from pid_diffusion.generate import Batch, gather_rows, generate
 
@@ -53,7 +53,7 @@ def build_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error(), errors.reported("pid-sample"):
+    with dist.abort_on_error(), errors.reported("pid-sample"), preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-sample"):
         parser = build_parser()
         args = parser.parse_args(argv)
         if not (args.grid or args.npz or args.png_dir):
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         dist.init()
         device = dist.device()
         net = options.load_model(args, device)
-        sampler = options.sampler_from_args(args, net)
+        sampler = options.sampler_from_args(args, type(net).__name__)
         dist.print0(f"{len(args.seeds)} images, {sampler.num_network_calls} network call(s) each, "
                     f"{dist.world_size()} rank(s)")
         image_shape = (net.img_resolution, net.img_resolution, net.img_channels)

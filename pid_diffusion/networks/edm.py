@@ -3,8 +3,8 @@
 `SongUNet` (DDPM++ / NCSN++, Song et al. 2021), `DhariwalUNet` (ADM, Dhariwal & Nichol 2021) and the
 `EDMPrecond` wrapper that turns a raw network F into the denoiser D(x; σ) of EDM Table 1. Constructor
 arguments, state_dict keys, shapes, buffers and numbers are EDM's, so EDM checkpoints load with
-`strict=True` and give EDM's outputs. The code is written for forward-mode AD (`torch.func.jvp`): no
-in-place updates of activations and no custom autograd functions.
+`strict=True` and give EDM's outputs. The code is written for forward-mode AD (`torch.autograd.forward_ad`, as
+loss.py's Derivative.JVP uses it): no in-place updates of activations and no custom autograd functions.
 """
 
 from __future__ import annotations

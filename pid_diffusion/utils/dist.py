@@ -36,7 +36,6 @@ __all__ = [
     "Launcher",
     "abort_on_error",
     "all_gather_tensors",
-    "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
@@ -242,15 +241,6 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of `tensor` over ranks (a new tensor; the input is left alone)."""
-    result = tensor.detach().clone()
-    if is_initialized() and world_size() > 1:
-        torch_dist.all_reduce(result, op=torch_dist.ReduceOp.SUM)
-        result /= world_size()
-    return result
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

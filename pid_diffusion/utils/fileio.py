@@ -16,6 +16,7 @@ import blobfile as bf
 import torch
 
 __all__ = [
+    "TEMP_SUFFIX",
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_bytes",
@@ -24,7 +25,6 @@ __all__ = [
     "is_local",
     "join",
     "listdir",
-    "makedirs",
     "open_read",
     "read_bytes",
     "remove",
@@ -33,7 +33,7 @@ __all__ = [
     "torch_load",
 ]
 
-_TEMP_SUFFIX = ".tmp"
+TEMP_SUFFIX = ".tmp"  # Of a file while `atomic_write` writes it: never a complete file.
 _BLOB_SCHEMES = ("gs://", "az://", "https://")
 
 
@@ -54,10 +54,6 @@ def exists(path: str | os.PathLike) -> bool:
 def listdir(path: str | os.PathLike) -> list[str]:
     """Names (not paths) of the entries of a folder, sorted."""
     return sorted(bf.listdir(str(path)))
-
-
-def makedirs(path: str | os.PathLike) -> None:
-    bf.makedirs(str(path))
 
 
 def remove(path: str | os.PathLike) -> None:
@@ -91,11 +87,6 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     return bf.read_bytes(path)
 
 
-def is_temporary(name: str) -> bool:
-    """True for the names `atomic_write_bytes` uses while a write is in flight (never complete files)."""
-    return name.endswith(_TEMP_SUFFIX)
-
-
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file to write `path` through: the payload goes to a temporary name and is renamed over
@@ -110,7 +101,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     parent = bf.dirname(path)
     if parent:
         bf.makedirs(parent)
-    temp = f"{path}.{uuid.uuid4().hex[:8]}{_TEMP_SUFFIX}"
+    temp = f"{path}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
     try:
         if is_local(path):
             with open(temp, "wb") as f:

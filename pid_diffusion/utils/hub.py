@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "KNOWN_WEIGHTS",
     "PIQ_LPIPS_WEIGHTS",
     "VGG16_IMAGENET",
     "MissingWeightsError",
@@ -21,7 +20,6 @@ __all__ = [
     "missing",
     "require_present",
     "resolve",
-    "resolve_weights",
 ]
 
 
@@ -54,7 +52,6 @@ PIQ_LPIPS_WEIGHTS = WeightFile(
     url="https://github.com/photosynthesis-team/photosynthesis.metrics/releases/download/v0.4.0/lpips_weights.pt",
     used_by="piq's LPIPS layer weights",
 )
-KNOWN_WEIGHTS: dict[str, WeightFile] = {w.filename: w for w in (VGG16_IMAGENET, PIQ_LPIPS_WEIGHTS)}
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -97,13 +94,6 @@ def resolve(*files: WeightFile) -> list[Path]:
     if failures:
         raise MissingWeightsError(_missing_message(failures))
     return paths
-
-
-def resolve_weights(filename: str, url: str, *, sha256_prefix: str | None = None) -> Path:
-    """Path of one weight file in the hub cache (see `resolve`); for files outside `KNOWN_WEIGHTS`, such as
-    the Inception detector of FID."""
-    (path,) = resolve(WeightFile(filename, url, sha256_prefix))
-    return path
 
 
 def _download(file: WeightFile, path: Path) -> None:

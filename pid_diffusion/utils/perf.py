@@ -55,7 +55,7 @@ class CheckpointedUNetBlock(UNetBlock):
         # forward-mode AD graph then fails deep inside torch with a "different number of tensors" error.
         if any(forward_ad.unpack_dual(t).tangent is not None for t in (x, emb)):
             raise ActivationCheckpointingError(
-                "activation checkpointing cannot run under forward-mode AD (torch.func.jvp, PID's "
+                "activation checkpointing cannot run under forward-mode AD (torch.autograd.forward_ad, PID's "
                 "Derivative.JVP): torch.utils.checkpoint does not recompute tangents. Use a finite-difference "
                 "derivative (forward or central), or call disable_activation_checkpointing(model)")
         return checkpoint(super().forward, x, emb, use_reentrant=False)

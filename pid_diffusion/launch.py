@@ -1,0 +1,38 @@
+"""What a launch would do, for `--dry-run`: the batch split over the ranks and whether the run folder would
+start, resume or conflict, reading no weights.
+"""
+
+from __future__ import annotations
+
+from pid_diffusion import checkpoint
+from pid_diffusion.config import OnResume, TrainingConfig, from_dict
+from pid_diffusion.resume import resume_changes
+from pid_diffusion.train import batch_plan
+
+__all__ = ["describe_launch"]
+
+
+def describe_launch(config: TrainingConfig, world_size: int) -> list[str]:
+    """What `training_loop` would do with `config` on `world_size` ranks, reading no weights: the batch split and
+    whether the run folder would start, resume or conflict. Raises the error the run would give (a batch that
+    does not split, options that may not change on resume)."""
+    per_rank, micro = batch_plan(config.train, world_size)
+    lines = [f"{world_size} rank(s): global batch {config.train.batch} = {world_size} × {per_rank} per rank, "
+             f"{per_rank // micro} micro-batch(es) of {micro} per rank and step"]
+    latest = checkpoint.latest_checkpoint(config.run.dir)
+    if latest is None:
+        snapshots = checkpoint.find_snapshots(config.run.dir)
+        note = f" (its {len(snapshots)} snapshot(s) would be overwritten)" if snapshots else ""
+        return lines + [f"run folder {config.run.dir}: would start at step 0{note}"]
+    step, path = latest
+    header = checkpoint.read_header(path)
+    stored = from_dict(type(config), header["config"])
+    changes = resume_changes(stored, config, header["fingerprints"], None, path)
+    if step >= config.train.steps:
+        lines.append(f"run folder {config.run.dir}: complete ({path} is at step {step} ≥ train.steps)")
+    else:
+        lines.append(f"run folder {config.run.dir}: would resume from {path} at step {step}")
+    for change in changes:
+        check = " (compared with the stored hash once loaded)" if change.kind is OnResume.CONTENT else ""
+        lines.append(f"  changed on resume, {change.kind.value}: {change}{check}")
+    return lines
