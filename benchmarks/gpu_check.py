@@ -42,6 +42,7 @@ from pid_diffusion.loss import Derivative, PIDObjective, StudentPrecision  # noq
 from pid_diffusion.metrics import Metric  # noqa: E402
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond  # noqa: E402
 from pid_diffusion.student import PIDStudent  # noqa: E402
+from pid_diffusion.train import loss_scaler  # noqa: E402
 
 ARCHITECTURES = {"cifar10": "edm-cifar10-32x32-uncond-vp", "imagenet64": "edm-imagenet-64x64-cond-adm"}
 BATCH = {"cifar10": 32, "imagenet64": 8}  # per step; small enough for any current GPU
@@ -147,7 +148,7 @@ def recipe_step(teacher: EDMPrecond, student: PIDStudent, recipe: precision.Reci
     objective = PIDObjective(teacher, grid, Metric.L2.build(), derivative=recipe.derivative,
                              student_precision=recipe.student_precision)
     optimizer = torch.optim.RAdam(student.parameters(), lr=1e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision.needs_loss_scaling)
+    scaler = loss_scaler(recipe.precision, device)
     generator = torch.Generator(device).manual_seed(0)
 
     def step() -> None:

@@ -24,6 +24,7 @@ from torch import nn
 from pid_diffusion.config import Precision
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, StudentPrecision, trajectory_and_derivative
+from pid_diffusion.train import AUTOCAST_DTYPES
 
 __all__ = ["Errors", "Recipe", "Reference", "SAFE_RECIPES", "check_recipe", "errors", "reference"]
 
@@ -36,7 +37,7 @@ def check_recipe(precision: Precision, derivative: Derivative, student_precision
     """Raise ValueError for a recipe that rounds the derivative away (a 16-bit finite difference not asked for
     by name). Under fp32, or with the JVP, every student_precision computes the same: a preset's recipe stays
     valid when a run overrides train.precision=fp32."""
-    sixteen_bit = precision.autocast_dtype is not None
+    sixteen_bit = AUTOCAST_DTYPES[precision] is not None
     differenced = derivative is not Derivative.JVP
     if student_precision is StudentPrecision.TRAIN and sixteen_bit and differenced:
         raise ValueError(
@@ -65,7 +66,7 @@ class Recipe:
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         """The training loop's autocast region of this recipe on `device_type`."""
-        dtype = self.precision.autocast_dtype
+        dtype = AUTOCAST_DTYPES[self.precision]
         return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
