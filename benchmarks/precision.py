@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 from pid_diffusion import precision  # noqa: E402
 from pid_diffusion.config import Precision  # noqa: E402
-from pid_diffusion.demo import agreement, evaluation_latents  # noqa: E402
+from pid_diffusion.demo import agreement  # noqa: E402
+from pid_diffusion.generate import seeded_inputs  # noqa: E402
 from pid_diffusion.distill import DistillConfig, build, resolve  # noqa: E402
 from pid_diffusion.grid import KarrasGrid  # noqa: E402
 from pid_diffusion.loss import Derivative, StudentPrecision  # noqa: E402
@@ -236,26 +237,28 @@ def derivative_figure(rows: list[dict], model: str, n: int, path: Path) -> Path:
 # Part 2: training at equal steps.
 
 
-def training_config(recipe: precision.Recipe, steps: int, batch: int, out: Path) -> DistillConfig:
+def training_config(recipe: precision.Recipe, steps: int, batch: int, num_points: int | None, out: Path
+                    ) -> DistillConfig:
     name = recipe.name.replace(" ", "_").replace(",", "")
-    return resolve("default", {
+    grid = {} if num_points is None else {"pid.num_points": str(num_points)}
+    return resolve("default", {**grid,
         "run.dir": str(out / "runs" / name), "run.checkpoint_every": str(steps), "run.log_every": "1",
         "run.image_every": "0", "run.snapshot_every": "0", "run.sync_check_every": "0",
         "train.steps": str(steps), "train.batch": str(batch), "train.precision": recipe.precision.value,
         "pid.derivative": recipe.derivative.value, "pid.student_precision": recipe.student_precision.value})
 
 
-def train_recipes(steps: int, batch: int, eval_images: int, eval_seed: int, out: Path, log) -> list[dict]:
+def train_recipes(steps: int, batch: int, num_points: int | None, eval_images: int, eval_seed: int, out: Path, log
+                  ) -> list[dict]:
     """Distil the bundled teacher with each training recipe; the loss curve and the final agreement."""
     base = resolve("default")
     teacher = load_teacher(base.teacher.path)
-    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
-    latents = evaluation_latents(eval_images, eval_seed, shape)
+    latents, _ = seeded_inputs(teacher, range(eval_seed, eval_seed + eval_images), "cpu")  # as pid-demo's
     with torch.no_grad():
         reference = HeunSampler(sigma_min=base.pid.sigma_min, sigma_max=base.pid.sigma_max)(teacher, latents).clamp(-1, 1)
     results = []
     for recipe in training_recipes():
-        config = training_config(recipe, steps, batch, out)
+        config = training_config(recipe, steps, batch, num_points, out)
         objective, student = build(config, torch.device("cpu"))
         training_loop(config, objective, student)  # Resumes: a finished run only loads its last state.
         seconds = _seconds_per_step(config.run.dir) * steps
@@ -319,8 +322,9 @@ def generated_section(rows: list[dict], training: list[dict], args: argparse.Nam
                       recipe_table(rows, model, n), "",
                       f"![{model}, N = {n}]({os.path.relpath(figures[f'{model}-n{n}'], page.parent)})", ""]
     if training:
-        parts += [f"#### Training at equal steps: bundled teacher, `default` preset, {args.train_steps} steps of "
-                  f"{args.train_batch}", "",
+        n = args.train_num_points or resolve("default").pid.num_points
+        parts += [f"#### Training at equal steps: bundled teacher, `default` preset, N = {n}, {args.train_steps} "
+                  f"steps of {args.train_batch}", "",
                   f"Agreement of the raw weights with the teacher's Heun output (35 calls) on {args.eval_images} "
                   f"held-out latents (seeds {DEFAULT_TRAINING['eval_seed']}…), images in [0, 1], as pid-demo "
                   f"measures it; s / step on this CPU (16-bit emulated: slower here, not on a GPU).", "",
@@ -341,6 +345,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=DEFAULT_TRAINING["steps"],
                         help="steps of the training comparison (0: none)")
     parser.add_argument("--train-batch", type=int, default=DEFAULT_TRAINING["batch"])
+    parser.add_argument("--train-num-points", type=int, help="N of the training comparison (default: the preset's)")
     parser.add_argument("--eval-images", type=int, default=DEFAULT_TRAINING["eval_images"])
     parser.add_argument("--out", type=Path, default=Path("runs/precision"),
                         help="results, runs and (without --write-docs) the page and figures")
@@ -376,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             measured, took = cached_derivatives(model, n, args.times, latents, args.out, log)
             rows, seconds = rows + measured, seconds + took
             figures[f"{model}-n{n}"] = derivative_figure(rows, model, n, folder / f"{model}-n{n}.png")
-    training = train_recipes(args.train_steps, args.train_batch, args.eval_images, DEFAULT_TRAINING["eval_seed"],
+    training = train_recipes(args.train_steps, args.train_batch, args.train_num_points, args.eval_images, DEFAULT_TRAINING["eval_seed"],
                              args.out, log) if args.train_steps else []
     if training:
         figures["training"] = training_figure(training, folder / "training.png")
