@@ -54,7 +54,7 @@ from pid_diffusion.teacher import load_teacher  # noqa: E402
 from pid_diffusion.train import training_loop  # noqa: E402
 from pid_diffusion.utils import fileio  # noqa: E402
 
-from gpu_check import release_networks  # noqa: E402
+from gpu_check import RECIPES, release_networks  # noqa: E402
 from trends import _seconds_per_step, machine, write_page  # noqa: E402
 
 BEGIN, END = "<!-- precision.py: generated, begin -->", "<!-- precision.py: generated, end -->"
@@ -78,11 +78,8 @@ def recipes() -> list[precision.Recipe]:
     return plain + mixed
 
 
-def training_recipes() -> list[precision.Recipe]:
-    return [precision.Recipe(Precision.FP32, Derivative.FORWARD),
-            precision.Recipe(Precision.BF16, Derivative.FORWARD, StudentPrecision.TRAIN_ROUNDED_DIFFERENCE),
-            precision.Recipe(Precision.BF16, Derivative.JVP),
-            precision.Recipe(Precision.BF16, Derivative.FORWARD, StudentPrecision.FP32)]
+# The training comparison's recipes, by their keys in gpu_check.RECIPES.
+TRAINING_RECIPES = ("fp32-forward", "bf16-forward-rounded", "bf16-jvp", "bf16-forward-student-fp32")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,8 +245,8 @@ def training_config(recipe: precision.Recipe, steps: int, batch: int, num_points
         "pid.derivative": recipe.derivative.value, "pid.student_precision": recipe.student_precision.value})
 
 
-def train_recipes(steps: int, batch: int, num_points: int | None, eval_images: int, eval_seed: int, out: Path, log
-                  ) -> list[dict]:
+def train_recipes(names: Sequence[str], steps: int, batch: int, num_points: int | None, eval_images: int,
+                  eval_seed: int, out: Path, log) -> list[dict]:
     """Distil the bundled teacher with each training recipe; the loss curve and the final agreement."""
     base = resolve("default")
     teacher = load_teacher(base.teacher.path)
@@ -257,7 +254,7 @@ def train_recipes(steps: int, batch: int, num_points: int | None, eval_images: i
     with torch.no_grad():
         reference = HeunSampler(sigma_min=base.pid.sigma_min, sigma_max=base.pid.sigma_max)(teacher, latents).clamp(-1, 1)
     results = []
-    for recipe in training_recipes():
+    for recipe in (RECIPES[name] for name in names):
         config = training_config(recipe, steps, batch, num_points, out)
         objective, student = build(config, torch.device("cpu"))
         training_loop(config, objective, student)  # Resumes: a finished run only loads its last state.
@@ -345,6 +342,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=DEFAULT_TRAINING["steps"],
                         help="steps of the training comparison (0: none)")
     parser.add_argument("--train-batch", type=int, default=DEFAULT_TRAINING["batch"])
+    parser.add_argument("--train-recipes", nargs="+", choices=list(RECIPES), default=list(TRAINING_RECIPES),
+                        help="recipes of the training comparison (default: %(default)s)")
     parser.add_argument("--train-num-points", type=int, help="N of the training comparison (default: the preset's)")
     parser.add_argument("--eval-images", type=int, default=DEFAULT_TRAINING["eval_images"])
     parser.add_argument("--out", type=Path, default=Path("runs/precision"),
@@ -381,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             measured, took = cached_derivatives(model, n, args.times, latents, args.out, log)
             rows, seconds = rows + measured, seconds + took
             figures[f"{model}-n{n}"] = derivative_figure(rows, model, n, folder / f"{model}-n{n}.png")
-    training = train_recipes(args.train_steps, args.train_batch, args.train_num_points, args.eval_images, DEFAULT_TRAINING["eval_seed"],
+    training = train_recipes(args.train_recipes, args.train_steps, args.train_batch, args.train_num_points, args.eval_images, DEFAULT_TRAINING["eval_seed"],
                              args.out, log) if args.train_steps else []
     if training:
         figures["training"] = training_figure(training, folder / "training.png")
