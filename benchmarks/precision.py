@@ -309,7 +309,7 @@ def generated_section(rows: list[dict], training: list[dict], args: argparse.Nam
              f"Latents: {args.latents} for the bundled teacher, {args.release_latents} for the release architecture, "
              f"all at the same t_i, from seed 0; errors are ratios of norms over them.", ""]
     for model in args.models:
-        for n in args.num_points:
+        for n in grid_sizes(args, model):
             if not any((r["model"], r["num_points"]) == (model, n) for r in rows):
                 continue
             parts += [f"#### {MODELS[model]}, N = {n}", "",
@@ -331,6 +331,10 @@ def generated_section(rows: list[dict], training: list[dict], args: argparse.Nam
     return "\n".join(parts)
 
 
+def grid_sizes(args: argparse.Namespace, model: str) -> list[int]:
+    return args.num_points if model == "bundled" else args.release_num_points
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -339,6 +343,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="grid times to measure at (each the nearest interior grid point)")
     parser.add_argument("--latents", type=int, default=4, help="latents of the bundled teacher")
     parser.add_argument("--release-latents", type=int, default=1, help="latents of the release architecture")
+    parser.add_argument("--release-num-points", nargs="+", type=int,
+                        help="grid sizes N of the release architecture (default: --num-points)")
     parser.add_argument("--train-steps", type=int, default=DEFAULT_TRAINING["steps"],
                         help="steps of the training comparison (0: none)")
     parser.add_argument("--train-batch", type=int, default=DEFAULT_TRAINING["batch"])
@@ -354,7 +360,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.latents, args.release_latents, args.train_batch, args.eval_images) < 1 or args.train_steps < 0:
         parser.error("--latents, --release-latents, --train-batch and --eval-images must be ≥ 1, --train-steps ≥ 0")
-    if min(args.num_points) < 3:
+    args.release_num_points = args.release_num_points or args.num_points
+    if min(args.num_points + args.release_num_points) < 3:
         parser.error("--num-points: the central difference needs N ≥ 3")
     if min(args.times) <= 0:
         parser.error("--times must be positive")
@@ -375,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     rows, figures, seconds = [], {}, 0.0
     for model in args.models:
-        for n in args.num_points:
+        for n in grid_sizes(args, model):
             latents = args.latents if model == "bundled" else args.release_latents
             measured, took = cached_derivatives(model, n, args.times, latents, args.out, log)
             rows, seconds = rows + measured, seconds + took
@@ -390,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_page(page, generated_section(rows, training, args, command, figures, page, seconds),
                title="# Reduced precision and PID's derivative")
     for model in args.models:
-        for n in args.num_points:
+        for n in grid_sizes(args, model):
             print(f"\n{model}, N = {n}\n" + recipe_table(rows, model, n))
     if training:
         print("\n" + training_table(training))
