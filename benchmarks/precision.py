@@ -103,19 +103,19 @@ def networks(model: str) -> tuple[torch.nn.Module, PIDStudent]:
     return teacher, student.eval()
 
 
-def cached_derivatives(model: str, num_points: int, times: Sequence[float], latents: int, out: Path, log
-                       ) -> tuple[list[dict], float]:
+def cached_derivatives(model: str, num_points: int, times: Sequence[float], latents: int,
+                       chosen: Sequence[precision.Recipe], out: Path, log) -> tuple[list[dict], float]:
     """`measure_derivatives`' rows and seconds, read back from <out>/derivatives/ when measured there before with
     the same times and latents (the release architecture can then be measured alone, under a lock)."""
     path = out / "derivatives" / f"{model}-n{num_points}.json"
-    key = {"times": list(times), "latents": latents, "recipes": [r.name for r in recipes()]}
+    key = {"times": list(times), "latents": latents, "recipes": [r.name for r in chosen]}
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored["key"] == key:
             log(f"{model} N={num_points}: read back from {path}")
             return stored["rows"], stored["seconds"]
     started = time.perf_counter()
-    rows = measure_derivatives(model, num_points, times, latents, recipes(), log)
+    rows = measure_derivatives(model, num_points, times, latents, chosen, log)
     seconds = time.perf_counter() - started
     fileio.atomic_write_text(json.dumps({"key": key, "rows": rows, "seconds": seconds}, indent=1) + "\n", str(path))
     return rows, seconds
@@ -306,8 +306,9 @@ def generated_section(rows: list[dict], training: list[dict], args: argparse.Nam
     parts = [BEGIN, f"Command: `{command}`  ",
              f"Machine: {machine()}; {datetime.date.today().isoformat()}; {seconds / 60:.0f} min in all. CPU autocast "
              f"(this CPU has no bf16/fp16 units: the arithmetic is rounded as on a GPU, only slower).  ",
-             f"Latents: {args.latents} for the bundled teacher, {args.release_latents} for the release architecture, "
-             f"all at the same t_i, from seed 0; errors are ratios of norms over them.", ""]
+             f"Latents: {args.latents} for the bundled teacher, {args.release_latents} for the release architecture "
+             f"(its precisions: {', '.join(args.release_precisions)}), all at the same t_i, from seed 0; errors are "
+             f"ratios of norms over them; — where not measured.", ""]
     for model in args.models:
         for n in grid_sizes(args, model):
             if not any((r["model"], r["num_points"]) == (model, n) for r in rows):
@@ -345,6 +346,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--release-latents", type=int, default=1, help="latents of the release architecture")
     parser.add_argument("--release-num-points", nargs="+", type=int,
                         help="grid sizes N of the release architecture (default: --num-points)")
+    parser.add_argument("--release-times", nargs="+", type=float, help="its grid times (default: --times)")
+    parser.add_argument("--release-precisions", nargs="+", choices=[p.value for p in Precision],
+                        default=[p.value for p in Precision],
+                        help="its precisions (this CPU emulates fp16, slowly for a full-size network)")
     parser.add_argument("--train-steps", type=int, default=DEFAULT_TRAINING["steps"],
                         help="steps of the training comparison (0: none)")
     parser.add_argument("--train-batch", type=int, default=DEFAULT_TRAINING["batch"])
@@ -361,9 +366,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if min(args.latents, args.release_latents, args.train_batch, args.eval_images) < 1 or args.train_steps < 0:
         parser.error("--latents, --release-latents, --train-batch and --eval-images must be ≥ 1, --train-steps ≥ 0")
     args.release_num_points = args.release_num_points or args.num_points
+    args.release_times = args.release_times or args.times
     if min(args.num_points + args.release_num_points) < 3:
         parser.error("--num-points: the central difference needs N ≥ 3")
-    if min(args.times) <= 0:
+    if min(args.times + args.release_times) <= 0:
         parser.error("--times must be positive")
     return args
 
@@ -383,8 +389,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows, figures, seconds = [], {}, 0.0
     for model in args.models:
         for n in grid_sizes(args, model):
-            latents = args.latents if model == "bundled" else args.release_latents
-            measured, took = cached_derivatives(model, n, args.times, latents, args.out, log)
+            bundled = model == "bundled"
+            chosen = [r for r in recipes() if bundled or r.precision.value in args.release_precisions]
+            measured, took = cached_derivatives(model, n, args.times if bundled else args.release_times,
+                                                args.latents if bundled else args.release_latents, chosen,
+                                                args.out, log)
             rows, seconds = rows + measured, seconds + took
             figures[f"{model}-n{n}"] = derivative_figure(rows, model, n, folder / f"{model}-n{n}.png")
     training = train_recipes(args.train_recipes, args.train_steps, args.train_batch, args.train_num_points, args.eval_images, DEFAULT_TRAINING["eval_seed"],
