@@ -49,6 +49,7 @@ setup(
             "pid-fit-dode = pid_diffusion.cli.fit_dode:main",
             "pid-plot = pid_diffusion.cli.plot:main",
             "pid-fetch-weights = pid_diffusion.cli.fetch_weights:main",
+            "pid-phema = pid_diffusion.cli.phema:main",
         ]
     },
 )

@@ -12,6 +12,7 @@ renamed (fileio), so a file with its name is always complete:
     model_spec    {"class": "PIDStudent" | "EDMPrecond", "kwargs": ...}         ✓           ✓
     model         model state_dict                                             ✓           ✓
     ema           {"0.999": state_dict, ...}, one per EMA rate                 ✓           ✓
+                  and {"std-0.050": ...} per power-function EMA (phema.py)
     optimizer     optimizer state_dict                                                     ✓
     scaler        GradScaler state_dict (fp16 loss scaling)                                ✓
     rng           one entry per rank: {"torch", "cuda", "numpy", "python"}                 ✓
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from pid_diffusion import phema
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.utils.rng import capture_rng
 from pid_diffusion.config import TrainingConfig, to_dict
@@ -220,9 +222,9 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     return getattr(importlib.import_module(module), attribute)(**spec["kwargs"])
 
 
-def load_generator(path: str, ema_rate: float | None = None, device: torch.device | str = "cpu") -> nn.Module:
-    """The trained model of a snapshot or training state (its EMA at `ema_rate`, or the raw weights), in eval
-    mode, frozen."""
+def load_generator(path: str, ema_rate: float | str | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """The trained model of a snapshot or training state (its EMA at `ema_rate`, a power-function EMA or
+    post-hoc reconstruction named 'std-<σ_rel>', or the raw weights), in eval mode, frozen."""
     checkpoint = fileio.torch_load(path)
     if not (isinstance(checkpoint, dict) and {"model_spec", "model", "ema"} <= checkpoint.keys()):
         found = sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
@@ -233,10 +235,12 @@ def load_generator(path: str, ema_rate: float | None = None, device: torch.devic
     if ema_rate is None:
         state = checkpoint["model"]
     else:
-        rates = {float(key): key for key in checkpoint["ema"]}
-        if float(ema_rate) not in rates:
-            raise ValueError(f"{path} has no EMA at rate {ema_rate}; it has {', '.join(checkpoint['ema']) or 'none'}")
-        state = checkpoint["ema"][rates[float(ema_rate)]]
+        names = {phema.average_key(key): key for key in checkpoint["ema"]}
+        wanted = phema.average_key(ema_rate)
+        if wanted not in names:
+            what = f"at rate {ema_rate}" if wanted[0] == "rate" else ema_rate
+            raise ValueError(f"{path} has no EMA {what}; it has {', '.join(checkpoint['ema']) or 'none'}")
+        state = checkpoint["ema"][names[wanted]]
     model.load_state_dict(state)
     return model.eval().requires_grad_(False).to(device)
 

@@ -26,6 +26,7 @@ import typing
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from pid_diffusion import phema
 from pid_diffusion.utils import preemption
 
 __all__ = ["ConfigError", "LRDecay", "OnResume", "OptimizerKind", "Precision", "RunConfig", "TrainConfig",
@@ -156,6 +157,7 @@ class TrainConfig:
     lr_decay: LRDecay = LRDecay.CONSTANT           # After warm-up: constant, or cosine / linear decay to 0 at `steps`.
     grad_clip: float | None = None                 # Clip the global gradient norm to this value; None: no clipping.
     ema_rates: tuple[float, ...] = (0.999, 0.9999, 0.99995)  # EMA decay rates, kept side by side.
+    phema_stds: tuple[float, ...] = ()             # Power-function EMAs at these relative stds, for post-hoc EMA (pid-phema); EDM2 keeps 0.050,0.100.
     activation_checkpointing: bool = setting(False, OnResume.NUMERICS)  # Recompute U-Net blocks (and LPIPS' VGG stages) in the backward pass.
     channels_last: bool = setting(False, OnResume.NUMERICS)  # Channels-last memory format for the student and the teacher.
     compile: bool = setting(False, OnResume.NUMERICS)  # torch.compile the model in place (state_dict keys unchanged).
@@ -177,6 +179,8 @@ class TrainConfig:
         check(all(0 < r < 1 for r in self.ema_rates), "train.ema_rates", f"need 0 < rate < 1, got {self.ema_rates}")
         check(len(set(self.ema_rates)) == len(self.ema_rates), "train.ema_rates",
                f"rates must be distinct, got {self.ema_rates}")
+        check(all(0 < s < phema.MAX_STD for s in self.phema_stds) and len(set(self.phema_stds)) == len(self.phema_stds),
+              "train.phema_stds", f"need distinct relative stds in (0, {phema.MAX_STD:.4f}), got {self.phema_stds}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,7 +112,7 @@ def _reference_statistics(detector: inception.Detector, options: DemoOptions, ru
         data = make_shapes(dataclasses.replace(options.data, num_images=options.fid_images))
         stats = evaluation.reference_statistics(data.images.permute(0, 2, 3, 1).numpy(), detector, _FID_BATCH)
         if dist.rank() == 0:
-            save_reference(path, *stats)
+            save_reference(path, *stats.fid)
         dist.barrier()
     return load_reference(path)
 

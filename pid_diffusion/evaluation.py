@@ -26,12 +26,14 @@ from torch import nn
 
 from pid_diffusion import checkpoint, samplers
 from pid_diffusion.utils import dist, fileio
-from pid_diffusion.fid import compute_statistics, fid_from_stats
+from pid_diffusion.dinov2 import DINOv2Detector
+from pid_diffusion.fid import FeatureStats, compute_statistics, fid_from_stats
 from pid_diffusion.generate import generate
 from pid_diffusion.image_sources import ImageSource
 from pid_diffusion.inception import Detector
+from pid_diffusion.reference_stats import ReferenceStats
 
-__all__ = ["CSV_FIELDS", "Result", "ResultsTable", "TRAINED_WEIGHTS", "evaluate", "evaluate_file", "evaluate_images",
+__all__ = ["CSV_FIELDS", "FDDINOv2", "Result", "ResultsTable", "TRAINED_WEIGHTS", "evaluate", "evaluate_file", "evaluate_images",
            "evaluate_network", "evaluate_run", "evaluate_weights", "generated_batches", "image_batches", "reference_statistics",
            "sampler_label"]
 
@@ -62,27 +64,51 @@ def image_batches(source: ImageSource, indices: np.ndarray, batch_size: int) -> 
         yield chunk, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
-def reference_statistics(source: ImageSource, detector: Detector, batch_size: int,
-                         indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """mu and sigma of the detector's features over `source[indices]` (default: all of it), over all ranks."""
+@dataclasses.dataclass(frozen=True)
+class FDDINOv2:
+    """FD_DINOv2 beside FID (EDM2's metric): the DINOv2 detector and the reference's DINOv2 statistics."""
+
+    detector: DINOv2Detector
+    reference: tuple[np.ndarray, np.ndarray]
+
+    def accumulator(self) -> tuple[DINOv2Detector, FeatureStats]:
+        """The pair `compute_statistics(also=...)` feeds."""
+        return self.detector, FeatureStats(self.detector.feature_dim, device=self.detector.device)
+
+
+def reference_statistics(source: ImageSource, detector: Detector, batch_size: int, indices: np.ndarray | None = None,
+                         dinov2: DINOv2Detector | None = None) -> ReferenceStats:
+    """The statistics of the detector's features (and DINOv2's, when given) over `source[indices]` (default: all
+    of it), over all ranks, in one pass over the images."""
     indices = np.arange(len(source)) if indices is None else indices
+    # The detector's feature size, from one image: EDM's Inception gives 2048, a stand-in detector another size.
+    first = torch.from_numpy(np.asarray(source[int(indices[0])])[None]).permute(0, 3, 1, 2)
+    also = [] if dinov2 is None else [(dinov2, FeatureStats(dinov2.feature_dim, device=dinov2.device))]
     features, _ = compute_statistics(image_batches(source, indices, batch_size), detector, len(indices),
-                                     inception_score=False)
-    return features.mean_and_covariance()
+                                     feature_dim=detector.features(first).shape[1], inception_score=False, also=also)
+    return ReferenceStats(fid=features.mean_and_covariance(),
+                          fd_dinov2=also[0][1].mean_and_covariance() if also else None, num_images=len(indices))
 
 
 def evaluate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], detector: Detector,
-             reference: tuple[np.ndarray, np.ndarray], batch_size: int, inception_score: bool = True
-             ) -> tuple[float, float | None, float | None] | None:
-    """(FID, IS mean, IS std) of `net` sampled over `seeds`; on rank 0 only (None elsewhere: the matrix
-    square root is computed once). Without `inception_score` the IS entries are None (one detector pass)."""
+             reference: tuple[np.ndarray, np.ndarray], batch_size: int, inception_score: bool = True,
+             fd_dinov2: FDDINOv2 | None = None) -> tuple[float, float | None, float | None, float | None] | None:
+    """(FID, IS mean, IS std, FD_DINOv2) of `net` sampled over `seeds`; on rank 0 only (None elsewhere: the
+    matrix square roots are computed once). Without `inception_score` the IS entries are None (one detector
+    pass); without `fd_dinov2` the last one is."""
     batches = generated_batches(net, sampler, seeds, batch_size, detector.device)
+    also = [] if fd_dinov2 is None else [fd_dinov2.accumulator()]
     features, scores = compute_statistics(batches, detector, len(seeds), feature_dim=len(reference[0]),
-                                          inception_score=inception_score)
+                                          inception_score=inception_score, also=also)
     if dist.rank() != 0:
         return None
-    mu, sigma = features.mean_and_covariance()
-    return fid_from_stats(mu, sigma, *reference), *(scores.score() if scores is not None else (None, None))
+    return (fid_from_stats(*features.mean_and_covariance(), *reference),
+            *(scores.score() if scores is not None else (None, None)), _fd(also, fd_dinov2))
+
+
+def _fd(also: list[tuple[DINOv2Detector, FeatureStats]], fd_dinov2: FDDINOv2 | None) -> float | None:
+    """FD_DINOv2 from the filled accumulator of `also`, or None where it was not asked for."""
+    return None if fd_dinov2 is None else fid_from_stats(*also[0][1].mean_and_covariance(), *fd_dinov2.reference)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,6 +127,7 @@ class Result:
     fid: float | None = None
     is_mean: float | None = None
     is_std: float | None = None
+    fd_dinov2: float | None = None  # EDM2's Fréchet distance in DINOv2 features; empty unless pid-fid --fd-dinov2.
     sampler: str = ""
     detector: str = ""
     reference: str = ""
@@ -116,7 +143,7 @@ class Result:
 
     @classmethod
     def from_row(cls, row: dict[str, str]) -> Result:
-        numbers = {name: float(row[name]) if row[name] else None for name in ("fid", "is_mean", "is_std")}
+        numbers = {name: float(row[name]) if row.get(name) else None for name in _NUMBERS}
         step = int(row["step"]) if row["step"] else None
         return cls(**{**row, **numbers, "step": step, "num_samples": int(row["num_samples"])})
 
@@ -126,6 +153,8 @@ class Result:
 
 
 CSV_FIELDS = [field.name for field in dataclasses.fields(Result)]
+_NUMBERS = ("fid", "is_mean", "is_std", "fd_dinov2")
+_BEFORE_FD_DINOV2 = [name for name in CSV_FIELDS if name != "fd_dinov2"]  # The columns of older tables, still read.
 
 
 class ResultsTable:
@@ -136,16 +165,17 @@ class ResultsTable:
         self.results: dict[tuple[str, str, str, str], Result] = {}
         if fileio.exists(path):
             reader = csv.DictReader(io.StringIO(fileio.read_bytes(path).decode("utf-8")))
-            if reader.fieldnames != CSV_FIELDS:
+            if reader.fieldnames not in (CSV_FIELDS, _BEFORE_FD_DINOV2):
                 raise ValueError(f"{path} has columns {reader.fieldnames}, not {CSV_FIELDS}; it was not written "
                                  "by this version of pid-fid: move it away or name another --csv")
             for row in reader:
                 result = Result.from_row(row)
                 self.results[result.key] = result
 
-    def is_done(self, key: tuple[str, str, str, str]) -> bool:
+    def is_done(self, key: tuple[str, str, str, str], fd_dinov2: bool = False) -> bool:
+        """Whether `key` has a score (and an FD_DINOv2, when `fd_dinov2` asks for one)."""
         result = self.results.get(key)
-        return result is not None and not result.error
+        return result is not None and not result.error and (not fd_dinov2 or result.fd_dinov2 is not None)
 
     def record(self, result: Result, *, write: bool) -> None:
         """Add or replace a result; a successful one also clears its checkpoint's failures on that range."""
@@ -191,11 +221,11 @@ def _error(error: Exception) -> str:
 
 def _score(table: ResultsTable, result: Result, net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int],
            detector: Detector, reference: tuple[np.ndarray, np.ndarray], batch_size: int,
-           on_result: Callable[[Result], None]) -> None:
-    scores = evaluate(net, sampler, seeds, detector, reference, batch_size)
+           on_result: Callable[[Result], None], fd_dinov2: FDDINOv2 | None) -> None:
+    scores = evaluate(net, sampler, seeds, detector, reference, batch_size, fd_dinov2=fd_dinov2)
     if dist.rank() == 0:
-        fid, is_mean, is_std = scores
-        result = dataclasses.replace(result, fid=fid, is_mean=is_mean, is_std=is_std)
+        fid, is_mean, is_std, fd = scores
+        result = dataclasses.replace(result, fid=fid, is_mean=is_mean, is_std=is_std, fd_dinov2=fd)
         table.record(result, write=True)
         on_result(result)
 
@@ -203,12 +233,12 @@ def _score(table: ResultsTable, result: Result, net: nn.Module, sampler: sampler
 def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[int]], detector: Detector,
                   reference: tuple[np.ndarray, np.ndarray], reference_name: str, *, weights: Sequence[str] | None,
                   sampler_for: Callable[[str], samplers.Sampler], batch_size: int,
-                  on_result: Callable[[Result], None] = lambda result: None) -> None:
+                  on_result: Callable[[Result], None] = lambda result: None, fd_dinov2: FDDINOv2 | None = None) -> None:
     """Every missing (weights, seed range) of one snapshot or training state, each recorded in `table`
     (written by rank 0) as soon as it is measured; `on_result` is called on rank 0 after each recorded score.
     `weights`: EMA names and/or TRAINED_WEIGHTS; None: all the file holds. `sampler_for(model class)` gives
     the sampler, chosen before any weights are read. A file or a set of weights that cannot be
-    loaded gets a row with the error."""
+    loaded gets a row with the error. `fd_dinov2`: FD_DINOv2 as well (rows without it are measured again)."""
     is_writer = dist.rank() == 0
     name = path.rsplit("/", 1)[-1]
     try:
@@ -223,27 +253,29 @@ def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[in
         dist.print0(f"{name}: cannot be read: {error}")
         return
     files = {ema: (name, functools.partial(checkpoint.load_generator, path,
-                                           ema_rate=None if ema == TRAINED_WEIGHTS else float(ema),
+                                           ema_rate=None if ema == TRAINED_WEIGHTS else ema,
                                            device=detector.device))
              for ema in available}
     evaluate_weights(table, files, name, step, weights, sampler, seed_ranges, detector, reference, reference_name,
-                     batch_size=batch_size, on_result=on_result)
+                     batch_size=batch_size, on_result=on_result, fd_dinov2=fd_dinov2)
 
 
 def evaluate_weights(table: ResultsTable, files: Mapping[str, tuple[str, Callable[[], nn.Module]]], fallback_name: str,
                      step: int | None, weights: Sequence[str] | None, sampler: samplers.Sampler,
                      seed_ranges: dict[str, list[int]], detector: Detector, reference: tuple[np.ndarray, np.ndarray],
-                     reference_name: str, *, batch_size: int, on_result: Callable[[Result], None]) -> None:
+                     reference_name: str, *, batch_size: int, on_result: Callable[[Result], None],
+                     fd_dinov2: FDDINOv2 | None = None) -> None:
     """Every missing (weights, seed range) of one step: `files` maps each set of weights it has (an EMA name,
     TRAINED_WEIGHTS) to (the file name of its rows, a loader of the network); `weights` None: all of them.
-    Weights that are not there, or do not load, get a row with the error (named `fallback_name` when absent)."""
+    Weights that are not there, or do not load, get a row with the error (named `fallback_name` when absent).
+    `fd_dinov2`: FD_DINOv2 as well (rows without it are measured again)."""
     is_writer = dist.rank() == 0
     for ema in weights or list(files):
         name, load = files.get(ema, (fallback_name, None))
         for text, seeds in seed_ranges.items():
             result = Result(name, step, ema, text, len(seeds), sampler=sampler_label(sampler),
                             detector=detector.source, reference=reference_name)
-            if table.is_done(result.key):
+            if table.is_done(result.key, fd_dinov2 is not None):
                 continue
             try:
                 if load is None:
@@ -253,7 +285,7 @@ def evaluate_weights(table: ResultsTable, files: Mapping[str, tuple[str, Callabl
                 table.record(dataclasses.replace(result, error=_error(error)), write=is_writer)
                 dist.print0(f"{name} ema {ema}: cannot be loaded: {error}")
                 continue
-            _score(table, result, net, sampler, seeds, detector, reference, batch_size, on_result)
+            _score(table, result, net, sampler, seeds, detector, reference, batch_size, on_result, fd_dinov2)
 
 
 def evaluate_run(run_dir: str, table: ResultsTable, seed_ranges: dict[str, list[int]], detector: Detector,
@@ -267,29 +299,30 @@ def evaluate_run(run_dir: str, table: ResultsTable, seed_ranges: dict[str, list[
 def evaluate_network(name: str, net: nn.Module, sampler: samplers.Sampler, table: ResultsTable,
                      seed_ranges: dict[str, list[int]], detector: Detector, reference: tuple[np.ndarray, np.ndarray],
                      reference_name: str, *, batch_size: int,
-                     on_result: Callable[[Result], None] = lambda result: None) -> None:
+                     on_result: Callable[[Result], None] = lambda result: None, fd_dinov2: FDDINOv2 | None = None) -> None:
     """Every missing seed range of one network with its sampler (a teacher: EDM's baseline), as a row named
     `name` without a step or weights."""
     for text, seeds in seed_ranges.items():
         result = Result(name, None, "", text, len(seeds), sampler=sampler_label(sampler), detector=detector.source,
                         reference=reference_name)
-        if not table.is_done(result.key):
-            _score(table, result, net, sampler, seeds, detector, reference, batch_size, on_result)
+        if not table.is_done(result.key, fd_dinov2 is not None):
+            _score(table, result, net, sampler, seeds, detector, reference, batch_size, on_result, fd_dinov2)
 
 
 def evaluate_images(name: str, source: ImageSource, table: ResultsTable, detector: Detector,
                     reference: tuple[np.ndarray, np.ndarray], reference_name: str, *, batch_size: int,
-                    on_result: Callable[[Result], None] = lambda result: None) -> None:
-    """FID and IS of every image of `source` (an .npz of samples, a folder, a zip), as EDM's `fid.py calc`
+                    on_result: Callable[[Result], None] = lambda result: None, fd_dinov2: FDDINOv2 | None = None) -> None:
+    """FID and IS (and FD_DINOv2) of every image of `source` (an .npz of samples, a folder, a zip), as EDM's `fid.py calc`
     scores a folder of images: one row named `name`."""
     result = Result(name, None, "", "", len(source), detector=detector.source, reference=reference_name)
-    if table.is_done(result.key):
+    if table.is_done(result.key, fd_dinov2 is not None):
         return
+    also = [] if fd_dinov2 is None else [fd_dinov2.accumulator()]
     features, scores = compute_statistics(image_batches(source, np.arange(len(source)), batch_size), detector,
-                                          len(source), feature_dim=len(reference[0]), inception_score=True)
+                                          len(source), feature_dim=len(reference[0]), inception_score=True, also=also)
     if dist.rank() == 0:
         mu, sigma = features.mean_and_covariance()
-        result = dataclasses.replace(result, fid=fid_from_stats(mu, sigma, *reference), **dict(
-            zip(("is_mean", "is_std"), scores.score())))
+        result = dataclasses.replace(result, fid=fid_from_stats(mu, sigma, *reference), fd_dinov2=_fd(also, fd_dinov2),
+                                     **dict(zip(("is_mean", "is_std"), scores.score())))
         table.record(result, write=True)
         on_result(result)

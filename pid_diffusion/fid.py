@@ -6,7 +6,8 @@ and a generator of image batches can feed them directly, so FID needs no PNGs on
 """
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -124,16 +125,20 @@ def compute_statistics(
     *,
     feature_dim: int = FEATURE_DIM,
     inception_score: bool = True,
+    also: Sequence[tuple[Any, FeatureStats]] = (),
 ) -> tuple[FeatureStats, InceptionScoreStats | None]:
     """Feed this rank's `(positions, uint8 NCHW images)` batches to the detector and sum over ranks.
 
     `num_samples` is the total over all ranks; `positions` place each image in 0..N-1 for the IS splits.
     `feature_dim` is the reference statistics' dimension. The Inception Score costs a second pass of the
-    detector; leave it out for reference statistics.
+    detector; leave it out for reference statistics. `also`: (another detector, its accumulator) pairs fed the
+    same images in the same pass (DINOv2 for FD_DINOv2), summed over ranks alike.
     """
     features = FeatureStats(feature_dim, device=detector.device)
     scores = InceptionScoreStats(num_samples, device=detector.device) if inception_score else None
     for positions, images in batches:
+        for other, stats in also:
+            stats.update(other.features(images))
         batch_features = detector.features(images)
         if batch_features.shape[1] != feature_dim:
             raise ValueError(f"The detector gives {batch_features.shape[1]}-d features, the reference statistics "
@@ -142,6 +147,8 @@ def compute_statistics(
         if scores is not None:
             scores.update(detector.probabilities(images), positions)
     features.all_reduce()
+    for _, stats in also:
+        stats.all_reduce()
     if scores is not None:
         scores.all_reduce()
     if int(features.num) != num_samples:

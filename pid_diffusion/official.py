@@ -123,7 +123,7 @@ def load_student(path: str, preset: str, device: torch.device | str = "cpu", dat
     return student.to(device).eval().requires_grad_(False)
 
 
-def load_network(path: str, preset: str | None = None, ema_rate: float | None = None,
+def load_network(path: str, preset: str | None = None, ema_rate: float | str | None = None,
                  device: torch.device | str = "cpu") -> nn.Module:
     """The network of a model file, told apart by content: a snapshot or training state (its EMA at `ema_rate`,
     or its trained weights; `preset` must be None), or an official student file (`preset` names its
@@ -194,20 +194,22 @@ def _loader(path: str, preset: str, device: torch.device) -> Callable[[], nn.Mod
 def evaluate_file(path: str, preset: str, table: evaluation.ResultsTable, seed_ranges: dict[str, list[int]],
                   detector: Detector, reference: tuple[np.ndarray, np.ndarray], reference_name: str, *,
                   sampler: samplers.Sampler, batch_size: int,
-                  on_result: Callable[[evaluation.Result], None] = lambda result: None) -> None:
+                  on_result: Callable[[evaluation.Result], None] = lambda result: None,
+                  fd_dinov2: evaluation.FDDINOv2 | None = None) -> None:
     """Every missing seed range of one official student file; its row's step and weights come from its name
-    (`weights_of`)."""
+    (`weights_of`); `fd_dinov2`: FD_DINOv2 as well."""
     name = path.rsplit("/", 1)[-1]
     step, weights = weights_of(name)
     evaluation.evaluate_weights(table, {weights: (name, _loader(path, preset, detector.device))}, name, step, None,
                                 sampler, seed_ranges, detector, reference, reference_name, batch_size=batch_size,
-                                on_result=on_result)
+                                on_result=on_result, fd_dinov2=fd_dinov2)
 
 
 def evaluate_run(run_dir: str, preset: str, table: evaluation.ResultsTable, seed_ranges: dict[str, list[int]],
                  detector: Detector, reference: tuple[np.ndarray, np.ndarray], reference_name: str, *,
                  weights: Sequence[str] | None, sampler: samplers.Sampler, batch_size: int,
-                 on_result: Callable[[evaluation.Result], None] = lambda result: None) -> None:
+                 on_result: Callable[[evaluation.Result], None] = lambda result: None,
+                 fd_dinov2: evaluation.FDDINOv2 | None = None) -> None:
     """`evaluate_file` on every student file of an official run folder, oldest step first, the rows as for a
     run of this project: one per (file, seed range), `weights` (EMA names and/or TRAINED_WEIGHTS; None: all
     a step has) restricting them; a requested rate a step lacks gets a row with the error."""
@@ -216,4 +218,5 @@ def evaluate_run(run_dir: str, preset: str, table: evaluation.ResultsTable, seed
                    for rate, path in files.items()}
         fallback = next(iter(loaders.values()))[0]
         evaluation.evaluate_weights(table, loaders, fallback, step, weights, sampler, seed_ranges, detector,
-                                    reference, reference_name, batch_size=batch_size, on_result=on_result)
+                                    reference, reference_name, batch_size=batch_size, on_result=on_result,
+                                    fd_dinov2=fd_dinov2)

@@ -19,10 +19,13 @@ from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 from pid_diffusion.utils import fileio
 from pid_diffusion.evaluation import TRAINED_WEIGHTS, Result  # noqa: E402
+from pid_diffusion.phema import is_std_name, std_of  # noqa: E402
 
-__all__ = ["FID_PLOT", "TRAINING_PLOT", "plot_fid", "plot_training", "read_metrics"]
+__all__ = ["FID_PLOT", "PHEMA_PLOT", "TRAINING_PLOT", "plot_fid", "plot_fid_against_std", "plot_training",
+           "read_metrics"]
 
 FID_PLOT = "fid.png"
+PHEMA_PLOT = "fid-phema.png"  # pid-fid --phema-std: FID against the relative std of the post-hoc EMA.
 TRAINING_PLOT = "training.png"
 _TRAINING_PANELS = (("loss", "loss", "log"), ("grad_norm", "gradient norm", "log"), ("lr", "learning rate", "linear"))
 
@@ -50,15 +53,22 @@ def _save(figure, path: str) -> None:
     fileio.atomic_write_bytes(buffer.getvalue(), path)
 
 
+def _panels(results: Sequence[Result]) -> list[tuple[str, str]]:
+    """(axis label, Result field) of the scores to draw: FID and IS, and FD_DINOv2 where any row has it."""
+    panels = [("FID", "fid"), ("Inception Score", "is_mean")]
+    return panels + [("FD_DINOv2", "fd_dinov2")] if any(r.fd_dinov2 is not None for r in results) else panels
+
+
 def plot_fid(results: Sequence[Result], path: str) -> None:
-    """FID (top) and Inception Score (bottom) against the training step, one line per set of weights; rows
-    without a step (a teacher, images) are left out."""
-    figure, axes = plt.subplots(2, 1, figsize=(8, 7), sharex=True, layout="constrained")
+    """FID (top), Inception Score and, where measured, FD_DINOv2 against the training step, one line per set of
+    weights; rows without a step (a teacher, images) are left out."""
+    panels = _panels(results)
+    figure, axes = plt.subplots(len(panels), 1, figsize=(8, 3.5 * len(panels)), sharex=True, layout="constrained")
     lines: dict[str, list[Result]] = {}
     for result in sorted((r for r in results if r.step is not None), key=lambda r: r.step):
         label = "trained weights" if result.ema == TRAINED_WEIGHTS else f"EMA {result.ema}"
         lines.setdefault(label, []).append(result)
-    for axis, (name, value) in zip(axes, (("FID", "fid"), ("Inception Score", "is_mean"))):
+    for axis, (name, value) in zip(axes, panels):
         for label, line in lines.items():
             points = [(r.step, getattr(r, value)) for r in line if getattr(r, value) is not None]
             if points:
@@ -68,6 +78,27 @@ def plot_fid(results: Sequence[Result], path: str) -> None:
         _plain_values(axis)
     axes[0].legend()
     axes[-1].set_xlabel("training step")
+    _save(figure, path)
+
+
+def plot_fid_against_std(results: Sequence[Result], path: str) -> None:
+    """The scores of post-hoc EMA reconstructions (weights 'std-<σ_rel>') against σ_rel, one line per file (the
+    step it was reconstructed at), as EDM2 plots FID against the EMA length."""
+    panels = _panels(results)
+    figure, axes = plt.subplots(len(panels), 1, figsize=(8, 3.5 * len(panels)), sharex=True, layout="constrained")
+    lines: dict[str, list[Result]] = {}
+    for result in sorted((r for r in results if is_std_name(r.ema)), key=lambda r: std_of(r.ema)):
+        lines.setdefault(f"step {result.step}" if result.step is not None else result.checkpoint, []).append(result)
+    for axis, (name, value) in zip(axes, panels):
+        for label, line in lines.items():
+            points = [(std_of(r.ema), getattr(r, value)) for r in line if getattr(r, value) is not None]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=label)
+        axis.set_ylabel(name)
+        axis.grid(True, alpha=0.3)
+        _plain_values(axis)
+    axes[0].legend()
+    axes[-1].set_xlabel("relative standard deviation of the post-hoc EMA (σ_rel)")
     _save(figure, path)
 
 

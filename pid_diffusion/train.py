@@ -35,7 +35,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pid_diffusion import checkpoint, images, resume, run_log
+from pid_diffusion import checkpoint, images, phema, resume, run_log
 from pid_diffusion.utils import dist, fileio, perf, preemption
 from pid_diffusion.utils.rng import seed_globals
 from pid_diffusion.config import ConfigError, LRDecay, OptimizerKind, Precision, TrainConfig, TrainingConfig, to_json
@@ -241,7 +241,7 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
     model.to(device).train()
     _apply_speed_options(model, train, device)
     optimizer = build_optimizer(model.parameters(), train)
-    ema = EMA(model, train.ema_rates)
+    ema = phema.Averages(EMA(model, train.ema_rates), phema.PowerFunctionEMA(model, train.phema_stds))
     scaler = loss_scaler(train.precision, device)
     start_step, last_checkpoint, rng_restored, changes = resume.resume(config, model, ema, optimizer, scaler,
                                                                        fingerprints)
@@ -302,8 +302,7 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         skipped = scaler.is_enabled() and scaler.get_scale() < scale
-        if not skipped:
-            ema.update(model)
+        ema.update(model, nimg=done * train.batch, batch=train.batch, skipped=skipped)
         log.step(loss, grad_norm.item(), skipped)
 
         # Periodic work: consistency check, log, sample grid, checkpoint.

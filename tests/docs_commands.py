@@ -35,11 +35,12 @@ REFERENCE_IMAGES_REDUCTION = ["--num-images", "10"]  # pid-fid-ref --data
 # Every console script, its module, and its scripts/ wrapper.
 MODULES = {"pid-demo": "demo", "pid-distill": "distill", "pid-train-teacher": "train_teacher",
            "pid-convert-edm": "convert_edm", "pid-sample": "sample", "pid-fid": "fid", "pid-fid-ref": "fid_ref",
-           "pid-fit-dode": "fit_dode", "pid-plot": "plot", "pid-fetch-weights": "fetch_weights"}
+           "pid-fit-dode": "fit_dode", "pid-plot": "plot", "pid-fetch-weights": "fetch_weights", "pid-phema": "phema"}
 SCRIPTS = {"scripts/distill.py": "pid-distill", "scripts/train_teacher.py": "pid-train-teacher",
            "scripts/convert_edm.py": "pid-convert-edm", "scripts/image_sample.py": "pid-sample",
            "scripts/fid_evaluation.py": "pid-fid", "scripts/fid_ref.py": "pid-fid-ref",
-           "scripts/fit_dode.py": "pid-fit-dode", "scripts/fetch_weights.py": "pid-fetch-weights"}
+           "scripts/fit_dode.py": "pid-fit-dode", "scripts/fetch_weights.py": "pid-fetch-weights",
+           "scripts/phema.py": "pid-phema"}
 _MPIRUN_OPTIONS_WITH_VALUE = {"-np", "-n", "--bind-to", "-x", "--hostfile", "--map-by"}
 
 

@@ -44,11 +44,12 @@ def mistakes(tmp_path: Path) -> dict[str, tuple[str, list[str], str]]:
                          "missing.pt"),
         "pid-plot": ("plot", [str(tmp_path / "no-run")], "nothing to plot"),
         "pid-fetch-weights": ("fetch_weights", ["--train.lr=-1"], "train.lr"),
+        "pid-phema": ("phema", [str(empty_run), "--std", "0.05"], "cannot be read"),
     }
 
 
 COMMANDS = ["pid-convert-edm", "pid-distill", "pid-demo", "pid-train-teacher", "pid-sample", "pid-fid",
-            "pid-fid-ref", "pid-fit-dode", "pid-plot", "pid-fetch-weights"]
+            "pid-fid-ref", "pid-fit-dode", "pid-plot", "pid-fetch-weights", "pid-phema"]
 
 
 def test_every_command_line_is_covered():

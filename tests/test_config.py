@@ -196,7 +196,7 @@ TASKS = {"distill": DistillConfig, "teacher": teacher_training.TeacherTrainingCo
 
 def test_every_preset_of_both_tasks_is_a_file():
     assert config_files.preset_names("distill") == ["cifar10", "cifar10-central", "default", "imagenet64",
-                                               "imagenet64-central"]
+                                               "imagenet64-central", "shapes-zoo"]
     assert config_files.preset_names("teacher") == ["default"]
 
 

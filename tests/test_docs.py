@@ -27,18 +27,20 @@ import PIL.Image
 import pytest
 import torch
 
-from pid_diffusion import checkpoint
+from pid_diffusion import checkpoint, posthoc_ema
 from pid_diffusion.utils import hub
 from pid_diffusion.config import to_json
 from pid_diffusion.dode import Solver, fit_dode
 from pid_diffusion.fid import save_reference
 from pid_diffusion.inception import DETECTOR_FILENAME, FEATURE_DIM
+from pid_diffusion.reference_stats import ReferenceStats, save_stats
 from pid_diffusion.networks import edm
 from pid_diffusion.teacher import load_teacher
 
 import docs_commands
 from docs_commands import MODULES, REPO, SCRIPTS, documented_commands, reduced, without_mpirun
 from test_fid import SMALL_FEATURE_DIM, small_detector, write_detector
+from test_dinov2 import REF as REF_DINOV2, write_tiny_weights
 from test_metrics import write_lpips_standins
 from test_teacher import _release, _write_edm_pickle
 
@@ -47,6 +49,7 @@ TEACHER_NAMES = ["edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]
 STUDENT_CHECKPOINTS = ["runs/pid-cifar10/checkpoint-00800000.pt", "runs/pid-imagenet64/checkpoint-00400000.pt"]
 STUDENT_SNAPSHOTS = ["runs/pid-cifar10/snapshot-00800000.pt"]
 REFERENCES = ["fid-refs/cifar10-32x32.npz", "fid-refs/imagenet-64x64.npz", "samples-stats.npz"]
+EDM2_REFERENCES = ["fid-refs/cifar10-32x32.pkl"]  # FID's and FD_DINOv2's statistics (the tiny DINOv2's 64-d)
 EDM_FID_REFS_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"  # wget of a reference: the stand-in's copy
 # The official PID code's files (docs/evaluation.md): a released student and a run folder, holding the bundled
 # teacher's network as a student; the release preset their commands name stands for its architecture.
@@ -68,12 +71,14 @@ def standins(tmp_path_factory) -> Path:
     torch_home.mkdir(parents=True)
     write_lpips_standins(torch_home)
     small_detector(torch_home / DETECTOR_FILENAME)  # 16-d features of 16×16 images
+    write_tiny_weights(root / "torch_home")  # DINOv2's file: the fixture's tiny network (64-d features)
     # pid-fid-ref writes statistics of the real detector's size (FEATURE_DIM): a stand-in of that width.
     full_width = root / "torch_home_full_width" / "hub" / "checkpoints"
     full_width.mkdir(parents=True)
     generator = torch.Generator().manual_seed(2)
     write_detector(full_width / DETECTOR_FILENAME, torch.randn(3 * 4 * 4, FEATURE_DIM, generator=generator) * 0.1,
                    torch.randn(FEATURE_DIM, generator=generator))
+    write_tiny_weights(root / "torch_home_full_width")
 
     files = root / "files"
     for name in TEACHER_NAMES:  # the bundled 16×16 teacher stands for the releases
@@ -90,16 +95,23 @@ def standins(tmp_path_factory) -> Path:
     run_dir = root / "student-run"
     importlib.import_module("pid_diffusion.cli.distill").main(
         [f"--run.dir={run_dir}", "--train.steps=1", "--train.batch=2", "--run.image_every=0",
-         "--train.ema_rates=0.999,0.9999,0.99995"])
+         "--train.ema_rates=0.999,0.9999,0.99995", "--train.phema_stds=0.05,0.1"])
     for path in STUDENT_CHECKPOINTS:
         (files / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(checkpoint.latest_checkpoint(str(run_dir))[1], files / path)
-    for path in STUDENT_SNAPSHOTS:
-        shutil.copy(checkpoint.find_snapshots(str(run_dir))[-1][1], files / path)
+    for path in STUDENT_SNAPSHOTS:  # The step inside as the name says: post-hoc EMA reads both.
+        snapshot = torch.load(checkpoint.find_snapshots(str(run_dir))[-1][1], weights_only=True)
+        torch.save({**snapshot, "step": checkpoint.step_of(path)}, files / path)
+    # A reconstruction (pid-phema's output) to sample from.
+    posthoc_ema.reconstruct_run(str(files / "runs" / "pid-cifar10"), [0.08], log=lambda line: None)
 
     (files / "fid-refs").mkdir()
     for path in REFERENCES:
         save_reference(str(files / path), np.zeros(SMALL_FEATURE_DIM), np.eye(SMALL_FEATURE_DIM))
+    dinov2_dim = REF_DINOV2["model_kwargs"]["embed_dim"]
+    for path in EDM2_REFERENCES:
+        save_stats(str(files / path), ReferenceStats(fid=(np.zeros(SMALL_FEATURE_DIM), np.eye(SMALL_FEATURE_DIM)),
+                                                     fd_dinov2=(np.zeros(dinov2_dim), np.eye(dinov2_dim))))
     images = np.random.default_rng(0).integers(0, 256, (NUM_DATA_IMAGES, 16, 16, 3), dtype=np.uint8)
     np.savez(files / "samples.npz", images=images)
     for folder in ("datasets/my-images", "image_folder"):

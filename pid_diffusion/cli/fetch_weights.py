@@ -3,13 +3,15 @@ ahead of time (on a login node with network access, before the job waits in an o
 
 The files: the distance's weights in torch hub's cache (`$TORCH_HOME/hub/checkpoints/`; lpips_piq: VGG16
 `vgg16-397923af.pth` and piq's `lpips_weights.pt`; lpips_vgg: VGG16 alone; l2, l1, pseudo_huber: none), EDM's
-Inception detector `inception-2015-12-05.pt` in the same cache (pid-fid; --no-detector skips it), and the
+Inception detector `inception-2015-12-05.pt` in the same cache (pid-fid; --no-detector skips it), with
+--fd-dinov2 DINOv2 ViT-L/14 `dinov2_vitl14_pretrain.pth` (FD_DINOv2: pid-fid --fd-dinov2), and the
 teacher at `teacher.path` when it names one of EDM's release files (`edm-cifar10-32x32-uncond-vp.pkl`, ...) or
 its converted `.pt` (the `.pkl` is downloaded beside it and converted, as pid-convert-edm does).
 A file already there is not fetched again. Where a file cannot be downloaded, the command prints its URL and
 the exact path to copy it to, and exits with status 1.
 
     pid-fetch-weights --preset=cifar10
+    pid-fetch-weights --preset=cifar10 --fd-dinov2
     TORCH_HOME=/shared/torch pid-fetch-weights --preset=imagenet64 --teacher.path=/shared/edm-imagenet-64x64-cond-adm.pkl
 """
 
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pid_diffusion import inception
+from pid_diffusion import dinov2, inception
 from pid_diffusion.utils import fileio, hub
 from pid_diffusion.cli import errors, options
 from pid_diffusion.distill import TASK, DistillConfig, teacher_release, weight_files
@@ -32,6 +34,7 @@ def build_parser():
     parser = options.parser("pid-fetch-weights", __doc__)
     options.add_configuration_source(parser, TASK)
     parser.add_argument("--no-detector", action="store_true", help="skip the Inception detector of FID")
+    parser.add_argument("--fd-dinov2", action="store_true", help="also DINOv2 ViT-L/14, the network of FD_DINOv2")
     parser.epilog = "Configuration overrides: --section.key=value, as pid-distill takes them."
     return parser
 
@@ -75,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with errors.reported("pid-fetch-weights"):
         parser = build_parser()
         args, config = options.parse_training(parser, DistillConfig, TASK, argv)
-        files = [*weight_files(config), *([] if args.no_detector else [inception.DETECTOR])]
+        files = [*weight_files(config), *([] if args.no_detector else [inception.DETECTOR]),
+                 *([dinov2.DINOV2] if args.fd_dinov2 else [])]
         complete = _fetch_teacher(config)
         absent = hub.missing(*files)
         try:

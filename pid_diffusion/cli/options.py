@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from pid_diffusion import config_files, official, samplers
+from pid_diffusion import config_files, official, phema, samplers
 from pid_diffusion.utils import dist
 from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
                                   to_json)
@@ -166,9 +166,16 @@ def seed_range(text: str) -> tuple[str, list[int]]:
 
 
 def weights_name(text: str) -> str:
-    """'none' or an EMA rate written as the checkpoint's `ema` keys write it (str of the float)."""
+    """'none', an EMA rate written as the checkpoint's `ema` keys write it (str of the float), or a power-function
+    EMA or post-hoc reconstruction as 'std-<σ_rel>' (written as phema.std_name writes it)."""
     if text == TRAINED_WEIGHTS:
         return text
+    if phema.is_std_name(text):
+        try:
+            return phema.std_name(phema.std_of(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: a power-function EMA is named std-<relative std>, "
+                                             "e.g. std-0.050") from None
     try:
         rate = float(text)
     except ValueError:
@@ -184,7 +191,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", help="snapshot or training state (a PID student or an EDM network), or a "
                                              "student file of the official PID code with --preset")
     source.add_argument("--teacher", help="teacher: EDM .pkl, converted teacher .pt, or a state dict with --preset")
-    parser.add_argument("--ema", type=float, help="EMA rate to sample from, e.g. 0.9999 (default: the trained weights)")
+    parser.add_argument("--ema", type=weights_name, help="EMA to sample from: a rate, e.g. 0.9999, or a power-function "
+                        "EMA or post-hoc reconstruction, e.g. std-0.050 (default: the trained weights)")
     parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (a teacher's, or an "
                                          "official PID student's)")
 
@@ -210,4 +218,5 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
         if args.ema is not None:
             raise ValueError("--ema applies to a training checkpoint; a teacher file holds one network")
         return load_teacher(args.teacher, preset=args.preset, device=device)
-    return official.load_network(args.checkpoint, preset=args.preset, ema_rate=args.ema, device=device)
+    ema = None if args.ema == TRAINED_WEIGHTS else args.ema
+    return official.load_network(args.checkpoint, preset=args.preset, ema_rate=ema, device=device)
