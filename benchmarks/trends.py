@@ -152,7 +152,7 @@ def measure(setting: Setting, budget: Budget, seed: int, out: Path, latents: tor
     objective, student = build(config, torch.device("cpu"))
     with torch.no_grad():
         curve = [dict(zip(("step", "rmse", "psnr"), (0, *agreement(one_step(student.eval(), latents), reference))))]
-    latest, diverged = checkpoint.latest_checkpoint(config.run.dir), None
+    latest, diverged = checkpoint.latest_training_state(config.run.dir), None
     if latest is None or latest[0] < budget.steps:
         try:
             training_loop(config, objective, student)  # Resuming checks that the folder holds this configuration.
@@ -162,9 +162,9 @@ def measure(setting: Setting, budget: Budget, seed: int, out: Path, latents: tor
             fileio.join(config.run.dir, "config.json")))), config)):
         raise SystemExit(f"{config.run.dir} holds a run of another budget ({', '.join(changed)} differ): "
                          "pass another --out, or delete the folder")
-    for step, path in checkpoint.find_checkpoints(config.run.dir):
+    for step, path in checkpoint.find_training_states(config.run.dir):
         with torch.no_grad():
-            rmse, psnr = agreement(one_step(checkpoint.load_generator(path), latents), reference)
+            rmse, psnr = agreement(one_step(checkpoint.load_network(path), latents), reference)
         curve.append({"step": step, "rmse": rmse, "psnr": psnr})
     return {"setting": setting.name, "axis": setting.axis, "seed": seed, "overrides": dict(setting.overrides),
             "s_per_step": None if diverged else _seconds_per_step(config.run.dir), "diverged": diverged,

@@ -4,8 +4,10 @@ A configuration is a tree of frozen dataclasses. Every task has the two sections
 (`run`: where and how often to write; `train`: batch, optimizer, precision, EMA) and adds its own (distill.py:
 `teacher`, `student`, `pid`; teacher_training.py: `data`, `network`, `edm`). The defaults are the paper's
 CIFAR-10 run. Values pass one boundary, `from_dict`, which checks each field's type, parses enum members from
-their string values and runs each section's range checks; preset files, stored configurations (`config.json`,
-checkpoints) and command-line overrides all go through it.
+their string values and runs each section's range checks; a section that checks its values with the checks of
+the object it configures (a grid, a loss) lets their ValueError through, and `from_dict` reports it as a
+ConfigError naming the section. Preset files, stored configurations (`config.json`, training states) and
+command-line overrides all go through it.
 
 Presets are JSON files holding only what differs from these defaults (configs/). Overrides
 come as `--section.key=value`, or `--key=value` when the key names one field of the whole tree; an unknown
@@ -28,6 +30,7 @@ from typing import Any, TypeVar
 
 from pid_diffusion import phema
 from pid_diffusion.utils import preemption
+from pid_diffusion.utils.values import parse_enum, plain
 
 __all__ = ["ConfigError", "LRDecay", "OnResume", "OptimizerKind", "Precision", "RunConfig", "TrainConfig",
            "TrainingConfig", "apply_overrides", "check", "diff", "flatten", "from_dict", "leaf_fields",
@@ -197,17 +200,7 @@ class TrainingConfig:
 
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-able dictionary of a configuration (enums as their values, tuples as lists)."""
-    return {field.name: _plain(getattr(config, field.name)) for field in dataclasses.fields(config)}
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return to_dict(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
+    return plain(config, "config")
 
 
 def to_json(config: Any) -> str:
@@ -233,7 +226,9 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
     values = {key: _convert(value, hints[key], prefix + key) for key, value in data.items()}
     try:
         return cls(**values)
-    except TypeError as error:  # A missing required field.
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:  # A missing required field, or the checks of an object it builds.
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from None
 
 
@@ -263,13 +258,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return value if isinstance(value, tp) else from_dict(tp, value, prefix=key + ".")
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
         try:
-            return tp(value)
-        except ValueError:
-            choices = ", ".join(str(member.value) for member in tp)
-            raise ConfigError(f"{key}: {value!r} is not one of {choices}") from None
+            return parse_enum(tp, value, key)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -17,21 +17,19 @@ from typing import Any
 
 import torch
 
-import blobfile as bf
-
 from pid_diffusion import config_files, official
-from pid_diffusion.utils import hub, perf
+from pid_diffusion.utils import fileio, hub, perf
 from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, StudentPrecision, check_options
 from pid_diffusion.precision import check_recipe
-from pid_diffusion.metrics import Metric
+from pid_diffusion.distances import Metric
 from pid_diffusion.networks.edm import EDM_PRESETS
 from pid_diffusion.student import PIDStudent, StudentInit
 from pid_diffusion.teacher import EDM_RELEASE_URL, load_teacher, network_hash, require_teacher_file
 
 __all__ = ["DistillConfig", "PIDConfig", "StudentConfig", "TASK", "TeacherConfig", "build", "check_files",
-           "fingerprints", "resolve", "teacher_release", "weight_files"]
+           "fingerprints", "network_size", "resolve", "teacher_release", "weight_files"]
 
 TASK = "distill"  # Its presets: configs/distill/<name>.json.
 
@@ -82,12 +80,9 @@ class PIDConfig:
     student_precision: StudentPrecision = StudentPrecision.TRAIN  # The student's passes: train (train.precision), fp32, or train_rounded_difference (docs/precision.md).
 
     def __post_init__(self):
-        # The grid's and the residual's own checks, reported under this section's name.
-        try:
-            check_grid(self.num_points, self.rho, self.sigma_min, self.sigma_max)
-            check_options(self.derivative, self.form, self.stop_neighbour_grad)
-        except ValueError as error:
-            raise ConfigError(f"pid: {error}") from None
+        # The grid's and the residual's own checks (from_dict reports them under this section's name).
+        check_grid(self.num_points, self.rho, self.sigma_min, self.sigma_max)
+        check_options(self.derivative, self.form, self.stop_neighbour_grad)
         minimum = 3 if self.derivative is Derivative.CENTRAL else 2
         check(self.num_points >= minimum, "pid.num_points",
               f"the {self.derivative.value} scheme needs ≥ {minimum} grid points, got {self.num_points}")
@@ -110,14 +105,14 @@ class DistillConfig(TrainingConfig):
     pid: PIDConfig = dataclasses.field(default_factory=PIDConfig)
 
     def __post_init__(self):
-        # perf.CheckpointedUNetBlock raises at the first step; a configuration should fail before the run starts.
         try:  # A 16-bit finite difference is rounded away near ε (docs/precision.md).
             check_recipe(self.train.precision, self.pid.derivative, self.pid.student_precision)
         except ValueError as error:
             raise ConfigError(f"pid.student_precision: {error}") from None
+        # perf.RecomputedUNetBlock raises at the first step; a configuration should fail before the run starts.
         check(not (self.train.activation_checkpointing and self.pid.derivative is Derivative.JVP),
               "train.activation_checkpointing",
-              "cannot combine with pid.derivative=jvp (checkpointing does not recompute forward-mode tangents): "
+              "cannot combine with pid.derivative=jvp (recomputation drops forward-mode tangents): "
               "set it to false, or use derivative=forward or central")
 
 
@@ -140,7 +135,7 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
     if config.train.channels_last:
         teacher.to(memory_format=torch.channels_last)
     if config.train.activation_checkpointing and pid.metric.is_lpips:
-        perf.enable_lpips_checkpointing(metric)
+        perf.enable_lpips_recomputation(metric)
     objective = PIDObjective(teacher, grid, metric, derivative=pid.derivative, form=pid.form,
                              stop_neighbour_grad=pid.stop_neighbour_grad, student_precision=pid.student_precision)
     torch.manual_seed(config.train.seed)  # The random initialisation of the ablation; DDP broadcasts rank 0's.
@@ -181,7 +176,7 @@ def check_files(config: DistillConfig) -> list[str]:
     """Check, without reading them, that the teacher and the pretrained weight files exist: the error the run
     would give otherwise (FileNotFoundError, hub.MissingWeightsError), or one line per file found."""
     require_teacher_file(config.teacher.path)
-    if config.student.init is StudentInit.FILE and not bf.exists(config.student.path):
+    if config.student.init is StudentInit.FILE and not fileio.exists(config.student.path):
         raise FileNotFoundError(f"student.path {config.student.path}: no such file (init=file starts the student "
                                 "from it)")
     hub.require_present(*weight_files(config))
@@ -192,8 +187,16 @@ def check_files(config: DistillConfig) -> list[str]:
     return found
 
 
+def network_size(config: DistillConfig) -> tuple[int, str]:
+    """Bytes of one network's weights, for the launch check's disk estimate (`disk_plan`), and where they come
+    from: the teacher file's size (the student is the teacher's architecture; a converted teacher or a state
+    dict holds just its weights, an EDM .pkl a little more)."""
+    size = bf.stat(config.teacher.path).size
+    return size, f"the teacher file's {size / 1e6:.3g} MB"
+
+
 def _size(path: str) -> str:
     try:
-        return f"{bf.stat(path).size / 2**20:.1f} MiB"
+        return f"{fileio.size(path) / 2**20:.1f} MiB"
     except (OSError, AttributeError):
         return "size unknown"

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from pid_diffusion.utils import fileio
+from pid_diffusion.utils.values import parse_enum
 from pid_diffusion.networks import one_hot
 from pid_diffusion.samplers import Denoiser, HeunSampler, edm_sigmas, euler, heun
 
@@ -62,14 +63,6 @@ class Solver(enum.Enum):
 
     EULER = "euler"
     HEUN = "heun"
-
-    @classmethod
-    def parse(cls, solver: Solver | str) -> Solver:
-        """A Solver from itself or its name ('euler', 'heun')."""
-        try:
-            return cls(solver)
-        except ValueError:
-            raise ValueError(f"solver={solver!r} is unknown; choose one of {[s.value for s in cls]}") from None
 
     @property
     def integrator(self) -> Integrator:
@@ -187,7 +180,7 @@ class DODESampler:
     fit: DODEFit | None = None  # how the λ's were distilled; None for λ's set by hand
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "solver", Solver.parse(self.solver))
+        object.__setattr__(self, "solver", parse_enum(Solver, self.solver, "solver"))
         object.__setattr__(self, "lambdas", tuple(float(lam) for lam in self.lambdas))
         edm_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)  # checks K ≥ 2 and the σ range
         expected = self.solver.num_lambdas(self.num_steps)
@@ -200,7 +193,7 @@ class DODESampler:
     @classmethod
     def base(cls, solver: Solver | str, num_steps: int, **schedule: float) -> DODESampler:
         """The base solver itself (every λ = 0)."""
-        solver = Solver.parse(solver)
+        solver = parse_enum(Solver, solver, "solver")
         return cls(solver, num_steps, (0.0,) * solver.num_lambdas(num_steps), **schedule)
 
     @property

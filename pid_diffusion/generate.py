@@ -96,7 +96,8 @@ def seeded_inputs(net: nn.Module, seeds: Sequence[int], device: torch.device | s
         if net.label_dim and classes is None:
             labels.append(torch.randint(net.label_dim, size=[], generator=generator, device=device))
         elif net.label_dim:
-            labels.append(torch.tensor(classes[position % len(classes)], device=device))
+            # Filled on the device: torch.tensor would copy a host value there (a sync on CUDA).
+            labels.append(torch.full((), classes[position % len(classes)], dtype=torch.int64, device=device))
     return torch.stack(latents), (torch.stack(labels) if labels else None)
 
 

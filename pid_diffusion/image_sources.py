@@ -11,7 +11,6 @@ import os
 import zipfile
 from typing import Protocol
 
-import blobfile as bf
 import numpy as np
 import PIL.Image
 
@@ -46,8 +45,7 @@ class FolderImages:
 
     def __init__(self, path: str):
         # Sorting full paths under one root orders them as EDM orders the relative ones.
-        self.paths = sorted(bf.join(folder, name) for folder, _, names in bf.walk(path)
-                            for name in names if _supported(name))
+        self.paths = [file for file in fileio.walk_files(path) if _supported(file)]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -60,7 +58,7 @@ class ZipImages:
     """Image files inside a zip, in sorted order of their names (EDM's dataset zips)."""
 
     def __init__(self, path: str):
-        self.archive = zipfile.ZipFile(bf.BlobFile(path, "rb"))
+        self.archive = zipfile.ZipFile(fileio.open_read(path))
         self.names = sorted(name for name in self.archive.namelist() if _supported(name))
 
     def __len__(self) -> int:
@@ -97,7 +95,7 @@ def open_images(path: str) -> ImageSource:
         return NpzImages(path)
     if path.endswith(".zip"):
         return ZipImages(path)
-    if bf.isdir(path):
+    if fileio.isdir(path):
         return FolderImages(path)
     raise ValueError(f"{path} is neither a folder, a .zip nor an .npz of images")
 

@@ -80,12 +80,24 @@ def pid_residual(student: nn.Module, teacher: nn.Module, z: torch.Tensor, indice
     the student's passes under an autocast region. Grid times are float64, cast to z's dtype.
     """
     check_options(derivative, form, stop_neighbour_grad)
+    grid.check_indices(indices, interior_only=derivative is Derivative.CENTRAL)  # Indices from outside: checked.
+    return _pid_residual(student, teacher, z, indices, class_labels, grid, metric, derivative, form,
+                         stop_neighbour_grad, student_precision)
+
+
+def _pid_residual(student: nn.Module, teacher: nn.Module, z: torch.Tensor, indices: torch.Tensor,
+                  class_labels: torch.Tensor | None, grid: KarrasGrid, metric: PerSampleDistance,
+                  derivative: Derivative, form: ResidualForm, stop_neighbour_grad: bool,
+                  student_precision: StudentPrecision) -> torch.Tensor:
+    """`pid_residual` with options already checked (by `PIDObjective`, once, instead of at every step) and trusted
+    indices (those `KarrasGrid.sample_indices` draws: in range by construction, so nothing is read back from the
+    device for them)."""
     if indices.shape != (z.shape[0],):
         raise ValueError(f"indices have shape {tuple(indices.shape)}; need one grid index per latent, "
                          f"shape ({z.shape[0]},)")
-    y_i, dy_dt = trajectory_and_derivative(student, z, indices, class_labels, grid=grid, derivative=derivative,
-                                           stop_neighbour_grad=stop_neighbour_grad,
-                                           student_precision=student_precision)
+    with student_precision.context(z.device.type):
+        y_i, dy_dt = _trajectory_and_derivative(student, z, indices, class_labels, grid, derivative,
+                                                stop_neighbour_grad)
     t_i = _per_sample(grid.times(indices), z)
     with torch.no_grad():  # the teacher is a fixed target: stop-gradient, also through y_i
         denoised = teacher(y_i.detach(), t_i.flatten(), class_labels).to(y_i.dtype)
@@ -140,10 +152,11 @@ class PIDObjective:
         return batch
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-sample PID residual [B] of the student `model` on `batch`."""
-        return pid_residual(model, self.teacher, batch["z"], batch["indices"], batch.get("class_labels"),
-                            grid=self.grid, metric=self.metric, derivative=self.derivative, form=self.form,
-                            stop_neighbour_grad=self.stop_neighbour_grad, student_precision=self.student_precision)
+        """Per-sample PID residual [B] of the student `model` on `batch` (drawn by `sample_batch`: its indices
+        are in range by construction and are not read back, so a step makes no device sync for them)."""
+        return _pid_residual(model, self.teacher, batch["z"], batch["indices"], batch.get("class_labels"),
+                             self.grid, self.metric, self.derivative, self.form, self.stop_neighbour_grad,
+                             self.student_precision)
 
 
 def trajectory_and_derivative(student: nn.Module, z: torch.Tensor, indices: torch.Tensor,

@@ -1,8 +1,8 @@
-"""The frozen EDM teacher D_φ(x; σ): reading its checkpoint in any accepted format, converting, loading.
+"""The frozen EDM teacher D_φ(x; σ): reading its file in any accepted format, converting, loading.
 
-Accepted formats (`CheckpointFormat`), told apart by content, not by file name:
+Accepted formats (`TeacherFormat`), told apart by content, not by file name:
 - EDM's own `.pkl` (a release file or a `network-snapshot-*.pkl`), read by `edm_pickle` without running code;
-- this project's teacher checkpoint written by `convert_edm` (`torch.load(weights_only=True)`-readable);
+- this project's teacher file written by `convert_edm` (`torch.load(weights_only=True)`-readable);
 - a plain state dict as the official PID code distributes its extracted teachers, plus an `EDM_PRESETS` name.
 """
 
@@ -18,18 +18,17 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import blobfile as bf
-import numpy as np
 import torch
 
 from pid_diffusion.utils import fileio
+from pid_diffusion.utils.values import plain
 from pid_diffusion.networks import edm
 from pid_diffusion.edm_pickle import EDMPickleError, PickledModule, load_edm_pickle, state_dict_of
 from pid_diffusion.networks.edm import EDMPrecond
 
 __all__ = [
-    "EDM_RELEASE_URL", "CheckpointFormat", "TeacherCheckpoint", "TeacherCheckpointError",
-    "read_teacher_checkpoint", "check_state_dict", "convert_edm", "load_teacher", "network_hash", "require_teacher_file",
+    "EDM_RELEASE_URL", "TeacherFormat", "TeacherFile", "TeacherFileError",
+    "read_teacher_file", "check_state_dict", "convert_edm", "load_teacher", "network_hash", "require_teacher_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,23 +44,23 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format.
 _MAX_LISTED_KEYS = 20  # Per category in a mismatch report; a wrong architecture would list hundreds.
 
 
-class TeacherCheckpointError(ValueError):
-    """A teacher checkpoint that cannot be read or does not fit the network it describes."""
+class TeacherFileError(ValueError):
+    """A teacher file that cannot be read or does not fit the network it describes."""
 
 
-class CheckpointFormat(enum.Enum):
-    """The teacher checkpoint layouts `read_teacher_checkpoint` accepts."""
+class TeacherFormat(enum.Enum):
+    """The teacher file layouts `read_teacher_file` accepts."""
     EDM_PICKLE = "EDM .pkl (release or network snapshot)"
-    CONVERTED = "pid-diffusion teacher checkpoint"
+    CONVERTED = "pid-diffusion teacher file"
     STATE_DICT = "plain state dict (official PID release) with a preset"
 
 
 @dataclasses.dataclass(frozen=True)
-class TeacherCheckpoint:
+class TeacherFile:
     """What rebuilds the teacher: `EDMPrecond(**network_kwargs)` loads `state_dict` (EDM key names) strictly."""
     network_kwargs: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
-    source_format: CheckpointFormat
+    source_format: TeacherFormat
 
     def to_file_dict(self, source: str) -> dict[str, Any]:
         """The payload `convert_edm` writes: plain types and tensors only, so weights_only loading reads it."""
@@ -75,9 +74,9 @@ class TeacherCheckpoint:
 
 def require_teacher_file(path: str) -> None:
     """A FileNotFoundError naming where EDM's teachers are, unless `path` exists (nothing is read)."""
-    if not bf.exists(path):
+    if not fileio.exists(path):
         raise FileNotFoundError(
-            f"teacher checkpoint {path} not found. EDM's pretrained networks are at {EDM_RELEASE_URL}<name>.pkl "
+            f"teacher file {path} not found. EDM's pretrained networks are at {EDM_RELEASE_URL}<name>.pkl "
             f"(<name> one of {', '.join(edm.EDM_PRESETS)}); download one and pass the .pkl directly, or "
             "convert it once with `pid-convert-edm SRC.pkl DST.pt` (see docs/teacher_checkpoints.md); "
             "`pid-fetch-weights` with the run's options does both for a release name")
@@ -87,44 +86,39 @@ def _preset_kwargs(preset: str) -> dict[str, Any]:
     try:
         return dict(edm.EDM_PRESETS[preset])
     except KeyError:
-        raise TeacherCheckpointError(
+        raise TeacherFileError(
             f"unknown preset {preset!r}; choose one of {', '.join(edm.EDM_PRESETS)}") from None
 
 
 def _plain(value: Any, name: str) -> Any:
     """A recorded constructor argument as plain data (NumPy scalars become numbers), or an error naming it."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item, f"{name}.{key}") for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item, f"{name}[{index}]") for index, item in enumerate(value)]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TeacherCheckpointError(f"constructor argument {name} is a {type(value).__name__}; EDM records only "
-                                 "numbers, strings, lists and dicts, so the file was modified")
+    try:
+        return plain(value, name)
+    except TypeError as error:
+        raise TeacherFileError(f"constructor argument {error}: EDM records only plain data, so the file was "
+                                     "modified") from None
 
 
-def _from_edm_snapshot(data: Any, path: str) -> TeacherCheckpoint:
+def _from_edm_snapshot(data: Any, path: str) -> TeacherFile:
     """The `ema` network of EDM's `dict(ema, loss_fn, augment_pipe, dataset_kwargs)`."""
     if not (isinstance(data, dict) and "ema" in data):
         found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-        raise TeacherCheckpointError(f"{path}: expected EDM's dict(ema=..., loss_fn=..., ...), found {found}")
+        raise TeacherFileError(f"{path}: expected EDM's dict(ema=..., loss_fn=..., ...), found {found}")
     network = data["ema"]
     if not isinstance(network, PickledModule) or network.class_name != TEACHER_CLASS:
         name = network.class_name if isinstance(network, PickledModule) else type(network).__name__
-        raise TeacherCheckpointError(f"{path}: the ema network is a {name}; PID distils {TEACHER_CLASS} teachers")
+        raise TeacherFileError(f"{path}: the ema network is a {name}; PID distils {TEACHER_CLASS} teachers")
     if network.state.get("_init_args"):
-        raise TeacherCheckpointError(f"{path}: the network was built with positional arguments; EDM passes "
+        raise TeacherFileError(f"{path}: the network was built with positional arguments; EDM passes "
                                      "keyword arguments only, so the file was modified")
     try:
         state_dict = state_dict_of(network)
     except EDMPickleError as error:
-        raise TeacherCheckpointError(f"{path}: {error}") from error
-    return TeacherCheckpoint(_plain(network.init_kwargs, "network_kwargs"), state_dict, CheckpointFormat.EDM_PICKLE)
+        raise TeacherFileError(f"{path}: {error}") from error
+    return TeacherFile(_plain(network.init_kwargs, "network_kwargs"), state_dict, TeacherFormat.EDM_PICKLE)
 
 
-def _from_official_pid(state_dict: dict[str, torch.Tensor], preset: str, path: str) -> TeacherCheckpoint:
+def _from_official_pid(state_dict: dict[str, torch.Tensor], preset: str, path: str) -> TeacherFile:
     """PID's extracted teachers: keys without `model.` and without `map_augment`, which is restored as zeros.
 
     PID never passes augment labels, and EDMPrecond skips `map_augment` without them, so zeros change no
@@ -133,14 +127,14 @@ def _from_official_pid(state_dict: dict[str, torch.Tensor], preset: str, path: s
     kwargs = _preset_kwargs(preset)
     prefixed = [key.startswith(_MODEL_PREFIX) for key in state_dict]
     if any(prefixed) and not all(prefixed):
-        raise TeacherCheckpointError(f"{path}: some keys start with {_MODEL_PREFIX!r} and some do not")
+        raise TeacherFileError(f"{path}: some keys start with {_MODEL_PREFIX!r} and some do not")
     state_dict = state_dict if all(prefixed) else {_MODEL_PREFIX + key: value for key, value in state_dict.items()}
     filled = {key: torch.zeros(shape) for key, shape in _expected_shapes(kwargs, path).items()
               if key.startswith(_AUGMENT_MAPPING_PREFIX) and key not in state_dict}
     if filled:
         logger.info("%s: filled %s with zeros (PID passes no augment labels, so map_augment is unused)",
                     path, ", ".join(filled))
-    return TeacherCheckpoint(kwargs, {**state_dict, **filled}, CheckpointFormat.STATE_DICT)
+    return TeacherFile(kwargs, {**state_dict, **filled}, TeacherFormat.STATE_DICT)
 
 
 def _is_state_dict(data: Any) -> bool:
@@ -148,22 +142,22 @@ def _is_state_dict(data: Any) -> bool:
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in data.items())
 
 
-def _from_torch_file(data: Any, path: str, preset: str | None) -> TeacherCheckpoint:
+def _from_torch_file(data: Any, path: str, preset: str | None) -> TeacherFile:
     if isinstance(data, dict) and {"network_kwargs", "state_dict"} <= data.keys():
         if preset is not None:
-            raise TeacherCheckpointError(f"{path} records its own network_kwargs; drop the preset {preset!r}")
+            raise TeacherFileError(f"{path} records its own network_kwargs; drop the preset {preset!r}")
         if not _is_state_dict(data["state_dict"]):
-            raise TeacherCheckpointError(f"{path}: state_dict is not a dict of named tensors")
-        return TeacherCheckpoint(_plain(data["network_kwargs"], "network_kwargs"), dict(data["state_dict"]),
-                                 CheckpointFormat.CONVERTED)
+            raise TeacherFileError(f"{path}: state_dict is not a dict of named tensors")
+        return TeacherFile(_plain(data["network_kwargs"], "network_kwargs"), dict(data["state_dict"]),
+                                 TeacherFormat.CONVERTED)
     if _is_state_dict(data):
         if preset is None:
-            raise TeacherCheckpointError(
+            raise TeacherFileError(
                 f"{path} is a plain state dict, which does not record its architecture; name it with a preset "
                 f"(--preset / preset=), one of {', '.join(edm.EDM_PRESETS)}")
         return _from_official_pid(data, preset, path)
     found = sorted(map(str, data))[:_MAX_LISTED_KEYS] if isinstance(data, dict) else type(data).__name__
-    raise TeacherCheckpointError(f"{path}: neither a teacher checkpoint (network_kwargs, state_dict) nor a plain "
+    raise TeacherFileError(f"{path}: neither a teacher file (network_kwargs, state_dict) nor a plain "
                                  f"state dict of tensors; found {found}")
 
 
@@ -171,17 +165,17 @@ def _torch_load(file: Any, path: str) -> Any:
     try:
         return torch.load(file, weights_only=True, map_location="cpu")
     except Exception as error:  # weights_only refusals and corrupt archives; name the file, keep the cause.
-        raise TeacherCheckpointError(f"{path}: torch.load(weights_only=True) failed: {error}") from error
+        raise TeacherFileError(f"{path}: torch.load(weights_only=True) failed: {error}") from error
 
 
-def read_teacher_checkpoint(path: str | os.PathLike, preset: str | None = None) -> TeacherCheckpoint:
-    """Read a teacher checkpoint in any `CheckpointFormat` from a local path or blob URL; runs no stored code.
+def read_teacher_file(path: str | os.PathLike, preset: str | None = None) -> TeacherFile:
+    """Read a teacher file in any `TeacherFormat` from a local path or blob URL; runs no stored code.
 
     `preset` (an `EDM_PRESETS` name) is required for, and only accepted with, a plain state dict.
     """
     path = str(path)
     require_teacher_file(path)
-    with bf.BlobFile(path, "rb") as file:
+    with fileio.open_read(path) as file:
         is_zip = file.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
         file.seek(0)
         if is_zip:
@@ -189,12 +183,12 @@ def read_teacher_checkpoint(path: str | os.PathLike, preset: str | None = None) 
         try:
             data = load_edm_pickle(file)
         except EDMPickleError as error:
-            raise TeacherCheckpointError(f"{path}: {error}") from error
+            raise TeacherFileError(f"{path}: {error}") from error
         if isinstance(data, int) and data == torch.serialization.MAGIC_NUMBER:  # torch.save's legacy format.
             file.seek(0)
             return _from_torch_file(_torch_load(file, path), path, preset)
     if preset is not None:
-        raise TeacherCheckpointError(f"{path} is an EDM pickle, which records its own network_kwargs; drop the "
+        raise TeacherFileError(f"{path} is an EDM pickle, which records its own network_kwargs; drop the "
                                      f"preset {preset!r}")
     return _from_edm_snapshot(data, path)
 
@@ -207,7 +201,7 @@ def _build(network_kwargs: Mapping[str, Any], device: torch.device | str, path: 
         with torch.device(device):
             return EDMPrecond(**network_kwargs)
     except (TypeError, ValueError) as error:
-        raise TeacherCheckpointError(f"{path}: EDMPrecond rejects the recorded network_kwargs "
+        raise TeacherFileError(f"{path}: EDMPrecond rejects the recorded network_kwargs "
                                      f"{dict(network_kwargs)}: {error}") from error
 
 
@@ -235,55 +229,57 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[s
     if missing or unexpected or misshaped:
         problems = [f"{label} ({len(keys)}): {_listed(keys)}" for label, keys in
                     (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise TeacherCheckpointError(f"{path} does not fit {network}: " + "; ".join(problems))
+        raise TeacherFileError(f"{path} does not fit {network}: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Public entry points.
 
-def convert_edm(src: str | os.PathLike, dst: str | os.PathLike, preset: str | None = None) -> TeacherCheckpoint:
-    """Convert an EDM `.pkl` (or a PID state dict + `preset`) into a teacher checkpoint at `dst`, atomically.
+def convert_edm(src: str | os.PathLike, dst: str | os.PathLike, preset: str | None = None) -> TeacherFile:
+    """Convert an EDM `.pkl` (or a PID state dict + `preset`) into a teacher file at `dst`, atomically.
 
     The result is checked against the architecture it records before anything is written.
     """
     src, dst = str(src), str(dst)
-    checkpoint = read_teacher_checkpoint(src, preset)
-    check_state_dict(checkpoint.state_dict, _expected_shapes(checkpoint.network_kwargs, src), src)
-    fileio.atomic_torch_save(checkpoint.to_file_dict(source=src), dst)
-    return checkpoint
+    teacher = read_teacher_file(src, preset)
+    check_state_dict(teacher.state_dict, _expected_shapes(teacher.network_kwargs, src), src)
+    fileio.atomic_torch_save(teacher.to_file_dict(source=src), dst)
+    return teacher
 
 
 def load_teacher(path: str | os.PathLike, preset: str | None = None, dropout: float = 0.0,
                  device: torch.device | str = "cpu") -> EDMPrecond:
     """The frozen teacher D_φ: eval mode, no gradients, built with `dropout` (PID runs it at 0) on `device`.
 
-    `path`: a converted checkpoint, an EDM `.pkl`, or a plain state dict with `preset`; local or blob URL.
+    `path`: a converted teacher file, an EDM `.pkl`, or a plain state dict with `preset`; local or blob URL.
     """
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout={dropout} must lie in [0, 1)")
     path = str(path)
-    checkpoint = read_teacher_checkpoint(path, preset)
+    file = read_teacher_file(path, preset)
     # Dropout is a constructor argument that EDM copies into every block, so override it before building.
-    # Built on the meta device: every tensor then comes from the checkpoint, with no random initialisation.
-    network = _build({**checkpoint.network_kwargs, "dropout": dropout}, "meta", path)
-    check_state_dict(checkpoint.state_dict, _shapes(network), path)
-    network.load_state_dict(checkpoint.state_dict, strict=True, assign=True)
+    # Built on the meta device: every tensor then comes from the file, with no random initialisation.
+    network = _build({**file.network_kwargs, "dropout": dropout}, "meta", path)
+    check_state_dict(file.state_dict, _shapes(network), path)
+    network.load_state_dict(file.state_dict, strict=True, assign=True)
     unfilled = [name for name, tensor in itertools.chain(network.named_parameters(), network.named_buffers())
                 if tensor.is_meta]
     if unfilled:  # State outside the state_dict (non-persistent buffers) would need the initialisation skipped.
         raise RuntimeError(f"EDMPrecond holds tensors its state_dict does not save ({', '.join(unfilled)}); "
-                           "load_teacher cannot fill them from a checkpoint")
+                           "load_teacher cannot fill them from a teacher file")
     return network.to(device).eval().requires_grad_(False)
 
 
-def network_hash(model: nn.Module) -> str:
+def network_hash(model: torch.nn.Module) -> str:
     """SHA-256 of a network's class, constructor arguments and every tensor of its state_dict (names, dtypes,
     shapes, values): equal for an EDM .pkl and the .pt converted from it, different for any other weights."""
     digest = hashlib.sha256()
     spec = {"class": type(model).__name__, "kwargs": getattr(model, "init_kwargs", None)}
     digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()  # Memory format (channels-last) is not content.
+        # Memory format is not content. `.contiguous()` is not enough: a channels-last [O, I, 1, 1] weight counts
+        # as contiguous yet keeps strides (I, 1, I, I), which a byte view refuses; flattening gives stride 1.
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()

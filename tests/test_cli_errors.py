@@ -73,6 +73,7 @@ def test_a_mistake_is_one_line_with_status_2(command, tmp_path, capsys, monkeypa
     assert expected in lines[0] and "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_debug_variable_shows_the_traceback(tmp_path):
     env = {**os.environ, errors.DEBUG_VARIABLE: "1"}
     result = subprocess.run([console_script("pid-fit-dode"), "--teacher", str(tmp_path / "missing.pt"),

@@ -22,7 +22,7 @@ from pid_diffusion.config import (
 )
 from pid_diffusion.distill import DistillConfig, resolve
 from pid_diffusion.loss import Derivative, ResidualForm, StudentPrecision
-from pid_diffusion.metrics import Metric
+from pid_diffusion.distances import Metric
 from pid_diffusion.student import StudentInit
 
 PAPER_EMA = (0.999, 0.9999, 0.99995)
@@ -257,6 +257,7 @@ def test_preset_and_config_are_exclusive(capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_preset_files_are_installed_as_package_data(tmp_path):
     # A non-editable install copies what setuptools' build step collects: run it on a copy of the sources (it
     # writes beside them) and look for every preset file among the installed package's files.

@@ -39,10 +39,10 @@ from pid_diffusion.teacher import load_teacher
 
 import docs_commands
 from docs_commands import MODULES, REPO, SCRIPTS, documented_commands, reduced, without_mpirun
-from test_fid import SMALL_FEATURE_DIM, small_detector, write_detector
-from test_dinov2 import REF as REF_DINOV2, write_tiny_weights
-from test_metrics import write_lpips_standins
-from test_teacher import _release, _write_edm_pickle
+from factories import (SMALL_FEATURE_DIM, edm_release, small_detector, write_detector, write_edm_pickle,
+                       write_lpips_standins, tiny_dinov2_reference, write_tiny_dinov2_weights)
+
+pytestmark = pytest.mark.slow  # every documented command, as a user runs it (some start processes)
 
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
 TEACHER_NAMES = ["edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]
@@ -71,14 +71,14 @@ def standins(tmp_path_factory) -> Path:
     torch_home.mkdir(parents=True)
     write_lpips_standins(torch_home)
     small_detector(torch_home / DETECTOR_FILENAME)  # 16-d features of 16×16 images
-    write_tiny_weights(root / "torch_home")  # DINOv2's file: the fixture's tiny network (64-d features)
+    write_tiny_dinov2_weights(root / "torch_home")  # DINOv2's file: the fixture's tiny network (64-d features)
     # pid-fid-ref writes statistics of the real detector's size (FEATURE_DIM): a stand-in of that width.
     full_width = root / "torch_home_full_width" / "hub" / "checkpoints"
     full_width.mkdir(parents=True)
     generator = torch.Generator().manual_seed(2)
     write_detector(full_width / DETECTOR_FILENAME, torch.randn(3 * 4 * 4, FEATURE_DIM, generator=generator) * 0.1,
                    torch.randn(FEATURE_DIM, generator=generator))
-    write_tiny_weights(root / "torch_home_full_width")
+    write_tiny_dinov2_weights(root / "torch_home_full_width")
 
     files = root / "files"
     for name in TEACHER_NAMES:  # the bundled 16×16 teacher stands for the releases
@@ -87,7 +87,7 @@ def standins(tmp_path_factory) -> Path:
     # Documented commands read preset files by their path in the checkout (pid-distill --config=...).
     shutil.copytree(REPO / "configs", files / "configs")
     teacher = load_teacher(BUNDLED_TEACHER)
-    _write_edm_pickle(files / "release.pkl", _release(teacher, teacher.init_kwargs))
+    write_edm_pickle(files / "release.pkl", edm_release(teacher, teacher.init_kwargs))
     for name in TEACHER_NAMES:
         shutil.copy(files / "release.pkl", files / "teachers" / f"{name}.pkl")
         shutil.copy(files / "release.pkl", files / f"{name}.pkl")
@@ -98,7 +98,7 @@ def standins(tmp_path_factory) -> Path:
          "--train.ema_rates=0.999,0.9999,0.99995", "--train.phema_stds=0.05,0.1"])
     for path in STUDENT_CHECKPOINTS:
         (files / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(checkpoint.latest_checkpoint(str(run_dir))[1], files / path)
+        shutil.copy(checkpoint.latest_training_state(str(run_dir))[1], files / path)
     for path in STUDENT_SNAPSHOTS:  # The step inside as the name says: post-hoc EMA reads both.
         snapshot = torch.load(checkpoint.find_snapshots(str(run_dir))[-1][1], weights_only=True)
         torch.save({**snapshot, "step": checkpoint.step_of(path)}, files / path)
@@ -108,7 +108,7 @@ def standins(tmp_path_factory) -> Path:
     (files / "fid-refs").mkdir()
     for path in REFERENCES:
         save_reference(str(files / path), np.zeros(SMALL_FEATURE_DIM), np.eye(SMALL_FEATURE_DIM))
-    dinov2_dim = REF_DINOV2["model_kwargs"]["embed_dim"]
+    dinov2_dim = tiny_dinov2_reference()["model_kwargs"]["embed_dim"]
     for path in EDM2_REFERENCES:
         save_stats(str(files / path), ReferenceStats(fid=(np.zeros(SMALL_FEATURE_DIM), np.eye(SMALL_FEATURE_DIM)),
                                                      fd_dinov2=(np.zeros(dinov2_dim), np.eye(dinov2_dim))))

@@ -28,7 +28,7 @@ def test_to_uint8_is_nhwc():
 
 def test_grid_pads_the_last_row_with_black():
     images = np.arange(1, 6, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 3, 1), dtype=np.uint8)
-    grid = images_module.grid(images, columns=2)[:, :, 0]  # one channel
+    grid = images_module.tile(images, columns=2)[:, :, 0]  # one channel
     assert grid.shape == (6, 6)
     np.testing.assert_array_equal(grid[::2, ::3], [[1, 2], [3, 4], [5, 0]])
 
@@ -46,7 +46,7 @@ def test_labelled_rows_png_layout():
 
 def test_a_preview_grid_quantises_like_pid_sample(tmp_path):
     x = torch.linspace(-1.2, 1.2, 4 * 3 * 5 * 5).reshape(4, 3, 5, 5)
-    images_module.write_grid(x, str(tmp_path / "grid.png"), columns=2, padding=2)
+    images_module.write_tiled(x, str(tmp_path / "grid.png"), columns=2, padding=2)
     pixels = np.array(PIL.Image.open(tmp_path / "grid.png"))
     assert pixels.shape == (2 * (5 + 2) + 2, 2 * (5 + 2) + 2, 3)
     expected = to_uint8(x).numpy()

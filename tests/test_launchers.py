@@ -12,13 +12,13 @@ import pytest
 from pid_diffusion import checkpoint
 from pid_diffusion.utils import fileio, preemption
 
+from equality import assert_same_training_state
+from factories import latest, logged_steps, steps_in
 from launch import JOB_TIMEOUT_S, REPO, mpirun_env, processes_mentioning, wait_for
-from test_cluster import logged_steps, steps_in
-from test_dist_mpi import latest
-from test_train import assert_same_training_state
 
-# mpirun jobs never run beside each other (their ranks would share the machine's two cores).
-pytestmark = [pytest.mark.mpirun, pytest.mark.xdist_group("mpirun")]
+# mpirun jobs never run beside each other (their ranks would share the machine's two cores): conftest.py puts
+# every mpirun test in one pytest-xdist group.
+pytestmark = pytest.mark.mpirun
 
 # The bundled default for a few steps of two processes: one log line per step, no images, no snapshots and no
 # periodic training state, so the one a stop writes is the only one before the end.
@@ -70,9 +70,9 @@ def assert_stopped_and_saved(launch: Launch, folder: Path, after: int) -> int:
     output = launch.output()
     stopped = steps_in(folder)[-1]
     assert after < stopped < 6 and logged_steps(folder)[-1] == stopped, output[-3000:]
-    assert f"Preempted (SIGUSR1) after step {stopped}: {checkpoint.checkpoint_path(str(folder), stopped)}" in output
+    assert f"Preempted (SIGUSR1) after step {stopped}: {checkpoint.training_state_path(str(folder), stopped)}" in output
     assert "[rank 0] SIGUSR1" in output and "[rank 1] SIGUSR1" in output
-    assert not [name for name in fileio.listdir(folder) if fileio.is_temporary(name)]
+    assert not [name for name in fileio.listdir(folder) if name.endswith(fileio.TEMP_SUFFIX)]
     assert_no_process_left(str(folder))
     return stopped
 
@@ -110,7 +110,7 @@ def test_a_second_ctrl_c_ends_the_job_at_once(tmp_path):
     assert launch.wait() == 128 + signal.SIGINT, launch.output()[-3000:]
     assert time.monotonic() - sent < SECOND_SIGNAL_LIMIT_S
     assert "second signal (SIGINT): ending the job now" in launch.output()
-    assert not [name for name in fileio.listdir(folder) if fileio.is_temporary(name)]
+    assert not [name for name in fileio.listdir(folder) if name.endswith(fileio.TEMP_SUFFIX)]
     assert_no_process_left(str(folder))
 
 
@@ -126,5 +126,5 @@ def test_sampling_launcher_stops_on_ctrl_c_writing_nothing_partial(tmp_path):
     output = launch.output()
     assert output.count("pid-sample: stopped by SIGUSR1") == 1 and "Traceback" not in output, output[-3000:]
     assert not grid.exists() and not (tmp_path / "out" / "samples.npz").exists()
-    assert not (tmp_path / "out").exists() or not [n for n in os.listdir(tmp_path / "out") if fileio.is_temporary(n)]
+    assert not (tmp_path / "out").exists() or not [n for n in os.listdir(tmp_path / "out") if n.endswith(fileio.TEMP_SUFFIX)]
     assert_no_process_left(str(tmp_path))

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "trends.py"
 
@@ -18,6 +20,7 @@ def _trends_module():
     return module
 
 
+@pytest.mark.slow
 def test_smallest_study_writes_results_table_and_figures(tmp_path):
     page = tmp_path / "docs" / "trends.md"
     page.parent.mkdir()

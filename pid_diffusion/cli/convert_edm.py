@@ -1,4 +1,4 @@
-"""`pid-convert-edm SRC DST`: turn an EDM `.pkl` (or a PID state dict + `--preset`) into a teacher checkpoint."""
+"""`pid-convert-edm SRC DST`: turn an EDM `.pkl` (or a PID state dict + `--preset`) into a teacher file."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="EDM's pretrained networks: https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/<name>.pkl")
     parser.add_argument("src", help="EDM .pkl (release file or network snapshot) or a plain state-dict .pt; "
                                     "local path or gs:// / az:// URL")
-    parser.add_argument("dst", help="teacher checkpoint to write (.pt), written atomically")
+    parser.add_argument("dst", help="teacher file to write (.pt), written atomically")
     parser.add_argument("--preset", choices=list(edm.EDM_PRESETS),
                         help="architecture of a plain state dict, which does not record it (not for .pkl files)")
     return parser
@@ -28,11 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with errors.reported("pid-convert-edm"):
         args = _parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        checkpoint = convert_edm(args.src, args.dst, preset=args.preset)
-    num_parameters = sum(tensor.numel() for tensor in checkpoint.state_dict.values())
-    print(f"{args.src} ({checkpoint.source_format.value}) -> {args.dst}: "
-          f"EDMPrecond(model_type={checkpoint.network_kwargs.get('model_type')!r}), "
-          f"{len(checkpoint.state_dict)} tensors, {num_parameters:,} values")
+        teacher = convert_edm(args.src, args.dst, preset=args.preset)
+    num_parameters = sum(tensor.numel() for tensor in teacher.state_dict.values())
+    print(f"{args.src} ({teacher.source_format.value}) -> {args.dst}: "
+          f"EDMPrecond(model_type={teacher.network_kwargs.get('model_type')!r}), "
+          f"{len(teacher.state_dict)} tensors, {num_parameters:,} values")
     return 0
 
 

@@ -26,10 +26,11 @@ import time
 from collections.abc import Iterator
 
 from pid_diffusion.utils import dist
+from pid_diffusion.checkpoint import TrainingStateWriteError, DamagedCheckpointError
 from pid_diffusion.config import ConfigError
 from pid_diffusion.edm_pickle import EDMPickleError
 from pid_diffusion.utils.hub import MissingWeightsError
-from pid_diffusion.teacher import TeacherCheckpointError
+from pid_diffusion.teacher import TeacherFileError
 
 __all__ = ["DEBUG_VARIABLE", "USAGE_STATUS", "USER_ERRORS", "UserError", "reported"]
 
@@ -44,10 +45,14 @@ class UserError(Exception):
 
 
 # OSError covers missing, unreadable and unwritable files (its message names the file); ValueError the
-# library's checks of files and option values (TeacherCheckpointError, ConfigError and the sampler, seed and
+# library's checks of files and option values (TeacherFileError, ConfigError and the sampler, seed and
 # class checks all derive from it). A bug that raises one of these loses its traceback unless PID_DEBUG=1.
+# DamagedCheckpointError (a snapshot or training state that does not load) and TrainingStateWriteError (a write
+# of the run failed, e.g. a full disk; the newest complete training state is intact) are reported alike: their
+# messages name the file, the reason and what to do.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError, OSError, ValueError, TeacherCheckpointError, ConfigError, EDMPickleError, MissingWeightsError)
+    UserError, OSError, ValueError, TeacherFileError, ConfigError, EDMPickleError, MissingWeightsError,
+    DamagedCheckpointError, TrainingStateWriteError)
 
 
 def _debug() -> bool:

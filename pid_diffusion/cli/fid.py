@@ -59,7 +59,7 @@ def build_parser():
     parser.add_argument("--seeds", nargs="+", type=options.seed_range,
                         help=f"seed ranges, each evaluated separately, e.g. 0-49999 50000-99999 (default {DEFAULT_SEEDS})")
     parser.add_argument("--ema", nargs="+", type=options.weights_name,
-                        help=f"weights to evaluate: EMA rates and/or '{evaluation.TRAINED_WEIGHTS}' (default: all)")
+                        help=f"weights to evaluate: EMA rates and/or '{evaluation.NO_EMA}' (default: all)")
     parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture: a teacher's, or the "
                                          "official PID code's students (--checkpoint, --run)")
     parser.add_argument("--batch", type=int, default=250, help="images per rank and batch (default 250)")
@@ -195,8 +195,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             evaluation.evaluate_file(args.checkpoint, table, seed_ranges, detector, reference, args.ref, **generated)
         elif args.teacher:
             net = load_teacher(args.teacher, preset=args.preset, device=detector.device)
-            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, options.sampler_from_args(args, type(net).__name__),
-                                        table, seed_ranges, detector, reference, args.ref, **common)
+            sampler = options.sampler_from_args(args, type(net).__name__)
+            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, sampler, table, seed_ranges, detector,
+                                        reference, args.ref, **common)
         else:
             evaluation.evaluate_images(args.images.rsplit("/", 1)[-1], open_images(args.images), table, detector,
                                        reference, args.ref, **common)

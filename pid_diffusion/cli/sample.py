@@ -12,6 +12,7 @@ Outputs (rank 0 writes each atomically, `--png-dir` images excepted: each rank w
   --png-dir DIR   one PNG per image, named `<seed:06d>.png`.
 
     pid-sample --checkpoint run/checkpoint-00800000.pt --ema 0.9999 --seeds 0-63 --grid grid.png
+    pid-sample --checkpoint run --seeds 0-63 --grid grid.png      # the run folder's newest file that loads
     pid-sample --teacher edm-cifar10-32x32-uncond-vp.pkl --sampler heun --steps 18 --seeds 0-63 --grid t.png
     mpirun -np 8 pid-sample --checkpoint ... --seeds 0-49999 --batch 500 --npz samples.npz
 """
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if dist.rank() == 0:
             images = images.cpu().numpy()
             if args.grid:
-                image_io.write_png(image_io.grid(images, columns), args.grid)
+                image_io.write_png(image_io.tile(images, columns), args.grid)
             if args.npz:
                 extra = {} if labels is None else dict(labels=labels.cpu().numpy())
                 image_io.write_npz(args.npz, images=images, seeds=np.asarray(args.seeds, dtype=np.int64), **extra)

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.export and dist.rank() == 0:
                 rate = args.export_ema if args.export_ema is not None else config.train.ema_rates[0]
                 teacher = export_teacher(config, args.export, rate)
-                images.write_grid(preview(teacher.to(device)), grid_path(args.export), columns=GRID_COLUMNS)
+                images.write_tiled(preview(teacher.to(device)), grid_path(args.export), columns=GRID_COLUMNS)
                 dist.print0(f"Wrote the teacher {args.export} (EMA {rate}) and its Heun grid {grid_path(args.export)}")
         dist.barrier()
     dist.shutdown()

@@ -23,6 +23,7 @@ __all__ = [
     "atomic_write_text",
     "exists",
     "is_local",
+    "isdir",
     "join",
     "listdir",
     "open_read",
@@ -31,6 +32,7 @@ __all__ = [
     "rename",
     "size",
     "torch_load",
+    "walk_files",
 ]
 
 TEMP_SUFFIX = ".tmp"  # Of a file while `atomic_write` writes it: never a complete file.
@@ -49,6 +51,16 @@ def join(*parts: str | os.PathLike) -> str:
 
 def exists(path: str | os.PathLike) -> bool:
     return bf.exists(str(path))
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    """True for an existing folder (a blob prefix on a blob store)."""
+    return bf.isdir(str(path))
+
+
+def walk_files(path: str | os.PathLike) -> list[str]:
+    """Paths of every file under the folder `path`, recursively, sorted."""
+    return sorted(bf.join(folder, name) for folder, _, names in bf.walk(str(path)) for name in names)
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
