@@ -191,7 +191,7 @@ def network_size(config: DistillConfig) -> tuple[int, str]:
     """Bytes of one network's weights, for the launch check's disk estimate (`disk_plan`), and where they come
     from: the teacher file's size (the student is the teacher's architecture; a converted teacher or a state
     dict holds just its weights, an EDM .pkl a little more)."""
-    size = bf.stat(config.teacher.path).size
+    size = fileio.size(config.teacher.path)
     return size, f"the teacher file's {size / 1e6:.3g} MB"
 
 

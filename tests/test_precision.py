@@ -97,6 +97,7 @@ def _distill(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
                           timeout=JOB_TIMEOUT_S)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [
     ["--train.precision=bf16", "--pid.student_precision=fp32"],
     ["--train.precision=fp16", "--pid.student_precision=fp32", "--pid.derivative=central"],
@@ -114,6 +115,7 @@ def test_recipes_train_through_pid_distill(tmp_path, recipe):
     assert [r["step"] for r in records] == [1, 2] and all(r["loss"] > 0 for r in records)
 
 
+@pytest.mark.slow
 def test_pid_distill_refuses_a_16_bit_difference_with_one_line(tmp_path):
     result = _distill(tmp_path, "--train.precision=bf16")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -122,6 +124,7 @@ def test_pid_distill_refuses_a_16_bit_difference_with_one_line(tmp_path):
     assert all(word in line for word in SAFE_WORDS) and not (tmp_path / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_benchmark_smallest_size_writes_out_not_docs(tmp_path):
     docs = {path: path.read_bytes() for path in (REPO / "docs").rglob("*") if path.is_file()}
     out = tmp_path / "out"
