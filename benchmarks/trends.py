@@ -359,14 +359,16 @@ def generated_section(results: list[dict], ceiling: dict[int, tuple[float, float
     ])
 
 
-def write_page(page: Path, section: str) -> None:
-    """Put `section` between the markers of `page`, keeping the text around them (or start a new page)."""
+def write_page(page: Path, section: str, title: str = "# PID's trends on the bundled teacher") -> None:
+    """Put `section` between the marker lines it starts and ends with, keeping the text around them in `page`
+    (or start a new page under `title`)."""
+    begin, end = section.splitlines()[0], section.splitlines()[-1]
     text = page.read_text(encoding="utf-8") if page.is_file() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
-        text = "# PID's trends on the bundled teacher\n\n" + section + "\n" + text
+        text = title + "\n\n" + section + "\n" + text
     fileio.atomic_write_text(text, str(page))
 
 
