@@ -10,7 +10,9 @@ random-weight teacher, LPIPS on stand-in weights, killed after its first trainin
 `pid-sample` and `pid-fid` of the result (a stand-in detector), `pid-demo` with a few steps; one PID step (student forward, teacher, L2 residual,
 backward, RAdam) of the CIFAR-10 DDPM++ and ImageNet ADM release architectures (random weights, full
 size) in fp32, bf16 autocast and fp16 (the ADM teacher's own `use_fp16` image path, with loss scaling),
-with channels_last and with torch.compile; a one-rank NCCL process group (all-reduce and a DDP step);
+with channels_last and with torch.compile; one PID step of each precision recipe (pid_diffusion/precision.py,
+docs/precision.md) with the relative error of its dy/dt against an fp32 pass on the same latents, at the grid
+time nearest ε and at the middle of the grid; a one-rank NCCL process group (all-reduce and a DDP step);
 one-step sampling; FID feature extraction (a stand-in TorchScript detector of the real one's signature,
 as nothing is downloaded). Each row reports its status, the time of one step (median of a few after a
 warm-up) and the peak GPU memory. A row that fails records its error and the others still run; rows
@@ -37,20 +39,34 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pid_diffusion import checkpoint, samplers  # noqa: E402
+from pid_diffusion import checkpoint, precision, samplers  # noqa: E402
+from pid_diffusion.config import Precision  # noqa: E402
 from pid_diffusion.fid import FEATURE_DIM, save_reference  # noqa: E402
 from pid_diffusion.generate import generate  # noqa: E402
 from pid_diffusion.grid import KarrasGrid  # noqa: E402
-from pid_diffusion.loss import PIDObjective  # noqa: E402
+from pid_diffusion.loss import Derivative, PIDObjective, StudentPrecision  # noqa: E402
 from pid_diffusion.distances import Metric  # noqa: E402
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond  # noqa: E402
 from pid_diffusion.student import PIDStudent  # noqa: E402
 from pid_diffusion.teacher import TeacherFile, TeacherFormat  # noqa: E402
+from pid_diffusion.train import loss_scaler  # noqa: E402
 
 ARCHITECTURES = {"cifar10": "edm-cifar10-32x32-uncond-vp", "imagenet64": "edm-imagenet-64x64-cond-adm"}
 BATCH = {"cifar10": 32, "imagenet64": 8}  # per step; small enough for any current GPU
 VARIANTS = ["fp32", "bf16", "fp16", "fp32+channels_last", "fp32+compile"]
 TIMED_STEPS = 3
+RECIPES = {  # docs/precision.md: the recipes that keep the derivative, the fp32 baselines, and the named unsafe one
+    "fp32-forward": precision.Recipe(Precision.FP32, Derivative.FORWARD),
+    "fp32-jvp": precision.Recipe(Precision.FP32, Derivative.JVP),
+    "bf16-forward-student-fp32": precision.Recipe(Precision.BF16, Derivative.FORWARD, StudentPrecision.FP32),
+    "fp16-forward-student-fp32": precision.Recipe(Precision.FP16, Derivative.FORWARD, StudentPrecision.FP32),
+    "bf16-jvp": precision.Recipe(Precision.BF16, Derivative.JVP),
+    "fp16-jvp": precision.Recipe(Precision.FP16, Derivative.JVP),
+    "bf16-forward-rounded": precision.Recipe(Precision.BF16, Derivative.FORWARD,
+                                             StudentPrecision.TRAIN_ROUNDED_DIFFERENCE),
+}
+GRID_POINTS = 250  # The paper's N, where the rounding of a 16-bit difference is largest.
+ERROR_LATENTS = 4  # Latents of the derivative's error (each at the same grid time).
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-tests", action="store_true", help="leave out the CUDA-marked tests")
     parser.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES), default=list(ARCHITECTURES))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES),
+                        help="precision recipes: a PID step each, and its dy/dt error against fp32")
     parser.add_argument("--out", help="also write the table (markdown) to this file")
     args = parser.parse_args(argv)
     if args.budget_minutes <= 0:
@@ -82,7 +100,8 @@ def _timed(device: torch.device, step: Callable[[], None]) -> tuple[float, float
     return statistics.median(times), torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def _networks(name: str, device: torch.device) -> tuple[EDMPrecond, PIDStudent]:
+def release_networks(name: str, device: torch.device) -> tuple[EDMPrecond, PIDStudent]:
+    """A release architecture with random weights (seed 0, output layers not zero) and its student."""
     torch.manual_seed(0)
     teacher = EDMPrecond(**{**EDM_PRESETS[name], "dropout": 0.0})
     with torch.no_grad():
@@ -96,7 +115,7 @@ def _networks(name: str, device: torch.device) -> tuple[EDMPrecond, PIDStudent]:
 
 def pid_step(architecture: str, variant: str, device: torch.device) -> Callable[[], None]:
     """One optimizer step of PID on the release architecture, in the variant's precision and layout."""
-    teacher, student = _networks(ARCHITECTURES[architecture], device)
+    teacher, student = release_networks(ARCHITECTURES[architecture], device)
     precision = variant.split("+")[0]
     if "channels_last" in variant:
         teacher.to(memory_format=torch.channels_last)
@@ -127,6 +146,50 @@ def pid_step(architecture: str, variant: str, device: torch.device) -> Callable[
     return step
 
 
+def recipe_step(teacher: EDMPrecond, student: PIDStudent, recipe: precision.Recipe, batch: int,
+                device: torch.device) -> Callable[[], None]:
+    """One optimizer step of PID (L2, N = 250) in `recipe`, as pid-distill runs it: the recipe's autocast around
+    the objective, loss scaling for fp16, the student's arithmetic set by the recipe alone."""
+    student.use_fp16 = False  # as distill.build: never the teacher's own fp16 image path
+    grid = KarrasGrid(num_points=GRID_POINTS, rho=7.0, sigma_min=student.sigma_min, sigma_max=student.sigma_max)
+    objective = PIDObjective(teacher, grid, Metric.L2.build(), derivative=recipe.derivative,
+                             student_precision=recipe.student_precision)
+    optimizer = torch.optim.RAdam(student.parameters(), lr=1e-5)
+    scaler = loss_scaler(recipe.precision, device)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step() -> None:
+        data = objective.sample_batch(generator, batch)
+        with recipe.autocast(device.type):
+            loss = objective(student, data).mean()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def derivative_error(teacher: EDMPrecond, student: PIDStudent, recipe: precision.Recipe,
+                     device: torch.device) -> str:
+    """The relative error of the recipe's dy/dt against the same scheme in fp32 on the same latents, at the
+    grid time nearest ε (the largest, docs/precision.md) and at the middle of the grid."""
+    student.use_fp16 = False
+    grid = KarrasGrid(num_points=GRID_POINTS, rho=7.0, sigma_min=student.sigma_min, sigma_max=student.sigma_max)
+    shape = (student.img_channels, student.img_resolution, student.img_resolution)
+    generator = torch.Generator(device).manual_seed(0)
+    z = torch.randn((ERROR_LATENTS, *shape), generator=generator, device=device) * grid.sigma_max
+    labels = None
+    if student.label_dim:
+        classes = torch.randint(student.label_dim, (ERROR_LATENTS,), generator=generator, device=device)
+        labels = torch.nn.functional.one_hot(classes, student.label_dim).float()
+    cells = []
+    for index in (GRID_POINTS - 2, GRID_POINTS // 2):
+        ref = precision.reference(student, teacher, z, index, grid, labels, dtype=torch.float32)
+        errors = precision.errors(student, teacher, z, index, grid, recipe, ref, labels)
+        cells.append(f"{errors.derivative:.2g} at t={ref.t:.3g}")
+    return "; ".join(cells)
+
+
 def nccl_step(device: torch.device) -> Callable[[], None]:
     """A one-rank NCCL group: DDP step of the CIFAR-10 student (its gradient all-reduce)."""
     import torch.distributed as torch_dist
@@ -135,7 +198,7 @@ def nccl_step(device: torch.device) -> Callable[[], None]:
     os.environ.setdefault("MASTER_PORT", "29533")
     if not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
-    teacher, student = _networks(ARCHITECTURES["cifar10"], device)
+    teacher, student = release_networks(ARCHITECTURES["cifar10"], device)
     model = DistributedDataParallel(student, device_ids=[device.index or 0])
     objective = PIDObjective(teacher, KarrasGrid(250, 7.0, 0.002, 80.0), Metric.L2.build())
     optimizer = torch.optim.RAdam(model.parameters(), lr=1e-5)
@@ -151,7 +214,7 @@ def nccl_step(device: torch.device) -> Callable[[], None]:
 
 def sampling_step(device: torch.device) -> Callable[[], None]:
     """One-step sampling of 500 CIFAR-10 images (seeded per image, as pid-sample)."""
-    _, student = _networks(ARCHITECTURES["cifar10"], device)
+    _, student = release_networks(ARCHITECTURES["cifar10"], device)
     student.eval()
     return lambda: [None for _ in generate(student, samplers.OneStepSampler(), range(500), batch_size=250,
                                            device=device)]
@@ -177,7 +240,7 @@ def fid_step(device: torch.device) -> Callable[[], None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         detector = Detector(torch.jit.script(StandInDetector()), device, source="stand-in")
-    _, student = _networks(ARCHITECTURES["cifar10"], device)
+    _, student = release_networks(ARCHITECTURES["cifar10"], device)
     student.eval()
 
     def step() -> None:
@@ -350,6 +413,13 @@ def cuda_tests() -> tuple[str, float]:
     return ("ok: " if result.returncode == 0 else "FAIL: ") + summary, time.perf_counter() - start
 
 
+def _recipe_check(architecture: str, name: str, device: torch.device) -> tuple[Callable[[], None], str]:
+    """A recipe's step (timed by the caller) and its derivative's error, on the release architecture."""
+    teacher, student = release_networks(ARCHITECTURES[architecture], device)
+    error = derivative_error(teacher, student, RECIPES[name], device)
+    return recipe_step(teacher, student, RECIPES[name], BATCH[architecture], device), error
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -359,10 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.cuda.set_device(device)
     deadline = time.monotonic() + 60 * args.budget_minutes
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, ...]] = []
     if not args.skip_tests:
         status, seconds = cuda_tests()
-        rows.append(("CUDA-marked tests", status, f"{seconds:.1f} s total", ""))
+        rows.append(("CUDA-marked tests", status, f"{seconds:.1f} s total", "", ""))
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as folder, \
             command_files(Path(folder), {**EDM_PRESETS[ARCHITECTURES["cifar10"]], "dropout": 0.0}) as files:
@@ -372,31 +442,35 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # record it and go on: the table is the result
             status = f"FAIL: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
         rows.append((f"synchronising calls per training step, cifar10 (batch {BATCH['cifar10']})", status,
-                     f"{time.perf_counter() - start:.1f} s total", ""))
+                     f"{time.perf_counter() - start:.1f} s total", "", ""))
         for name, status, seconds in command_rows(files, "cifar10", BATCH["cifar10"], steps=3, demo_steps=5,
                                                   fid_images=1000, demo_fid_images=100):
-            rows.append((name, status, f"{seconds:.1f} s total", ""))
+            rows.append((name, status, f"{seconds:.1f} s total", "", ""))
 
-    checks: list[tuple[str, Callable[[], Callable[[], None]]]] = [
-        (f"PID step {a} (batch {BATCH[a]}) {v}", lambda a=a, v=v: pid_step(a, v, device))
+    # Each check builds (the step to time, what else its row reports).
+    checks: list[tuple[str, Callable[[], tuple[Callable[[], None], str]]]] = [
+        (f"PID step {a} (batch {BATCH[a]}) {v}", lambda a=a, v=v: (pid_step(a, v, device), ""))
         for a in args.architectures for v in args.variants]
-    checks += [("NCCL 1 rank, DDP step cifar10", lambda: nccl_step(device)),
-               ("one-step sampling, 500 cifar10 images", lambda: sampling_step(device)),
-               ("FID extraction, 500 cifar10 images", lambda: fid_step(device))]
+    checks += [(f"PID recipe {a} (batch {BATCH[a]}) {r}", lambda a=a, r=r: _recipe_check(a, r, device))
+               for a in args.architectures for r in args.recipes]
+    checks += [("NCCL 1 rank, DDP step cifar10", lambda: (nccl_step(device), "")),
+               ("one-step sampling, 500 cifar10 images", lambda: (sampling_step(device), "")),
+               ("FID extraction, 500 cifar10 images", lambda: (fid_step(device), ""))]
     for name, build in checks:
         if time.monotonic() > deadline:
-            rows.append((name, "not run: time budget spent", "", ""))
+            rows.append((name, "not run: time budget spent", "", "", ""))
             continue
         try:
-            seconds, peak = _timed(device, build())
-            rows.append((name, "ok", f"{1000 * seconds:.1f} ms", f"{peak:,.0f} MiB"))
+            step, note = build()
+            seconds, peak = _timed(device, step)
+            rows.append((name, "ok", f"{1000 * seconds:.1f} ms", f"{peak:,.0f} MiB", note))
         except Exception as error:  # record it and go on: the table is the result
-            rows.append((name, f"FAIL: {type(error).__name__}: {str(error).splitlines()[0][:120]}", "", ""))
+            rows.append((name, f"FAIL: {type(error).__name__}: {str(error).splitlines()[0][:120]}", "", "", ""))
         finally:
             torch.cuda.empty_cache()
 
     table = [f"GPU check on {torch.cuda.get_device_name(device)}, torch {torch.__version__}", "",
-             "| check | status | step time | peak memory |", "|---|---|---|---|"]
+             "| check | status | step time | peak memory | dy/dt error vs fp32 |", "|---|---|---|---|---|"]
     table += [f"| {' | '.join(row)} |" for row in rows]
     text = "\n".join(table) + "\n"
     print(text, end="")

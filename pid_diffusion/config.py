@@ -57,6 +57,7 @@ class OnResume(enum.Enum):
     FREE = "may change"        # Where and how often the run writes, how far it goes: the weights never see it.
     NUMERICS = "may change (same maths, other rounding)"  # The same sums in another order or memory layout.
     CONTENT = "may change if the file's weights are equal"  # A file compared by the hash of what it holds.
+    SCHEDULE = "may change (the lr of the steps to come)"  # schedule.py: given explicitly, shown by the dry-run.
 
 
 _ON_RESUME = "on_resume"  # The field-metadata key.
@@ -84,7 +85,7 @@ class OptimizerKind(enum.Enum):
 
 
 class LRDecay(enum.Enum):
-    """The learning rate after warm-up: constant (the paper), or decayed to 0 at the last step (train.lr_at).
+    """The learning rate after warm-up: constant (the paper), or decayed to 0 at the last step (schedule.lr_at).
 
     A decay to zero helps a short run most (the final steps average out the gradient noise, as an EMA does);
     the paper's runs are long and keep it constant.
@@ -159,6 +160,7 @@ class TrainConfig:
     weight_decay: float = 0.0                      # The optimizer's L2 weight decay (the paper uses none).
     warmup_steps: int = 0                          # Linear learning-rate warm-up from 0 over this many steps.
     lr_decay: LRDecay = LRDecay.CONSTANT           # After warm-up: constant, or cosine / linear decay to 0 at `steps`.
+    lr_decay_steps: int | None = setting(None, OnResume.SCHEDULE)  # Horizon of the decay; None: `steps` (later steps keep its final lr).
     grad_clip: float | None = None                 # Clip the global gradient norm to this value; None: no clipping.
     ema_rates: tuple[float, ...] = (0.999, 0.9999, 0.99995)  # EMA decay rates, kept side by side.
     phema_stds: tuple[float, ...] = ()             # Power-function EMAs at these relative stds, for post-hoc EMA (pid-phema); EDM2 keeps 0.050,0.100.
@@ -178,6 +180,10 @@ class TrainConfig:
         check(self.eps > 0, "train.eps", f"must be > 0, got {self.eps}")
         check(self.weight_decay >= 0, "train.weight_decay", f"must be ≥ 0, got {self.weight_decay}")
         check(self.warmup_steps >= 0, "train.warmup_steps", f"must be ≥ 0, got {self.warmup_steps}")
+        check(self.lr_decay_steps is None or (self.lr_decay is not LRDecay.CONSTANT
+                                               and self.lr_decay_steps > self.warmup_steps), "train.lr_decay_steps",
+              f"applies to a decay (lr_decay is {self.lr_decay.value}) and must exceed warmup_steps = "
+              f"{self.warmup_steps}, got {self.lr_decay_steps}")
         check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip",
                f"must be > 0 (or none to disable clipping), got {self.grad_clip}")
         check(all(0 < r < 1 for r in self.ema_rates), "train.ema_rates", f"need 0 < rate < 1, got {self.ema_rates}")

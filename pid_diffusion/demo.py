@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from pid_diffusion.train import training_loop
 __all__ = ["DemoOptions", "Row", "agreement", "run_demo", "format_table"]
 
 _FID_BATCH = 100  # Images per detector batch.
+ZOO_STUDENT = "model_zoo/pid-shapes-16x16.pt"  # The bundled teacher's distilled student (model_zoo/README.md).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,7 @@ class DemoOptions:
     fid_images: int = 1000               # Samples and data images per FID (only with a detector).
     detector: str | None = None          # Inception detector file; None: the torch hub cache (never downloaded).
     data: ShapesSpec = ShapesSpec()      # The data set the bundled teacher was trained on (FID reference).
+    zoo_student: str | None = ZOO_STUDENT  # A row for this snapshot when present and of the run's teacher file.
 
     def __post_init__(self):
         if self.eval_images < 1:
@@ -166,9 +169,30 @@ def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> lis
             Row(f"student distilled ({config.train.steps} steps, {weights})", one_step.num_network_calls,
                 *agreement(after, reference), fids[2]),
         ]
+        zoo = _zoo_student(config, options, device)
+        if zoo is not None:
+            net, train = zoo
+            rows.append(Row(f"model_zoo student ({train['steps']} steps of {train['batch']}, raw weights)",
+                            one_step.num_network_calls, *agreement(one_step(net, latents), reference)))
         _write_outputs(config, options, rows, fid_note, [reference, before, after], heun.num_network_calls)
     dist.barrier()
     return rows
+
+
+def _zoo_student(config: DistillConfig, options: DemoOptions, device: torch.device
+                 ) -> tuple[nn.Module, dict] | None:
+    """The model_zoo student and its `train` section, when its file is present and was distilled from the run's
+    teacher file (the same file on disk); None otherwise."""
+    path = options.zoo_student
+    if path is None or not os.path.isfile(path):
+        return None
+    zoo_config = fileio.torch_load(path)["config"]
+    teacher_path = zoo_config["teacher"]["path"]
+    same_teacher = (os.path.isfile(teacher_path) and os.path.isfile(config.teacher.path)
+                    and os.path.samefile(teacher_path, config.teacher.path))
+    if not same_teacher:
+        return None
+    return checkpoint.load_network(path, device=device), zoo_config["train"]
 
 
 def _fids(config: DistillConfig, options: DemoOptions, models: list[tuple[nn.Module, Sampler]]

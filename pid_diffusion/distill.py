@@ -20,9 +20,10 @@ import torch
 from pid_diffusion.user_error import MissingFileError
 from pid_diffusion import config_files, official
 from pid_diffusion.utils import fileio, hub, perf
-from pid_diffusion.config import OnResume, TrainingConfig, check, setting
+from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
-from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_options
+from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, StudentPrecision, check_options
+from pid_diffusion.precision import check_recipe
 from pid_diffusion.distances import Metric
 from pid_diffusion.networks.edm import EDM_PRESETS
 from pid_diffusion.student import PIDStudent, StudentInit
@@ -77,6 +78,7 @@ class PIDConfig:
     form: ResidualForm = ResidualForm.DENOISER      # denoiser (Eq. 9, official) or derivative (Eq. 8).
     stop_neighbour_grad: bool = False               # Detach the neighbour evaluation y_j.
     pseudo_huber_c: float | None = None             # c of metric=pseudo_huber; None: iCT's 0.00054·sqrt(d).
+    student_precision: StudentPrecision = StudentPrecision.TRAIN  # The student's passes: train (train.precision), fp32, or train_rounded_difference (docs/precision.md).
 
     def __post_init__(self):
         # The grid's and the residual's own checks (from_dict reports them under this section's name).
@@ -104,6 +106,10 @@ class DistillConfig(TrainingConfig):
     pid: PIDConfig = dataclasses.field(default_factory=PIDConfig)
 
     def __post_init__(self):
+        try:  # A 16-bit finite difference is rounded away near ε (docs/precision.md).
+            check_recipe(self.train.precision, self.pid.derivative, self.pid.student_precision)
+        except ValueError as error:
+            raise ConfigError(f"pid.student_precision: {error}") from None
         # perf.RecomputedUNetBlock raises at the first step; a configuration should fail before the run starts.
         check(not (self.train.activation_checkpointing and self.pid.derivative is Derivative.JVP),
               "train.activation_checkpointing",
@@ -132,12 +138,13 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
     if config.train.activation_checkpointing and pid.metric.is_lpips:
         perf.enable_lpips_recomputation(metric)
     objective = PIDObjective(teacher, grid, metric, derivative=pid.derivative, form=pid.form,
-                             stop_neighbour_grad=pid.stop_neighbour_grad)
+                             stop_neighbour_grad=pid.stop_neighbour_grad, student_precision=pid.student_precision)
     torch.manual_seed(config.train.seed)  # The random initialisation of the ablation; DDP broadcasts rank 0's.
     from_file = config.student.init is StudentInit.FILE
+    # The recipe alone sets the student's arithmetic: never the teacher's own fp16 image path (ADM's use_fp16).
     student = PIDStudent.from_teacher(teacher, pid.sigma_min, pid.sigma_max,
                                       init=StudentInit.RANDOM if from_file else config.student.init,
-                                      network_overrides={"dropout": config.student.dropout})
+                                      network_overrides={"dropout": config.student.dropout, "use_fp16": False})
     if from_file:  # The file's weights replace the network's own initialisation.
         official.load_student_weights(student, config.student.path)
     return objective, student.to(device)

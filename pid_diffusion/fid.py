@@ -144,6 +144,8 @@ def compute_statistics(
         if batch_features.shape[1] != feature_dim:
             raise FileFormatError(f"The detector gives {batch_features.shape[1]}-d features, the reference statistics "
                              f"are {feature_dim}-d: were they made with another detector?")
+        if (warning := detector.comparability_warning(batch_features.shape[1])) is not None:
+            dist.print0(warning)
         features.update(batch_features)
         if scores is not None:
             scores.update(detector.probabilities(images), positions)

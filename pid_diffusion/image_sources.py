@@ -1,7 +1,9 @@
 """Image sources for reference statistics: a folder of images (searched recursively), a zip of images (EDM's
 `dataset_tool.py` output), or an npz of uint8 NHWC images under `images` (pid-sample's files) or `arr_0`
 (openai's sample files). Images are taken in sorted name order, as EDM's `ImageFolderDataset` takes them;
-`edm_subset` picks a subset as EDM's `fid.py` does.
+`edm_subset` picks a subset as EDM's `fid.py` does. The name `shapes` (BUNDLED_DATA) is the generated data set
+the bundled teacher was trained on (`toydata.ShapesSpec()`, drawn here: no file), the FID reference of the
+bundled default on a machine without network (a folder of that name is `./shapes`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from typing import Protocol
 import numpy as np
 import PIL.Image
 
+from pid_diffusion.toydata import ShapesSpec, make_shapes
 from pid_diffusion.user_error import FileFormatError, MissingFileError
 from pid_diffusion.utils import fileio
 
-__all__ = ["FolderImages", "ImageSource", "NpzImages", "ZipImages", "edm_subset", "open_images"]
+__all__ = ["BUNDLED_DATA", "FolderImages", "ImageSource", "NpzImages", "ZipImages", "edm_subset", "open_images"]
+
+BUNDLED_DATA = "shapes"  # --data shapes: the bundled teacher's training set, drawn from toydata.ShapesSpec().
 
 _NPZ_IMAGE_KEYS = ("images", "arr_0")  # pid-sample's name, then openai's
 _SUBSET_SEED_MODULUS = 1 << 31  # numpy's RandomState takes seeds below 2^31 (EDM reduces them so)
@@ -91,7 +96,9 @@ class NpzImages:
 
 
 def open_images(path: str) -> ImageSource:
-    """A folder, a .zip or an .npz of images."""
+    """A folder, a .zip or an .npz of images; BUNDLED_DATA: the bundled teacher's generated data set."""
+    if path == BUNDLED_DATA:
+        return make_shapes(ShapesSpec()).images.permute(0, 2, 3, 1).numpy()
     if path.endswith(".npz"):
         return NpzImages(path)
     if path.endswith(".zip"):

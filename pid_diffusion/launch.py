@@ -9,6 +9,7 @@ from pid_diffusion.user_error import FileFormatError
 from pid_diffusion import checkpoint
 from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, from_dict
 from pid_diffusion.resume import resume_changes
+from pid_diffusion.schedule import resumed_lr
 from pid_diffusion.train import batch_plan
 
 __all__ = ["describe_launch"]
@@ -42,7 +43,8 @@ def describe_launch(config: TrainingConfig, world_size: int) -> list[str]:
     if step >= config.train.steps:
         lines.append(f"run folder {config.run.dir}: complete ({path} is at step {step} ≥ train.steps)")
     else:
-        lines.append(f"run folder {config.run.dir}: would resume from {path} at step {step}")
+        lines.append(f"run folder {config.run.dir}: would resume from {path} at step {step}; "
+                     f"{resumed_lr(stored.train, config.train, step)}")
     for change in changes:
         check = " (compared with the stored hash once loaded)" if change.kind is OnResume.CONTENT else ""
         lines.append(f"  changed on resume, {change.kind.value}: {change}{check}")

@@ -17,6 +17,7 @@ from torch import nn
 from pid_diffusion.checkpoint import NoLoadableTrainingStateError, newest_loadable, read_training_state
 from pid_diffusion.config import (ConfigError, OnResume, TrainingConfig, diff, flatten, from_dict, resume_classes,
                                   to_dict)
+from pid_diffusion.schedule import horizon_refusal
 from pid_diffusion.utils import dist
 from pid_diffusion.utils.rng import restore_rng
 
@@ -42,6 +43,9 @@ def resume_changes(stored: TrainingConfig, config: TrainingConfig, stored_finger
     ConfigError naming every change it may not: a MATCH field (the run's maths), or a CONTENT field whose file
     now holds other weights. `fingerprints` None (the dry-run, which loads nothing) leaves CONTENT changes to
     the run, which compares the hashes."""
+    refusal = horizon_refusal(stored.train, config.train)
+    if refusal is not None:
+        raise ConfigError(f"{path}: {refusal}")
     classes = resume_classes(type(config))
     old, new = flatten(to_dict(stored)), flatten(to_dict(config))
     changes = [Change(key, old.get(key), new.get(key), classes.get(key, OnResume.MATCH))

@@ -40,8 +40,9 @@ from pid_diffusion.user_error import OptionError
 from pid_diffusion import checkpoint, images, phema, resume, run_log
 from pid_diffusion.utils import dist, fileio, perf, preemption
 from pid_diffusion.utils.rng import seed_globals
-from pid_diffusion.config import ConfigError, LRDecay, OptimizerKind, Precision, TrainConfig, TrainingConfig, to_json
+from pid_diffusion.config import ConfigError, OptimizerKind, Precision, TrainConfig, TrainingConfig, to_json
 from pid_diffusion.generate import Preview
+from pid_diffusion.schedule import lr_at
 
 __all__ = ["AUTOCAST_DTYPES", "EMA", "NOISE_CHUNK", "NonFiniteLossError", "Objective", "batch_plan",
            "build_optimizer", "chunk_generator", "loss_scaler", "lr_at", "training_loop"]
@@ -148,17 +149,6 @@ def build_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     """The configured optimizer; no weight decay unless configured (docs/method.md §5)."""
     cls = {OptimizerKind.RADAM: torch.optim.RAdam, OptimizerKind.ADAM: torch.optim.Adam}[train.optimizer]
     return cls(params, lr=train.lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay)
-
-
-def lr_at(train: TrainConfig, step: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or decayed so that the
-    step after the last would have lr 0 (the last step itself still moves)."""
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)  # In [0, 1).
-    factor = {LRDecay.CONSTANT: 1.0, LRDecay.COSINE: 0.5 * (1 + math.cos(math.pi * progress)),
-              LRDecay.LINEAR: 1 - progress}[train.lr_decay]
-    return train.lr * factor
 
 
 AUTOCAST_DTYPES = {Precision.FP32: None, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}

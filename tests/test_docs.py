@@ -47,8 +47,9 @@ pytestmark = pytest.mark.slow  # every documented command, as a user runs it (so
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
 TEACHER_NAMES = ["edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]
 STUDENT_CHECKPOINTS = ["runs/pid-cifar10/checkpoint-00800000.pt", "runs/pid-imagenet64/checkpoint-00400000.pt"]
-STUDENT_SNAPSHOTS = ["runs/pid-cifar10/snapshot-00800000.pt"]
-REFERENCES = ["fid-refs/cifar10-32x32.npz", "fid-refs/imagenet-64x64.npz", "samples-stats.npz"]
+STUDENT_SNAPSHOTS = ["runs/pid-cifar10/snapshot-00800000.pt", "runs/pid-default/snapshot-00001000.pt"]
+REFERENCES = ["fid-refs/cifar10-32x32.npz", "fid-refs/imagenet-64x64.npz", "samples-stats.npz",
+              "fid-refs/shapes-16x16.npz"]
 EDM2_REFERENCES = ["fid-refs/cifar10-32x32.pkl"]  # FID's and FD_DINOv2's statistics (the tiny DINOv2's 64-d)
 EDM_FID_REFS_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"  # wget of a reference: the stand-in's copy
 # The official PID code's files (docs/evaluation.md): a released student and a run folder, holding the bundled
@@ -100,6 +101,7 @@ def standins(tmp_path_factory) -> Path:
         (files / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(checkpoint.latest_training_state(str(run_dir))[1], files / path)
     for path in STUDENT_SNAPSHOTS:  # The step inside as the name says: post-hoc EMA reads both.
+        (files / path).parent.mkdir(parents=True, exist_ok=True)
         snapshot = torch.load(checkpoint.find_snapshots(str(run_dir))[-1][1], weights_only=True)
         torch.save({**snapshot, "step": checkpoint.step_of(path)}, files / path)
     # A reconstruction (pid-phema's output) to sample from.
@@ -133,7 +135,8 @@ def standins(tmp_path_factory) -> Path:
     torch.save({"state": {}, "param_groups": []}, files / OFFICIAL_RUN / "opt010000.pt")
 
     dode = fit_dode(teacher, Solver.HEUN, 4, multiplier=2, num_samples=2, seed=0)
-    dode.save(files / "edm-shapes-16x16.dode-heun-4.pt")
+    (files / "runs" / "dode").mkdir(parents=True)
+    dode.save(files / "runs" / "dode" / "edm-shapes-16x16.dode-heun-4.pt")
 
     stub = root / "bin" / "mpirun"
     stub.parent.mkdir()
@@ -153,7 +156,6 @@ def workspace(standins: Path, folder: Path) -> Path:
     (folder / "model_zoo").mkdir(exist_ok=True)  # the official release's stand-in is in model_zoo/pid_cifar
     for source in (REPO / "model_zoo").iterdir():
         os.link(source, folder / "model_zoo" / source.name)
-    os.link(files / "edm-shapes-16x16.dode-heun-4.pt", folder / "model_zoo" / "edm-shapes-16x16.dode-heun-4.pt")
     (folder / "scripts").symlink_to(REPO / "scripts")
     (folder / "benchmarks").symlink_to(REPO / "benchmarks")
     return folder
@@ -283,3 +285,13 @@ def test_documented_command_runs(document, command, standins, tmp_path, monkeypa
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     run_documented(words, folder, standins, monkeypatch)
+
+
+def test_the_folders_the_documented_commands_write_are_ignored_by_git():
+    """`git status` stays clean after following the documents: runs, teachers and reference statistics."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["runs/pid-default/snapshot-00000100.pt", "runs/dode/edm-shapes-16x16.dode-heun-4.pt",
+             "teachers/edm-cifar10-32x32-uncond-vp.pt", "fid-refs/cifar10-32x32.npz"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == paths

@@ -226,14 +226,17 @@ def test_load_rejects_other_files(tmp_path):
         DODESampler.load(path)
 
 
-def test_command_line_writes_the_sampler_beside_the_teacher(tmp_path, capsys):
-    teacher_path = tmp_path / "teacher.pt"
+def test_command_line_writes_the_sampler_under_runs_not_beside_the_teacher(tmp_path, capsys, monkeypatch):
+    (tmp_path / "model_zoo").mkdir()
+    teacher_path = tmp_path / "model_zoo" / "teacher.pt"
     shutil.copy(BUNDLED_TEACHER, teacher_path)
+    monkeypatch.chdir(tmp_path)
     args = ["--teacher", str(teacher_path), "--solver", "euler", "--steps", "3", "--multiplier", "2",
             "--num-samples", "4", "--seed", "7", "--device", "cpu"]
     assert fit_dode_cli.main(args) == 0
-    written = tmp_path / "teacher.dode-euler-3.pt"
-    assert str(written) in capsys.readouterr().out
+    written = tmp_path / "runs" / "dode" / "teacher.dode-euler-3.pt"
+    assert "wrote runs/dode/teacher.dode-euler-3.pt" in capsys.readouterr().out
+    assert sorted(path.name for path in (tmp_path / "model_zoo").iterdir()) == ["teacher.pt"]
     sampler = DODESampler.load(written)
     expected = fit_dode(load_teacher(teacher_path), Solver.EULER, 3, multiplier=2, num_samples=4, seed=7)
     assert sampler == expected

@@ -19,7 +19,7 @@ from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.cli import train_teacher as teacher_cli
 from pid_diffusion.config import leaf_fields
 from pid_diffusion.distill import DistillConfig
-from pid_diffusion.metrics import Metric
+from pid_diffusion.distances import Metric
 from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
 from pid_diffusion.teacher_training import TeacherTrainingConfig

@@ -95,7 +95,7 @@ def test_the_training_objective_reads_no_index_back_from_the_device(monkeypatch)
     """The step's indices come from sample_indices (in range by construction): neither the objective nor the
     grid's lookups call check_indices, whose min/max would be a device-to-host sync per micro-batch on CUDA."""
     from pid_diffusion.loss import PIDObjective
-    from pid_diffusion.metrics import Metric
+    from pid_diffusion.distances import Metric
     from pid_diffusion.networks.edm import EDMPrecond
     from pid_diffusion.student import PIDStudent
 

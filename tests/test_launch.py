@@ -48,7 +48,9 @@ def test_dry_run_says_resume_or_conflict_and_gives_the_runs_own_errors(tmp_path,
     run = [*BASE, f"--run.dir={tmp_path}"]
     distill_cli.main([*run, "--train.steps=2"])
     capsys.readouterr()
-    distill_cli.main([*run, "--train.steps=4", "--run.checkpoint_every=1", "--dry-run"])
+    # The default preset decays its lr: a longer run keeps the stored horizon explicitly (test_schedule.py).
+    longer = ["--train.steps=4", "--train.lr_decay_steps=2"]
+    distill_cli.main([*run, *longer, "--run.checkpoint_every=1", "--dry-run"])
     report = capsys.readouterr().err
     assert f"would resume from {tmp_path}/checkpoint-00000002.pt at step 2" in report
     assert "changed on resume, may change: run.checkpoint_every: 250 → 1" in report
@@ -59,7 +61,7 @@ def test_dry_run_says_resume_or_conflict_and_gives_the_runs_own_errors(tmp_path,
         errors = []
         for dry in (["--dry-run"], []):
             with pytest.raises(SystemExit) as exit_info:
-                distill_cli.main([*run, "--train.steps=4", *bad, *dry])
+                distill_cli.main([*run, *longer, *bad, *dry])
             assert exit_info.value.code == USAGE_STATUS
             errors.append(capsys.readouterr().err.splitlines()[-1])
         assert errors[0] == errors[1] and errors[0].startswith("pid-distill: error: "), errors

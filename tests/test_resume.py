@@ -143,7 +143,9 @@ def test_teacher_file_may_change_when_its_weights_are_equal(tmp_path, edm_fixtur
     teacher = fixture_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
     write_teacher_file(str(tmp_path / "teacher.pt"), teacher)
     run = tmp_path / "run"
-    options = [f"--run.dir={run}", "--train.batch=4", "--run.image_every=0", "--run.log_every=1"]
+    # A constant lr: the run is extended step by step (under a decay that needs train.lr_decay_steps, test_schedule).
+    options = [f"--run.dir={run}", "--train.batch=4", "--run.image_every=0", "--run.log_every=1",
+               "--train.lr_decay=constant"]
     distill_cli.main([*options, f"--teacher.path={tmp_path / 'teacher.pt'}", "--train.steps=1"])
 
     # The same network in another file (as a .pkl and its converted .pt are): the run resumes.

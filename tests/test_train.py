@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from pid_diffusion.images import PREVIEW_MIN_PIXELS
+
 from pid_diffusion import checkpoint
 from pid_diffusion.utils import fileio
 from pid_diffusion import train as train_module
@@ -204,10 +206,12 @@ def test_sample_grid_png(tmp_path):
 
     training_loop(config, ToyObjective(config.toy), ToyNet(), preview=preview)
     image = Image.open(tmp_path / "samples-00000002.png")
-    # torchvision's grid: nrow = round(√6) = 2 images per row, so 3 rows; 2-pixel padding around each image.
+    # torchvision's grid: nrow = round(√6) = 2 images per row, so 3 rows; 2-pixel padding around each image,
+    # each image magnified (nearest) to PREVIEW_MIN_PIXELS: the toy's 4×4 to 64×64.
     nrow = round(math.sqrt(6))
     rows = math.ceil(6 / nrow)
-    assert image.size == (nrow * (toy_training.SIZE + 2) + 2, rows * (toy_training.SIZE + 2) + 2)
+    size = PREVIEW_MIN_PIXELS
+    assert size % toy_training.SIZE == 0 and image.size == (nrow * (size + 2) + 2, rows * (size + 2) + 2)
     assert seen == [False]
 
 

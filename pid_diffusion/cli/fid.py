@@ -28,6 +28,7 @@ FID against the std (<run>/fid-phema.png).
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Sequence
 
@@ -202,9 +203,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             evaluation.evaluate_images(args.images.rsplit("/", 1)[-1], open_images(args.images), table, detector,
                                        reference, args.ref, **common)
-        if dist.rank() == 0 and args.run:
+        if dist.rank() == 0 and args.run:  # EDM's best of several seed ranges: only where there are several.
+            ranges = collections.Counter((r.checkpoint, r.ema, r.sampler) for r in table.results.values() if not r.error)
             for result in table.best():
-                print(f"best: {result.checkpoint} ema {result.ema}: FID {result.fid:.4f} (seeds {result.seeds})")
+                if ranges[result.checkpoint, result.ema, result.sampler] > 1:
+                    print(f"best: {result.checkpoint} ema {result.ema}: FID {result.fid:.4f} (seeds {result.seeds}, "
+                          f"of {ranges[result.checkpoint, result.ema, result.sampler]} ranges)")
         dist.barrier()
     dist.shutdown()
 

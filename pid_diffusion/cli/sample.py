@@ -14,6 +14,7 @@ Outputs (rank 0 writes each atomically, `--png-dir` images excepted: each rank w
     pid-sample --checkpoint run/checkpoint-00800000.pt --ema 0.9999 --seeds 0-63 --grid grid.png
     pid-sample --checkpoint run --seeds 0-63 --grid grid.png      # the run folder's newest file that loads
     pid-sample --teacher edm-cifar10-32x32-uncond-vp.pkl --sampler heun --steps 18 --seeds 0-63 --grid t.png
+    pid-sample --checkpoint pid_cifar.pt --preset edm-cifar10-32x32-uncond-vp --seeds 0-63 --grid official.png
     mpirun -np 8 pid-sample --checkpoint ... --seeds 0-49999 --batch 500 --npz samples.npz
 """
 

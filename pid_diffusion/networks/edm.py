@@ -235,14 +235,15 @@ def multi_head_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Self-attention over pixels from a [N, 3C, H, W] qkv map in EDM's channel layout; returns [N, C, H, W].
 
     Channel (head·C/h + c)·3 + j of `qkv` holds q, k or v (j = 0, 1, 2) of channel c in that head, as in
-    EDM's checkpoints. Logits and softmax are computed in float32 for every input dtype (EDM's
+    EDM's checkpoints. Logits and softmax are computed in float32 (float64 for float64 input) for every input dtype (EDM's
     `AttentionOp`), written with plain differentiable ops so that forward-mode AD works.
     """
     batch, channels3, height, width = qkv.shape
     channels = channels3 // 3
     q, k, v = qkv.reshape(batch * num_heads, channels // num_heads, 3, height * width).unbind(2)
+    wide = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for a float64 reference pass
     with _float32_region(qkv.device.type):
-        logits = torch.einsum("ncq,nck->nqk", q.to(torch.float32), (k / math.sqrt(k.shape[1])).to(torch.float32))
+        logits = torch.einsum("ncq,nck->nqk", q.to(wide), (k / math.sqrt(k.shape[1])).to(wide))
         # The softmax written out: torch's own forward-mode rule modifies a saved tensor in place, which
         # breaks backpropagation through a time-derivative tangent (PID's Derivative.JVP). Subtracting the
         # detached row maximum changes nothing mathematically and keeps exp() from overflowing.
