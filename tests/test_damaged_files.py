@@ -28,7 +28,8 @@ from factories import SMALL_FEATURE_DIM, small_detector
 
 # Two tiny steps of the bundled default, a snapshot and a training state after each.
 RUN = ["--preset=default", "--train.batch=2", "--run.log_every=1", "--run.image_every=0", "--run.snapshot_every=1",
-       "--run.checkpoint_every=1", "--run.keep_checkpoints=0", "--run.sync_check_every=0"]
+       "--run.checkpoint_every=1", "--run.keep_checkpoints=0", "--run.sync_check_every=0",
+       "--train.lr_decay_steps=2"]  # The decay of the first run's two steps: the tests extend it to three.
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(200)  # A file of another format.
 KINDS = ["truncated", "other_format"]
 
