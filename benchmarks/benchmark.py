@@ -44,10 +44,10 @@ from pid_diffusion.distill import DistillConfig, resolve
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.inception import Detector
 from pid_diffusion.loss import Derivative, PIDObjective
-from pid_diffusion.metrics import PiqLPIPS, VGGLPIPS, upsample_for_lpips
+from pid_diffusion.distances import PiqLPIPS, VGGLPIPS, upsample_for_lpips
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond
-from pid_diffusion.utils.perf import (disable_activation_checkpointing, enable_activation_checkpointing,
-                                enable_lpips_checkpointing, retain_freed_cpu_memory)
+from pid_diffusion.utils.perf import (disable_activation_recomputation, enable_activation_recomputation,
+                                enable_lpips_recomputation, retain_freed_cpu_memory)
 from pid_diffusion.images import to_uint8
 from pid_diffusion.samplers import OneStepSampler
 from pid_diffusion.student import PIDStudent
@@ -221,7 +221,7 @@ class Bench:
         self.checkpointed_metric = None
         if isinstance(self.metric, (PiqLPIPS, VGGLPIPS)):
             self.checkpointed_metric = pid.metric.build(**pid.metric_options()).to(device)
-            enable_lpips_checkpointing(self.checkpointed_metric)
+            enable_lpips_recomputation(self.checkpointed_metric)
         self.objective = PIDObjective(self.teacher, self.grid, self.metric, derivative=pid.derivative,
                                       form=pid.form, stop_neighbour_grad=pid.stop_neighbour_grad)
         torch.manual_seed(train.seed)
@@ -259,13 +259,13 @@ class Bench:
 
     def checkpointed_step(self, metric_too: bool = True) -> None:
         """A step with the student's U-Net blocks (and, with `metric_too`, LPIPS' VGG stages) checkpointed."""
-        enable_activation_checkpointing(self.student)
+        enable_activation_recomputation(self.student)
         if metric_too and self.checkpointed_metric is not None:
             self.objective.metric = self.checkpointed_metric
         try:
             self.step()
         finally:
-            disable_activation_checkpointing(self.student)
+            disable_activation_recomputation(self.student)
             self.objective.metric = self.metric
 
     # The network passes of a step, alone.
@@ -427,7 +427,7 @@ def update_rows(bench: Bench, verdicts: list[str]) -> list[Row]:
 
 
 def lpips_rows(bench: Bench, verdicts: list[str]) -> list[Row]:
-    """PiqLPIPS with both images in one VGG pass (metrics.py) against piq's own two passes, and against two
+    """PiqLPIPS with both images in one VGG pass (distances.py) against piq's own two passes, and against two
     passes whose target side (the teacher's denoised image, never differentiated) runs without autograd."""
     metric = bench.metric
     if not isinstance(metric, PiqLPIPS):
@@ -467,7 +467,7 @@ def lpips_rows(bench: Bench, verdicts: list[str]) -> list[Row]:
                     f"fastest: {best}" + (" (the default)." if best == "one" else
                                          ". PID's target (the teacher's denoised image) needs no gradient, yet in "
                                          "one concatenated pass autograd backpropagates through its half of the "
-                                         "batch as well: metrics.py should run the target's VGG pass under "
+                                         "batch as well: distances.py should run the target's VGG pass under "
                                          "torch.no_grad (the lead's to change; the default is kept meanwhile)."))
     return [
         Row(name, f"LPIPS fwd+bwd, batch {batch}: one VGG pass (default)", f"{seconds['one']:.3g} s",

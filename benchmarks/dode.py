@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             add(measure(f"D-ODE {solver.value}, {num_steps} steps (C = {args.multiplier})", sampler, net, latents,
                         labels, reference, args.repeats, time.perf_counter() - start))
     if args.student:
-        student = checkpoint.load_generator(args.student, ema_rate=args.ema, device=device)
+        student = checkpoint.load_network(args.student, ema_rate=args.ema, device=device)
         add(measure("PID student", OneStepSampler(), student, latents, labels, reference, args.repeats))
 
     table = "\n".join([HEADER, *(row.markdown() for row in rows)])

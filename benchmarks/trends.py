@@ -17,6 +17,11 @@ It writes `<out>/trends.json` (every measurement), the figures `psnr-vs-n.png` a
 a Markdown page with the table (mean ± spread over seeds), the figures and the command. On `--page`, the
 generated part sits between two marker lines; text outside them (the reading of the claims) is kept.
 
+The published page, docs/trends.md, is written only by the full default study (no budget option, no
+--settings, no --quick) or when --page names it; every other run writes `<out>/trends.md` and its figures
+under `<out>/trends/`. `--quick` checks the tool, not the claims (its page says so), and deletes each
+setting's run folder once measured; the last line names what a run leaves on disk.
+
     python benchmarks/trends.py                       # the study of docs/trends.md (about 2 hours of one core)
     python benchmarks/trends.py --quick               # reduced: 1 seed, fewer steps, page in runs/trends-quick/
     python benchmarks/trends.py --settings baseline --seeds 1 --steps 2 --batch 2 --eval-images 2
@@ -33,6 +38,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -52,6 +58,7 @@ from pid_diffusion.teacher import load_teacher
 from pid_diffusion.train import NonFiniteLossError, training_loop
 
 BEGIN, END = "<!-- trends.py: generated, begin -->", "<!-- trends.py: generated, end -->"
+PUBLISHED_PAGE = Path("docs/trends.md")  # Written by the full default study, or when --page names it.
 GRID_SIZES = (10, 20, 40, 80, 160, 250)
 BASELINE_N = 40  # The default preset's N; the other axes change one thing from it.
 LPIPS_FILES = (hub.VGG16_IMAGENET, hub.PIQ_LPIPS_WEIGHTS)
@@ -152,7 +159,7 @@ def measure(setting: Setting, budget: Budget, seed: int, out: Path, latents: tor
     objective, student = build(config, torch.device("cpu"))
     with torch.no_grad():
         curve = [dict(zip(("step", "rmse", "psnr"), (0, *agreement(one_step(student.eval(), latents), reference))))]
-    latest, diverged = checkpoint.latest_checkpoint(config.run.dir), None
+    latest, diverged = checkpoint.latest_training_state(config.run.dir), None
     if latest is None or latest[0] < budget.steps:
         try:
             training_loop(config, objective, student)  # Resuming checks that the folder holds this configuration.
@@ -162,9 +169,9 @@ def measure(setting: Setting, budget: Budget, seed: int, out: Path, latents: tor
             fileio.join(config.run.dir, "config.json")))), config)):
         raise SystemExit(f"{config.run.dir} holds a run of another budget ({', '.join(changed)} differ): "
                          "pass another --out, or delete the folder")
-    for step, path in checkpoint.find_checkpoints(config.run.dir):
+    for step, path in checkpoint.find_training_states(config.run.dir):
         with torch.no_grad():
-            rmse, psnr = agreement(one_step(checkpoint.load_generator(path), latents), reference)
+            rmse, psnr = agreement(one_step(checkpoint.load_network(path), latents), reference)
         curve.append({"step": step, "rmse": rmse, "psnr": psnr})
     return {"setting": setting.name, "axis": setting.axis, "seed": seed, "overrides": dict(setting.overrides),
             "s_per_step": None if diverged else _seconds_per_step(config.run.dir), "diverged": diverged,
@@ -311,8 +318,16 @@ def _schedule(budget: Budget) -> str:
     return f"{train.optimizer.value.replace('radam', 'RAdam').replace('adam', 'Adam')} lr {train.lr:g} {decay}{warmup}"
 
 
+def quick_note(budget: Budget) -> str:
+    """What a --quick page is for: it checks that the tool runs end to end; its numbers test no claim."""
+    return (f"**`--quick`: this page checks the tool, not the claims.** {budget.steps} steps of {budget.batch} "
+            f"latents leave every setting on the first plateau, so the table measures nothing about the trends; "
+            f"the study's own budget is `python benchmarks/trends.py` (docs/trends.md). The run folders were "
+            f"deleted once measured; trends.json and the figures remain.  ")
+
+
 def generated_section(results: list[dict], ceiling: dict[int, tuple[float, float]], budget: Budget, command: str,
-                      lpips: bool, figure_paths: Sequence[Path], page: Path) -> str:
+                      lpips: bool, figure_paths: Sequence[Path], page: Path, quick: bool = False) -> str:
     relative = [os.path.relpath(path, page.parent) for path in figure_paths]
     lpips_note = ("LPIPS: measured (its weight files are in the hub cache)." if lpips else
                   f"LPIPS: not measured — its weight files ({', '.join(f.filename for f in LPIPS_FILES)}) are not in "
@@ -320,6 +335,7 @@ def generated_section(results: list[dict], ceiling: dict[int, tuple[float, float
     core_minutes = sum(r["s_per_step"] or 0 for r in results) * budget.steps / 60
     return "\n".join([
         BEGIN,
+        *([quick_note(budget)] if quick else []),
         f"Command: `{command}`  ",
         f"Machine: {machine()}; {datetime.date.today().isoformat()}; training {core_minutes:.0f} min in all.  ",
         f"Budget of every setting: {budget.steps} steps of {budget.batch} latents, {_schedule(budget)} "
@@ -343,14 +359,16 @@ def generated_section(results: list[dict], ceiling: dict[int, tuple[float, float
     ])
 
 
-def write_page(page: Path, section: str) -> None:
-    """Put `section` between the markers of `page`, keeping the text around them (or start a new page)."""
+def write_page(page: Path, section: str, title: str = "# PID's trends on the bundled teacher") -> None:
+    """Put `section` between the marker lines it starts and ends with, keeping the text around them in `page`
+    (or start a new page under `title`)."""
+    begin, end = section.splitlines()[0], section.splitlines()[-1]
     text = page.read_text(encoding="utf-8") if page.is_file() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
-        text = "# PID's trends on the bundled teacher\n\n" + section + "\n" + text
+        text = title + "\n\n" + section + "\n" + text
     fileio.atomic_write_text(text, str(page))
 
 
@@ -369,8 +387,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Budget, 
     parser.add_argument("--seeds", type=int, help="seeds per setting (0, 1, ...)")
     parser.add_argument("--eval-images", type=int, help="held-out latents")
     parser.add_argument("--out", type=Path, help="runs and results (default: runs/trends or runs/trends-quick)")
-    parser.add_argument("--page", type=Path, help="the Markdown page (default: docs/trends.md; with --quick "
-                        "<out>/trends.md); figures go to <page folder>/trends/")
+    parser.add_argument("--page", type=Path, help=f"the Markdown page (default: {PUBLISHED_PAGE} for the full "
+                        "default study, <out>/trends.md for any other run); figures go to <page folder>/trends/")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -389,7 +407,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Budget, 
                          f"{', '.join(map(repr, known))}" + ("" if lpips else " (LPIPS: weights not in the hub cache)"))
         settings = [known[name] for name in args.settings]
     args.out = args.out or Path("runs/trends-quick" if args.quick else "runs/trends")
-    args.page = args.page or (args.out / "trends.md" if args.quick else Path("docs/trends.md"))
+    full_study = not (args.quick or args.settings) and budget == FULL
+    args.page = args.page or (PUBLISHED_PAGE if full_study else args.out / "trends.md")
     return args, budget, settings, lpips
 
 
@@ -412,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for seed in range(budget.seeds):
             result = measure(setting, budget, seed, args.out, latents, reference)
             results.append(result)
+            if args.quick:  # Its measurements are in `result`; the checkpoints would fill the disk (1.2 GB).
+                shutil.rmtree(config_of(setting, budget, seed, args.out).run.dir)
             outcome = (result["diverged"] if result["diverged"] else
                        f"PSNR {result['curve'][-1]['psnr']:.2f} dB after {result['curve'][-1]['step']} steps "
                        f"({result['s_per_step']:.2f} s/step)")
@@ -420,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(line, flush=True)
             with log.open("a", encoding="utf-8") as stream:
                 stream.write(line + "\n")
+    if args.quick and not any((args.out / "runs").iterdir()):
+        (args.out / "runs").rmdir()  # Emptied setting by setting above (another run's folders are kept).
     sizes = sorted({config_of(s, budget, 0, args.out).pid.num_points for s in settings})
     ceiling = euler_ceiling(teacher, latents, reference, base, sizes)
     fileio.atomic_write_text(json.dumps({"budget": dataclasses.asdict(budget), "lpips": lpips, "results": results,
@@ -427,9 +450,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                                         indent=1) + "\n", str(args.out / "trends.json"))
 
     figure_paths = figures(results, ceiling, args.page.parent / "trends")
-    write_page(args.page, generated_section(results, ceiling, budget, command, lpips, figure_paths, args.page))
+    write_page(args.page, generated_section(results, ceiling, budget, command, lpips, figure_paths, args.page,
+                                            quick=args.quick))
     print(table(results))
     print(f"Wrote {args.page}, {figure_paths[0]}, {figure_paths[1]} and {args.out / 'trends.json'}")
+    left = sum(path.stat().st_size for path in args.out.rglob("*") if path.is_file())
+    runs = "" if args.quick else f" (the run folders under {args.out / 'runs'}: delete them once the page is written)"
+    print(f"Left on disk: {args.out}, {left / 2**20:.1f} MiB{runs}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ A configuration is a tree of frozen dataclasses. Every task has the two sections
 (`run`: where and how often to write; `train`: batch, optimizer, precision, EMA) and adds its own (distill.py:
 `teacher`, `student`, `pid`; teacher_training.py: `data`, `network`, `edm`). The defaults are the paper's
 CIFAR-10 run. Values pass one boundary, `from_dict`, which checks each field's type, parses enum members from
-their string values and runs each section's range checks; preset files, stored configurations (`config.json`,
-checkpoints) and command-line overrides all go through it.
+their string values and runs each section's range checks; a section that checks its values with the checks of
+the object it configures (a grid, a loss) lets their ValueError through, and `from_dict` reports it as a
+ConfigError naming the section. Preset files, stored configurations (`config.json`, training states) and
+command-line overrides all go through it.
 
 Presets are JSON files holding only what differs from these defaults (configs/). Overrides
 come as `--section.key=value`, or `--key=value` when the key names one field of the whole tree; an unknown
@@ -26,15 +28,17 @@ import typing
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from pid_diffusion.user_error import UserError
 from pid_diffusion import phema
 from pid_diffusion.utils import preemption
+from pid_diffusion.utils.values import parse_enum, plain
 
 __all__ = ["ConfigError", "LRDecay", "OnResume", "OptimizerKind", "Precision", "RunConfig", "TrainConfig",
            "TrainingConfig", "apply_overrides", "check", "diff", "flatten", "from_dict", "leaf_fields",
            "leaf_keys", "on_resume", "parse_overrides", "resume_classes", "setting", "to_dict", "to_json"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value or key that cannot be used; the message names the key and the fix."""
 
 
@@ -53,6 +57,7 @@ class OnResume(enum.Enum):
     FREE = "may change"        # Where and how often the run writes, how far it goes: the weights never see it.
     NUMERICS = "may change (same maths, other rounding)"  # The same sums in another order or memory layout.
     CONTENT = "may change if the file's weights are equal"  # A file compared by the hash of what it holds.
+    SCHEDULE = "may change (the lr of the steps to come)"  # schedule.py: given explicitly, shown by the dry-run.
 
 
 _ON_RESUME = "on_resume"  # The field-metadata key.
@@ -80,7 +85,7 @@ class OptimizerKind(enum.Enum):
 
 
 class LRDecay(enum.Enum):
-    """The learning rate after warm-up: constant (the paper), or decayed to 0 at the last step (train.lr_at).
+    """The learning rate after warm-up: constant (the paper), or decayed to 0 at the last step (schedule.lr_at).
 
     A decay to zero helps a short run most (the final steps average out the gradient noise, as an EMA does);
     the paper's runs are long and keep it constant.
@@ -155,6 +160,7 @@ class TrainConfig:
     weight_decay: float = 0.0                      # The optimizer's L2 weight decay (the paper uses none).
     warmup_steps: int = 0                          # Linear learning-rate warm-up from 0 over this many steps.
     lr_decay: LRDecay = LRDecay.CONSTANT           # After warm-up: constant, or cosine / linear decay to 0 at `steps`.
+    lr_decay_steps: int | None = setting(None, OnResume.SCHEDULE)  # Horizon of the decay; None: `steps` (later steps keep its final lr).
     grad_clip: float | None = None                 # Clip the global gradient norm to this value; None: no clipping.
     ema_rates: tuple[float, ...] = (0.999, 0.9999, 0.99995)  # EMA decay rates, kept side by side.
     phema_stds: tuple[float, ...] = ()             # Power-function EMAs at these relative stds, for post-hoc EMA (pid-phema); EDM2 keeps 0.050,0.100.
@@ -174,6 +180,10 @@ class TrainConfig:
         check(self.eps > 0, "train.eps", f"must be > 0, got {self.eps}")
         check(self.weight_decay >= 0, "train.weight_decay", f"must be ≥ 0, got {self.weight_decay}")
         check(self.warmup_steps >= 0, "train.warmup_steps", f"must be ≥ 0, got {self.warmup_steps}")
+        check(self.lr_decay_steps is None or (self.lr_decay is not LRDecay.CONSTANT
+                                               and self.lr_decay_steps > self.warmup_steps), "train.lr_decay_steps",
+              f"applies to a decay (lr_decay is {self.lr_decay.value}) and must exceed warmup_steps = "
+              f"{self.warmup_steps}, got {self.lr_decay_steps}")
         check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip",
                f"must be > 0 (or none to disable clipping), got {self.grad_clip}")
         check(all(0 < r < 1 for r in self.ema_rates), "train.ema_rates", f"need 0 < rate < 1, got {self.ema_rates}")
@@ -197,17 +207,7 @@ class TrainingConfig:
 
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-able dictionary of a configuration (enums as their values, tuples as lists)."""
-    return {field.name: _plain(getattr(config, field.name)) for field in dataclasses.fields(config)}
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return to_dict(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
+    return plain(config, "config")
 
 
 def to_json(config: Any) -> str:
@@ -233,7 +233,9 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
     values = {key: _convert(value, hints[key], prefix + key) for key, value in data.items()}
     try:
         return cls(**values)
-    except TypeError as error:  # A missing required field.
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:  # A missing required field, or the checks of an object it builds.
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from None
 
 
@@ -263,13 +265,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return value if isinstance(value, tp) else from_dict(tp, value, prefix=key + ".")
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
         try:
-            return tp(value)
-        except ValueError:
-            choices = ", ".join(str(member.value) for member in tp)
-            raise ConfigError(f"{key}: {value!r} is not one of {choices}") from None
+            return parse_enum(tp, value, key)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if tp is bool:
         if isinstance(value, bool):
             return value

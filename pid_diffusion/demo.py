@@ -14,11 +14,13 @@ import copy
 import dataclasses
 import json
 import math
+import os
 
 import numpy as np
 import torch
 from torch import nn
 
+from pid_diffusion.user_error import OptionError
 from pid_diffusion import checkpoint, evaluation, inception
 from pid_diffusion.utils import dist, fileio, hub
 from pid_diffusion.distill import DistillConfig, build, fingerprints
@@ -32,6 +34,7 @@ from pid_diffusion.train import training_loop
 __all__ = ["DemoOptions", "Row", "agreement", "run_demo", "format_table"]
 
 _FID_BATCH = 100  # Images per detector batch.
+ZOO_STUDENT = "model_zoo/pid-shapes-16x16.pt"  # The bundled teacher's distilled student (model_zoo/README.md).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +49,17 @@ class DemoOptions:
     fid_images: int = 1000               # Samples and data images per FID (only with a detector).
     detector: str | None = None          # Inception detector file; None: the torch hub cache (never downloaded).
     data: ShapesSpec = ShapesSpec()      # The data set the bundled teacher was trained on (FID reference).
+    zoo_student: str | None = ZOO_STUDENT  # A row for this snapshot when present and of the run's teacher file.
 
     def __post_init__(self):
         if self.eval_images < 1:
-            raise ValueError(f"eval_images must be ≥ 1, got {self.eval_images}")
+            raise OptionError(f"eval_images must be ≥ 1, got {self.eval_images}")
         if not 1 <= self.grid_columns:
-            raise ValueError(f"grid_columns must be ≥ 1, got {self.grid_columns}")
+            raise OptionError(f"grid_columns must be ≥ 1, got {self.grid_columns}")
         if self.grid_scale < 1:
-            raise ValueError(f"grid_scale must be ≥ 1, got {self.grid_scale}")
+            raise OptionError(f"grid_scale must be ≥ 1, got {self.grid_scale}")
         if self.fid_images < 2:
-            raise ValueError(f"fid_images must be ≥ 2 (a covariance needs two samples), got {self.fid_images}")
+            raise OptionError(f"fid_images must be ≥ 2 (a covariance needs two samples), got {self.fid_images}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +106,7 @@ def _find_detector(options: DemoOptions) -> tuple[inception.Detector | None, str
     if not fileio.exists(path):
         return None, (f"FID: not measured — no Inception detector at {path}. Copy {inception.DETECTOR_URL} there "
                       f"(or pass --detector) to add FID against the data set.")
-    return inception.load_detector(path), f"FID: {options.fid_images} samples against {options.fid_images} data images."
+    return inception.load_detector(path, dist.device()), f"FID: {options.fid_images} samples against {options.fid_images} data images."
 
 
 def _reference_statistics(detector: inception.Detector, options: DemoOptions, run_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +135,7 @@ def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> lis
     objective, student = build(config, device)
     teacher = objective.teacher
     if teacher.label_dim:
-        raise ValueError("the demo compares unconditional samples; the teacher is class-conditional "
+        raise OptionError("the demo compares unconditional samples; the teacher is class-conditional "
                          f"(label_dim = {teacher.label_dim})")
     pid = config.pid
     heun = HeunSampler(sigma_min=pid.sigma_min, sigma_max=pid.sigma_max)
@@ -151,8 +155,8 @@ def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> lis
     training_loop(config, objective, student, preview, fingerprints(objective))
 
     # After: the newest checkpoint's weights, as pid-sample would load them; every rank shares the FIDs.
-    _, path = checkpoint.latest_checkpoint(config.run.dir)
-    distilled = checkpoint.load_generator(path, ema_rate=options.ema_rate, device=device)
+    _, path = checkpoint.latest_training_state(config.run.dir)
+    distilled = checkpoint.load_network(path, ema_rate=options.ema_rate, device=device)
     fids, fid_note = _fids(config, options, [(teacher, heun), (initial, one_step), (distilled, one_step)])
     rows: list[Row] = []
     if is_main:
@@ -165,9 +169,30 @@ def run_demo(config: DistillConfig, options: DemoOptions = DemoOptions()) -> lis
             Row(f"student distilled ({config.train.steps} steps, {weights})", one_step.num_network_calls,
                 *agreement(after, reference), fids[2]),
         ]
+        zoo = _zoo_student(config, options, device)
+        if zoo is not None:
+            net, train = zoo
+            rows.append(Row(f"model_zoo student ({train['steps']} steps of {train['batch']}, raw weights)",
+                            one_step.num_network_calls, *agreement(one_step(net, latents), reference)))
         _write_outputs(config, options, rows, fid_note, [reference, before, after], heun.num_network_calls)
     dist.barrier()
     return rows
+
+
+def _zoo_student(config: DistillConfig, options: DemoOptions, device: torch.device
+                 ) -> tuple[nn.Module, dict] | None:
+    """The model_zoo student and its `train` section, when its file is present and was distilled from the run's
+    teacher file (the same file on disk); None otherwise."""
+    path = options.zoo_student
+    if path is None or not os.path.isfile(path):
+        return None
+    zoo_config = fileio.torch_load(path)["config"]
+    teacher_path = zoo_config["teacher"]["path"]
+    same_teacher = (os.path.isfile(teacher_path) and os.path.isfile(config.teacher.path)
+                    and os.path.samefile(teacher_path, config.teacher.path))
+    if not same_teacher:
+        return None
+    return checkpoint.load_network(path, device=device), zoo_config["train"]
 
 
 def _fids(config: DistillConfig, options: DemoOptions, models: list[tuple[nn.Module, Sampler]]

@@ -17,23 +17,23 @@ from typing import Any
 
 import torch
 
-import blobfile as bf
-
+from pid_diffusion.user_error import MissingFileError
 from pid_diffusion import config_files, encoders, official
 from pid_diffusion.guidance import GuidedDenoiser
-from pid_diffusion.utils import hub, perf
+from pid_diffusion.utils import fileio, hub, perf
 from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, check, setting
 from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid, check_grid
-from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, check_options
-from pid_diffusion.metrics import Metric
+from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, StudentPrecision, check_options
+from pid_diffusion.precision import check_recipe
+from pid_diffusion.distances import Metric
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond
 from pid_diffusion.networks.edm2 import EDM2_PRESETS, EDM2_RELEASE_URL, release_preset
 from pid_diffusion.student import PIDStudent, StudentInit
-from pid_diffusion.teacher import (EDM_RELEASE_URL, load_teacher, network_hash, read_teacher_checkpoint,
+from pid_diffusion.teacher import (EDM_RELEASE_URL, load_teacher, network_hash, read_teacher_file,
                                    require_teacher_file)
 
 __all__ = ["DistillConfig", "PIDConfig", "StudentConfig", "TASK", "TeacherConfig", "build", "check_files",
-           "fingerprints", "release_url", "resolve", "vae_name", "weight_files"]
+           "fingerprints", "network_size", "release_url", "resolve", "vae_name", "weight_files"]
 
 TASK = "distill"  # Its presets: configs/distill/<name>.json.
 LATENT_CHANNELS = 4  # EDM2's ImageNet-512 nets denoise 4-channel latents of Stable Diffusion's VAE
@@ -88,14 +88,12 @@ class PIDConfig:
     form: ResidualForm = ResidualForm.DENOISER      # denoiser (Eq. 9, official) or derivative (Eq. 8).
     stop_neighbour_grad: bool = False               # Detach the neighbour evaluation y_j.
     pseudo_huber_c: float | None = None             # c of metric=pseudo_huber; None: iCT's 0.00054·sqrt(d).
+    student_precision: StudentPrecision = StudentPrecision.TRAIN  # The student's passes: train (train.precision), fp32, or train_rounded_difference (docs/precision.md).
 
     def __post_init__(self):
-        # The grid's and the residual's own checks, reported under this section's name.
-        try:
-            check_grid(self.num_points, self.rho, self.sigma_min, self.sigma_max)
-            check_options(self.derivative, self.form, self.stop_neighbour_grad)
-        except ValueError as error:
-            raise ConfigError(f"pid: {error}") from None
+        # The grid's and the residual's own checks (from_dict reports them under this section's name).
+        check_grid(self.num_points, self.rho, self.sigma_min, self.sigma_max)
+        check_options(self.derivative, self.form, self.stop_neighbour_grad)
         minimum = 3 if self.derivative is Derivative.CENTRAL else 2
         check(self.num_points >= minimum, "pid.num_points",
               f"the {self.derivative.value} scheme needs ≥ {minimum} grid points, got {self.num_points}")
@@ -118,10 +116,14 @@ class DistillConfig(TrainingConfig):
     pid: PIDConfig = dataclasses.field(default_factory=PIDConfig)
 
     def __post_init__(self):
-        # perf.CheckpointedUNetBlock raises at the first step; a configuration should fail before the run starts.
+        try:  # A 16-bit finite difference is rounded away near ε (docs/precision.md).
+            check_recipe(self.train.precision, self.pid.derivative, self.pid.student_precision)
+        except ValueError as error:
+            raise ConfigError(f"pid.student_precision: {error}") from None
+        # perf.RecomputedUNetBlock raises at the first step; a configuration should fail before the run starts.
         check(not (self.train.activation_checkpointing and self.pid.derivative is Derivative.JVP),
               "train.activation_checkpointing",
-              "cannot combine with pid.derivative=jvp (checkpointing does not recompute forward-mode tangents): "
+              "cannot combine with pid.derivative=jvp (recomputation drops forward-mode tangents): "
               "set it to false, or use derivative=forward or central")
 
 
@@ -158,14 +160,15 @@ def build(config: DistillConfig, device: torch.device) -> tuple[PIDObjective, PI
     if config.train.channels_last:
         teacher.to(memory_format=torch.channels_last)
     if config.train.activation_checkpointing and pid.metric.is_lpips:
-        perf.enable_lpips_checkpointing(metric)
+        perf.enable_lpips_recomputation(metric)
     objective = PIDObjective(teacher, grid, metric, derivative=pid.derivative, form=pid.form,
-                             stop_neighbour_grad=pid.stop_neighbour_grad)
+                             stop_neighbour_grad=pid.stop_neighbour_grad, student_precision=pid.student_precision)
     torch.manual_seed(config.train.seed)  # The random initialisation of the ablation; DDP broadcasts rank 0's.
     from_file = config.student.init is StudentInit.FILE
+    # The recipe alone sets the student's arithmetic: never the teacher's own fp16 image path (ADM's use_fp16).
     student = PIDStudent.from_teacher(teacher, pid.sigma_min, pid.sigma_max,
                                       init=StudentInit.RANDOM if from_file else config.student.init,
-                                      network_overrides={"dropout": config.student.dropout})
+                                      network_overrides={"dropout": config.student.dropout, "use_fp16": False})
     if from_file:  # The file's weights replace the network's own initialisation.
         official.load_student_weights(student, config.student.path)
     return objective, student.to(device)
@@ -209,8 +212,8 @@ def vae_name(config: DistillConfig) -> str | None:
     """The VAE a latent teacher decodes with: read from the teacher file when it is there, else known from an EDM2
     ImageNet-512 release name (sd-vae-ft-mse); None for a pixel teacher or an unknown file not yet present."""
     path = config.teacher.path
-    if bf.exists(path):
-        encoder = read_teacher_checkpoint(path, config.teacher.preset).encoder
+    if fileio.exists(path):
+        encoder = read_teacher_file(path, config.teacher.preset).encoder
         return encoder["vae_name"] if encoders.is_latent(encoder) else None
     preset = release_preset(path)
     return encoders.SD_VAE if preset is not None and EDM2_PRESETS[preset]["img_channels"] == LATENT_CHANNELS else None
@@ -222,8 +225,8 @@ def check_files(config: DistillConfig) -> list[str]:
     require_teacher_file(config.teacher.path)
     if config.teacher.guide_path is not None:
         require_teacher_file(config.teacher.guide_path)
-    if config.student.init is StudentInit.FILE and not bf.exists(config.student.path):
-        raise FileNotFoundError(f"student.path {config.student.path}: no such file (init=file starts the student "
+    if config.student.init is StudentInit.FILE and not fileio.exists(config.student.path):
+        raise MissingFileError(f"student.path {config.student.path}: no such file (init=file starts the student "
                                 "from it)")
     hub.require_present(*weight_files(config))
     found = [f"teacher {config.teacher.path}: found ({_size(config.teacher.path)})"]
@@ -235,8 +238,16 @@ def check_files(config: DistillConfig) -> list[str]:
     return found
 
 
+def network_size(config: DistillConfig) -> tuple[int, str]:
+    """Bytes of one network's weights, for the launch check's disk estimate (`disk_plan`), and where they come
+    from: the teacher file's size (the student is the teacher's architecture; a converted teacher or a state
+    dict holds just its weights, an EDM .pkl a little more)."""
+    size = fileio.size(config.teacher.path)
+    return size, f"the teacher file's {size / 1e6:.3g} MB"
+
+
 def _size(path: str) -> str:
     try:
-        return f"{bf.stat(path).size / 2**20:.1f} MiB"
+        return f"{fileio.size(path) / 2**20:.1f} MiB"
     except (OSError, AttributeError):
         return "size unknown"

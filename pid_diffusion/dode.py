@@ -37,7 +37,9 @@ from typing import Any
 
 import torch
 
+from pid_diffusion.user_error import FileFormatError, OptionError
 from pid_diffusion.utils import fileio
+from pid_diffusion.utils.values import parse_enum
 from pid_diffusion.networks import one_hot
 from pid_diffusion.samplers import Denoiser, HeunSampler, edm_sigmas, euler, heun
 
@@ -62,14 +64,6 @@ class Solver(enum.Enum):
 
     EULER = "euler"
     HEUN = "heun"
-
-    @classmethod
-    def parse(cls, solver: Solver | str) -> Solver:
-        """A Solver from itself or its name ('euler', 'heun')."""
-        try:
-            return cls(solver)
-        except ValueError:
-            raise ValueError(f"solver={solver!r} is unknown; choose one of {[s.value for s in cls]}") from None
 
     @property
     def integrator(self) -> Integrator:
@@ -187,20 +181,20 @@ class DODESampler:
     fit: DODEFit | None = None  # how the λ's were distilled; None for λ's set by hand
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "solver", Solver.parse(self.solver))
+        object.__setattr__(self, "solver", parse_enum(Solver, self.solver, "solver"))
         object.__setattr__(self, "lambdas", tuple(float(lam) for lam in self.lambdas))
         edm_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)  # checks K ≥ 2 and the σ range
         expected = self.solver.num_lambdas(self.num_steps)
         if len(self.lambdas) != expected:
-            raise ValueError(f"D-ODE {self.solver.value} with {self.num_steps} steps needs {expected} λ's, got "
+            raise FileFormatError(f"D-ODE {self.solver.value} with {self.num_steps} steps needs {expected} λ's, got "
                              f"{len(self.lambdas)}; fit them with `pid-fit-dode` for this solver and step count")
         if not all(math.isfinite(lam) for lam in self.lambdas):
-            raise ValueError(f"λ's must be finite, got {self.lambdas}")
+            raise FileFormatError(f"λ's must be finite, got {self.lambdas}")
 
     @classmethod
     def base(cls, solver: Solver | str, num_steps: int, **schedule: float) -> DODESampler:
         """The base solver itself (every λ = 0)."""
-        solver = Solver.parse(solver)
+        solver = parse_enum(Solver, solver, "solver")
         return cls(solver, num_steps, (0.0,) * solver.num_lambdas(num_steps), **schedule)
 
     @property
@@ -234,15 +228,15 @@ class DODESampler:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "the data") -> DODESampler:
         if not isinstance(data, dict) or data.get("format") != _FILE_FORMAT:
-            raise ValueError(f"{source} is not a D-ODE sampler file (no format tag {_FILE_FORMAT!r}); "
+            raise FileFormatError(f"{source} is not a D-ODE sampler file (no format tag {_FILE_FORMAT!r}); "
                              f"make one with `pid-fit-dode`")
         if data.get("version") != _FILE_VERSION:
-            raise ValueError(f"{source} is a version {data.get('version')} D-ODE sampler file; this code reads "
+            raise FileFormatError(f"{source} is a version {data.get('version')} D-ODE sampler file; this code reads "
                              f"version {_FILE_VERSION}: fit it again with `pid-fit-dode`")
         fields = {key: value for key, value in data.items() if key not in ("format", "version")}
         known = {field.name for field in dataclasses.fields(cls)}
         if unknown := sorted(set(fields) - known):
-            raise ValueError(f"{source} has unknown entries {unknown}; it was written by other code")
+            raise FileFormatError(f"{source} has unknown entries {unknown}; it was written by other code")
         fit = fields.get("fit")
         return cls(**{**fields, "fit": None if fit is None else DODEFit(**fit)})
 
@@ -264,7 +258,7 @@ def fit_batch(net: torch.nn.Module, num_samples: int, seed: int,
     latents ~ N(0, I) and, for a conditional net, one-hot classes drawn uniformly, all from one CPU generator
     seeded with `seed` (the same batch on every device)."""
     if num_samples < 1:
-        raise ValueError(f"num_samples must be positive, got {num_samples}")
+        raise OptionError(f"num_samples must be positive, got {num_samples}")
     generator = torch.Generator().manual_seed(seed)
     shape = (num_samples, net.img_channels, net.img_resolution, net.img_resolution)
     latents = torch.randn(shape, generator=generator)
@@ -324,7 +318,7 @@ def fit_dode(net: torch.nn.Module, solver: Solver | str, num_steps: int, *, mult
     """Distill the K-step D-ODE `solver` from the same solver with C·(K − 1) + 1 steps on the batch
     `fit_batch(net, num_samples, seed)`; the network stays frozen."""
     if multiplier < 2:
-        raise ValueError(f"multiplier must be at least 2 (the teacher solve takes C times finer steps), "
+        raise OptionError(f"multiplier must be at least 2 (the teacher solve takes C times finer steps), "
                          f"got {multiplier}")
     base = DODESampler.base(solver, num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     latents, class_labels = fit_batch(net, num_samples, seed, device)

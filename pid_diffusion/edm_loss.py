@@ -13,7 +13,15 @@ from torch import nn
 from pid_diffusion.networks import one_hot
 from pid_diffusion.toydata import ImageDataset
 
-__all__ = ["EDMObjective"]
+__all__ = ["EDMObjective", "check_options"]
+
+
+def check_options(P_std: float, sigma_data: float) -> None:
+    """The range checks of EDM's loss options, as ValueErrors naming the option."""
+    if not P_std > 0:
+        raise ValueError(f"P_std must be > 0, got {P_std}")
+    if not sigma_data > 0:
+        raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
 
 
 class EDMObjective:
@@ -25,10 +33,7 @@ class EDMObjective:
     """
 
     def __init__(self, dataset: ImageDataset, P_mean: float, P_std: float, sigma_data: float, label_dim: int = 0):
-        if P_std <= 0:
-            raise ValueError(f"P_std must be > 0, got {P_std}")
-        if sigma_data <= 0:
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        check_options(P_std, sigma_data)
         if label_dim not in (0, dataset.num_classes):
             raise ValueError(f"label_dim={label_dim} does not match the data set's {dataset.num_classes} classes; "
                              f"use 0 (unconditional) or {dataset.num_classes}")

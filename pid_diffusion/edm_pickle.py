@@ -15,6 +15,8 @@ only).
 
 from __future__ import annotations
 
+from pid_diffusion.user_error import UserError
+
 import _compat_pickle
 import codecs
 import collections
@@ -35,7 +37,7 @@ except ImportError:
 __all__ = ["EDMPickleError", "EasyDictRecord", "PickledModule", "load_edm_pickle", "state_dict_of"]
 
 
-class EDMPickleError(pickle.UnpicklingError):
+class EDMPickleError(UserError, pickle.UnpicklingError):
     """The file is not an EDM checkpoint in the layout EDM writes, or it was modified."""
 
 

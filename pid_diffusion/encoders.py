@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pid_diffusion.images import to_uint8
+from pid_diffusion.user_error import MissingFileError, UserError
 
 __all__ = ["DIFFUSERS_MISSING", "SD_VAE", "DiffusersMissingError", "STABILITY_VAE", "STANDARD_RGB", "VAE_FILES", "MissingVAEError",
            "StabilityVAEEncoder", "StandardRGBEncoder", "build", "cache_dir", "check_description", "decoded_preview",
@@ -40,11 +41,11 @@ DIFFUSERS_MISSING = ("EDM2's latent teachers decode with diffusers' AutoencoderK
                      "`pip install \"pid-diffusion[edm2]\"` (or `pip install diffusers`)")
 
 
-class MissingVAEError(FileNotFoundError):
+class MissingVAEError(MissingFileError):
     """The VAE's files are not in the Hugging Face cache (and nothing is downloaded during a run)."""
 
 
-class DiffusersMissingError(ImportError):
+class DiffusersMissingError(UserError, ImportError):
     """diffusers, which runs EDM2's VAE, is not installed."""
 
 

@@ -7,8 +7,9 @@ Images stream from the sampler (or the image source) into the accumulators of fi
 PNGs on disk; every rank measures its share and the sums are reduced across ranks, so
 every rank must call these functions. The results table is a CSV with one row per (source, weights, seed
 range, sampler), rewritten atomically after each evaluation: an interrupted run loses only the evaluation in
-flight, and the same command run again evaluates only what is missing. A checkpoint that cannot be loaded
-gets a row with the error, retried on the next run. Several seed ranges give one row each; `best` keeps the
+flight, and the same command run again evaluates only what is missing. A damaged snapshot or training state
+(one that does not load) is skipped with one line naming it and the reason, and gets a row with the error,
+retried on the next run; nothing is deleted. Several seed ranges give one row each; `best` keeps the
 lowest FID, as EDM reports the best of three.
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pid_diffusion.user_error import FileFormatError, OptionError
 from pid_diffusion import checkpoint, samplers
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.dinov2 import DINOv2Detector
@@ -33,11 +35,11 @@ from pid_diffusion.image_sources import ImageSource
 from pid_diffusion.inception import Detector
 from pid_diffusion.reference_stats import ReferenceStats
 
-__all__ = ["CSV_FIELDS", "FDDINOv2", "Result", "ResultsTable", "TRAINED_WEIGHTS", "evaluate", "evaluate_file", "evaluate_images",
+__all__ = ["CSV_FIELDS", "FDDINOv2", "Result", "ResultsTable", "NO_EMA", "evaluate", "evaluate_file", "evaluate_images",
            "evaluate_network", "evaluate_run", "evaluate_weights", "generated_batches", "image_batches", "reference_statistics",
            "sampler_label"]
 
-TRAINED_WEIGHTS = "none"  # The `ema` column of the trained (not averaged) weights.
+NO_EMA = "none"  # The `ema` column (and --ema value) of the raw trained weights, which no EMA averaged.
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (positions in 0..N−1, uint8 NCHW images), this rank's.
 
@@ -60,7 +62,7 @@ def image_batches(source: ImageSource, indices: np.ndarray, batch_size: int) -> 
         images = [source[int(indices[position])] for position in chunk]
         shapes = {image.shape for image in images}
         if len(shapes) > 1:
-            raise ValueError(f"the images differ in shape ({sorted(shapes)}); FID needs one resolution")
+            raise FileFormatError(f"the images differ in shape ({sorted(shapes)}); FID needs one resolution")
         yield chunk, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
@@ -95,8 +97,9 @@ def evaluate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], de
              fd_dinov2: FDDINOv2 | None = None) -> tuple[float, float | None, float | None, float | None] | None:
     """(FID, IS mean, IS std, FD_DINOv2) of `net` sampled over `seeds`; on rank 0 only (None elsewhere: the
     matrix square roots are computed once). Without `inception_score` the IS entries are None (one detector
-    pass); without `fd_dinov2` the last one is."""
-    batches = generated_batches(net, sampler, seeds, batch_size, detector.device)
+    pass); without `fd_dinov2` the last one is. The latents are drawn on `net`'s device; the detectors move the
+    images to their own."""
+    batches = generated_batches(net, sampler, seeds, batch_size, _device_of(net))
     also = [] if fd_dinov2 is None else [fd_dinov2.accumulator()]
     features, scores = compute_statistics(batches, detector, len(seeds), feature_dim=len(reference[0]),
                                           inception_score=inception_score, also=also)
@@ -111,6 +114,11 @@ def _fd(also: list[tuple[DINOv2Detector, FeatureStats]], fd_dinov2: FDDINOv2 | N
     return None if fd_dinov2 is None else fid_from_stats(*also[0][1].mean_and_covariance(), *fd_dinov2.reference)
 
 
+def _device_of(net: nn.Module) -> torch.device:
+    """Where `net`'s weights are: where its inputs must be created."""
+    return next(net.parameters()).device
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The results table.
 
@@ -121,7 +129,7 @@ class Result:
 
     checkpoint: str  # What was scored: a snapshot or training state (file name), a teacher or image file.
     step: int | None  # Training step of a snapshot or training state; None for a teacher or images.
-    ema: str  # EMA rate as the checkpoint names it, TRAINED_WEIGHTS; empty for a teacher or images.
+    ema: str  # EMA rate as the checkpoint names it, NO_EMA; empty for a teacher or images.
     seeds: str  # The seed range as given, e.g. 0-49999; empty for images.
     num_samples: int
     fid: float | None = None
@@ -166,7 +174,7 @@ class ResultsTable:
         if fileio.exists(path):
             reader = csv.DictReader(io.StringIO(fileio.read_bytes(path).decode("utf-8")))
             if reader.fieldnames not in (CSV_FIELDS, _BEFORE_FD_DINOV2):
-                raise ValueError(f"{path} has columns {reader.fieldnames}, not {CSV_FIELDS}; it was not written "
+                raise FileFormatError(f"{path} has columns {reader.fieldnames}, not {CSV_FIELDS}; it was not written "
                                  "by this version of pid-fid: move it away or name another --csv")
             for row in reader:
                 result = Result.from_row(row)
@@ -236,24 +244,24 @@ def evaluate_file(path: str, table: ResultsTable, seed_ranges: dict[str, list[in
                   on_result: Callable[[Result], None] = lambda result: None, fd_dinov2: FDDINOv2 | None = None) -> None:
     """Every missing (weights, seed range) of one snapshot or training state, each recorded in `table`
     (written by rank 0) as soon as it is measured; `on_result` is called on rank 0 after each recorded score.
-    `weights`: EMA names and/or TRAINED_WEIGHTS; None: all the file holds. `sampler_for(model class)` gives
+    `weights`: EMA names and/or NO_EMA; None: all the file holds. `sampler_for(model class)` gives
     the sampler, chosen before any weights are read. A file or a set of weights that cannot be
     loaded gets a row with the error. `fd_dinov2`: FD_DINOv2 as well (rows without it are measured again)."""
     is_writer = dist.rank() == 0
     name = path.rsplit("/", 1)[-1]
     try:
         header = checkpoint.read_header(path)  # A local file is memory-mapped: a re-run reads no weights.
-        step, available = header["step"], [TRAINED_WEIGHTS, *header["ema"]]
+        step, available = header["step"], [NO_EMA, *header["ema"]]
         model_class = header["model_spec"]["class"]
         sampler = sampler_for(model_class)
     except Exception as error:  # An unreadable file of any kind: record it and go on with the others.
         for text, seeds in seed_ranges.items():
             table.record(Result(name, checkpoint.step_of(path), "", text, len(seeds), error=_error(error)),
                          write=is_writer)
-        dist.print0(f"{name}: cannot be read: {error}")
+        dist.print0(f"{checkpoint.skip_note(path, error)}; its row in {table.path} records why")
         return
-    files = {ema: (name, functools.partial(checkpoint.load_generator, path,
-                                           ema_rate=None if ema == TRAINED_WEIGHTS else ema,
+    files = {ema: (name, functools.partial(checkpoint.load_network, path,
+                                           ema_rate=None if ema == NO_EMA else ema,
                                            device=detector.device))
              for ema in available}
     evaluate_weights(table, files, name, step, weights, sampler, seed_ranges, detector, reference, reference_name,
@@ -266,7 +274,7 @@ def evaluate_weights(table: ResultsTable, files: Mapping[str, tuple[str, Callabl
                      reference_name: str, *, batch_size: int, on_result: Callable[[Result], None],
                      fd_dinov2: FDDINOv2 | None = None) -> None:
     """Every missing (weights, seed range) of one step: `files` maps each set of weights it has (an EMA name,
-    TRAINED_WEIGHTS) to (the file name of its rows, a loader of the network); `weights` None: all of them.
+    NO_EMA) to (the file name of its rows, a loader of the network); `weights` None: all of them.
     Weights that are not there, or do not load, get a row with the error (named `fallback_name` when absent).
     `fd_dinov2`: FD_DINOv2 as well (rows without it are measured again)."""
     is_writer = dist.rank() == 0
@@ -279,7 +287,7 @@ def evaluate_weights(table: ResultsTable, files: Mapping[str, tuple[str, Callabl
                 continue
             try:
                 if load is None:
-                    raise ValueError(f"no weights {ema!r}; it has {', '.join(files)}")
+                    raise OptionError(f"no weights {ema!r}; it has {', '.join(files)}")
                 net = load()
             except Exception as error:
                 table.record(dataclasses.replace(result, error=_error(error)), write=is_writer)

@@ -13,6 +13,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from pid_diffusion.user_error import FileFormatError, OptionError
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.edm_pickle import EDMPickleError, load_edm_pickle
 from pid_diffusion.images import write_npz
@@ -58,7 +59,7 @@ class FeatureStats:
         """mu [dim] and the unbiased covariance sigma [dim, dim], float64."""
         num = int(self.num)
         if num < 2:
-            raise ValueError(f"A covariance needs at least 2 images, got {num}.")
+            raise OptionError(f"A covariance needs at least 2 images, got {num}.")
         mu = self.sum / num
         sigma = (self.sum_outer - torch.outer(mu, mu) * num) / (num - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
@@ -80,7 +81,7 @@ class InceptionScoreStats:
         device: torch.device | str = "cpu",
     ):
         if num_samples < num_splits:
-            raise ValueError(f"The Inception Score needs at least {num_splits} images (one per split).")
+            raise OptionError(f"The Inception Score needs at least {num_splits} images (one per split).")
         self.num_samples = num_samples
         self.num_splits = num_splits
         self._split_ends = torch.tensor(
@@ -143,8 +144,10 @@ def compute_statistics(
             stats.update(other.features(images))
         batch_features = detector.features(images)
         if batch_features.shape[1] != feature_dim:
-            raise ValueError(f"The detector gives {batch_features.shape[1]}-d features, the reference statistics "
+            raise FileFormatError(f"The detector gives {batch_features.shape[1]}-d features, the reference statistics "
                              f"are {feature_dim}-d: were they made with another detector?")
+        if (warning := detector.comparability_warning(batch_features.shape[1])) is not None:
+            dist.print0(warning)
         features.update(batch_features)
         if scores is not None:
             scores.update(detector.probabilities(images), positions)
@@ -161,7 +164,7 @@ def compute_statistics(
 def fid_from_stats(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
     """FID = ‖mu − mu_ref‖² + tr(sigma + sigma_ref − 2 sqrtm(sigma sigma_ref)), real part, no epsilon (EDM)."""
     if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape or sigma.shape != mu.shape * 2:
-        raise ValueError(
+        raise FileFormatError(
             f"Statistics do not match: mu {mu.shape}, sigma {sigma.shape} against mu_ref {mu_ref.shape}, "
             f"sigma_ref {sigma_ref.shape}; was the reference computed with another detector?"
         )
@@ -181,14 +184,14 @@ def load_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
         with np.load(io.BytesIO(data)) as arrays:
             missing = {"mu", "sigma"} - set(arrays.files)
             if missing:
-                raise ValueError(
+                raise FileFormatError(
                     f"{path} is not a reference statistics file: it lacks {sorted(missing)} (has {arrays.files}). "
                     f"Make one with pid-fid-ref."
                 )
             mu, sigma = arrays["mu"], arrays["sigma"]
     mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance.")
+        raise FileFormatError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance.")
     return mu, sigma
 
 
@@ -197,11 +200,11 @@ def _edm2_reference(data: bytes, path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         stats = load_edm_pickle(io.BytesIO(data))
     except EDMPickleError as error:
-        raise ValueError(f"{path} is neither an .npz of reference statistics nor EDM2's reference pickle: "
-                         f"{error}") from None
+        raise FileFormatError(f"{path} is neither an .npz of reference statistics nor EDM2's reference pickle: "
+                              f"{error}") from None
     if not (isinstance(stats, dict) and isinstance(stats.get("fid"), dict) and {"mu", "sigma"} <= stats["fid"].keys()):
         found = sorted(map(str, stats)) if isinstance(stats, dict) else type(stats).__name__
-        raise ValueError(f"{path}: EDM2's reference pickle holds fid=dict(mu, sigma); found {found}")
+        raise FileFormatError(f"{path}: EDM2's reference pickle holds fid=dict(mu, sigma); found {found}")
     return stats["fid"]["mu"], stats["fid"]["sigma"]
 
 

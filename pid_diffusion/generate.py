@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pid_diffusion.user_error import OptionError
 from pid_diffusion import encoders, samplers
 from pid_diffusion.utils import dist
 from pid_diffusion.dode import DODESampler
@@ -50,19 +51,19 @@ def sampler_for(network: str, kind: SamplerKind | None = None, steps: int | None
     is_student = network == PIDStudent.__name__
     if sampler_file is not None:
         if kind is not None or steps is not None:
-            raise ValueError("--sampler-file holds its solver and steps: drop --sampler and --steps")
+            raise OptionError("--sampler-file holds its solver and steps: drop --sampler and --steps")
         if is_student:
-            raise ValueError(f"{sampler_file} is a D-ODE sampler for a denoiser; a PID student samples in one "
+            raise OptionError(f"{sampler_file} is a D-ODE sampler for a denoiser; a PID student samples in one "
                              "step: drop --sampler-file")
         return DODESampler.load(sampler_file)
     kind = kind or (SamplerKind.ONE_STEP if is_student else SamplerKind.HEUN)
     if (kind is SamplerKind.ONE_STEP) != is_student:
         network = "a PID student" if is_student else f"a denoiser ({network})"
         usable = "onestep" if is_student else "heun or euler"
-        raise ValueError(f"sampler {kind.value} cannot sample {network}; use {usable}")
+        raise OptionError(f"sampler {kind.value} cannot sample {network}; use {usable}")
     if kind is SamplerKind.ONE_STEP:
         if steps is not None:
-            raise ValueError("a number of steps does not apply to the one-step sampler; leave steps unset")
+            raise OptionError("a number of steps does not apply to the one-step sampler; leave steps unset")
         return samplers.OneStepSampler()
     if kind is SamplerKind.HEUN:
         steps = steps or (samplers.EDM2_HEUN_STEPS if network in EDM2_SAMPLED else samplers.HeunSampler.num_steps)
@@ -97,7 +98,8 @@ def seeded_inputs(net: nn.Module, seeds: Sequence[int], device: torch.device | s
         if net.label_dim and classes is None:
             labels.append(torch.randint(net.label_dim, size=[], generator=generator, device=device))
         elif net.label_dim:
-            labels.append(torch.tensor(classes[position % len(classes)], device=device))
+            # Filled on the device: torch.tensor would copy a host value there (a sync on CUDA).
+            labels.append(torch.full((), classes[position % len(classes)], dtype=torch.int64, device=device))
     return torch.stack(latents), (torch.stack(labels) if labels else None)
 
 
@@ -108,12 +110,12 @@ def generate(net: nn.Module, sampler: samplers.Sampler, seeds: Sequence[int], *,
     """This rank's images, `seeds[rank::world_size]`, in batches of at most `batch_size`; a latent network's
     samples are decoded by `decode` (default: an `ImageDecoder` of `net.encoder`, made here)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise OptionError(f"batch_size must be positive, got {batch_size}")
     if classes is not None:
         if not net.label_dim:
-            raise ValueError("classes were given but the model is unconditional (label_dim = 0)")
+            raise OptionError("--classes was given but the model is unconditional (label_dim = 0): drop --classes")
         if not classes or not all(0 <= c < net.label_dim for c in classes):
-            raise ValueError(f"classes must be a non-empty list in [0, {net.label_dim}), got {list(classes)}")
+            raise OptionError(f"classes must be a non-empty list in [0, {net.label_dim}), got {list(classes)}")
     device = device or dist.device()
     seed_list = torch.as_tensor(list(seeds), dtype=torch.int64)
     positions = torch.arange(dist.rank(), len(seed_list), dist.world_size())

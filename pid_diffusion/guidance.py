@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pid_diffusion.user_error import OptionError
+
 __all__ = ["GuidedDenoiser"]
 
 
@@ -22,14 +24,14 @@ class GuidedDenoiser(nn.Module):
     def __init__(self, main: nn.Module, guide: nn.Module, guidance: float):
         super().__init__()
         if not guidance > 0:
-            raise ValueError(f"guidance={guidance} must be positive (1: the main network alone)")
+            raise OptionError(f"guidance={guidance} must be positive (1: the main network alone)")
         for name in ("img_channels", "img_resolution"):
             if getattr(main, name) != getattr(guide, name):
-                raise ValueError(f"the guide's {name} is {getattr(guide, name)}, the main network's "
-                                 f"{getattr(main, name)}: a guide must denoise the same space")
+                raise OptionError(f"the guide's {name} is {getattr(guide, name)}, the main network's "
+                                   f"{getattr(main, name)}: a guide must denoise the same space")
         if getattr(main, "encoder", None) != getattr(guide, "encoder", None):
-            raise ValueError(f"the guide's encoder {getattr(guide, 'encoder', None)} differs from the main "
-                             f"network's {getattr(main, 'encoder', None)}: a guide must denoise the same space")
+            raise OptionError(f"the guide's encoder {getattr(guide, 'encoder', None)} differs from the main "
+                               f"network's {getattr(main, 'encoder', None)}: a guide must denoise the same space")
         self.main = main
         self.guide = guide
         self.guidance = float(guidance)

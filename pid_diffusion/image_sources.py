@@ -1,7 +1,9 @@
 """Image sources for reference statistics: a folder of images (searched recursively), a zip of images (EDM's
 `dataset_tool.py` output), or an npz of uint8 NHWC images under `images` (pid-sample's files) or `arr_0`
 (openai's sample files). Images are taken in sorted name order, as EDM's `ImageFolderDataset` takes them;
-`edm_subset` picks a subset as EDM's `fid.py` does.
+`edm_subset` picks a subset as EDM's `fid.py` does. The name `shapes` (BUNDLED_DATA) is the generated data set
+the bundled teacher was trained on (`toydata.ShapesSpec()`, drawn here: no file), the FID reference of the
+bundled default on a machine without network (a folder of that name is `./shapes`).
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import os
 import zipfile
 from typing import Protocol
 
-import blobfile as bf
 import numpy as np
 import PIL.Image
 
+from pid_diffusion.toydata import ShapesSpec, make_shapes
+from pid_diffusion.user_error import FileFormatError, MissingFileError
 from pid_diffusion.utils import fileio
 
-__all__ = ["FolderImages", "ImageSource", "NpzImages", "ZipImages", "edm_subset", "open_images"]
+__all__ = ["BUNDLED_DATA", "FolderImages", "ImageSource", "NpzImages", "ZipImages", "edm_subset", "open_images"]
+
+BUNDLED_DATA = "shapes"  # --data shapes: the bundled teacher's training set, drawn from toydata.ShapesSpec().
 
 _NPZ_IMAGE_KEYS = ("images", "arr_0")  # pid-sample's name, then openai's
 _SUBSET_SEED_MODULUS = 1 << 31  # numpy's RandomState takes seeds below 2^31 (EDM reduces them so)
@@ -46,8 +51,7 @@ class FolderImages:
 
     def __init__(self, path: str):
         # Sorting full paths under one root orders them as EDM orders the relative ones.
-        self.paths = sorted(bf.join(folder, name) for folder, _, names in bf.walk(path)
-                            for name in names if _supported(name))
+        self.paths = [file for file in fileio.walk_files(path) if _supported(file)]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -60,7 +64,7 @@ class ZipImages:
     """Image files inside a zip, in sorted order of their names (EDM's dataset zips)."""
 
     def __init__(self, path: str):
-        self.archive = zipfile.ZipFile(bf.BlobFile(path, "rb"))
+        self.archive = zipfile.ZipFile(fileio.open_read(path))
         self.names = sorted(name for name in self.archive.namelist() if _supported(name))
 
     def __len__(self) -> int:
@@ -77,11 +81,11 @@ class NpzImages:
         with np.load(io.BytesIO(fileio.read_bytes(path))) as data:
             key = next((key for key in _NPZ_IMAGE_KEYS if key in data.files), None)
             if key is None:
-                raise ValueError(f"{path} holds {data.files}; expected uint8 NHWC images under one of "
+                raise FileFormatError(f"{path} holds {data.files}; expected uint8 NHWC images under one of "
                                  f"{list(_NPZ_IMAGE_KEYS)}")
             self.images = data[key]
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"{path}: expected uint8 [N, H, W, C] images, got {self.images.dtype} "
+            raise FileFormatError(f"{path}: expected uint8 [N, H, W, C] images, got {self.images.dtype} "
                              f"{self.images.shape}")
 
     def __len__(self) -> int:
@@ -92,14 +96,18 @@ class NpzImages:
 
 
 def open_images(path: str) -> ImageSource:
-    """A folder, a .zip or an .npz of images."""
+    """A folder, a .zip or an .npz of images; BUNDLED_DATA: the bundled teacher's generated data set."""
+    if path == BUNDLED_DATA:
+        return make_shapes(ShapesSpec()).images.permute(0, 2, 3, 1).numpy()
     if path.endswith(".npz"):
         return NpzImages(path)
     if path.endswith(".zip"):
         return ZipImages(path)
-    if bf.isdir(path):
+    if fileio.isdir(path):
         return FolderImages(path)
-    raise ValueError(f"{path} is neither a folder, a .zip nor an .npz of images")
+    if not fileio.exists(path):
+        raise MissingFileError(f"{path}: no such folder or file of images; check the path")
+    raise FileFormatError(f"{path} is neither a folder, a .zip nor an .npz of images: give one of those")
 
 
 def edm_subset(num_images: int, num_expected: int | None, seed: int) -> np.ndarray:
@@ -109,7 +117,7 @@ def edm_subset(num_images: int, num_expected: int | None, seed: int) -> np.ndarr
     if num_expected is None:
         return indices
     if num_images < num_expected:
-        raise ValueError(f"found {num_images} images, but expected at least {num_expected}")
+        raise FileFormatError(f"found {num_images} images, but expected at least {num_expected}")
     if num_images > num_expected:
         np.random.RandomState(seed % _SUBSET_SEED_MODULUS).shuffle(indices)
         indices = np.sort(indices[:num_expected])

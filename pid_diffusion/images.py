@@ -1,4 +1,4 @@
-"""Image output, in one place: uint8 quantisation as EDM does it, grids, PNG, npz, and the labelled-rows figure.
+"""Image output, in one place: uint8 quantisation as EDM does it, tiled images, PNG, npz, and the labelled-rows figure.
 
 Every writer of the project goes through this module (training previews, `pid-sample`, the teacher export,
 the demo), so an image in [−1, 1] becomes the same pixels everywhere, and every file is written atomically.
@@ -16,7 +16,7 @@ import torch
 
 from pid_diffusion.utils import fileio
 
-__all__ = ["grid", "labelled_rows_png", "png_bytes", "to_uint8", "write_grid", "write_npz", "write_png"]
+__all__ = ["labelled_rows_png", "png_bytes", "tile", "to_uint8", "write_npz", "write_png", "write_tiled"]
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -27,7 +27,10 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def grid(images: np.ndarray, columns: int, padding: int = 0) -> np.ndarray:
+PREVIEW_MIN_PIXELS = 64  # Training previews (write_tiled) magnify smaller images to at least this size.
+
+
+def tile(images: np.ndarray, columns: int, padding: int = 0) -> np.ndarray:
     """uint8 [N, H, W, C] images tiled row by row, `columns` per row, `padding` black pixels around each
     (the last row padded with black): [rows·(H + p) + p, columns·(W + p) + p, C]."""
     num, height, width, channels = images.shape
@@ -53,10 +56,14 @@ def write_png(image: np.ndarray | PIL.Image.Image, path: str) -> None:
     fileio.atomic_write_bytes(png_bytes(image), path)
 
 
-def write_grid(images: torch.Tensor, path: str, columns: int | None = None, padding: int = 2) -> None:
-    """Images in [−1, 1] (NCHW) as a PNG grid, quantised like `pid-sample`; `columns` None: round(√N)."""
+def write_tiled(images: torch.Tensor, path: str, columns: int | None = None, padding: int = 2) -> None:
+    """Images in [−1, 1] (NCHW) as one tiled PNG, quantised like `pid-sample`; `columns` None: round(√N). Each image
+    is magnified by the smallest whole factor that makes it PREVIEW_MIN_PIXELS wide (nearest neighbour, so every
+    pixel stays one flat square: 16×16 → 64×64), so that the tiles of small images can be read."""
     columns = columns or max(1, round(math.sqrt(images.shape[0])))
-    write_png(grid(to_uint8(images.detach().float().cpu()).numpy(), columns, padding), path)
+    pixels = to_uint8(images.detach().float().cpu()).numpy()
+    scale = math.ceil(PREVIEW_MIN_PIXELS / max(pixels.shape[1:3]))
+    write_png(tile(pixels.repeat(scale, axis=1).repeat(scale, axis=2), columns, padding), path)
 
 
 def write_npz(path: str, **arrays: np.ndarray) -> None:

@@ -6,11 +6,13 @@ The TensorFlow Inception graph of 2015-12-05, ported to TorchScript by NVIDIA (t
 is a pickle that runs code on loading; the TorchScript file holds the same network.
 """
 
+import hashlib
 import io
 import warnings
 
 import torch
 
+from pid_diffusion.user_error import FileFormatError, MissingFileError
 from pid_diffusion.utils import fileio, hub
 
 __all__ = ["DETECTOR", "DETECTOR_FILENAME", "DETECTOR_URL", "FEATURE_DIM", "NUM_CLASSES", "Detector", "load_detector"]
@@ -26,10 +28,23 @@ class Detector:
     """The TorchScript detector on a device: pool features for FID, class probabilities for IS."""
 
     def __init__(self, module: torch.jit.ScriptModule | torch.nn.Module, device: torch.device | str = "cpu",
-                 source: str = ""):
+                 source: str = "", sha256: str = ""):
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
         self.source = source  # the file it was loaded from, recorded beside the numbers it produces
+        self.sha256 = sha256  # of that file, named by the comparability warning
+        self._warned = False
+
+    def comparability_warning(self, feature_dim: int) -> str | None:
+        """Once per detector: why its FIDs are not comparable with published ones (EDM's detector is the file
+        `inception-2015-12-05.pt` with 2048-d features), or None when nothing says so."""
+        name = self.source.rsplit("/", 1)[-1]
+        if self._warned or (feature_dim == FEATURE_DIM and name == DETECTOR_FILENAME):
+            return None
+        self._warned = True
+        return (f"warning: the detector {self.source} (sha256 {self.sha256}) is not EDM's Inception detector "
+                f"({DETECTOR_FILENAME}, {FEATURE_DIM}-d features; this one: {name}, {feature_dim}-d): its FIDs are "
+                f"not comparable with published ones")
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -60,12 +75,17 @@ def load_detector(path: str | None = None, device: torch.device | str = "cpu") -
     if path is None:
         (path,) = hub.resolve(DETECTOR)
     elif not fileio.exists(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No Inception detector at {path}. Download {DETECTOR_URL} there, or leave --detector unset to use "
             f"the torch hub cache."
         )
     with warnings.catch_warnings():
         # torch 2.x deprecates TorchScript, but the detector exists only as TorchScript (and EDM's pickle).
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.load.*")
-        module = torch.jit.load(io.BytesIO(fileio.read_bytes(path)), map_location=device)
-    return Detector(module, device, source=str(path))
+        data = fileio.read_bytes(path)
+        try:
+            module = torch.jit.load(io.BytesIO(data), map_location=device)
+        except RuntimeError as error:  # torch.jit's message for a file that is not TorchScript's zip
+            raise FileFormatError(f"{path} is not a TorchScript detector ({str(error).split('. ')[0]}); give EDM's "
+                                  f"Inception detector, {DETECTOR_URL}") from error
+    return Detector(module, device, source=str(path), sha256=hashlib.sha256(data).hexdigest())

@@ -18,6 +18,7 @@ What a zero residual means (checked in tests/test_analytic_convergence.py):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable
 
@@ -39,6 +40,25 @@ class Derivative(enum.Enum):
     JVP = "jvp"  # the exact ∂x_θ/∂t by forward-mode AD (torch.autograd.forward_ad): an ablation
 
 
+class StudentPrecision(enum.Enum):
+    """The arithmetic of the student's passes (y_i, its neighbours, its tangent) inside the loop's autocast.
+
+    A finite difference of two 16-bit student outputs is dominated by rounding near ε (docs/precision.md), so
+    a recipe that autocasts the differenced pass says what it costs in its name; the check of a configuration
+    is `precision.check_recipe`.
+    """
+
+    TRAIN = "train"  # as train.precision: the loop's autocast, if any, covers the student too
+    FP32 = "fp32"  # float32 under any autocast; the teacher and the distance keep train.precision
+    TRAIN_ROUNDED_DIFFERENCE = "train_rounded_difference"  # as TRAIN, accepting a finite difference of 16-bit outputs
+
+    def context(self, device_type: str) -> contextlib.AbstractContextManager:
+        """Where the student's passes run: outside any autocast region for FP32, else unchanged."""
+        if self is StudentPrecision.FP32 and torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type=device_type, enabled=False)
+        return contextlib.nullcontext()
+
+
 class ResidualForm(enum.Enum):
     """Which side of the ODE the distance compares."""
 
@@ -49,22 +69,35 @@ class ResidualForm(enum.Enum):
 def pid_residual(student: nn.Module, teacher: nn.Module, z: torch.Tensor, indices: torch.Tensor,
                  class_labels: torch.Tensor | None = None, *, grid: KarrasGrid, metric: PerSampleDistance,
                  derivative: Derivative = Derivative.FORWARD, form: ResidualForm = ResidualForm.DENOISER,
-                 stop_neighbour_grad: bool = False) -> torch.Tensor:
+                 stop_neighbour_grad: bool = False,
+                 student_precision: StudentPrecision = StudentPrecision.TRAIN) -> torch.Tensor:
     """Per-sample PID residual [B] at the grid times t_i = grid.sigmas[indices] (Eq. 9, or Eq. 8).
 
     `student(z, t, class_labels)` is x_θ; `teacher(x, σ, class_labels)` is D_φ, evaluated without gradient
     at the detached y_i (the official stop-gradient). The student's values at t_i and at the neighbours
     the difference scheme needs go through the network as one concatenated batch. `stop_neighbour_grad`
-    detaches the neighbour values (finite differences only). Grid times are float64, cast to z's dtype.
+    detaches the neighbour values (finite differences only). `student_precision` chooses the arithmetic of
+    the student's passes under an autocast region. Grid times are float64, cast to z's dtype.
     """
     check_options(derivative, form, stop_neighbour_grad)
+    grid.check_indices(indices, interior_only=derivative is Derivative.CENTRAL)  # Indices from outside: checked.
+    return _pid_residual(student, teacher, z, indices, class_labels, grid, metric, derivative, form,
+                         stop_neighbour_grad, student_precision)
+
+
+def _pid_residual(student: nn.Module, teacher: nn.Module, z: torch.Tensor, indices: torch.Tensor,
+                  class_labels: torch.Tensor | None, grid: KarrasGrid, metric: PerSampleDistance,
+                  derivative: Derivative, form: ResidualForm, stop_neighbour_grad: bool,
+                  student_precision: StudentPrecision) -> torch.Tensor:
+    """`pid_residual` with options already checked (by `PIDObjective`, once, instead of at every step) and trusted
+    indices (those `KarrasGrid.sample_indices` draws: in range by construction, so nothing is read back from the
+    device for them)."""
     if indices.shape != (z.shape[0],):
         raise ValueError(f"indices have shape {tuple(indices.shape)}; need one grid index per latent, "
                          f"shape ({z.shape[0]},)")
-    grid.check_indices(indices, interior_only=derivative is Derivative.CENTRAL)
-
-    y_i, dy_dt = _trajectory_and_derivative(student, z, indices, class_labels, grid, derivative,
-                                            stop_neighbour_grad)
+    with student_precision.context(z.device.type):
+        y_i, dy_dt = _trajectory_and_derivative(student, z, indices, class_labels, grid, derivative,
+                                                stop_neighbour_grad)
     t_i = _per_sample(grid.times(indices), z)
     with torch.no_grad():  # the teacher is a fixed target: stop-gradient, also through y_i
         denoised = teacher(y_i.detach(), t_i.flatten(), class_labels).to(y_i.dtype)
@@ -90,8 +123,10 @@ class PIDObjective:
 
     def __init__(self, teacher: nn.Module, grid: KarrasGrid, metric: PerSampleDistance,
                  derivative: Derivative = Derivative.FORWARD, form: ResidualForm = ResidualForm.DENOISER,
-                 stop_neighbour_grad: bool = False):
+                 stop_neighbour_grad: bool = False, student_precision: StudentPrecision = StudentPrecision.TRAIN):
         check_options(derivative, form, stop_neighbour_grad)
+        if not isinstance(student_precision, StudentPrecision):
+            raise TypeError(f"student_precision={student_precision!r}: pass a StudentPrecision member")
         for name in ("img_channels", "img_resolution", "label_dim"):
             if not hasattr(teacher, name):
                 raise TypeError(f"the teacher has no `{name}`; pass an EDMPrecond or a GaussianTeacher")
@@ -101,6 +136,7 @@ class PIDObjective:
         self.derivative = derivative
         self.form = form
         self.stop_neighbour_grad = stop_neighbour_grad
+        self.student_precision = student_precision
         self.image_shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
         self.label_dim = teacher.label_dim
 
@@ -116,10 +152,23 @@ class PIDObjective:
         return batch
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-sample PID residual [B] of the student `model` on `batch`."""
-        return pid_residual(model, self.teacher, batch["z"], batch["indices"], batch.get("class_labels"),
-                            grid=self.grid, metric=self.metric, derivative=self.derivative, form=self.form,
-                            stop_neighbour_grad=self.stop_neighbour_grad)
+        """Per-sample PID residual [B] of the student `model` on `batch` (drawn by `sample_batch`: its indices
+        are in range by construction and are not read back, so a step makes no device sync for them)."""
+        return _pid_residual(model, self.teacher, batch["z"], batch["indices"], batch.get("class_labels"),
+                             self.grid, self.metric, self.derivative, self.form, self.stop_neighbour_grad,
+                             self.student_precision)
+
+
+def trajectory_and_derivative(student: nn.Module, z: torch.Tensor, indices: torch.Tensor,
+                              class_labels: torch.Tensor | None = None, *, grid: KarrasGrid,
+                              derivative: Derivative = Derivative.FORWARD, stop_neighbour_grad: bool = False,
+                              student_precision: StudentPrecision = StudentPrecision.TRAIN
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """y_i = x_θ(z, t_i) and the estimate of dy/dt at t_i that `derivative` names, in `student_precision`
+    (the residual's student side; benchmarks/precision.py measures its rounding)."""
+    grid.check_indices(indices, interior_only=derivative is Derivative.CENTRAL)
+    with student_precision.context(z.device.type):
+        return _trajectory_and_derivative(student, z, indices, class_labels, grid, derivative, stop_neighbour_grad)
 
 
 def _trajectory_and_derivative(student: nn.Module, z: torch.Tensor, indices: torch.Tensor,

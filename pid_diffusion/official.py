@@ -9,7 +9,7 @@ record its architecture, so an `EDM_PRESETS` name gives it; the student's parame
 (`PIDStudent`, σ ∈ [ε, T] of the paper), so its one-step samples are the official `sample_oneshot`'s.
 
 Files are told apart by content: a flat dict of tensors is a student file; a snapshot or training state of
-this project records its own architecture (`checkpoint.load_generator`); anything else is refused by name.
+this project records its own architecture (`checkpoint.load_network`); anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pid_diffusion.user_error import FileFormatError, OptionError
 from pid_diffusion import checkpoint, evaluation, samplers
 from pid_diffusion.grid import SIGMA_MAX, SIGMA_MIN
 from pid_diffusion.inception import Detector
@@ -36,7 +37,7 @@ __all__ = ["MODEL_PREFIX", "is_student_file", "load_network", "load_student", "l
 MODEL_PREFIX = "model."  # The official trainer saves the wrapper's state dict; its evaluation strips this.
 _MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 _EMA_FILE = re.compile(r"^ema_(0?\.\d+)_(\d+)\.pt$")  # The official trainer writes rates as 0.9999.
-_SNAPSHOT_KEYS = {"model_spec", "model", "ema"}  # What checkpoint.load_generator reads.
+_SNAPSHOT_KEYS = {"model_spec", "model", "ema"}  # What checkpoint.load_network reads.
 _OPTIMIZER_KEYS = {"state", "param_groups"}  # torch.optim's state_dict: the official opt%06d.pt.
 
 
@@ -81,7 +82,7 @@ def student_weights(state_dict: Mapping[str, torch.Tensor], path: str) -> dict[s
     """The raw network's weights under EDM's names: the `model.` prefix removed where every key has it."""
     prefixed = [key.startswith(MODEL_PREFIX) for key in state_dict]
     if any(prefixed) and not all(prefixed):
-        raise ValueError(f"{path}: some keys start with {MODEL_PREFIX!r} and some do not; a student file has "
+        raise FileFormatError(f"{path}: some keys start with {MODEL_PREFIX!r} and some do not; a student file has "
                          "one spelling")
     return {key[len(MODEL_PREFIX):]: value for key, value in state_dict.items()} if all(prefixed) \
         else dict(state_dict)
@@ -97,14 +98,14 @@ def _check_fits(weights: Mapping[str, torch.Tensor], network: nn.Module, path: s
     try:
         check_state_dict(weights, expected, path, network=architecture)
     except ValueError as error:
-        raise ValueError(f"{error}{hint}") from None
+        raise FileFormatError(f"{error}{hint}") from None
 
 
 def _preset_student(preset: str) -> PIDStudent:
     """The student of an `EDM_PRESETS` architecture as the official code builds it (dropout 0, no
     augmentation input), on the meta device: every tensor then comes from the file."""
     if preset not in EDM_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(EDM_PRESETS)}")
+        raise OptionError(f"unknown preset {preset!r}; choose one of {', '.join(EDM_PRESETS)}")
     with torch.device("meta"):
         teacher = EDMPrecond(**EDM_PRESETS[preset])
         return PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX, init=StudentInit.RANDOM,
@@ -115,7 +116,7 @@ def load_student(path: str, preset: str, device: torch.device | str = "cpu", dat
     """The official student in `path` with the architecture of `preset`, in eval mode, frozen, on `device`."""
     data = _peek(path) if data is None else data
     if not _is_flat_state_dict(data):
-        raise ValueError(_describe(data, path))
+        raise FileFormatError(_describe(data, path))
     weights = student_weights(data, path)
     student = _preset_student(preset)
     _check_fits(weights, student.model, path, f"the student of preset {preset}")
@@ -128,22 +129,27 @@ def load_network(path: str, preset: str | None = None, ema_rate: float | str | N
     """The network of a model file, told apart by content: a snapshot or training state (its EMA at `ema_rate`,
     or its trained weights; `preset` must be None), or an official student file (`preset` names its
     architecture; the file holds one set of weights, so `ema_rate` must be None)."""
-    data = _peek(path)
+    try:
+        data = _peek(path)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch.load raises many kinds (zip, unpickling, EOF, OS errors).
+        raise checkpoint.damaged(path, error) from error
     if _is_flat_state_dict(data):
         if preset is None:
-            raise ValueError(f"{path} is a plain state dict (a student of the official PID code), which does not "
+            raise FileFormatError(f"{path} is a plain state dict (a student of the official PID code), which does not "
                              f"record its architecture: name it with --preset, one of {', '.join(EDM_PRESETS)}")
         if ema_rate is not None:
-            raise ValueError(f"{path} holds one network (the official code writes each EMA rate to its own "
+            raise FileFormatError(f"{path} holds one network (the official code writes each EMA rate to its own "
                              "ema_<rate>_<step>.pt): drop --ema and pass that file")
         return load_student(path, preset, device, data)
     if not (isinstance(data, dict) and _SNAPSHOT_KEYS <= data.keys()):
-        raise ValueError(_describe(data, path))
+        raise FileFormatError(_describe(data, path))
     if preset is not None:
-        raise ValueError(f"{path} is a snapshot or training state, which records its own architecture: drop "
+        raise OptionError(f"{path} is a snapshot or training state, which records its own architecture: drop "
                          f"--preset {preset}")
     del data
-    return checkpoint.load_generator(path, ema_rate=ema_rate, device=device)
+    return checkpoint.load_network(path, ema_rate=ema_rate, device=device)
 
 
 def load_student_weights(student: PIDStudent, path: str) -> None:
@@ -151,7 +157,7 @@ def load_student_weights(student: PIDStudent, path: str) -> None:
     which continues an official run or fine-tunes the release here."""
     data = fileio.torch_load(path)
     if not _is_flat_state_dict(data):
-        raise ValueError(f"student.path: {_describe(data, path)}")
+        raise FileFormatError(f"student.path: {_describe(data, path)}")
     weights = student_weights(data, path)
     _check_fits(weights, student.model, path, "the student of the teacher's architecture")
     student.model.load_state_dict(weights)
@@ -163,11 +169,11 @@ def load_student_weights(student: PIDStudent, path: str) -> None:
 
 def weights_of(path: str) -> tuple[int | None, str]:
     """(step, weights) an official file's name gives: `model<step>.pt` → the trained weights
-    (evaluation.TRAINED_WEIGHTS), `ema_<rate>_<step>.pt` → the rate as this project's EMA names write it;
+    (evaluation.NO_EMA), `ema_<rate>_<step>.pt` → the rate as this project's EMA names write it;
     (None, "") for another name (a released file: which weights it holds is not recorded)."""
     name = path.rsplit("/", 1)[-1]
     if match := _MODEL_FILE.match(name):
-        return int(match[1]), evaluation.TRAINED_WEIGHTS
+        return int(match[1]), evaluation.NO_EMA
     if match := _EMA_FILE.match(name):
         return int(match[2]), str(float(match[1]))
     return None, ""
@@ -175,7 +181,7 @@ def weights_of(path: str) -> tuple[int | None, str]:
 
 def run_files(folder: str) -> dict[int, dict[str, str]]:
     """Per step, oldest first, the student files of an official run folder: {weights: path} with weights
-    evaluation.TRAINED_WEIGHTS (model<step>.pt) or an EMA rate (ema_<rate>_<step>.pt); opt<step>.pt and the
+    evaluation.NO_EMA (model<step>.pt) or an EMA rate (ema_<rate>_<step>.pt); opt<step>.pt and the
     logs are not networks and are left out."""
     steps: dict[int, dict[str, str]] = {}
     if not fileio.exists(folder):
@@ -211,7 +217,7 @@ def evaluate_run(run_dir: str, preset: str, table: evaluation.ResultsTable, seed
                  on_result: Callable[[evaluation.Result], None] = lambda result: None,
                  fd_dinov2: evaluation.FDDINOv2 | None = None) -> None:
     """`evaluate_file` on every student file of an official run folder, oldest step first, the rows as for a
-    run of this project: one per (file, seed range), `weights` (EMA names and/or TRAINED_WEIGHTS; None: all
+    run of this project: one per (file, seed range), `weights` (EMA names and/or NO_EMA; None: all
     a step has) restricting them; a requested rate a step lacks gets a row with the error."""
     for step, files in run_files(run_dir).items():
         loaders = {rate: (path.rsplit("/", 1)[-1], _loader(path, preset, detector.device))

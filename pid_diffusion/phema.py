@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pid_diffusion.user_error import OptionError
+
 __all__ = ["MAX_STD", "PREFIX", "Averages", "PowerFunctionEMA", "average_key", "exp_to_std", "is_std_name", "power_function_beta",
            "power_function_correlation", "power_function_response", "reconstruct", "solve_posthoc_coefficients",
            "std_name", "std_of", "std_to_exp"]
@@ -145,7 +147,7 @@ class PowerFunctionEMA:
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         missing = [std_name(std) for std in self.stds if std_name(std) not in state]
         if missing:
-            raise ValueError(f"the checkpoint has no power-function EMA {', '.join(missing)}; it has "
+            raise OptionError(f"the checkpoint has no power-function EMA {', '.join(missing)}; it has "
                              f"{', '.join(state) or 'none'}")
         for std, average in self.models.items():
             average.load_state_dict(state[std_name(std)])

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 from pid_diffusion.utils import fileio
-from pid_diffusion.evaluation import TRAINED_WEIGHTS, Result  # noqa: E402
+from pid_diffusion.evaluation import NO_EMA, Result  # noqa: E402
 from pid_diffusion.phema import is_std_name, std_of  # noqa: E402
 
 __all__ = ["FID_PLOT", "PHEMA_PLOT", "TRAINING_PLOT", "plot_fid", "plot_fid_against_std", "plot_training",
@@ -66,7 +66,7 @@ def plot_fid(results: Sequence[Result], path: str) -> None:
     figure, axes = plt.subplots(len(panels), 1, figsize=(8, 3.5 * len(panels)), sharex=True, layout="constrained")
     lines: dict[str, list[Result]] = {}
     for result in sorted((r for r in results if r.step is not None), key=lambda r: r.step):
-        label = "trained weights" if result.ema == TRAINED_WEIGHTS else f"EMA {result.ema}"
+        label = "trained weights" if result.ema == NO_EMA else f"EMA {result.ema}"
         lines.setdefault(label, []).append(result)
     for axis, (name, value) in zip(axes, panels):
         for label, line in lines.items():

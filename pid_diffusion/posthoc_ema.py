@@ -15,13 +15,14 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from pid_diffusion.user_error import FileFormatError, UserError
 from pid_diffusion import checkpoint, phema
 from pid_diffusion.utils import fileio
 
 __all__ = ["NoPowerEMAError", "output_path", "reconstruct_run", "snapshot_inputs"]
 
 
-class NoPowerEMAError(ValueError):
+class NoPowerEMAError(UserError, ValueError):
     """The run folder has no snapshot with power-function EMAs (at or before the asked step)."""
 
 
@@ -38,7 +39,7 @@ def snapshot_inputs(run_dir: str, step: int | None = None) -> tuple[int, list[tu
         try:
             header = checkpoint.read_header(path)
         except Exception as error:  # torch.load raises many kinds; a damaged input would change every average.
-            raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}); the reconstruction needs "
+            raise FileFormatError(f"{path} cannot be read ({type(error).__name__}: {error}); the reconstruction needs "
                              "every snapshot: restore it, or move it out of the folder") from None
         stds = sorted(phema.std_of(name) for name in header["ema"] if phema.is_std_name(name))
         if stds and file_step > 0:
@@ -54,7 +55,7 @@ def snapshot_inputs(run_dir: str, step: int | None = None) -> tuple[int, list[tu
                               f"{', '.join(map(str, steps))}")
     batches = {batch for _, batch, _, _ in found}
     if len(batches) > 1:
-        raise ValueError(f"the snapshots of {run_dir} were trained with different train.batch {sorted(batches)}: "
+        raise FileFormatError(f"the snapshots of {run_dir} were trained with different train.batch {sorted(batches)}: "
                          "their times in images cannot be told from their steps")
     inputs = [(file_step * batch, std, path) for file_step, batch, stds, path in found if file_step <= step
               for std in stds]
@@ -88,7 +89,7 @@ def reconstruct_run(run_dir: str, stds: Sequence[float], step: int | None = None
 
     previous = fileio.torch_load(out) if fileio.exists(out) else None
     if previous is not None and previous["step"] != step:
-        raise ValueError(f"{out} holds reconstructions at step {previous['step']}, not {step}: name another output")
+        raise FileFormatError(f"{out} holds reconstructions at step {previous['step']}, not {step}: name another output")
     ema = dict(previous["ema"]) if previous else {}
     sources = dict(previous["phema"]) if previous else {}
     for j, (std, average) in enumerate(zip(stds, averages)):

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pid_diffusion.checkpoint import NoLoadableCheckpointError, newest_loadable, read_checkpoint
-from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, flatten, from_dict, resume_classes, to_dict
+from pid_diffusion.checkpoint import NoLoadableTrainingStateError, newest_loadable, read_training_state
+from pid_diffusion.config import (ConfigError, OnResume, TrainingConfig, diff, flatten, from_dict, resume_classes,
+                                  to_dict)
+from pid_diffusion.schedule import horizon_refusal
 from pid_diffusion.utils import dist
 from pid_diffusion.utils.rng import restore_rng
 
@@ -41,10 +43,13 @@ def resume_changes(stored: TrainingConfig, config: TrainingConfig, stored_finger
     ConfigError naming every change it may not: a MATCH field (the run's maths), or a CONTENT field whose file
     now holds other weights. `fingerprints` None (the dry-run, which loads nothing) leaves CONTENT changes to
     the run, which compares the hashes."""
+    refusal = horizon_refusal(stored.train, config.train)
+    if refusal is not None:
+        raise ConfigError(f"{path}: {refusal}")
     classes = resume_classes(type(config))
     old, new = flatten(to_dict(stored)), flatten(to_dict(config))
     changes = [Change(key, old.get(key), new.get(key), classes.get(key, OnResume.MATCH))
-               for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+               for key in diff(stored, config)]
     refused = [str(change) for change in changes if change.kind is OnResume.MATCH]
     if fingerprints is not None:
         for change in changes:
@@ -74,15 +79,15 @@ def resume(config: TrainingConfig, model: nn.Module, ema, optimizer: torch.optim
     if rank == 0:
         try:
             found = newest_loadable(config.run.dir, log=dist.print0)
-        except NoLoadableCheckpointError as raised:
+        except NoLoadableTrainingStateError as raised:
             error = str(raised)
     path, error = dist.broadcast_object((found[0] if found else None, error))
     if error is not None:
-        raise NoLoadableCheckpointError(error)
+        raise NoLoadableTrainingStateError(error)
     if path is None:
         return 0, None, False, []
     # On the CPU: RNG states must stay there; load_state_dict moves the rest.
-    state = found[1] if rank == 0 else read_checkpoint(path)
+    state = found[1] if rank == 0 else read_training_state(path)
     step = state["step"]
     stored = from_dict(type(config), state["config"])
     changes = resume_changes(stored, config, state.get("fingerprints", {}), fingerprints or {}, path)

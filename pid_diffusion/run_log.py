@@ -11,6 +11,7 @@ import json
 import sys
 import time
 
+import torch
 import tqdm
 
 from pid_diffusion.utils import fileio
@@ -36,7 +37,7 @@ class RunLog:
                                   unit="step", dynamic_ncols=True)
         self.sums = _Sums()
 
-    def step(self, loss: float, grad_norm: float, skipped: bool) -> None:
+    def step(self, loss: float, grad_norm: torch.Tensor, skipped: bool) -> None:
         self.sums.add(loss, grad_norm, skipped)
         self.progress.update()
 
@@ -136,7 +137,8 @@ class _Sums:
     def __init__(self):
         self.start, self.steps, self.loss, self.grad_norm, self.skipped = time.perf_counter(), 0, 0.0, 0.0, 0
 
-    def add(self, loss: float, grad_norm: float, skipped: bool) -> None:
+    def add(self, loss: float, grad_norm: torch.Tensor, skipped: bool) -> None:
+        """`grad_norm` stays on its device: the sum is read back once per record, not once per step (a sync)."""
         self.steps += 1
         self.loss += loss
         self.grad_norm += grad_norm
@@ -149,7 +151,7 @@ class _Sums:
             "step": step,
             "loss": self.loss / self.steps,  # Mean over the interval of the global-batch mean loss.
             "lr": lr,
-            "grad_norm": self.grad_norm / self.steps,
+            "grad_norm": float(self.grad_norm) / self.steps,
             "loss_scale": loss_scale,
             "skipped_steps": self.skipped,
             "images_per_s": batch * self.steps / seconds,

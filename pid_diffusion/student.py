@@ -113,20 +113,21 @@ class PIDStudent(nn.Module):
     def forward(self, z: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """x_θ(z, t) for latents z ~ N(0, T² I) of shape [B, C, H, W]; t is a scalar or one time per sample."""
-        z = z.to(torch.float32)
+        out_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        z = z.to(out_dtype)
         batch = z.shape[0]
-        t = torch.as_tensor(t, device=z.device).to(torch.float32).reshape(-1)
+        t = torch.as_tensor(t, device=z.device).to(out_dtype).reshape(-1)
         if t.numel() not in (1, batch):
             raise ValueError(f"t has {t.numel()} values for a batch of {batch}; pass a scalar or one per sample")
         t = t.expand(batch).reshape(-1, 1, 1, 1)
         class_labels = self._check_labels(class_labels, batch)
-        dtype = torch.float16 if self.use_fp16 and z.device.type == "cuda" else torch.float32
+        dtype = torch.float16 if self.use_fp16 and z.device.type == "cuda" else out_dtype
 
         c_in = 1 / (self.sigma_data ** 2 + self.sigma_max ** 2) ** 0.5
         c_noise = t.log() / 4
         F_z = self.model((c_in * z).to(dtype), c_noise.flatten(), class_labels)
         skip = t / self.sigma_max  # exactly 1 at t = T, so x_θ(z, T) = z holds bit for bit
-        return skip * z + (1 - skip) * F_z.to(torch.float32)
+        return skip * z + (1 - skip) * F_z.to(out_dtype)
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:

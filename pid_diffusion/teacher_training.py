@@ -15,12 +15,13 @@ from collections.abc import Mapping
 
 import torch
 
+from pid_diffusion.user_error import MissingFileError
 from pid_diffusion import checkpoint, config_files
 from pid_diffusion.utils import fileio
 from pid_diffusion.config import TrainingConfig, check
-from pid_diffusion.edm_loss import EDMObjective
+from pid_diffusion.edm_loss import EDMObjective, check_options
 from pid_diffusion.networks.edm import EDMPrecond
-from pid_diffusion.teacher import CheckpointFormat, TeacherCheckpoint
+from pid_diffusion.teacher import TeacherFormat, TeacherFile
 from pid_diffusion.toydata import ShapesSpec, make_shapes
 
 __all__ = ["DataConfig", "EDMLossConfig", "NetworkConfig", "TASK", "TeacherTrainingConfig", "build",
@@ -78,8 +79,7 @@ class EDMLossConfig:
     conditional: bool = False  # Condition on the shape class (label_dim = number of shapes).
 
     def __post_init__(self):
-        check(self.P_std > 0, "edm.P_std", f"must be > 0, got {self.P_std}")
-        check(self.sigma_data > 0, "edm.sigma_data", f"must be > 0, got {self.sigma_data}")
+        check_options(self.P_std, self.sigma_data)  # EDMObjective's checks (from_dict names the section).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +118,12 @@ def build(config: TeacherTrainingConfig) -> tuple[EDMObjective, EDMPrecond]:
 
 def export_teacher(config: TeacherTrainingConfig, path: str, ema_rate: float) -> EDMPrecond:
     """Write the EMA network of the run's newest checkpoint as a teacher file; returns that network."""
-    latest = checkpoint.latest_checkpoint(config.run.dir)
+    latest = checkpoint.latest_training_state(config.run.dir)
     if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {config.run.dir}: train first (run without --export)")
+        raise MissingFileError(f"no checkpoint in {config.run.dir}: train first (run without --export)")
     _, source = latest
-    net = checkpoint.load_generator(source, ema_rate=ema_rate)
-    teacher = TeacherCheckpoint(net.init_kwargs, net.state_dict(), CheckpointFormat.CONVERTED)
+    net = checkpoint.load_network(source, ema_rate=ema_rate)
+    teacher = TeacherFile(net.init_kwargs, net.state_dict(), TeacherFormat.CONVERTED)
     fileio.atomic_torch_save(teacher.to_file_dict(source=f"{source} (EMA {ema_rate})"), path)
     return net
 

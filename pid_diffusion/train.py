@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import errno
 import math
 from collections.abc import Iterator, Mapping
 from typing import Protocol
@@ -35,11 +36,13 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pid_diffusion.user_error import OptionError
 from pid_diffusion import checkpoint, images, phema, resume, run_log
 from pid_diffusion.utils import dist, fileio, perf, preemption
 from pid_diffusion.utils.rng import seed_globals
-from pid_diffusion.config import ConfigError, LRDecay, OptimizerKind, Precision, TrainConfig, TrainingConfig, to_json
+from pid_diffusion.config import ConfigError, OptimizerKind, Precision, TrainConfig, TrainingConfig, to_json
 from pid_diffusion.generate import Preview
+from pid_diffusion.schedule import lr_at
 
 __all__ = ["AUTOCAST_DTYPES", "EMA", "NOISE_CHUNK", "NonFiniteLossError", "Objective", "batch_plan",
            "build_optimizer", "chunk_generator", "loss_scaler", "lr_at", "training_loop"]
@@ -98,7 +101,7 @@ class EMA:
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         missing = [str(rate) for rate in self.rates if str(rate) not in state]
         if missing:
-            raise ValueError(f"the checkpoint has no EMA at rate(s) {', '.join(missing)}; it has {', '.join(state)}")
+            raise OptionError(f"the checkpoint has no EMA at rate(s) {', '.join(missing)}; it has {', '.join(state)}")
         for rate, average in self.models.items():
             average.load_state_dict(state[str(rate)])
 
@@ -148,17 +151,6 @@ def build_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     return cls(params, lr=train.lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay)
 
 
-def lr_at(train: TrainConfig, step: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or decayed so that the
-    step after the last would have lr 0 (the last step itself still moves)."""
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)  # In [0, 1).
-    factor = {LRDecay.CONSTANT: 1.0, LRDecay.COSINE: 0.5 * (1 + math.cos(math.pi * progress)),
-              LRDecay.LINEAR: 1 - progress}[train.lr_decay]
-    return train.lr * factor
-
-
 AUTOCAST_DTYPES = {Precision.FP32: None, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
 
 
@@ -173,12 +165,12 @@ def _autocast(train: TrainConfig, device: torch.device) -> contextlib.AbstractCo
 
 
 def _apply_speed_options(model: nn.Module, train: TrainConfig, device: torch.device) -> None:
-    """Memory format, activation checkpointing and CPU memory reuse, in place: the state_dict keys and the maths
+    """Memory format, activation recomputation and CPU memory reuse, in place: the state_dict keys and the maths
     stay (channels-last kernels sum in another order)."""
     if train.channels_last:
         model.to(memory_format=torch.channels_last)  # Activations follow: a convolution outputs its weight's format.
     if train.activation_checkpointing:
-        perf.enable_activation_checkpointing(model)
+        perf.enable_activation_recomputation(model)
     if device.type == "cpu":
         # Without it glibc unmaps freed activations and the next step faults every page in again
         # (benchmarks/RESULTS.md); the process keeps its peak memory instead.
@@ -186,9 +178,9 @@ def _apply_speed_options(model: nn.Module, train: TrainConfig, device: torch.dev
 
 
 def _grad_norm(model: nn.Module) -> torch.Tensor:
-    """Euclidean norm of all gradients together."""
+    """Euclidean norm of all gradients together, on their device (nothing is read back)."""
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return torch.stack(norms).norm() if norms else torch.zeros(())
+    return torch.stack(norms).norm() if norms else torch.zeros((), device=next(model.parameters()).device)
 
 
 def _weights_checksum(model: nn.Module) -> torch.Tensor:
@@ -223,10 +215,16 @@ def training_loop(config: TrainingConfig, objective: Objective, model: nn.Module
     `fingerprints` are the hashes of what the configuration's CONTENT fields name (the teacher's network):
     stored in each training state, and compared on resume when such a field changes. A signal of
     `run.preempt_signals` on any rank ends the run after the step in flight, with its training state, by
-    raising `preemption.Preempted` (exit status 75) on every rank.
+    raising `preemption.Preempted` (exit status 75) on every rank. A write that fails (a full disk) ends the
+    run with `checkpoint.TrainingStateWriteError`, naming the newest complete training state, which is intact.
     """
     with preemption.SignalFlag(config.run.preempt_signals) as flag:
-        return _training_loop(config, objective, model, preview, fingerprints, flag)
+        try:
+            return _training_loop(config, objective, model, preview, fingerprints, flag)
+        except OSError as error:  # A full disk under another file of the run (metrics, a sample grid).
+            if error.errno != errno.ENOSPC:
+                raise
+            raise checkpoint.write_failure(config.run.dir, error, f"to {config.run.dir}") from error
 
 
 def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Module, preview: Preview | None,
@@ -282,9 +280,10 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
                 scaler.scale(losses.sum() / per_rank).backward()
             loss_sum += losses.detach().sum()
         # One all-reduce per step carries the loss and the number of ranks that received a preemption signal.
-        signalled = torch.tensor(float(flag.received is not None), device=device)
+        # torch.full fills on the device; torch.tensor would copy a host value there (a sync on CUDA).
+        signalled = torch.full((), float(flag.received is not None), device=device)
         totals = dist.all_reduce_sum(torch.stack([loss_sum, signalled]))
-        loss_total, signalled_ranks = totals.tolist()  # One device-to-host copy.
+        loss_total, signalled_ranks = totals.tolist()  # The step's one device-to-host copy.
         loss, stop = loss_total / world_size / per_rank, signalled_ranks > 0
         if not math.isfinite(loss):
             where = last_checkpoint or "none was written"
@@ -303,7 +302,7 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
         optimizer.zero_grad(set_to_none=True)
         skipped = scaler.is_enabled() and scaler.get_scale() < scale
         ema.update(model, nimg=done * train.batch, batch=train.batch, skipped=skipped)
-        log.step(loss, grad_norm.item(), skipped)
+        log.step(loss, grad_norm.detach(), skipped)  # Summed on the device, read back at the log record.
 
         # Periodic work: consistency check, log, sample grid, checkpoint.
         if run.sync_check_every and done % run.sync_check_every == 0:
@@ -332,6 +331,6 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
 def _write_preview(preview: Preview, model: nn.Module, path: str) -> None:
     model.eval()
     try:
-        images.write_grid(preview(model), path)
+        images.write_tiled(preview(model), path)
     finally:
         model.train()

@@ -1,4 +1,11 @@
-"""Shared pytest fixtures and session settings.
+"""Shared pytest fixtures and session settings; the suite's two tiers.
+
+Tiers: a test marked `slow` starts a process (a console command, a script, `mpirun`) or builds a release-size
+network (`release` and `mpirun` imply `slow`); every other test is marked `fast` here, at collection, and
+`python -m pytest -m fast -n 2` runs them. A fast test that starts a process fails, naming the marker it needs,
+so the fast tier stays in-process. Tests that take both cores (`mpirun -np 2`, a release-size network) share one
+pytest-xdist group: under `--dist loadgroup` (pytest.ini) they run one after another on one worker while the other
+worker runs the rest. The session ends with each tier's test count and summed duration.
 
 Two requirements of the suite can be missing on a machine: the EDM reference fixtures (committed under
 tests/fixtures/edm, so only a damaged checkout lacks them) and Open MPI's `mpirun`. In CI (`CI=true`) or with
@@ -8,7 +15,9 @@ need a CUDA device skip without one in every mode (the CI machine has none).
 """
 
 import os
+import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -35,6 +44,9 @@ def missing(what: str) -> None:
     pytest.skip(what)
 
 
+SLOW, FAST, TWO_CORES = "slow", "fast", "two_cores"
+TWO_CORES_MARKERS = (TWO_CORES, "release", "mpirun")  # tests that take both cores: one at a time
+SLOW_MARKERS = (SLOW, *TWO_CORES_MARKERS)  # tests of the slow tier
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,12 +54,42 @@ def pytest_configure(config: pytest.Config) -> None:
     # they gain (10× slower when the cores are busy), and EDM's fixtures were computed with one thread.
     torch.set_num_threads(1)
     config.addinivalue_line("markers", "mpirun: needs Open MPI's mpirun (a failure when missing in CI)")
+    config.addinivalue_line("markers", f"{SLOW}: starts a process or builds a release-size network (the full suite)")
+    config.addinivalue_line("markers", f"{FAST}: in-process (set at collection on every test not marked {SLOW})")
+    config.addinivalue_line("markers", f"{TWO_CORES}: starts two ranks without mpirun (torchrun, srun tasks): slow, "
+                                       f"and beside no other test that takes both cores")
 
 
+def tier(item: pytest.Item) -> str:
+    return SLOW if any(item.get_closest_marker(name) for name in SLOW_MARKERS) else FAST
+
+
+# Before pytest-xdist's own hook, which reads the xdist_group markers added here.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(tier(item))
+        if any(item.get_closest_marker(name) for name in TWO_CORES_MARKERS):
+            item.add_marker(pytest.mark.xdist_group(TWO_CORES))
     # The full-size release tier first (a stable sort keeps every other order): under pytest-xdist its long
     # tests then run beside the rest of the suite instead of after it, on one worker while the other idles.
     items.sort(key=lambda item: item.get_closest_marker("release") is None)
+
+
+def _no_process(args, *more, **options):
+    """subprocess.Popen in a fast test: starting a process is what makes a test slow."""
+    pytest.fail(f"a fast test started a process ({args!r}): mark the test @pytest.mark.{SLOW} (tests/conftest.py)",
+                pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    if tier(item) == SLOW:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "Popen", _no_process)
+        yield
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -66,7 +108,28 @@ def edm_fixtures_dir() -> Path:
     return EDM_FIXTURES_DIR
 
 
+# Tier → [tests, seconds], in the process the reports arrive at (the controller under pytest-xdist).
+TIER_TOTALS: dict[str, list] = defaultdict(lambda: [0, 0.0])
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    totals = TIER_TOTALS[SLOW if SLOW in report.keywords else FAST]
+    totals[0] += report.when == "teardown"  # once per test
+    totals[1] += report.duration  # setup, call and teardown
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    totals = TIER_TOTALS
+    if totals:
+        terminalreporter.section("tier totals (test time summed over workers)")
+        for name in (FAST, SLOW):
+            if name in totals:
+                count, seconds = totals[name]
+                terminalreporter.write_line(f"{name}: {count} tests, {seconds:.0f} s")
+    skipped_banner(terminalreporter)
+
+
+def skipped_banner(terminalreporter) -> None:
     """A banner naming every skipped test and why, so that a local run never loses checks silently."""
     skipped = terminalreporter.stats.get("skipped", [])
     if not skipped:

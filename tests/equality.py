@@ -15,6 +15,7 @@ import dataclasses
 import torch
 
 ULPS = 4  # θ_after − θ_before of float32 weights is known to a few ulps of θ.
+REL_TWO_RANKS = 1e-3  # Tolerance on each tensor's update, 1 rank against 2, relative to its size: summation order.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,3 +93,15 @@ def assert_mutants_fail(after: dict[str, torch.Tensor], reference: dict[str, tor
             continue
         raise AssertionError(f"the mutant '{name}' passes the equality check: the check is vacuous")
     return errors
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Bitwise equality of two training states' weights, EMAs and optimizer moments (an exact resume)."""
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for rate in a["ema"]:
+        for key in a["ema"][rate]:
+            assert torch.equal(a["ema"][rate][key], b["ema"][rate][key]), (rate, key)
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][index][key])), key

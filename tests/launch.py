@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import TextIO
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,13 @@ def mpirun(processes: int, *command: str) -> subprocess.CompletedProcess:
                           text=True, timeout=JOB_TIMEOUT_S)
 
 
+def mpirun_module(processes: int, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args` on `processes` ranks; the test fails unless the job exits 0."""
+    result = mpirun(processes, "-m", module, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
 def wait_for(condition: Callable[[], bool], job: subprocess.Popen, what: str,
              timeout_s: float = POLL_TIMEOUT_S) -> None:
     """Poll `condition` until it holds; fail if `job` ends first or after `timeout_s` (a bounded wait)."""
@@ -78,6 +86,17 @@ def wait_for(condition: Callable[[], bool], job: subprocess.Popen, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout_s} s")
         time.sleep(0.02)
+
+
+def wait_for_line(pipe: TextIO, text: str) -> str:
+    """Read a job's output pipe (text mode) up to the first line containing `text`, and return what was read; fail
+    if the job closes it (ends) first."""
+    read = []
+    for line in pipe:
+        read.append(line)
+        if text in line:
+            return "".join(read)
+    raise AssertionError(f"the job closed its output before writing {text!r}:\n{''.join(read)[-3000:]}")
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -94,19 +113,20 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def kill_job(job: subprocess.Popen, folder: str, timeout_s: float = 60.0) -> None:
-    """SIGKILL the job's process group (started with start_new_session=True), then make sure that no process of
-    it (found by its run folder on the command line) survives, within `timeout_s`."""
+    """SIGKILL every process of the job at once, as a scheduler ends it: its process group (started with
+    start_new_session=True) and the ranks a launcher's daemon started outside that group (found by the run folder
+    on their command line); return once none is left, within `timeout_s`."""
     try:
         os.killpg(job.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    job.wait(timeout=timeout_s)
-    deadline = time.monotonic() + timeout_s
-    while (survivors := processes_mentioning(folder)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in survivors:  # only processes of this job: their command line names its folder
+    for pid in processes_mentioning(folder):  # only processes of this job: their command line names its folder
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert not survivors, f"processes {survivors} of the killed job outlived it by {timeout_s} s"
+    job.wait(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while (survivors := processes_mentioning(folder)) and time.monotonic() < deadline:
+        time.sleep(0.1)  # a killed process leaves /proc once its parent (or init) reaps it
+    assert not survivors, f"processes {survivors} of the killed job outlived SIGKILL by {timeout_s} s"

@@ -16,8 +16,10 @@ from torch import nn
 from pid_diffusion.analytic import GaussianTeacher
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, pid_residual
-from pid_diffusion.metrics import L2
+from pid_diffusion.distances import L2
 from pid_diffusion.student import PIDStudent
+
+from factories import TINY_SONG_UNET
 
 T, EPS, RHO = 80.0, 0.002, 7.0  # the paper's grid (docs/method.md §3)
 S = 0.4  # data standard deviation of docs/method.md §4's reference numbers (d = 16)
@@ -211,8 +213,8 @@ def _central_start(teacher, grid, z, start):
 # ----------------------------------------------------------------------------------------------------------
 # Training: the residual loss alone (no data, no trajectories) teaches a network the teacher's trajectory.
 
-TRAIN_NETWORK = dict(img_resolution=RESOLUTION, img_channels=CHANNELS, model_type="SongUNet", model_channels=16,
-                     channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0)
+TRAIN_NETWORK = {**TINY_SONG_UNET, "img_resolution": RESOLUTION, "img_channels": CHANNELS, "model_channels": 16,
+                 "channel_mult": [1], "attn_resolutions": []}
 TRAIN_POINTS, TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 80, 400, 32, 3e-3
 
 

@@ -2,7 +2,6 @@
 
 import errno
 import io
-import json
 import os
 import random
 import re
@@ -20,11 +19,10 @@ from pid_diffusion.utils import dist, fileio, preemption
 from pid_diffusion.config import ConfigError, RunConfig
 from pid_diffusion.train import NOISE_CHUNK, _rank_share
 
-from equality import assert_same_update
+from equality import REL_TWO_RANKS, assert_same_training_state, assert_same_update
+from factories import TOY_SCRIPT, initial_toy_state, latest, logged_steps, steps_in, train_toy
 from launch import (JOB_TIMEOUT_S, REPO, mpirun, mpirun_command, mpirun_env, needs_mpirun, processes_mentioning,
-                    subprocess_env, wait_for)
-from test_dist_mpi import REL_TWO_RANKS, initial_toy_state, latest
-from test_train import SCRIPT, assert_same_training_state, train_toy
+                    subprocess_env, wait_for, wait_for_line)
 
 # An 8-step toy run with dropout (the global RNG must resume too) and checkpoints every 3 steps, so that a
 # preemption's checkpoint is not one the run writes anyway.
@@ -38,21 +36,8 @@ def straight(tmp_path_factory):
     return train_toy(tmp_path_factory.mktemp("straight"), *COMMON)
 
 
-def steps_in(folder) -> list[int]:
-    return [step for step, _ in checkpoint.find_checkpoints(str(folder))]
-
-
-def logged_steps(folder) -> list[int]:
-    """Steps of metrics.jsonl (the toy logs every step)."""
-    path = folder / "metrics.jsonl"
-    if not path.exists():
-        return [0]
-    return [json.loads(line)["step"] for line in fileio.read_bytes(path).decode().splitlines()]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Preemption.
-
 
 @pytest.mark.parametrize("signal_step, name", CASES)
 def test_preempted_run_requeued_ends_bit_identical(tmp_path, straight, signal_step, name, capsys):
@@ -76,9 +61,10 @@ def test_preempted_run_requeued_ends_bit_identical(tmp_path, straight, signal_st
     assert_same_training_state(straight, state)
 
 
+@pytest.mark.slow
 def test_sigterm_from_outside_checkpoints_and_exits_75_then_resumes(tmp_path, straight):
     # The same command both times; the delay keeps the run going long enough for the signal to land mid-run.
-    command = [sys.executable, SCRIPT, f"--run.dir={tmp_path}", *COMMON, "--toy.step_delay_s=0.3"]
+    command = [sys.executable, TOY_SCRIPT, f"--run.dir={tmp_path}", *COMMON, "--toy.step_delay_s=0.3"]
     job = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     wait_for(lambda: steps_in(tmp_path) == [3], job, "the first checkpoint")
@@ -95,18 +81,20 @@ def test_sigterm_from_outside_checkpoints_and_exits_75_then_resumes(tmp_path, st
     assert_same_training_state(straight, latest(tmp_path))
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_and_leaves_checkpoints_intact(tmp_path):
-    command = [sys.executable, SCRIPT, f"--run.dir={tmp_path}", *COMMON, "--toy.step_delay_s=2"]
+    command = [sys.executable, TOY_SCRIPT, f"--run.dir={tmp_path}", *COMMON, "--toy.step_delay_s=30"]
     job = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
-    # Wait until the loop has installed its handlers: the first step (2 s) is then in flight.
-    wait_for(lambda: fileio.exists(tmp_path / "config.json"), job, "the run start")
-    time.sleep(0.5)
+    # The first step in flight, so the loop's handlers are installed. The step outlasts every wait below (a second
+    # signal ends the job at once, so its length costs nothing).
+    err = wait_for_line(job.stderr, "toy: step 0 in flight")
     job.send_signal(signal.SIGTERM)
     job.send_signal(signal.SIGTERM)  # a copy of the same request (another route delivers it): no effect
-    time.sleep(preemption.SAME_REQUEST_S + 0.3)
+    err += wait_for_line(job.stderr, "SIGTERM: finishing the step in flight")
+    time.sleep(preemption.SAME_REQUEST_S)  # the rule is time: a signal this long after the first is a second
     job.send_signal(signal.SIGTERM)
-    _, err = job.communicate(timeout=JOB_TIMEOUT_S)
+    err += job.communicate(timeout=JOB_TIMEOUT_S)[1]
     assert job.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "second signal (SIGTERM): exiting now" in err
     assert steps_in(tmp_path) == [] and not [n for n in fileio.listdir(tmp_path) if n.endswith(fileio.TEMP_SUFFIX)]
@@ -123,13 +111,13 @@ def test_preempt_signals_are_validated():
 @needs_mpirun
 def test_preemption_under_mpirun_resumes_bit_identical(tmp_path):
     common = [*COMMON, "--train.batch=8", "--toy.step_delay_s=0.2"]
-    job = mpirun(2, SCRIPT, f"--run.dir={tmp_path / 'straight'}", *common)
+    job = mpirun(2, TOY_SCRIPT, f"--run.dir={tmp_path / 'straight'}", *common)
     assert job.returncode == 0, job.stderr[-3000:]
     straight = latest(tmp_path / "straight")
 
     # A signal on rank 1 alone, in a random step of every run of the same command, requeued until done.
     folder, signal_step = tmp_path / "rank1", random.Random(12).randrange(3, 7)
-    command = [SCRIPT, f"--run.dir={folder}", *common, f"--toy.signal_step={signal_step}", "--toy.signal_rank=1"]
+    command = [TOY_SCRIPT, f"--run.dir={folder}", *common, f"--toy.signal_step={signal_step}", "--toy.signal_rank=1"]
     job = mpirun(2, *command)
     assert job.returncode == preemption.PREEMPTED_EXIT_CODE, job.stderr[-3000:]
     assert steps_in(folder)[-1] == signal_step + 1 and "Preempted (a signal on another rank)" in job.stdout
@@ -139,14 +127,14 @@ def test_preemption_under_mpirun_resumes_bit_identical(tmp_path):
 
     # SIGUSR1 to mpirun, which forwards it to every rank (SIGTERM to Open MPI's mpirun kills the ranks).
     folder = tmp_path / "launcher"
-    launcher = subprocess.Popen(mpirun_command(2, SCRIPT, f"--run.dir={folder}", *common), cwd=REPO, env=mpirun_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(mpirun_command(2, TOY_SCRIPT, f"--run.dir={folder}", *common), cwd=REPO,
+                                env=mpirun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: logged_steps(folder)[-1] >= 1, launcher, "the first step")
     launcher.send_signal(signal.SIGUSR1)
     out, err = launcher.communicate(timeout=JOB_TIMEOUT_S)
     assert launcher.returncode == preemption.PREEMPTED_EXIT_CODE, err[-3000:]
     assert "Preempted (SIGUSR1)" in out and 1 <= steps_in(folder)[-1] < 8
-    job = mpirun(2, SCRIPT, f"--run.dir={folder}", *common)
+    job = mpirun(2, TOY_SCRIPT, f"--run.dir={folder}", *common)
     assert job.returncode == 0, job.stderr[-3000:]
     assert_same_training_state(straight, latest(folder))
 
@@ -157,39 +145,39 @@ def test_preemption_under_mpirun_resumes_bit_identical(tmp_path):
 
 def test_resume_skips_damaged_checkpoints_moves_them_aside_and_ends_bit_identical(tmp_path, straight, capsys):
     train_toy(tmp_path, *COMMON[1:], "--train.steps=6")  # checkpoints 3 and 6
-    newest = checkpoint.checkpoint_path(str(tmp_path), 6)
+    newest = checkpoint.training_state_path(str(tmp_path), 6)
     whole = fileio.read_bytes(newest)
     fileio.atomic_write_bytes(whole[: len(whole) // 2], newest)  # truncated by a disk error or an interrupted copy
-    torch.save({"weights": torch.zeros(2)}, checkpoint.checkpoint_path(str(tmp_path), 7))  # not a training checkpoint
+    torch.save({"weights": torch.zeros(2)}, checkpoint.training_state_path(str(tmp_path), 7))  # not a training checkpoint
     capsys.readouterr()
 
     state = train_toy(tmp_path, *COMMON)
     out = capsys.readouterr().out
-    assert f"Skipping damaged checkpoint {checkpoint.checkpoint_path(str(tmp_path), 7)} (ValueError: not a training " \
-           f"checkpoint (no step, config" in out
-    assert f"Skipping damaged checkpoint {newest} (ValueError: truncated, or not a zip-format torch.save file: no " \
-           f"zip end record in its {len(whole) // 2} bytes); moved to {newest}.damaged" in out
-    assert f"Resuming from {checkpoint.checkpoint_path(str(tmp_path), 3)} at step 3" in out
+    assert f"Skipping damaged checkpoint {checkpoint.training_state_path(str(tmp_path), 7)} (FileFormatError: not a " \
+           f"training checkpoint (no step, config" in out
+    assert f"Skipping damaged checkpoint {newest} (FileFormatError: {newest}: truncated, or not a zip-format " \
+           f"torch.save file: no zip end record in its {len(whole) // 2} bytes); moved to {newest}.damaged" in out
+    assert f"Resuming from {checkpoint.training_state_path(str(tmp_path), 3)} at step 3" in out
     assert fileio.read_bytes(newest + ".damaged") == whole[: len(whole) // 2]  # moved aside, never deleted
-    assert fileio.exists(checkpoint.checkpoint_path(str(tmp_path), 7) + ".damaged")
+    assert fileio.exists(checkpoint.training_state_path(str(tmp_path), 7) + ".damaged")
     assert_same_training_state(straight, state)
 
 
 def test_no_loadable_checkpoint_is_one_error_naming_the_files(tmp_path):
     for step in (2, 4):
-        fileio.atomic_write_bytes(b"garbage", checkpoint.checkpoint_path(str(tmp_path), step))
-    with pytest.raises(checkpoint.NoLoadableCheckpointError) as error:
+        fileio.atomic_write_bytes(b"garbage", checkpoint.training_state_path(str(tmp_path), step))
+    with pytest.raises(checkpoint.NoLoadableTrainingStateError) as error:
         train_toy(tmp_path, *COMMON)
     message = str(error.value)
     assert "no checkpoint in" in message and "\n" not in message
     for step in (2, 4):
-        assert checkpoint.checkpoint_path(str(tmp_path), step) + ".damaged" in message
+        assert checkpoint.training_state_path(str(tmp_path), step) + ".damaged" in message
     assert steps_in(tmp_path) == []
 
 
 def test_failed_checkpoint_write_keeps_earlier_checkpoints_and_says_so(tmp_path, monkeypatch):
     train_toy(tmp_path, *COMMON[1:], "--train.steps=3")
-    first = fileio.read_bytes(checkpoint.checkpoint_path(str(tmp_path), 3))
+    first = fileio.read_bytes(checkpoint.training_state_path(str(tmp_path), 3))
     real_save = torch.save
 
     def disk_full(obj, f, *args, **kwargs):  # A full disk after part of the file was written.
@@ -199,14 +187,14 @@ def test_failed_checkpoint_write_keeps_earlier_checkpoints_and_says_so(tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(checkpoint.CheckpointWriteError) as error:
+    with pytest.raises(checkpoint.TrainingStateWriteError) as error:
         train_toy(tmp_path, *COMMON)
     monkeypatch.setattr(torch, "save", real_save)
     message = str(error.value)
-    assert message.startswith(f"could not write checkpoint {checkpoint.checkpoint_path(str(tmp_path), 6)} "
+    assert message.startswith(f"could not write checkpoint {checkpoint.training_state_path(str(tmp_path), 6)} "
                               f"(OSError: [Errno 28] No space left on device)")
-    assert f"earlier checkpoints are intact ({checkpoint.checkpoint_path(str(tmp_path), 3)})" in message
-    assert fileio.read_bytes(checkpoint.checkpoint_path(str(tmp_path), 3)) == first
+    assert f"the newest complete training state, {checkpoint.training_state_path(str(tmp_path), 3)}, is intact" in message
+    assert fileio.read_bytes(checkpoint.training_state_path(str(tmp_path), 3)) == first
     assert steps_in(tmp_path) == [3] and not [n for n in fileio.listdir(tmp_path) if n.endswith(fileio.TEMP_SUFFIX)]
 
 
@@ -260,11 +248,12 @@ def test_launcher_reads_a_slurm_step(monkeypatch):
     assert dist._slurm_rendezvous() == "tcp://head:2999"
 
 
+@pytest.mark.two_cores
 def test_two_srun_tasks_set_by_hand_train_like_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, SCRIPT, f"--run.dir={tmp_path / 'two'}", "--train.steps=3"]
+    command = [sys.executable, TOY_SCRIPT, f"--run.dir={tmp_path / 'two'}", "--train.steps=3"]
     tasks = [subprocess.Popen(command, cwd=REPO, env=slurm_env(rank, port), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     for task in tasks:
@@ -324,6 +313,7 @@ SBATCH = os.path.join(REPO, "scripts", "slurm_distill.sbatch")
 FAKE_SLURM = REPO / "tests" / "fixtures" / "slurm"  # srun (two local tasks) and scontrol stand-ins: README.md there
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status, requeued", [(preemption.PREEMPTED_EXIT_CODE, True), (1, False)])
 def test_sbatch_script_requeues_a_preempted_job_only(tmp_path, status, requeued):
     log, tools = tmp_path / "calls.log", tmp_path / "bin"
@@ -349,6 +339,7 @@ def test_sbatch_script_requeues_a_preempted_job_only(tmp_path, status, requeued)
     assert calls[1:] == ["srun got USR1", *(["scontrol requeue 77"] if requeued else [])]
 
 
+@pytest.mark.slow
 def test_sbatch_overrides_replace_the_presets_values(tmp_path):
     # RUN_DIR and TEACHER are overrides too; an argument naming the same key is the user's mistake, said once.
     log, tools = tmp_path / "calls.log", tmp_path / "bin"
@@ -377,6 +368,7 @@ LAUNCHED_RUN = ["--train.steps=6", "--run.log_every=1", "--run.image_every=0", "
                 "--run.checkpoint_every=1000"]
 
 
+@pytest.mark.two_cores  # two stand-in srun tasks
 def test_sbatch_script_trains_and_a_cancelled_job_requeues_and_resumes_bit_identical(tmp_path):
     log = tmp_path / "slurm.log"
     job = sbatch_job(tmp_path / "straight", log)
@@ -401,5 +393,5 @@ def test_sbatch_script_trains_and_a_cancelled_job_requeues_and_resumes_bit_ident
     # The requeued job runs the same script again: it resumes and ends as the job never stopped.
     job = sbatch_job(folder, log)
     out, _ = job.communicate(timeout=JOB_TIMEOUT_S)
-    assert job.returncode == 0 and f"Resuming from {checkpoint.checkpoint_path(str(folder), stopped)}" in out, out
+    assert job.returncode == 0 and f"Resuming from {checkpoint.training_state_path(str(folder), stopped)}" in out, out
     assert_same_training_state(latest(tmp_path / "straight"), latest(folder))

@@ -21,8 +21,8 @@ from pid_diffusion.config import (
     ConfigError, OptimizerKind, Precision, apply_overrides, diff, from_dict, parse_overrides, to_dict, to_json,
 )
 from pid_diffusion.distill import DistillConfig, resolve
-from pid_diffusion.loss import Derivative, ResidualForm
-from pid_diffusion.metrics import Metric
+from pid_diffusion.loss import Derivative, ResidualForm, StudentPrecision
+from pid_diffusion.distances import Metric
 from pid_diffusion.student import StudentInit
 
 PAPER_EMA = (0.999, 0.9999, 0.99995)
@@ -71,13 +71,14 @@ def test_overrides_are_parsed_by_field_type():
         "--train.lr=1e-3", "--batch=64", "--train.micro_batch=16", "--precision=bf16", "--train.ema_rates=0.9,0.99",
         "--train.grad_clip=1.5", "--stop_neighbour_grad=true", "--pid.metric=pseudo_huber", "--pseudo_huber_c=0.03",
         "--teacher.preset=edm-cifar10-32x32-uncond-vp", "--student.init=random", "--run.dir=gs://bucket/run",
-        "--activation_checkpointing=true", "--channels_last=yes", "--train.compile=on",
+        "--activation_checkpointing=true", "--channels_last=yes", "--train.compile=on", "--student_precision=fp32",
     ]))
     assert (c.train.lr, c.train.batch, c.train.micro_batch, c.train.precision) == (1e-3, 64, 16, Precision.BF16)
     assert (c.train.activation_checkpointing, c.train.channels_last, c.train.compile) == (True, True, True)
     assert (c.train.ema_rates, c.train.grad_clip, c.pid.stop_neighbour_grad) == ((0.9, 0.99), 1.5, True)
     assert (c.pid.metric, c.pid.pseudo_huber_c, c.student.init) == (Metric.PSEUDO_HUBER, 0.03, StudentInit.RANDOM)
     assert (c.teacher.preset, c.run.dir) == ("edm-cifar10-32x32-uncond-vp", "gs://bucket/run")
+    assert c.pid.student_precision is StudentPrecision.FP32
     assert resolve("cifar10", {"train.micro_batch": "none"}).train.micro_batch is None
     assert resolve("imagenet64", {"micro_batch": "null"}).train.micro_batch is None
 
@@ -148,9 +149,9 @@ def test_a_bare_key_must_name_one_field():
 def test_every_option_is_read_by_the_code_that_runs():
     # An option parsed and never read is a silent no-op: each field must be read by the loop (or its run log),
     # the assembly of the task (distill.build, with the metric options it hands on), the checkpoints the loop
-    # writes, or the task's CLI. The training loop builds the optimizer and the learning-rate schedule.
+    # writes, or the task's CLI. The training loop builds the optimizer; schedule.py gives it the learning rate.
     package = Path(cfg.__file__).parent
-    modules = ("train.py", "run_log.py", "checkpoint.py")
+    modules = ("train.py", "schedule.py", "run_log.py", "checkpoint.py")
     readers = "\n".join([*((package / name).read_text() for name in modules),
                          inspect.getsource(distill.build), inspect.getsource(distill.PIDConfig.metric_options),
                          inspect.getsource(distill_cli)])
@@ -257,6 +258,7 @@ def test_preset_and_config_are_exclusive(capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_preset_files_are_installed_as_package_data(tmp_path):
     # A non-editable install copies what setuptools' build step collects: run it on a copy of the sources (it
     # writes beside them) and look for every preset file among the installed package's files.

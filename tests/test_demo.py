@@ -2,16 +2,48 @@
 
 import json
 import math
+import re
 from pathlib import Path
+
+import numpy as np
 
 import PIL.Image
 import pytest
 import torch
 
 from pid_diffusion.cli import demo as demo_cli
-from pid_diffusion.demo import agreement
+from pid_diffusion.cli import sample as sample_cli
+from pid_diffusion.demo import DemoOptions, agreement
 
-BUNDLED_TEACHER = Path(__file__).resolve().parents[1] / "model_zoo" / "edm-shapes-16x16.pt"
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
+ZOO_STUDENT = REPO / "model_zoo" / "pid-shapes-16x16.pt"
+ZOO_CARD = REPO / "model_zoo" / "README.md"
+# The card's PSNR is printed to two decimals; float and uint8 measurements of the same images agree to 0.01 dB.
+ZOO_PSNR_TOLERANCE_DB = 0.02
+
+
+def zoo_card_psnr() -> float:
+    """The PSNR to the teacher that model_zoo/README.md states for the zoo student."""
+    found = re.search(r"PSNR to the teacher's Heun output: \*\*([0-9.]+) dB\*\*", ZOO_CARD.read_text())
+    assert found, f"{ZOO_CARD} states no 'PSNR to the teacher's Heun output: **<x> dB**'"
+    return float(found.group(1))
+
+
+@pytest.mark.slow  # two pid-sample commands
+def test_the_zoo_student_agrees_with_the_teacher_as_its_card_says(tmp_path, monkeypatch):
+    """A regression test of model_zoo/pid-shapes-16x16.pt through pid-sample: its one-step images against the
+    teacher's Heun images from the same seeds (the demo's held-out latents), as the card measures them."""
+    assert ZOO_STUDENT.is_file(), f"the zoo student {ZOO_STUDENT} is missing from the checkout"
+    options = DemoOptions()
+    seeds = f"{options.eval_seed}-{options.eval_seed + options.eval_images - 1}"
+    sample_cli.main(["--checkpoint", str(ZOO_STUDENT), "--seeds", seeds, "--npz", str(tmp_path / "student.npz")])
+    sample_cli.main(["--teacher", str(BUNDLED_TEACHER), "--sampler", "heun", "--steps", "18", "--seeds", seeds,
+                     "--npz", str(tmp_path / "teacher.npz")])
+    student, teacher = (np.load(tmp_path / f"{name}.npz")["images"].astype(np.float64) / 255
+                        for name in ("student", "teacher"))
+    psnr = -20 * math.log10(math.sqrt(np.mean((student - teacher) ** 2)))
+    assert psnr == pytest.approx(zoo_card_psnr(), abs=ZOO_PSNR_TOLERANCE_DB)
 
 
 def test_agreement_of_a_constant_offset():
@@ -21,6 +53,7 @@ def test_agreement_of_a_constant_offset():
     assert agreement(reference, reference) == (0.0, math.inf)
 
 
+@pytest.mark.slow  # the user's main job, a distillation included
 def test_demo_distils_the_bundled_teacher(tmp_path, capsys):
     # The project ships the teacher (model_zoo/): a missing file is a failure, not a skip.
     assert BUNDLED_TEACHER.is_file(), f"the bundled teacher {BUNDLED_TEACHER} is missing from the checkout"
@@ -30,7 +63,8 @@ def test_demo_distils_the_bundled_teacher(tmp_path, capsys):
                    "--train.batch=16", "--eval-images=16", "--grid-columns=8", "--run.image_every=0"])
 
     results = json.loads((run_dir / "demo-results.json").read_text())
-    teacher, before, after = results["rows"]
+    teacher, before, after, zoo = results["rows"]  # The model_zoo student's row: its file is of this teacher.
+    assert zoo["psnr"] == pytest.approx(zoo_card_psnr(), abs=ZOO_PSNR_TOLERANCE_DB)
     assert teacher["network_calls"] == 35 and before["network_calls"] == after["network_calls"] == 1
     # Distillation must bring the one-step output much closer to the teacher's Heun output.
     assert after["rmse"] < 0.75 * before["rmse"]

@@ -20,13 +20,12 @@ from pid_diffusion.images import write_npz
 from pid_diffusion.reference_stats import ReferenceStats, load_stats, save_stats
 from pid_diffusion.utils import hub
 
-from test_fid import small_detector
-from test_sample import load_npz
-from test_train import subprocess_env
+from factories import load_npz, small_detector, tiny_dinov2_reference, write_tiny_dinov2_weights
+from launch import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "dinov2"
-REF = torch.load(FIXTURES / "ref_dinov2_tiny.pt", weights_only=True)
+REF = tiny_dinov2_reference()
 FEATURES_ATOL = 1e-5  # The fixture README's check for bit-identical preprocessing (measured here: 0).
 FD_ATOL = 1e-4  # The fixture README's check of fd_ab (measured here: 0).
 
@@ -91,15 +90,6 @@ def test_fd_equals_edm2():
 # ----------------------------------------------------------------------------------------------------------
 # The weights file and the reference format.
 
-def write_tiny_weights(folder: Path) -> Path:
-    """The tiny DINOv2 where the hub cache keeps ViT-L/14's file, with its heads (not in any shape) recorded."""
-    path = folder / "hub" / "checkpoints" / dinov2.DINOV2_FILENAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": REF["state_dict"], "model_kwargs": {"num_heads": REF["model_kwargs"]["num_heads"]}},
-               path)
-    return path
-
-
 def test_weights_come_from_the_hub_cache_and_offline_the_error_names_file_and_url(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file",
@@ -108,7 +98,7 @@ def test_weights_come_from_the_hub_cache_and_offline_the_error_names_file_and_ur
         dinov2.load_dinov2()
     assert dinov2.DINOV2.url in str(error.value)
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / dinov2.DINOV2_FILENAME) in str(error.value)
-    write_tiny_weights(tmp_path / "torch")
+    write_tiny_dinov2_weights(tmp_path / "torch")
     features = dinov2.load_dinov2().features(REF["cases"]["img32"]["images_uint8"])
     torch.testing.assert_close(features, REF["cases"]["img32"]["features_fp32"], rtol=0, atol=FEATURES_ATOL)
 
@@ -157,9 +147,10 @@ def run(*command: str, torch_home: Path) -> str:
     return job.stdout
 
 
+@pytest.mark.slow
 def test_distill_with_power_emas_then_phema_then_fid_with_fd_dinov2(tmp_path):
     torch_home = tmp_path / "torch"
-    write_tiny_weights(torch_home)
+    write_tiny_dinov2_weights(torch_home)
     detector = small_detector(tmp_path / "detector.pt")
     run_dir = tmp_path / "run"
     run("pid_diffusion.cli.distill", "--preset=default", f"--run.dir={run_dir}", "--train.steps=4",

@@ -40,11 +40,11 @@ from pid_diffusion.teacher import load_teacher
 
 import docs_commands
 from docs_commands import MODULES, REPO, SCRIPTS, documented_commands, reduced, without_mpirun
-from test_fid import SMALL_FEATURE_DIM, small_detector, write_detector
-from test_dinov2 import REF as REF_DINOV2, write_tiny_weights
-from test_metrics import write_lpips_standins
-from test_teacher import _release, _write_edm_pickle
 from edm2_helpers import install_tiny_vae, sd_vae_description, write_teacher
+from factories import (SMALL_FEATURE_DIM, edm_release, small_detector, write_detector, write_edm_pickle,
+                       write_lpips_standins, tiny_dinov2_reference, write_tiny_dinov2_weights)
+
+pytestmark = pytest.mark.slow  # every documented command, as a user runs it (some start processes)
 
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
 # EDM2 (README, "Teachers: EDM2 checkpoints"): tiny latent nets at the release names, 8×8 latents decoded ×2 by
@@ -57,8 +57,9 @@ EDM2_STUDENT = "runs/pid-edm2-img512-s/checkpoint-00400000.pt"
 EDM2_URL_PREFIX = "https://nvlabs-fi-cdn.nvidia.com/edm2/"
 TEACHER_NAMES = ["edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"]
 STUDENT_CHECKPOINTS = ["runs/pid-cifar10/checkpoint-00800000.pt", "runs/pid-imagenet64/checkpoint-00400000.pt"]
-STUDENT_SNAPSHOTS = ["runs/pid-cifar10/snapshot-00800000.pt"]
-REFERENCES = ["fid-refs/cifar10-32x32.npz", "fid-refs/imagenet-64x64.npz", "samples-stats.npz"]
+STUDENT_SNAPSHOTS = ["runs/pid-cifar10/snapshot-00800000.pt", "runs/pid-default/snapshot-00001000.pt"]
+REFERENCES = ["fid-refs/cifar10-32x32.npz", "fid-refs/imagenet-64x64.npz", "samples-stats.npz",
+              "fid-refs/shapes-16x16.npz"]
 EDM2_REFERENCES = ["fid-refs/cifar10-32x32.pkl"]  # FID's and FD_DINOv2's statistics (the tiny DINOv2's 64-d)
 EDM_FID_REFS_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"  # wget of a reference: the stand-in's copy
 # The official PID code's files (docs/evaluation.md): a released student and a run folder, holding the bundled
@@ -81,14 +82,14 @@ def standins(tmp_path_factory) -> Path:
     torch_home.mkdir(parents=True)
     write_lpips_standins(torch_home)
     small_detector(torch_home / DETECTOR_FILENAME)  # 16-d features of 16×16 images
-    write_tiny_weights(root / "torch_home")  # DINOv2's file: the fixture's tiny network (64-d features)
+    write_tiny_dinov2_weights(root / "torch_home")  # DINOv2's file: the fixture's tiny network (64-d features)
     # pid-fid-ref writes statistics of the real detector's size (FEATURE_DIM): a stand-in of that width.
     full_width = root / "torch_home_full_width" / "hub" / "checkpoints"
     full_width.mkdir(parents=True)
     generator = torch.Generator().manual_seed(2)
     write_detector(full_width / DETECTOR_FILENAME, torch.randn(3 * 4 * 4, FEATURE_DIM, generator=generator) * 0.1,
                    torch.randn(FEATURE_DIM, generator=generator))
-    write_tiny_weights(root / "torch_home_full_width")
+    write_tiny_dinov2_weights(root / "torch_home_full_width")
 
     files = root / "files"
     for name in TEACHER_NAMES:  # the bundled 16×16 teacher stands for the releases
@@ -97,7 +98,7 @@ def standins(tmp_path_factory) -> Path:
     # Documented commands read preset files by their path in the checkout (pid-distill --config=...).
     shutil.copytree(REPO / "configs", files / "configs")
     teacher = load_teacher(BUNDLED_TEACHER)
-    _write_edm_pickle(files / "release.pkl", _release(teacher, teacher.init_kwargs))
+    write_edm_pickle(files / "release.pkl", edm_release(teacher, teacher.init_kwargs))
     for name in TEACHER_NAMES:
         shutil.copy(files / "release.pkl", files / "teachers" / f"{name}.pkl")
         shutil.copy(files / "release.pkl", files / f"{name}.pkl")
@@ -108,8 +109,9 @@ def standins(tmp_path_factory) -> Path:
          "--train.ema_rates=0.999,0.9999,0.99995", "--train.phema_stds=0.05,0.1"])
     for path in STUDENT_CHECKPOINTS:
         (files / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(checkpoint.latest_checkpoint(str(run_dir))[1], files / path)
+        shutil.copy(checkpoint.latest_training_state(str(run_dir))[1], files / path)
     for path in STUDENT_SNAPSHOTS:  # The step inside as the name says: post-hoc EMA reads both.
+        (files / path).parent.mkdir(parents=True, exist_ok=True)
         snapshot = torch.load(checkpoint.find_snapshots(str(run_dir))[-1][1], weights_only=True)
         torch.save({**snapshot, "step": checkpoint.step_of(path)}, files / path)
     # A reconstruction (pid-phema's output) to sample from.
@@ -118,7 +120,7 @@ def standins(tmp_path_factory) -> Path:
     (files / "fid-refs").mkdir()
     for path in REFERENCES:
         save_reference(str(files / path), np.zeros(SMALL_FEATURE_DIM), np.eye(SMALL_FEATURE_DIM))
-    dinov2_dim = REF_DINOV2["model_kwargs"]["embed_dim"]
+    dinov2_dim = tiny_dinov2_reference()["model_kwargs"]["embed_dim"]
     for path in EDM2_REFERENCES:
         save_stats(str(files / path), ReferenceStats(fid=(np.zeros(SMALL_FEATURE_DIM), np.eye(SMALL_FEATURE_DIM)),
                                                      fd_dinov2=(np.zeros(dinov2_dim), np.eye(dinov2_dim))))
@@ -145,7 +147,8 @@ def standins(tmp_path_factory) -> Path:
     torch.save({"state": {}, "param_groups": []}, files / OFFICIAL_RUN / "opt010000.pt")
 
     dode = fit_dode(teacher, Solver.HEUN, 4, multiplier=2, num_samples=2, seed=0)
-    dode.save(files / "edm-shapes-16x16.dode-heun-4.pt")
+    (files / "runs" / "dode").mkdir(parents=True)
+    dode.save(files / "runs" / "dode" / "edm-shapes-16x16.dode-heun-4.pt")
 
     stub = root / "bin" / "mpirun"
     stub.parent.mkdir()
@@ -187,7 +190,6 @@ def workspace(standins: Path, folder: Path) -> Path:
     (folder / "model_zoo").mkdir(exist_ok=True)  # the official release's stand-in is in model_zoo/pid_cifar
     for source in (REPO / "model_zoo").iterdir():
         os.link(source, folder / "model_zoo" / source.name)
-    os.link(files / "edm-shapes-16x16.dode-heun-4.pt", folder / "model_zoo" / "edm-shapes-16x16.dode-heun-4.pt")
     (folder / "scripts").symlink_to(REPO / "scripts")
     (folder / "benchmarks").symlink_to(REPO / "benchmarks")
     return folder
@@ -326,3 +328,13 @@ def test_documented_command_runs(document, command, standins, tmp_path, monkeypa
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     run_documented(words, folder, standins, monkeypatch)
+
+
+def test_the_folders_the_documented_commands_write_are_ignored_by_git():
+    """`git status` stays clean after following the documents: runs, teachers and reference statistics."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["runs/pid-default/snapshot-00000100.pt", "runs/dode/edm-shapes-16x16.dode-heun-4.pt",
+             "teachers/edm-cifar10-32x32-uncond-vp.pt", "fid-refs/cifar10-32x32.npz"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == paths

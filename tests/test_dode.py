@@ -16,6 +16,8 @@ from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.samplers import EulerSampler, HeunSampler, edm_sigmas
 from pid_diffusion.teacher import load_teacher
 
+from factories import TINY_SONG_UNET
+
 BUNDLED_TEACHER = Path(__file__).resolve().parents[1] / "model_zoo" / "edm-shapes-16x16.pt"
 FIT_SEED, HELD_OUT_SEED = 0, 1  # the held-out latents come from another generator than the fitting batch
 MULTIPLIER = 4  # C of the tests: small, so that the teacher solves stay cheap
@@ -38,8 +40,7 @@ def held_out(teacher) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
 
 def tiny_net(label_dim: int = 0) -> EDMPrecond:
     torch.manual_seed(0)
-    return EDMPrecond(img_resolution=8, img_channels=3, label_dim=label_dim, model_type="SongUNet",
-                      model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]).eval()
+    return EDMPrecond(**{**TINY_SONG_UNET, "model_channels": 16, "attn_resolutions": []}, label_dim=label_dim).eval()
 
 
 def gaussian_teacher() -> GaussianTeacher:
@@ -225,14 +226,17 @@ def test_load_rejects_other_files(tmp_path):
         DODESampler.load(path)
 
 
-def test_command_line_writes_the_sampler_beside_the_teacher(tmp_path, capsys):
-    teacher_path = tmp_path / "teacher.pt"
+def test_command_line_writes_the_sampler_under_runs_not_beside_the_teacher(tmp_path, capsys, monkeypatch):
+    (tmp_path / "model_zoo").mkdir()
+    teacher_path = tmp_path / "model_zoo" / "teacher.pt"
     shutil.copy(BUNDLED_TEACHER, teacher_path)
+    monkeypatch.chdir(tmp_path)
     args = ["--teacher", str(teacher_path), "--solver", "euler", "--steps", "3", "--multiplier", "2",
             "--num-samples", "4", "--seed", "7", "--device", "cpu"]
     assert fit_dode_cli.main(args) == 0
-    written = tmp_path / "teacher.dode-euler-3.pt"
-    assert str(written) in capsys.readouterr().out
+    written = tmp_path / "runs" / "dode" / "teacher.dode-euler-3.pt"
+    assert "wrote runs/dode/teacher.dode-euler-3.pt" in capsys.readouterr().out
+    assert sorted(path.name for path in (tmp_path / "model_zoo").iterdir()) == ["teacher.pt"]
     sampler = DODESampler.load(written)
     expected = fit_dode(load_teacher(teacher_path), Solver.EULER, 3, multiplier=2, num_samples=4, seed=7)
     assert sampler == expected

@@ -7,6 +7,8 @@ from pid_diffusion.edm_loss import EDMObjective
 from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.toydata import ShapesSpec, make_shapes
 
+from factories import TINY_SONG_UNET
+
 EDM = dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)  # EDM's training defaults (Karras et al. 2022, Table 1)
 
 
@@ -16,8 +18,8 @@ def data():
 
 
 def tiny_precond(label_dim=0):
-    return EDMPrecond(img_resolution=16, img_channels=3, label_dim=label_dim, model_type="SongUNet",
-                      model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
+    return EDMPrecond(**{**TINY_SONG_UNET, "img_resolution": 16, "model_channels": 16, "attn_resolutions": []},
+                      label_dim=label_dim)
 
 
 def test_sample_batch_is_deterministic_and_log_normal(data):

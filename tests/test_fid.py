@@ -8,7 +8,6 @@ CPU, so only the 64-d formula cases and a 16-d stand-in go through it.
 
 import csv
 import io
-import warnings
 import zipfile
 
 import numpy as np
@@ -24,48 +23,11 @@ from pid_diffusion.cli import fid_ref, sample
 from pid_diffusion.fid import FeatureStats, InceptionScoreStats, fid_from_stats, load_reference, save_reference
 from pid_diffusion.inception import NUM_CLASSES, load_detector
 
-from test_sample import load_npz, mpirun, needs_mpirun, tiny_teacher, write_student_checkpoint
+from factories import (SMALL_FEATURE_DIM, fixture_teacher, load_npz, small_detector, write_detector,
+                       write_student_checkpoint)
+from launch import mpirun_module, needs_mpirun
 
-POOL = 4  # the fixture detector's average pooling (detector_def)
-SMALL_FEATURE_DIM = 16  # the stand-in detector of the pid-fid tests: small enough for a fast sqrtm
 NUM_SEEDS = 30  # images per evaluation in the pid-fid tests (3 per Inception Score split)
-
-
-class StandInDetector(torch.nn.Module):
-    """The fixture's `detector_def`, f = tanh((avg_pool2d(img.float(), 4).flatten(1) / 255) @ W + b), with a
-    linear classifier for the class probabilities, behind the Inception detector's call signature."""
-
-    def __init__(self, W: torch.Tensor, b: torch.Tensor, W_out: torch.Tensor, b_out: torch.Tensor):
-        super().__init__()
-        self.pool = POOL
-        for name, value in dict(W=W, b=b, W_out=W_out, b_out=b_out).items():
-            self.register_buffer(name, value)
-
-    def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False):
-        features = torch.tanh((F.avg_pool2d(img.float(), self.pool).flatten(1) / 255) @ self.W + self.b)
-        if return_features:
-            return features
-        logits = features @ self.W_out
-        if not no_output_bias:
-            logits = logits + self.b_out
-        return torch.softmax(logits, 1)
-
-
-def write_detector(path, W: torch.Tensor, b: torch.Tensor, seed: int = 0) -> str:
-    generator = torch.Generator().manual_seed(seed)
-    W_out = torch.randn(W.shape[1], NUM_CLASSES, generator=generator)
-    b_out = torch.randn(NUM_CLASSES, generator=generator)
-    with warnings.catch_warnings():  # torch deprecates TorchScript; the real detector exists only in it
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(StandInDetector(W, b, W_out, b_out)).save(str(path))
-    return str(path)
-
-
-def small_detector(path) -> str:
-    generator = torch.Generator().manual_seed(1)
-    # 16×16 images pooled to 4×4; small weights keep tanh unsaturated, so no feature is constant.
-    W = torch.randn(3 * 4 * 4, SMALL_FEATURE_DIM, generator=generator) * 0.1
-    return write_detector(path, W, torch.randn(SMALL_FEATURE_DIM, generator=generator))
 
 
 def numpy_inception_score(probabilities: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
@@ -131,7 +93,7 @@ def test_reference_statistics_match_edm(tmp_path, fid_fixture, processes):
     if processes == 1:
         fid_ref.main(args)
     else:
-        mpirun(processes, "pid_diffusion.cli.fid_ref", *args)
+        mpirun_module(processes, "pid_diffusion.cli.fid_ref", *args)
     mu, sigma = load_reference(str(tmp_path / "ref.npz"))
 
     np.testing.assert_allclose(mu, case["mu"].numpy(), rtol=0, atol=1e-12)
@@ -228,7 +190,7 @@ def test_detector_takes_only_quantised_images(tmp_path):
 def run_folder(tmp_path, edm_fixtures_dir, request) -> dict:
     """Student checkpoints (trained weights + EMA 0.999) at steps 100 and 200, or at the steps an indirect
     parameter names; a small reference and a stand-in detector."""
-    teacher = tiny_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
+    teacher = fixture_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
     run = tmp_path / "run"
     for step in getattr(request, "param", (100, 200)):
         write_student_checkpoint(str(run / f"checkpoint-{step:08d}.pt"), teacher, step)
@@ -268,7 +230,7 @@ def test_pid_fid_equals_a_numpy_pass_over_pid_sample_images_on_one_and_two_ranks
         assert float(row[name]) == pytest.approx(value, rel=1e-6), name
 
     two_ranks = dict(run_folder, csv=str(tmp_path / "two_ranks.csv"), plot=str(tmp_path / "two_ranks.png"))
-    mpirun(2, "pid_diffusion.cli.fid", *fid_args(two_ranks, "--ema", "0.999"))
+    mpirun_module(2, "pid_diffusion.cli.fid", *fid_args(two_ranks, "--ema", "0.999"))
     for one, two in zip(read_rows(run_folder["csv"]), read_rows(two_ranks["csv"]), strict=True):
         for name in ("fid", "is_mean", "is_std"):
             assert float(two[name]) == pytest.approx(float(one[name]), rel=1e-6), name
@@ -290,7 +252,7 @@ def test_csv_survives_an_interruption_and_a_bad_checkpoint(tmp_path, run_folder,
         fid_cli.main(fid_args(run_folder))
     rows = read_rows(run_folder["csv"])
     assert [(r["checkpoint"], r["ema"]) for r in rows] == [
-        ("checkpoint-00000100.pt", "0.999"), ("checkpoint-00000100.pt", evaluation.TRAINED_WEIGHTS)]
+        ("checkpoint-00000100.pt", "0.999"), ("checkpoint-00000100.pt", evaluation.NO_EMA)]
     assert all(r["fid"] and not r["error"] for r in rows)
     dist.shutdown()
 
@@ -302,8 +264,8 @@ def test_csv_survives_an_interruption_and_a_bad_checkpoint(tmp_path, run_folder,
     assert len(evaluated) == 2
     rows = read_rows(run_folder["csv"])
     assert [(r["step"], r["ema"], bool(r["error"])) for r in rows] == [
-        ("100", "0.999", False), ("100", evaluation.TRAINED_WEIGHTS, False), ("200", "0.999", False),
-        ("200", evaluation.TRAINED_WEIGHTS, False), ("300", "", True)]
+        ("100", "0.999", False), ("100", evaluation.NO_EMA, False), ("200", "0.999", False),
+        ("200", evaluation.NO_EMA, False), ("300", "", True)]
     assert "checkpoint-00000300.pt" in rows[-1]["checkpoint"] and rows[-1]["error"]
     fids = [float(r["fid"]) for r in rows[:4]]
     assert len(set(fids)) == 4  # four different sets of weights
@@ -339,7 +301,7 @@ def test_pid_fid_scores_a_file_a_teacher_or_images_as_the_run_does(tmp_path, run
     seeds = ["--seeds", f"0-{NUM_SEEDS - 1}"]
     # A snapshot beside the training state of step 100: --run scores both steps; --checkpoint one file.
     snapshot = f"{run_folder['run']}/snapshot-00000200.pt"
-    teacher = tiny_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
+    teacher = fixture_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
     write_student_checkpoint(snapshot, teacher, 200)
     fid_cli.main(fid_args(run_folder, "--ema", "0.999"))
     by_run = {row["checkpoint"]: row for row in read_rows(run_folder["csv"])}

@@ -70,17 +70,43 @@ def test_central_neighbours_need_interior_indices():
     assert before.tolist() == [0, 1, 2] and after.tolist() == [2, 3, 4]
     for boundary in (0, 4):
         with pytest.raises(ValueError, match="interior indices"):
-            grid.central_neighbours(torch.tensor([2, boundary]))
+            grid.check_indices(torch.tensor([2, boundary]), interior_only=True)
 
 
 def test_bad_indices_are_rejected():
     grid = KarrasGrid(5, RHO, EPS, T)
     with pytest.raises(ValueError, match="N = 5"):
-        grid.forward_neighbours(torch.tensor([0, 5]))
+        grid.check_indices(torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="N = 5"):
-        grid.forward_neighbours(torch.tensor([-1]))
+        grid.check_indices(torch.tensor([-1]))
     with pytest.raises(TypeError, match="integer"):
-        grid.forward_neighbours(torch.tensor([1.0]))
+        grid.check_indices(torch.tensor([1.0]))
+
+
+def test_the_sigma_table_is_copied_to_a_device_once():
+    grid = KarrasGrid(7, RHO, EPS, T)
+    meta = torch.device("meta")
+    first = grid.times(torch.tensor([1, 2], device=meta))
+    assert first.device == meta and grid.sigmas_on(meta) is grid.sigmas_on(meta)
+    assert grid.sigmas_on(torch.device("cpu")) is grid.sigmas
+
+
+def test_the_training_objective_reads_no_index_back_from_the_device(monkeypatch):
+    """The step's indices come from sample_indices (in range by construction): neither the objective nor the
+    grid's lookups call check_indices, whose min/max would be a device-to-host sync per micro-batch on CUDA."""
+    from pid_diffusion.loss import PIDObjective
+    from pid_diffusion.distances import Metric
+    from pid_diffusion.networks.edm import EDMPrecond
+    from pid_diffusion.student import PIDStudent
+
+    teacher = EDMPrecond(img_resolution=8, img_channels=3, model_type="SongUNet", model_channels=8,
+                         channel_mult=[1], num_blocks=1, attn_resolutions=[]).eval().requires_grad_(False)
+    student = PIDStudent.from_teacher(teacher, EPS, T)
+    grid = KarrasGrid(5, RHO, EPS, T)
+    objective = PIDObjective(teacher, grid, Metric.L2.build())
+    monkeypatch.setattr(KarrasGrid, "check_indices", lambda *args, **kwargs: pytest.fail("checked on every call"))
+    losses = objective(student, objective.sample_batch(torch.Generator().manual_seed(0), 3))
+    assert losses.shape == (3,) and torch.isfinite(losses).all()
 
 
 def test_times_index_the_float64_grid():

@@ -28,7 +28,7 @@ def test_to_uint8_is_nhwc():
 
 def test_grid_pads_the_last_row_with_black():
     images = np.arange(1, 6, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 3, 1), dtype=np.uint8)
-    grid = images_module.grid(images, columns=2)[:, :, 0]  # one channel
+    grid = images_module.tile(images, columns=2)[:, :, 0]  # one channel
     assert grid.shape == (6, 6)
     np.testing.assert_array_equal(grid[::2, ::3], [[1, 2], [3, 4], [5, 0]])
 
@@ -46,13 +46,15 @@ def test_labelled_rows_png_layout():
 
 def test_a_preview_grid_quantises_like_pid_sample(tmp_path):
     x = torch.linspace(-1.2, 1.2, 4 * 3 * 5 * 5).reshape(4, 3, 5, 5)
-    images_module.write_grid(x, str(tmp_path / "grid.png"), columns=2, padding=2)
+    images_module.write_tiled(x, str(tmp_path / "grid.png"), columns=2, padding=2)
     pixels = np.array(PIL.Image.open(tmp_path / "grid.png"))
-    assert pixels.shape == (2 * (5 + 2) + 2, 2 * (5 + 2) + 2, 3)
-    expected = to_uint8(x).numpy()
-    np.testing.assert_array_equal(pixels[2:7, 2:7], expected[0])
-    np.testing.assert_array_equal(pixels[9:14, 9:14], expected[3])
-    assert pixels[0].max() == 0 and pixels[:, 7:9].max() == 0  # black padding
+    # 5×5 images magnified 13 times (nearest) to 65×65, the first size ≥ PREVIEW_MIN_PIXELS (64).
+    size = 5 * 13
+    assert pixels.shape == (2 * (size + 2) + 2, 2 * (size + 2) + 2, 3)
+    expected = to_uint8(x).numpy().repeat(13, axis=1).repeat(13, axis=2)
+    np.testing.assert_array_equal(pixels[2:2 + size, 2:2 + size], expected[0])
+    np.testing.assert_array_equal(pixels[4 + size:4 + 2 * size, 4 + size:4 + 2 * size], expected[3])
+    assert pixels[0].max() == 0 and pixels[:, 2 + size:4 + size].max() == 0  # black padding
 
 
 def test_npz_holds_the_arrays(tmp_path):

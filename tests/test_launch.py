@@ -20,9 +20,8 @@ from pid_diffusion.config import leaf_fields
 from pid_diffusion.distill import DistillConfig, resolve
 from pid_diffusion.teacher import load_teacher
 
-from test_dist_mpi import REPO, mpirun, needs_mpirun
-from test_teacher import _release, _write_edm_pickle
-from test_train import subprocess_env
+from factories import edm_release, write_edm_pickle
+from launch import REPO, mpirun, needs_mpirun, subprocess_env
 
 BASE = ["--preset=default", "--run.log_every=1", "--run.image_every=0"]
 DEFAULT_BATCH = resolve("default").train.batch
@@ -49,7 +48,9 @@ def test_dry_run_says_resume_or_conflict_and_gives_the_runs_own_errors(tmp_path,
     run = [*BASE, f"--run.dir={tmp_path}"]
     distill_cli.main([*run, "--train.steps=2"])
     capsys.readouterr()
-    distill_cli.main([*run, "--train.steps=4", "--run.checkpoint_every=1", "--dry-run"])
+    # The default preset decays its lr: a longer run keeps the stored horizon explicitly (test_schedule.py).
+    longer = ["--train.steps=4", "--train.lr_decay_steps=2"]
+    distill_cli.main([*run, *longer, "--run.checkpoint_every=1", "--dry-run"])
     report = capsys.readouterr().err
     assert f"would resume from {tmp_path}/checkpoint-00000002.pt at step 2" in report
     assert "changed on resume, may change: run.checkpoint_every: 250 → 1" in report
@@ -60,7 +61,7 @@ def test_dry_run_says_resume_or_conflict_and_gives_the_runs_own_errors(tmp_path,
         errors = []
         for dry in (["--dry-run"], []):
             with pytest.raises(SystemExit) as exit_info:
-                distill_cli.main([*run, "--train.steps=4", *bad, *dry])
+                distill_cli.main([*run, *longer, *bad, *dry])
             assert exit_info.value.code == USAGE_STATUS
             errors.append(capsys.readouterr().err.splitlines()[-1])
         assert errors[0] == errors[1] and errors[0].startswith("pid-distill: error: "), errors
@@ -97,7 +98,7 @@ def test_fetch_weights_downloads_each_file_or_says_where_to_put_it(tmp_path, mon
 
     fetched = []
     bundled = load_teacher(REPO / "model_zoo" / "edm-shapes-16x16.pt")  # stands for the release network
-    release = _write_edm_pickle(tmp_path / "release.pkl", _release(bundled, bundled.init_kwargs))
+    release = write_edm_pickle(tmp_path / "release.pkl", edm_release(bundled, bundled.init_kwargs))
 
     def online(url, dst, *args, **kwargs):
         fetched.append(url)
@@ -120,6 +121,7 @@ def test_fetch_weights_downloads_each_file_or_says_where_to_put_it(tmp_path, mon
     assert len(fetched) == 4 and capsys.readouterr().out.count("present  ") == 4
 
 
+@pytest.mark.slow
 def test_a_batch_job_logs_plain_lines_into_log_txt(tmp_path):
     command = [sys.executable, "-m", "pid_diffusion.cli.distill", *BUNDLED, f"--run.dir={tmp_path}"]
     job = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)

@@ -1,24 +1,26 @@
 """Stopping a job through its launcher script saves it: Ctrl-C in a terminal (SIGINT to the script's process
 group), SIGTERM to the script, and a second Ctrl-C, through scripts/*.sh under mpirun with two processes."""
 
+import importlib
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pid_diffusion import checkpoint
 from pid_diffusion.utils import fileio, preemption
 
+from equality import assert_same_training_state
+from factories import SMALL_FEATURE_DIM, latest, logged_steps, small_detector, steps_in
 from launch import JOB_TIMEOUT_S, REPO, mpirun_env, processes_mentioning, wait_for
-from test_cluster import logged_steps, steps_in
-from test_dist_mpi import latest
-from test_train import assert_same_training_state
 
-# mpirun jobs never run beside each other (their ranks would share the machine's two cores).
-pytestmark = [pytest.mark.mpirun, pytest.mark.xdist_group("mpirun")]
+# mpirun jobs never run beside each other (their ranks would share the machine's two cores): conftest.py puts
+# every mpirun test in one pytest-xdist group.
+pytestmark = pytest.mark.mpirun
 
 # The bundled default for a few steps of two processes: one log line per step, no images, no snapshots and no
 # periodic training state, so the one a stop writes is the only one before the end.
@@ -70,9 +72,9 @@ def assert_stopped_and_saved(launch: Launch, folder: Path, after: int) -> int:
     output = launch.output()
     stopped = steps_in(folder)[-1]
     assert after < stopped < 6 and logged_steps(folder)[-1] == stopped, output[-3000:]
-    assert f"Preempted (SIGUSR1) after step {stopped}: {checkpoint.checkpoint_path(str(folder), stopped)}" in output
+    assert f"Preempted (SIGUSR1) after step {stopped}: {checkpoint.training_state_path(str(folder), stopped)}" in output
     assert "[rank 0] SIGUSR1" in output and "[rank 1] SIGUSR1" in output
-    assert not [name for name in fileio.listdir(folder) if fileio.is_temporary(name)]
+    assert not [name for name in fileio.listdir(folder) if name.endswith(fileio.TEMP_SUFFIX)]
     assert_no_process_left(str(folder))
     return stopped
 
@@ -110,7 +112,7 @@ def test_a_second_ctrl_c_ends_the_job_at_once(tmp_path):
     assert launch.wait() == 128 + signal.SIGINT, launch.output()[-3000:]
     assert time.monotonic() - sent < SECOND_SIGNAL_LIMIT_S
     assert "second signal (SIGINT): ending the job now" in launch.output()
-    assert not [name for name in fileio.listdir(folder) if fileio.is_temporary(name)]
+    assert not [name for name in fileio.listdir(folder) if name.endswith(fileio.TEMP_SUFFIX)]
     assert_no_process_left(str(folder))
 
 
@@ -126,5 +128,32 @@ def test_sampling_launcher_stops_on_ctrl_c_writing_nothing_partial(tmp_path):
     output = launch.output()
     assert output.count("pid-sample: stopped by SIGUSR1") == 1 and "Traceback" not in output, output[-3000:]
     assert not grid.exists() and not (tmp_path / "out" / "samples.npz").exists()
-    assert not (tmp_path / "out").exists() or not [n for n in os.listdir(tmp_path / "out") if fileio.is_temporary(n)]
+    assert not (tmp_path / "out").exists() or not [n for n in os.listdir(tmp_path / "out") if n.endswith(fileio.TEMP_SUFFIX)]
     assert_no_process_left(str(tmp_path))
+
+
+def test_fid_launcher_stops_on_ctrl_c_keeping_finished_rows_and_resumes(tmp_path):
+    # A run folder with two snapshots (three weights each), a stand-in detector and reference statistics.
+    run = tmp_path / "run"
+    importlib.import_module("pid_diffusion.cli.distill").main(
+        [f"--run.dir={run}", "--train.steps=2", "--run.snapshot_every=1", "--run.image_every=0"])
+    detector = small_detector(tmp_path / "detector.pt")
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(SMALL_FEATURE_DIM), sigma=np.eye(SMALL_FEATURE_DIM))
+    command = ["scripts/fid_eval.sh", str(run), "cifar10", "--detector", detector]
+    env = dict(REF=str(tmp_path / "ref.npz"), SEED_RANGES="0-499", BATCH="50")
+
+    launch = Launch(tmp_path / "stopped.log", *command, **env)
+    wait_for(lambda: "FID" in launch.output(), launch.job, "the first result")
+    launch.ctrl_c()
+    assert launch.wait() == preemption.PREEMPTED_EXIT_CODE, launch.output()[-3000:]
+    output = launch.output()
+    assert output.count("pid-fid: stopped by SIGUSR1") == 1 and "Traceback" not in output, output[-3000:]
+    finished = output.count(": FID ")
+    rows = (run / "fid.csv").read_text().splitlines()[1:]
+    assert 1 <= finished == len(rows) < 6, output[-3000:]  # the rows printed before the stop, each complete
+    assert_no_process_left(str(run))
+
+    launch = Launch(tmp_path / "resumed.log", *command, **env)  # the same command evaluates the rest
+    assert launch.wait() == 0, launch.output()[-3000:]
+    table = (run / "fid.csv").read_text().splitlines()[1:]
+    assert set(rows) <= set(table) and len(table) == 6

@@ -9,26 +9,13 @@ from torch.nn.parallel import DistributedDataParallel
 from pid_diffusion.utils import dist
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, pid_residual
-from pid_diffusion.metrics import L2
-from pid_diffusion.networks.edm import EDMPrecond
+from pid_diffusion.distances import L2
 from pid_diffusion.student import PIDStudent
+
+from factories import tiny_teacher
 
 T, EPS, RHO = 80.0, 0.002, 7.0  # PID's grid (docs/method.md §3)
 NUM_POINTS = 12
-TINY_SONG_UNET = dict(img_resolution=8, img_channels=3, model_type="SongUNet", model_channels=8, channel_mult=[1, 2],
-                      num_blocks=1, attn_resolutions=[4], dropout=0.0)
-
-
-def tiny_teacher(label_dim=0, seed=0):
-    """A small EDMPrecond(SongUNet, with attention) whose weights are all perturbed, so F is not zero."""
-    torch.manual_seed(seed)
-    teacher = EDMPrecond(label_dim=label_dim, **TINY_SONG_UNET)
-    with torch.no_grad():
-        for parameter in teacher.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return teacher.eval().requires_grad_(False)
-
-
 @pytest.fixture(scope="module")
 def teacher():
     return tiny_teacher()

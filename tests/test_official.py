@@ -27,8 +27,8 @@ from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
 from pid_diffusion.utils import fileio
 
+from factories import DETECTOR_POOL, SMALL_FEATURE_DIM, small_detector, write_detector
 from launch import subprocess_env
-from test_fid import SMALL_FEATURE_DIM, small_detector, write_detector
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE_PRESET = "edm-cifar10-32x32-uncond-vp"  # The paper's CIFAR-10 student (pid_cifar.pt).
@@ -37,7 +37,6 @@ BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
 EMA = "0.9999"
 STEP = 10
 WEIGHT_NOISE = 0.05  # Moves every weight (EDM zero-initialises the output layers) so the images vary.
-DETECTOR_POOL = 4  # test_fid's stand-in detector pools 4×4 pixels.
 JOB_TIMEOUT_S = 900  # A guard against a hung job, far above its normal duration.
 
 

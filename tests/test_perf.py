@@ -2,29 +2,27 @@
 error where it cannot work (forward-mode AD). LPIPS runs on random weight files in a temporary TORCH_HOME."""
 
 import copy
-import math
 from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 from pid_diffusion import distill
-from pid_diffusion.utils import hub
 from pid_diffusion.distill import resolve
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, pid_residual
-from pid_diffusion.metrics import L2, PiqLPIPS, VGGLPIPS
+from pid_diffusion.distances import L2, PiqLPIPS, VGGLPIPS
 from pid_diffusion.networks.edm import EDMPrecond, UNetBlock
-from pid_diffusion.utils.perf import (ActivationCheckpointingError, CheckpointedSequential, CheckpointedUNetBlock,
-                                disable_activation_checkpointing, enable_activation_checkpointing,
-                                enable_lpips_checkpointing)
+from pid_diffusion.utils.perf import (ActivationRecomputationError, RecomputedSequential, RecomputedUNetBlock,
+                                disable_activation_recomputation, enable_activation_recomputation,
+                                enable_lpips_recomputation)
 from pid_diffusion.student import PIDStudent
+
+from factories import LPIPS_CHANNELS, TINY_SONG_UNET, torch_home_with_lpips
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 # Tiny networks with every block kind: resampling, attention (SongUNet at 8×8, ADM everywhere), dropout on.
-SONG = dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
-            num_blocks=1, attn_resolutions=[8], dropout=0.2)
+SONG = {**TINY_SONG_UNET, "img_resolution": 16, "model_channels": 16, "attn_resolutions": [8], "dropout": 0.2}
 ADM = dict(img_resolution=8, img_channels=3, label_dim=4, model_type="DhariwalUNet", model_channels=64,
            channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.2)
 
@@ -56,8 +54,8 @@ def output_and_grads(student: PIDStudent) -> tuple[torch.Tensor, list[torch.Tens
 def test_identical_outputs_gradients_and_state_dict(kwargs):
     plain, wrapped = make_student(kwargs), make_student(kwargs)
     blocks = sum(isinstance(m, UNetBlock) for m in wrapped.modules())
-    assert enable_activation_checkpointing(wrapped) == blocks > 0
-    assert all(type(m) is CheckpointedUNetBlock for m in wrapped.modules() if isinstance(m, UNetBlock))
+    assert enable_activation_recomputation(wrapped) == blocks > 0
+    assert all(type(m) is RecomputedUNetBlock for m in wrapped.modules() if isinstance(m, UNetBlock))
 
     assert list(wrapped.state_dict()) == list(plain.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(wrapped.state_dict().values(), plain.state_dict().values()))
@@ -83,7 +81,7 @@ def test_pid_residual_gradients_unchanged():
         return [p.grad for p in student.parameters()]
 
     plain, wrapped = make_student(SONG), make_student(SONG)
-    enable_activation_checkpointing(wrapped)
+    enable_activation_recomputation(wrapped)
     assert all(torch.equal(a, b) for a, b in zip(loss_grads(plain), loss_grads(wrapped)))
 
 
@@ -104,7 +102,7 @@ def saved_activation_bytes(module: torch.nn.Module, *args: torch.Tensor) -> int:
 
 def test_saves_less_activation_memory():
     plain, wrapped = make_student(SONG), make_student(SONG)
-    enable_activation_checkpointing(wrapped)
+    enable_activation_recomputation(wrapped)
     # Only each block's inputs are kept: far below half of what the plain network stores.
     assert saved_activation_bytes(wrapped, *inputs(wrapped)) < 0.5 * saved_activation_bytes(plain, *inputs(plain))
 
@@ -127,48 +125,36 @@ def test_forward_mode_ad_trains_without_checkpointing_and_is_refused_with_it():
     assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads.values())
     attention = [g for name, g in grads.items() if ".qkv." in name]
     assert attention and all(g.abs().max() > 0 for g in attention)
-    enable_activation_checkpointing(student)
-    with pytest.raises(ActivationCheckpointingError, match="forward-mode AD"):
+    enable_activation_recomputation(student)
+    with pytest.raises(ActivationRecomputationError, match="forward-mode AD"):
         jvp_loss()
 
 
 def test_disable_copy_and_bad_input():
     student = make_student(SONG)
     reference, _ = output_and_grads(student)
-    count = enable_activation_checkpointing(student)
-    assert enable_activation_checkpointing(student) == count  # idempotent
+    count = enable_activation_recomputation(student)
+    assert enable_activation_recomputation(student) == count  # idempotent
     clone = copy.deepcopy(student)  # what the EMA does
-    assert all(type(m) is CheckpointedUNetBlock for m in clone.modules() if isinstance(m, UNetBlock))
+    assert all(type(m) is RecomputedUNetBlock for m in clone.modules() if isinstance(m, UNetBlock))
     assert torch.equal(output_and_grads(clone)[0], reference)
-    assert disable_activation_checkpointing(student) == count
+    assert disable_activation_recomputation(student) == count
     assert all(type(m) is UNetBlock for m in student.modules() if isinstance(m, UNetBlock))
     assert torch.equal(output_and_grads(student)[0], reference)
     with pytest.raises(TypeError, match="no SongUNet or DhariwalUNet"):
-        enable_activation_checkpointing(torch.nn.Linear(2, 2))
+        enable_activation_recomputation(torch.nn.Linear(2, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # LPIPS.
 
-LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # piq's five layer weights, relu1_2 … relu5_3
 LPIPS_SIZE = 32  # upsampling target: the code path of the official 224×224 at a fiftieth of the cost
 
 
 @pytest.fixture(scope="module")
 def torch_home(tmp_path_factory):
     """A TORCH_HOME whose hub cache holds random VGG16 and piq LPIPS weight files."""
-    checkpoints = tmp_path_factory.mktemp("torch_home") / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    with torch.device("meta"):
-        shapes = {key: value.shape for key, value in torchvision.models.vgg16().state_dict().items()}
-    generator = torch.Generator().manual_seed(0)
-    # He-initialised features keep activations of order 1 through the 13 layers; LPIPS never uses the classifier.
-    vgg = {key: torch.randn(shape, generator=generator) * math.sqrt(2 / math.prod(shape[1:]))
-           if key.startswith("features.") and len(shape) > 1 else torch.zeros(shape) for key, shape in shapes.items()}
-    torch.save(vgg, checkpoints / hub.VGG16_IMAGENET.filename)
-    torch.save([torch.rand(1, c, 1, 1, generator=generator) for c in LPIPS_CHANNELS],
-               checkpoints / hub.PIQ_LPIPS_WEIGHTS.filename)
-    return checkpoints.parents[1]
+    return torch_home_with_lpips(tmp_path_factory.mktemp("torch_home"))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +169,7 @@ def lpips_metrics(torch_home):
 @pytest.mark.parametrize("name", ["piq", "vgg"])
 def test_lpips_checkpointing_keeps_distances_and_gradients(lpips_metrics, name):
     plain, wrapped = lpips_metrics[name]
-    assert enable_lpips_checkpointing(wrapped) == enable_lpips_checkpointing(wrapped) >= len(LPIPS_CHANNELS)
+    assert enable_lpips_recomputation(wrapped) == enable_lpips_recomputation(wrapped) >= len(LPIPS_CHANNELS)
     generator = torch.Generator().manual_seed(5)
     a = (torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1).requires_grad_(True)
     b = torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1
@@ -197,7 +183,7 @@ def test_lpips_checkpointing_keeps_distances_and_gradients(lpips_metrics, name):
     (d_plain, g_plain), (d_wrapped, g_wrapped) = distances_and_gradient(plain), distances_and_gradient(wrapped)
     assert torch.equal(d_plain, d_wrapped) and torch.equal(g_plain, g_wrapped)
     assert d_plain.min() > 0 and g_plain.abs().max() > 0
-    assert any(isinstance(m, CheckpointedSequential) for m in wrapped.modules())
+    assert any(isinstance(m, RecomputedSequential) for m in wrapped.modules())
     # The five feature maps stay (the distances need them), the activations inside each stage go.
     assert saved_activation_bytes(wrapped, a, b) < 0.7 * saved_activation_bytes(plain, a, b)
 
@@ -208,16 +194,16 @@ def test_distillation_applies_the_speed_options_to_teacher_and_metric(torch_home
     options = {"pid.metric": "lpips_vgg", "train.activation_checkpointing": "true", "train.channels_last": "true"}
     options["teacher.path"] = str(Path(__file__).parents[1] / "model_zoo" / "edm-shapes-16x16.pt")
     objective, _ = distill.build(resolve("default", options), torch.device("cpu"))
-    assert sum(isinstance(m, CheckpointedSequential) for m in objective.metric.modules()) == len(LPIPS_CHANNELS)
+    assert sum(isinstance(m, RecomputedSequential) for m in objective.metric.modules()) == len(LPIPS_CHANNELS)
     convolutions = [p for p in objective.teacher.parameters() if p.ndim == 4]
     assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
     plain, _ = distill.build(resolve("default", {**options, "train.activation_checkpointing": "false",
                                                  "train.channels_last": "false"}), torch.device("cpu"))
-    assert not any(isinstance(m, CheckpointedSequential) for m in plain.metric.modules())
+    assert not any(isinstance(m, RecomputedSequential) for m in plain.metric.modules())
     assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in plain.teacher.parameters()
                    if p.ndim == 4)
 
 
 def test_lpips_checkpointing_rejects_other_metrics():
     with pytest.raises(TypeError, match="not an LPIPS metric"):
-        enable_lpips_checkpointing(L2())
+        enable_lpips_recomputation(L2())

@@ -11,7 +11,8 @@ from pid_diffusion import checkpoint, phema, posthoc_ema
 from pid_diffusion.cli import phema as phema_cli
 from pid_diffusion.utils import fileio
 
-from test_train import assert_same_training_state, train_toy
+from equality import assert_same_training_state
+from factories import train_toy
 
 REF = torch.load(Path(__file__).parent / "fixtures" / "edm2" / "ref_phema.pt", weights_only=True)
 PROFILE_ATOL = 1e-15  # power_function_response: a normalised sum, float64 rounding of another summation order
@@ -110,7 +111,7 @@ def test_trainer_keeps_power_emas_instead_of_fixed_ones_and_stores_them(tmp_path
         for name, average in expected.state_dict().items():
             for key, value in average.items():
                 assert torch.equal(snapshot["ema"][name][key], value), (step, name, key)
-    generator = checkpoint.load_generator(checkpoint.snapshot_path(str(tmp_path), 4), ema_rate="std-0.1")
+    generator = checkpoint.load_network(checkpoint.snapshot_path(str(tmp_path), 4), ema_rate="std-0.1")
     assert torch.equal(generator.state_dict()["net.0.weight"], state["ema"]["std-0.100"]["net.0.weight"])
 
 
@@ -168,7 +169,7 @@ def test_pid_phema_reconstructs_at_two_stds_and_adds_more(tmp_path, capsys):
     # A second call at the same step keeps the first's; the file samples like a snapshot.
     phema_cli.main([str(tmp_path), "--std", "0.15", "--step", "3"])
     assert sorted(fileio.torch_load(out)["ema"]) == ["std-0.030", "std-0.080", "std-0.150"]
-    net = checkpoint.load_generator(str(out), ema_rate="std-0.03")
+    net = checkpoint.load_network(str(out), ema_rate="std-0.03")
     assert torch.equal(net.state_dict()["net.0.weight"], written["ema"]["std-0.030"]["net.0.weight"])
     # At an input's own std and the newest step, the reconstruction is that input.
     phema_cli.main([str(tmp_path), "--std", "0.1", "--out", str(tmp_path / "own.pt")])

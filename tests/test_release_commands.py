@@ -4,20 +4,17 @@ EDM-layout pickle (written here, random weights) → pid-convert-edm → pid-dis
 `mpirun -np 2`, killed with SIGKILL in step 2 and resumed by the same command) → pid-sample (grid and npz)
 → pid-fid over the run folder (a stand-in detector) → pid-fit-dode on the teacher and pid-sample with the
 fitted solver. CIFAR-10 DDPM++ (the paper's first run) runs all of it; ImageNet ADM (its second run, one
-process: 296 M parameters) runs its EDM .pkl through one distillation step → sample. Every other code path (NCSN++,
-the 64×64 SongUNets) runs convert → pid-sample of the converted teacher; one PID step with a gradient on
-every student parameter is proven for every architecture by test_release_gradients.py, and the commands
-around that step do not depend on the architecture beyond what the two paper runs exercise.
+process: 296 M parameters) runs its EDM .pkl through one distillation step → sample; every other code path
+(NCSN++ at 32×32, DDPM++ and NCSN++ at 64×64) runs convert → one distillation step → sample of the student.
+Which parameters get gradients is checked for each architecture by test_release_gradients.py.
 """
 
 import csv
 import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +27,14 @@ from pid_diffusion.utils import fileio
 from pid_diffusion.fid import save_reference
 from pid_diffusion.networks.edm import EDM_PRESETS
 
-from launch import MPIRUN
-from test_fid import SMALL_FEATURE_DIM, write_detector
-from test_metrics import write_lpips_standins
-from test_release_gradients import random_teacher
-from test_teacher import _release, _write_edm_pickle
+from factories import (DETECTOR_POOL, SMALL_FEATURE_DIM, edm_release, release_network, torch_home_with_lpips,
+                       write_detector, write_edm_pickle)
+from launch import MPIRUN, kill_job, wait_for
 
 pytestmark = pytest.mark.release
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 900  # A guard against a hung job, far above its normal duration.
-DETECTOR_POOL = 4  # test_fid's stand-in detector pools 4×4 pixels.
 EMA = "0.999"  # One EMA rate: each one is another copy of the network in every checkpoint.
 
 
@@ -57,9 +51,7 @@ def console_script(name: str) -> str:
 def workspace(tmp_path_factory) -> Path:
     """A folder with a TORCH_HOME holding stand-in VGG16/LPIPS weights, as the distillation ranks find them."""
     root = tmp_path_factory.mktemp("release")
-    checkpoints = root / "torch_home" / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    write_lpips_standins(checkpoints)
+    torch_home_with_lpips(root / "torch_home")
     return root
 
 
@@ -83,9 +75,9 @@ def run(command: list[str], env: dict[str, str]) -> str:
 def release_pickle(workspace: Path, name: str) -> tuple[Path, int]:
     """EDM's release file of `name` (its pickle layout, random weights, the release's dropout) and the number of
     tensors of its network."""
-    network = random_teacher(name)
+    network = release_network(name)
     kwargs = EDM_PRESETS[name]  # recorded as EDM does, with the release's dropout (load_teacher overrides it)
-    return _write_edm_pickle(workspace / f"{name}.pkl", _release(network, kwargs)), len(network.state_dict())
+    return write_edm_pickle(workspace / f"{name}.pkl", edm_release(network, kwargs)), len(network.state_dict())
 
 
 def release_teacher(workspace: Path, name: str) -> Path:
@@ -110,15 +102,12 @@ def distill_killed_and_resumed(command: list[str], processes: int, env: dict[str
     """Start the run, SIGKILL it (every process) once step 1's checkpoint exists, then rerun the same command."""
     job = subprocess.Popen(launch(command, processes), cwd=REPO, env=env, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = checkpoint.checkpoint_path(str(run_dir), 1)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not fileio.exists(first):
-        assert job.poll() is None, "the distillation ended before writing its first checkpoint"
-        assert time.monotonic() < deadline, "no first checkpoint in time"
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    assert [step for step, _ in checkpoint.find_checkpoints(str(run_dir))] == [1], "killed after step 2 finished"
+    first = checkpoint.training_state_path(str(run_dir), 1)
+    try:
+        wait_for(lambda: fileio.exists(first), job, "the first checkpoint was written", JOB_TIMEOUT_S)
+    finally:
+        kill_job(job, str(run_dir))
+    assert [step for step, _ in checkpoint.find_training_states(str(run_dir))] == [1], "killed after step 2 finished"
     output = run(launch(command, processes), env)
     assert "Resuming from" in output and "at step 1" in output, output
     return output
@@ -151,9 +140,9 @@ def full_path(workspace: Path, name: str, processes: int, batch: int, metric: st
     # Distil `steps` steps, killed during step 2; the same command resumes and finishes.
     distill_killed_and_resumed(distill_command(teacher, name, run_dir, steps, batch, metric), processes, env,
                                run_dir)
-    written = [step for step, _ in checkpoint.find_checkpoints(str(run_dir))]
+    written = [step for step, _ in checkpoint.find_training_states(str(run_dir))]
     assert written == list(range(1, steps + 1))
-    last = checkpoint.checkpoint_path(str(run_dir), steps)
+    last = checkpoint.training_state_path(str(run_dir), steps)
     assert fileio.torch_load(last)["model_spec"]["kwargs"]["network_kwargs"]["augment_dim"] == 0
 
     # Samples of the student.
@@ -192,13 +181,13 @@ def test_cifar10_ddpmpp_whole_path_under_mpirun(workspace):
 
 
 # The commands after pid-distill (resume, sampling, FID, D-ODE) read a checkpoint and call the network: they do
-# not depend on the architecture beyond what the CIFAR-10 path runs. ImageNet ADM (296 M parameters, one process,
-# conditional; its whole path, with 4.7 GB checkpoints, costs CI over five minutes) runs its .pkl through one step
-# of pid-distill → pid-sample. Every other code path (NCSN++ at 32×32 conditional, DDPM++ and NCSN++ at 64×64) runs
-# convert → pid-sample of the teacher; its PID step is test_release_gradients.py's. The releases left out share a
+# not depend on the architecture beyond what the CIFAR-10 path runs. Every other code path runs one step of
+# pid-distill → pid-sample of the student at full size: ImageNet ADM (296 M parameters, one process, conditional;
+# its whole path, with 4.7 GB checkpoints, costs CI over five minutes) from its EDM .pkl, NCSN++ at 32×32
+# conditional, DDPM++ and NCSN++ at 64×64 from the teacher pid-convert-edm makes. The releases left out share a
 # code path with one that runs (they differ in label_dim of a SongUNet whose conditional and unconditional forms
 # both run here, or in dropout, which the student sets to 0).
-DISTILLED_RELEASES = ["edm-imagenet-64x64-cond-adm"]
+PICKLE_RELEASES = ["edm-imagenet-64x64-cond-adm"]
 CONVERTED_RELEASES = ["edm-cifar10-32x32-cond-ve", "edm-ffhq-64x64-uncond-vp", "edm-afhqv2-64x64-uncond-ve"]
 FULL_PATH_RELEASES = ["edm-cifar10-32x32-uncond-vp"]
 
@@ -211,32 +200,31 @@ def code_path(name: str) -> tuple:
 
 
 def test_other_releases_cover_every_code_path():
-    tested = [*DISTILLED_RELEASES, *CONVERTED_RELEASES, *FULL_PATH_RELEASES]
+    # Every release test runs pid-distill, so every code path goes through it.
+    tested = [*PICKLE_RELEASES, *CONVERTED_RELEASES, *FULL_PATH_RELEASES]
     assert {code_path(name) for name in EDM_PRESETS} == {code_path(name) for name in tested}
     songunets = [name for name in tested if EDM_PRESETS[name]["model_type"] == "SongUNet"]
     assert {EDM_PRESETS[name]["label_dim"] > 0 for name in songunets} == {False, True}
-    # Both paper runs' teachers go through pid-distill.
-    assert {"edm-cifar10-32x32-uncond-vp", "edm-imagenet-64x64-cond-adm"} <= {*DISTILLED_RELEASES, *FULL_PATH_RELEASES}
 
 
-@pytest.mark.parametrize("name", DISTILLED_RELEASES)
-def test_release_distils_and_samples(workspace, name):
-    # EDM's .pkl straight into pid-distill, as the docs allow; pid-convert-edm is the other tests' (CI seconds).
-    teacher, _ = release_pickle(workspace, name)
+def distil_one_step_and_sample(workspace: Path, name: str, teacher: Path) -> None:
     env = environment(workspace, 2)
     run_dir = workspace / f"run-{name}"
     # No snapshot: the training state holds the same weights, and a 296 M-parameter snapshot costs CI seconds.
     output = run([*distill_command(teacher, name, run_dir, 1, 1, "l2"), "--run.snapshot_every=0"], env)
     assert "Training PIDStudent" in output
-    sample_and_check(["--checkpoint", checkpoint.checkpoint_path(str(run_dir), 1)], name, workspace,
+    sample_and_check(["--checkpoint", checkpoint.training_state_path(str(run_dir), 1)], name, workspace,
                      f"student-{name}", 2, env)
     shutil.rmtree(run_dir)
     teacher.unlink()
 
 
+@pytest.mark.parametrize("name", PICKLE_RELEASES)
+def test_release_distils_and_samples(workspace, name):
+    # EDM's .pkl straight into pid-distill, as the docs allow.
+    distil_one_step_and_sample(workspace, name, release_pickle(workspace, name)[0])
+
+
 @pytest.mark.parametrize("name", CONVERTED_RELEASES)
-def test_release_converts_and_samples(workspace, name):
-    teacher = release_teacher(workspace, name)
-    sample_and_check(["--teacher", str(teacher), "--sampler=heun", "--steps=2"], name, workspace, f"teacher-{name}",
-                     2, environment(workspace, 2))
-    teacher.unlink()
+def test_release_converts_distils_and_samples(workspace, name):
+    distil_one_step_and_sample(workspace, name, release_teacher(workspace, name))

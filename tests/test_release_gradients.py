@@ -15,9 +15,11 @@ import torch
 
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, pid_residual
-from pid_diffusion.metrics import Metric
-from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond
+from pid_diffusion.distances import Metric
+from pid_diffusion.networks.edm import EDM_PRESETS
 from pid_diffusion.student import PIDStudent
+
+from factories import release_network
 
 pytestmark = pytest.mark.release
 
@@ -56,19 +58,9 @@ def test_cases_cover_every_release_architecture():
         assert {EDM_PRESETS[name]["label_dim"] > 0 for name, d in CASES if d is derivative} == {False, True}
 
 
-def random_teacher(name: str) -> EDMPrecond:
-    torch.manual_seed(0)
-    teacher = EDMPrecond(**{**EDM_PRESETS[name], "dropout": 0.0})
-    with torch.no_grad():
-        for tensor in teacher.parameters():
-            if not tensor.any():
-                tensor.normal_(0, 0.01)
-    return teacher.eval().requires_grad_(False)
-
-
 @pytest.mark.parametrize("name, derivative", CASES, ids=[f"{n}-{d.value}" for n, d in CASES])
 def test_every_student_parameter_gets_a_gradient(name, derivative, two_threads):
-    teacher = random_teacher(name)
+    teacher = release_network(name)
     student = PIDStudent.from_teacher(teacher, GRID.sigma_min, GRID.sigma_max, network_overrides={"dropout": 0.0})
     assert not any(key.startswith("map_augment") for key in student.model.state_dict())
     assert "model.map_augment.weight" in teacher.state_dict() or not EDM_PRESETS[name].get("augment_dim")

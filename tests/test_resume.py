@@ -15,8 +15,8 @@ from pid_diffusion.config import ConfigError, OnResume, flatten, leaf_fields, on
 from pid_diffusion.run_log import HISTORY_FILE
 
 import toy_training
-from test_sample import tiny_teacher, write_teacher_file
-from test_train import assert_same_training_state, train_toy
+from equality import assert_same_training_state
+from factories import fixture_teacher, train_toy, write_teacher_file
 
 # Micro-batches and speed options sum in another order: the weights after the resumed steps agree to this.
 NUMERICS_RTOL, NUMERICS_ATOL = 1e-5, 1e-6
@@ -34,11 +34,11 @@ def test_snapshots_are_all_kept_and_training_states_pruned(tmp_path):
     state = train_toy(tmp_path, "--train.steps=5", "--run.snapshot_every=1", "--run.checkpoint_every=2",
                       "--run.keep_checkpoints=1")
     assert [step for step, _ in checkpoint.find_snapshots(str(tmp_path))] == [1, 2, 3, 4, 5]
-    assert [step for step, _ in checkpoint.find_checkpoints(str(tmp_path))] == [5]  # The last step always writes one.
+    assert [step for step, _ in checkpoint.find_training_states(str(tmp_path))] == [5]  # The last step always writes one.
     snapshot = fileio.torch_load(checkpoint.snapshot_path(str(tmp_path), 5))
     assert set(snapshot) == {"step", "config", "model_spec", "model", "ema"}  # No optimizer, no RNG states.
     for rate in ("0.9", "0.99"):  # pid-sample and pid-fid read either kind.
-        from_snapshot = checkpoint.load_generator(checkpoint.snapshot_path(str(tmp_path), 5), ema_rate=float(rate))
+        from_snapshot = checkpoint.load_network(checkpoint.snapshot_path(str(tmp_path), 5), ema_rate=float(rate))
         for key, value in from_snapshot.state_dict().items():
             assert torch.equal(value, state["ema"][rate][key])
     assert [step for step, _ in checkpoint.find_weights(str(tmp_path))] == [1, 2, 3, 4, 5]
@@ -93,7 +93,7 @@ def resume_with(halfway, tmp_path, key: str) -> tuple[dict, dict]:
     _, first, common = halfway
     folder = tmp_path / "resumed"
     shutil.copytree(first, folder)
-    stored = fileio.torch_load(checkpoint.latest_checkpoint(str(first))[1])["config"]
+    stored = fileio.torch_load(checkpoint.latest_training_state(str(first))[1])["config"]
     value = flatten(stored)[key]
     options = dict(option[2:].split("=", 1) for option in common)
     if key != "run.dir":  # The copy is the move.
@@ -140,10 +140,12 @@ def test_every_field_declares_its_resume_class_in_the_schema():
 
 
 def test_teacher_file_may_change_when_its_weights_are_equal(tmp_path, edm_fixtures_dir, capsys):
-    teacher = tiny_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
+    teacher = fixture_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
     write_teacher_file(str(tmp_path / "teacher.pt"), teacher)
     run = tmp_path / "run"
-    options = [f"--run.dir={run}", "--train.batch=4", "--run.image_every=0", "--run.log_every=1"]
+    # A constant lr: the run is extended step by step (under a decay that needs train.lr_decay_steps, test_schedule).
+    options = [f"--run.dir={run}", "--train.batch=4", "--run.image_every=0", "--run.log_every=1",
+               "--train.lr_decay=constant"]
     distill_cli.main([*options, f"--teacher.path={tmp_path / 'teacher.pt'}", "--train.steps=1"])
 
     # The same network in another file (as a .pkl and its converted .pt are): the run resumes.

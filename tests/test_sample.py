@@ -6,7 +6,6 @@ last bits (about 1e-6 here), which can move a rare uint8 value by one level, on 
 """
 
 import argparse
-import subprocess
 import types
 
 import numpy as np
@@ -15,60 +14,14 @@ import pytest
 import torch
 
 from pid_diffusion import checkpoint, samplers
-from pid_diffusion.utils import dist, fileio
+from pid_diffusion.utils import dist
 from pid_diffusion import images as images_module
 from pid_diffusion.cli import options, sample
 from pid_diffusion.generate import SamplerKind, sampler_for, sampler_preview, seeded_inputs
-from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.student import PIDStudent
 
-import launch
-from launch import needs_mpirun
-
-SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # PID's ε and T
-WEIGHT_NOISE = 0.02  # how far test weights are moved from the teacher's, so every checkpoint and EMA differs
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers, also used by test_fid.py.
-
-def tiny_teacher(fixtures_dir, name: str = "ref_song_cond.pt") -> EDMPrecond:
-    """A 16×16 EDM network with EDM's perturbed reference weights (fixtures README)."""
-    reference = torch.load(fixtures_dir / name, weights_only=True)
-    teacher = EDMPrecond(**reference["precond_kwargs"])
-    teacher.load_state_dict(reference["state_dict"])
-    return teacher.eval().requires_grad_(False)
-
-
-def write_student_checkpoint(path: str, teacher: EDMPrecond, step: int, ema_rates=("0.999",)) -> None:
-    """A training checkpoint in the ARCHITECTURE.md layout (the entries load_generator reads), its trained
-    weights and each EMA moved randomly away from the teacher's."""
-    student = PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX)
-    generator = torch.Generator().manual_seed(step)
-
-    def perturbed() -> dict[str, torch.Tensor]:
-        return {key: value + WEIGHT_NOISE * torch.randn(value.shape, generator=generator)
-                for key, value in student.state_dict().items()}
-
-    fileio.atomic_torch_save(dict(step=step, model_spec=checkpoint.model_spec(student), model=perturbed(),
-                                  ema={rate: perturbed() for rate in ema_rates}), path)
-
-
-def write_teacher_file(path: str, teacher: EDMPrecond) -> None:
-    """A converted teacher checkpoint (network_kwargs, state_dict), as teacher.load_teacher reads it."""
-    torch.save(dict(network_kwargs=teacher.init_kwargs, state_dict=teacher.state_dict()), path)
-
-
-def mpirun(processes: int, module: str, *args: str) -> subprocess.CompletedProcess:
-    """`python -m module args` on `processes` ranks, threads pinned to this process's count (bits are compared)."""
-    result = launch.mpirun(processes, "-m", module, *args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-def load_npz(path) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        return dict(data)
+from factories import SIGMA_MAX, SIGMA_MIN, fixture_teacher, load_npz, write_student_checkpoint, write_teacher_file
+from launch import mpirun_module, needs_mpirun
 
 
 def seeded_latent_and_label(seed: int, shape, label_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +35,7 @@ def seeded_latent_and_label(seed: int, shape, label_dim: int) -> tuple[torch.Ten
 @pytest.fixture
 def student_checkpoint(tmp_path, edm_fixtures_dir) -> str:
     path = str(tmp_path / "checkpoint-00000100.pt")
-    write_student_checkpoint(path, tiny_teacher(edm_fixtures_dir), step=100)
+    write_student_checkpoint(path, fixture_teacher(edm_fixtures_dir), step=100)
     return path
 
 
@@ -102,7 +55,7 @@ def test_image_k_is_the_student_on_latent_and_class_of_seed_k(tmp_path, student_
                  "--npz", str(tmp_path / "s.npz")])
     out = load_npz(tmp_path / "s.npz")
 
-    student = checkpoint.load_generator(student_checkpoint, ema_rate=0.999)
+    student = checkpoint.load_network(student_checkpoint, ema_rate=0.999)
     shape = (student.img_channels, student.img_resolution, student.img_resolution)
     pairs = [seeded_latent_and_label(seed, shape, student.label_dim) for seed in seeds]
     latents = torch.stack([latent for latent, _ in pairs])
@@ -121,7 +74,7 @@ def test_images_are_the_same_for_any_number_of_ranks_and_batch_size(tmp_path, st
     common = ["--checkpoint", student_checkpoint, "--seeds", "0-15"]
     sample.main([*common, "--batch", "4", "--npz", str(tmp_path / "one_rank.npz"),
                  "--grid", str(tmp_path / "grid.png"), "--grid-cols", "5", "--png-dir", str(tmp_path / "pngs")])
-    mpirun(2, "pid_diffusion.cli.sample", *common, "--batch", "4", "--npz", str(tmp_path / "two_ranks.npz"))
+    mpirun_module(2, "pid_diffusion.cli.sample", *common, "--batch", "4", "--npz", str(tmp_path / "two_ranks.npz"))
     sample.main([*common, "--batch", "3", "--npz", str(tmp_path / "other_batch.npz")])
 
     reference = load_npz(tmp_path / "one_rank.npz")
@@ -149,7 +102,7 @@ def test_images_are_the_same_for_any_number_of_ranks_and_batch_size(tmp_path, st
 @pytest.mark.parametrize("kind", [SamplerKind.HEUN, SamplerKind.EULER])
 def test_teacher_samples_with_its_sampler_on_seeded_latents_and_given_classes(tmp_path, edm_fixtures_dir, kind):
     steps = 3
-    teacher = tiny_teacher(edm_fixtures_dir)
+    teacher = fixture_teacher(edm_fixtures_dir)
     write_teacher_file(str(tmp_path / "teacher.pt"), teacher)
     sample.main(["--teacher", str(tmp_path / "teacher.pt"), "--sampler", kind.value, "--steps", str(steps),
                  "--seeds", "0-3", "--classes", "2,5", "--npz", str(tmp_path / "t.npz")])
@@ -174,7 +127,7 @@ def test_latent_k_depends_only_on_its_seed():
 
 
 def test_the_preview_draws_the_latents_of_its_seeds_with_classes_cycling(edm_fixtures_dir):
-    teacher = tiny_teacher(edm_fixtures_dir)
+    teacher = fixture_teacher(edm_fixtures_dir)
     seen = []
     preview = sampler_preview(lambda net, x, labels: seen.append((x, labels)) or x, teacher, 5, 7, "cpu")
     preview(teacher)
@@ -185,7 +138,7 @@ def test_the_preview_draws_the_latents_of_its_seeds_with_classes_cycling(edm_fix
 
 
 def test_sampler_must_fit_the_network(edm_fixtures_dir):
-    teacher = tiny_teacher(edm_fixtures_dir)
+    teacher = fixture_teacher(edm_fixtures_dir)
     student = PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX)
     student, teacher = type(student).__name__, type(teacher).__name__
     assert isinstance(sampler_for(student), samplers.OneStepSampler)

@@ -9,6 +9,8 @@ import torch
 from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.student import PIDStudent, StudentInit
 
+from factories import TINY_SONG_UNET
+
 T, EPS = 80.0, 0.002  # PID's σ range (docs/method.md §3)
 
 
@@ -130,8 +132,7 @@ def test_bad_inputs_are_rejected(teacher):
 
 def test_an_augmented_teacher_gives_a_student_without_augmentation_input():
     """EDM's SongUNet releases have map_augment (augment_dim 9); PID never feeds it, so the student lacks it."""
-    kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=16,
-                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], augment_dim=9)
+    kwargs = {**TINY_SONG_UNET, "model_channels": 16, "attn_resolutions": [], "augment_dim": 9}
     torch.manual_seed(0)
     teacher = EDMPrecond(**kwargs).eval().requires_grad_(False)
     student = PIDStudent.from_teacher(teacher, EPS, T)

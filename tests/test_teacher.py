@@ -1,20 +1,17 @@
 """Teacher checkpoints: EDM pickles read without running their code, converted, and loaded as the teacher.
 
-The pickles are written here in EDM's layout (`torch_utils.persistence`): every EDM object becomes a call
-`_reconstruct_persistent_obj(meta)` carrying its source file and `__dict__`. The fake `torch_utils` module
-that writing needs exists only while writing, so every load below runs without it.
+The pickles are written in EDM's layout (`torch_utils.persistence`) by factories.write_edm_pickle: every EDM
+object becomes a call `_reconstruct_persistent_obj(meta)` carrying its source file and `__dict__`. The fake
+`torch_utils` module that writing needs exists only while writing, so every load below runs without it.
 """
 
-import contextlib
 import io
 import os
 import pickle
 import runpy
 import sys
-import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,88 +21,15 @@ from pid_diffusion.cli.convert_edm import main as convert_main
 from pid_diffusion.edm_pickle import load_edm_pickle, state_dict_of
 from pid_diffusion.networks.edm import EDMPrecond, UNetBlock
 from pid_diffusion.teacher import (
-    EDM_RELEASE_URL, CheckpointFormat, TeacherCheckpointError, convert_edm, load_teacher, read_teacher_checkpoint,
+    EDM_RELEASE_URL, TeacherFormat, TeacherFileError, convert_edm, load_teacher, read_teacher_file,
 )
 
+from factories import EDMLoss, edm_release, mark_persistent, write_edm_pickle
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EDM_PERSISTENCE_VERSION = 6  # `torch_utils.persistence._version` at EDM commit 008a4e5.
-EDM_PICKLE_PROTOCOL = 4  # pickle.DEFAULT_PROTOCOL of the Python versions EDM supports.
 RELEASE_DROPOUT = 0.13  # The CIFAR-10 checkpoints' recorded dropout, which load_teacher must override.
 FP32_ATOL = 1e-5  # The fixtures' stated float32 tolerance.
-HARMLESS_SRC = "# Stands for EDM's training/networks.py; a safe loader never reads it.\n"
 TINY_PRESET = "tiny-song-cond"  # Registered in EDM_PRESETS by the tests that need a preset.
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Writing pickles the way EDM does.
-
-class _EDMLoss:
-    """Stands for EDM's `training.loss.EDMLoss`, a persistent class that is not a module."""
-
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
-        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
-        self._init_args, self._init_kwargs = (), dict(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
-
-
-class _AugmentPipe:
-    """Stands for EDM's `training.augment.AugmentPipe`; holds NumPy scalars to exercise those globals."""
-
-    def __init__(self, p: float = 0.12):
-        self.p, self.xflip, self.yflip = np.float32(p), np.float64(1e8), 1
-        self._init_args, self._init_kwargs = (), dict(p=p)
-
-
-_TORCH_CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.Sequential)  # Pickled by torch, not by EDM's persistence.
-
-
-def _mark_persistent(network: nn.Module, init_kwargs: dict) -> nn.Module:
-    """Record constructor arguments as EDM's persistent classes do in `__init__` (`_init_args`, `_init_kwargs`)."""
-    for module in network.modules():
-        if not isinstance(module, _TORCH_CONTAINERS):
-            module._init_args, module._init_kwargs = (), dict(getattr(module, "init_kwargs", {}))
-    network._init_kwargs = dict(init_kwargs)
-    return network
-
-
-@contextlib.contextmanager
-def _edm_persistence_module():
-    """A fake `torch_utils.persistence`, importable only inside the block (pickle checks the global exists)."""
-    def _reconstruct_persistent_obj(meta):
-        raise AssertionError("a safe loader never calls EDM's reconstruct function")
-
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    package, persistence = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
-    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    package.persistence = persistence
-    sys.modules.update({"torch_utils": package, "torch_utils.persistence": persistence})
-    try:
-        yield _reconstruct_persistent_obj
-    finally:
-        del sys.modules["torch_utils"], sys.modules["torch_utils.persistence"]
-
-
-class _EDMPickler(pickle.Pickler):
-    """EDM's `persistent_class.__reduce__`: an object becomes `_reconstruct_persistent_obj(meta)`."""
-
-    def __init__(self, file, protocol: int, reconstruct, module_src: str):
-        super().__init__(file, protocol=protocol)
-        self.reconstruct, self.module_src = reconstruct, module_src
-
-    def reducer_override(self, obj):
-        if isinstance(obj, (nn.Module, _EDMLoss, _AugmentPipe)) and not isinstance(obj, _TORCH_CONTAINERS):
-            meta = dict(type="class", version=EDM_PERSISTENCE_VERSION, module_src=self.module_src,
-                        class_name=type(obj).__name__, state=dict(vars(obj)))
-            return self.reconstruct, (meta,)
-        return NotImplemented
-
-
-def _write_edm_pickle(path: Path, data: dict, *, protocol: int = EDM_PICKLE_PROTOCOL,
-                      module_src: str = HARMLESS_SRC) -> Path:
-    with _edm_persistence_module() as reconstruct, open(path, "wb") as file:
-        _EDMPickler(file, protocol, reconstruct, module_src).dump(data)
-    assert "torch_utils" not in sys.modules and "torch_utils.persistence" not in sys.modules
-    return path
 
 
 def _reference(edm_fixtures_dir: Path, name: str, dropout: float = RELEASE_DROPOUT) -> tuple[EDMPrecond, dict, dict]:
@@ -117,13 +41,6 @@ def _reference(edm_fixtures_dir: Path, name: str, dropout: float = RELEASE_DROPO
     return network.eval(), kwargs, ref
 
 
-def _release(network: EDMPrecond, kwargs: dict) -> dict:
-    """A release / CIFAR-10 snapshot: `dict(ema, loss_fn, augment_pipe, dataset_kwargs)`."""
-    return dict(ema=_mark_persistent(network, kwargs), loss_fn=_EDMLoss(), augment_pipe=_AugmentPipe(),
-                dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="cifar10-32x32.zip",
-                                    use_labels=True, xflip=False, cache=True, resolution=32, max_size=50000))
-
-
 def _denoise(network: nn.Module, ref: dict) -> torch.Tensor:
     with torch.no_grad():
         return network(ref["x"], ref["sigma"], ref["class_labels"])
@@ -132,7 +49,7 @@ def _denoise(network: nn.Module, ref: dict) -> torch.Tensor:
 @pytest.fixture
 def release_pkl(tmp_path, edm_fixtures_dir):
     network, kwargs, ref = _reference(edm_fixtures_dir, "ref_song_cond.pt")
-    return _write_edm_pickle(tmp_path / "edm-release.pkl", _release(network, kwargs)), network, kwargs, ref
+    return write_edm_pickle(tmp_path / "edm-release.pkl", edm_release(network, kwargs)), network, kwargs, ref
 
 
 @pytest.fixture
@@ -165,10 +82,10 @@ def test_release_round_trip_gives_identical_outputs(release_pkl, tmp_path):
 def test_snapshot_reads_at_every_pickle_protocol(protocol, tmp_path, edm_fixtures_dir):
     """An ImageNet-style snapshot (ADM, no augment pipe) gives EDM's exact state_dict and kwargs."""
     network, kwargs, ref = _reference(edm_fixtures_dir, "ref_dhariwal_cond.pt")
-    snapshot = dict(ema=_mark_persistent(network, kwargs), loss_fn=_EDMLoss(), augment_pipe=None,
+    snapshot = dict(ema=mark_persistent(network, kwargs), loss_fn=EDMLoss(), augment_pipe=None,
                     dataset_kwargs=dict(path="imagenet-64x64.zip", use_labels=True))
-    checkpoint = read_teacher_checkpoint(_write_edm_pickle(tmp_path / "snap.pkl", snapshot, protocol=protocol))
-    assert checkpoint.source_format is CheckpointFormat.EDM_PICKLE
+    checkpoint = read_teacher_file(write_edm_pickle(tmp_path / "snap.pkl", snapshot, protocol=protocol))
+    assert checkpoint.source_format is TeacherFormat.EDM_PICKLE
     assert checkpoint.network_kwargs == kwargs
     assert list(checkpoint.state_dict) == list(ref["state_dict"])
     assert all(torch.equal(checkpoint.state_dict[key], value) for key, value in ref["state_dict"].items())
@@ -187,8 +104,8 @@ class _Buffers(nn.Module):
 
 
 def test_state_dict_of_matches_torch(tmp_path):
-    module = _mark_persistent(_Buffers(), {})
-    with open(_write_edm_pickle(tmp_path / "buffers.pkl", dict(ema=module)), "rb") as file:
+    module = mark_persistent(_Buffers(), {})
+    with open(write_edm_pickle(tmp_path / "buffers.pkl", dict(ema=module)), "rb") as file:
         record = load_edm_pickle(file)["ema"]
     expected = module.state_dict()
     assert list(expected) == ["weight", "running", "blocks.inner.0.weight", "blocks.inner.0.bias"]
@@ -201,7 +118,7 @@ def test_module_src_is_never_executed(tmp_path, edm_fixtures_dir):
     marker = tmp_path / "module_src_ran"
     payload = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('executed')\n"
     network, kwargs, ref = _reference(edm_fixtures_dir, "ref_song_cond.pt")
-    pkl = _write_edm_pickle(tmp_path / "src.pkl", _release(network, kwargs), module_src=payload)
+    pkl = write_edm_pickle(tmp_path / "src.pkl", edm_release(network, kwargs), module_src=payload)
     teacher = load_teacher(pkl)
     assert not marker.exists()
     assert torch.equal(_denoise(teacher, ref), _denoise(network, ref))
@@ -220,11 +137,11 @@ class _SystemCall:
 def test_forbidden_global_is_refused_by_name(tmp_path, edm_fixtures_dir):
     marker = tmp_path / "os_system_ran"
     network, kwargs, _ = _reference(edm_fixtures_dir, "ref_song_cond.pt")
-    data = _release(network, kwargs)
+    data = edm_release(network, kwargs)
     data["dataset_kwargs"]["path"] = _SystemCall(f"touch {marker}")
-    pkl = _write_edm_pickle(tmp_path / "evil.pkl", data)
-    with pytest.raises(TeacherCheckpointError) as error:
-        read_teacher_checkpoint(pkl)
+    pkl = write_edm_pickle(tmp_path / "evil.pkl", data)
+    with pytest.raises(TeacherFileError) as error:
+        read_teacher_file(pkl)
     assert f"{os.system.__module__}.{os.system.__name__}" in str(error.value)
     assert "not an EDM checkpoint or was modified" in str(error.value)
     assert str(pkl) in str(error.value)
@@ -247,21 +164,21 @@ def test_storage_bytes_are_loaded_with_weights_only(tmp_path, edm_fixtures_dir):
     """torch's own `_load_from_bytes` unpickles its payload unrestricted; the loader must not."""
     marker = tmp_path / "storage_payload_ran"
     network, kwargs, _ = _reference(edm_fixtures_dir, "ref_song_cond.pt")
-    data = _release(network, kwargs)
+    data = edm_release(network, kwargs)
     data["dataset_kwargs"]["path"] = _StorageBytes(_SystemCall(f"touch {marker}"))
-    with pytest.raises(TeacherCheckpointError, match="weights_only|Unsupported global") as error:
-        read_teacher_checkpoint(_write_edm_pickle(tmp_path / "evil_storage.pkl", data))
+    with pytest.raises(TeacherFileError, match="weights_only|Unsupported global") as error:
+        read_teacher_file(write_edm_pickle(tmp_path / "evil_storage.pkl", data))
     assert f"{os.system.__module__}.{os.system.__name__}" in str(error.value)
     assert not marker.exists()
 
 
 def test_other_edm_contents_are_refused(tmp_path, edm_fixtures_dir):
     network, kwargs, _ = _reference(edm_fixtures_dir, "ref_song_cond.pt")
-    no_ema = _write_edm_pickle(tmp_path / "no_ema.pkl", dict(net=_mark_persistent(network, kwargs)))
-    with pytest.raises(TeacherCheckpointError, match=r"expected EDM's dict\(ema=.*found \['net'\]"):
-        read_teacher_checkpoint(no_ema)
-    with pytest.raises(TeacherCheckpointError, match="records its own network_kwargs; drop the preset"):
-        read_teacher_checkpoint(_write_edm_pickle(tmp_path / "release.pkl", _release(network, kwargs)), "x")
+    no_ema = write_edm_pickle(tmp_path / "no_ema.pkl", dict(net=mark_persistent(network, kwargs)))
+    with pytest.raises(TeacherFileError, match=r"expected EDM's dict\(ema=.*found \['net'\]"):
+        read_teacher_file(no_ema)
+    with pytest.raises(TeacherFileError, match="records its own network_kwargs; drop the preset"):
+        read_teacher_file(write_edm_pickle(tmp_path / "release.pkl", edm_release(network, kwargs)), "x")
 
 
 class VPPrecond(nn.Module):
@@ -269,9 +186,9 @@ class VPPrecond(nn.Module):
 
 
 def test_non_edm_precond_is_refused(tmp_path):
-    pkl = _write_edm_pickle(tmp_path / "vp.pkl", dict(ema=_mark_persistent(VPPrecond(), {})))
-    with pytest.raises(TeacherCheckpointError, match="ema network is a VPPrecond; PID distils EDMPrecond"):
-        read_teacher_checkpoint(pkl)
+    pkl = write_edm_pickle(tmp_path / "vp.pkl", dict(ema=mark_persistent(VPPrecond(), {})))
+    with pytest.raises(TeacherFileError, match="ema network is a VPPrecond; PID distils EDMPrecond"):
+        read_teacher_file(pkl)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,7 +202,7 @@ def test_official_pid_state_dict_with_preset(zipped, tiny_preset, tmp_path, edm_
                 if not key.startswith("model.map_augment.")}
     src = tmp_path / "pid_teacher.pt"
     torch.save(stripped, src, _use_new_zipfile_serialization=zipped)
-    with pytest.raises(TeacherCheckpointError, match=f"plain state dict.*preset.*{tiny_preset}"):
+    with pytest.raises(TeacherFileError, match=f"plain state dict.*preset.*{tiny_preset}"):
         load_teacher(src)
     teacher = load_teacher(src, preset=tiny_preset)
     assert torch.count_nonzero(teacher.model.map_augment.weight) == 0
@@ -293,8 +210,8 @@ def test_official_pid_state_dict_with_preset(zipped, tiny_preset, tmp_path, edm_
 
     dst = tmp_path / "teacher.pt"
     assert convert_main([str(src), str(dst), "--preset", tiny_preset]) == 0
-    converted = read_teacher_checkpoint(dst)
-    assert converted.source_format is CheckpointFormat.CONVERTED
+    converted = read_teacher_file(dst)
+    assert converted.source_format is TeacherFormat.CONVERTED
     assert converted.network_kwargs == edm.EDM_PRESETS[tiny_preset]
     assert torch.equal(_denoise(load_teacher(dst), ref), _denoise(teacher, ref))
 
@@ -311,7 +228,7 @@ def test_mismatched_checkpoint_lists_every_bad_key(release_pkl, tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save(data, bad)
     for attempt in (lambda: load_teacher(bad), lambda: convert_edm(bad, tmp_path / "never.pt")):
-        with pytest.raises(TeacherCheckpointError) as error:
+        with pytest.raises(TeacherFileError) as error:
             attempt()
         message = str(error.value)
         assert "missing (1): model.map_layer1.bias" in message

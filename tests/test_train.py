@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from pid_diffusion.images import PREVIEW_MIN_PIXELS
+
 from pid_diffusion import checkpoint
 from pid_diffusion.utils import fileio
 from pid_diffusion import train as train_module
@@ -22,40 +24,17 @@ from pid_diffusion.config import ConfigError, LRDecay, RunConfig, TrainConfig
 from pid_diffusion.distill import DistillConfig
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import PIDObjective
-from pid_diffusion.metrics import L2
+from pid_diffusion.distances import L2
 from pid_diffusion.networks.edm import EDMPrecond
-from pid_diffusion.utils.perf import CheckpointedUNetBlock
+from pid_diffusion.utils.perf import RecomputedUNetBlock
 from pid_diffusion.student import PIDStudent, StudentInit
 from pid_diffusion.train import NonFiniteLossError, batch_plan, lr_at, training_loop
 
 import toy_training
-from equality import assert_mutants_fail, assert_same_update
+from equality import assert_mutants_fail, assert_same_training_state, assert_same_update
+from factories import TINY_SONG_UNET, TOY_SCRIPT, initial_toy_state, perturbed, train_toy
 from launch import JOB_TIMEOUT_S, REPO, subprocess_env, wait_for
 from toy_training import ToyNet, ToyObjective
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "toy_training.py")
-def train_toy(folder, *overrides: str) -> dict:
-    """Run the toy task in this process; returns the newest checkpoint."""
-    toy_training.main([f"--run.dir={folder}", *overrides])
-    return fileio.torch_load(checkpoint.latest_checkpoint(str(folder))[1])
-
-
-def assert_same_training_state(a: dict, b: dict) -> None:
-    """Bitwise equality of weights, EMAs and optimizer moments."""
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for rate in a["ema"]:
-        for key in a["ema"][rate]:
-            assert torch.equal(a["ema"][rate][key], b["ema"][rate][key]), (rate, key)
-    for index, state in a["optimizer"]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][index][key])), key
-
-
-def initial_toy_state() -> dict:
-    torch.manual_seed(0)  # toy_training.main's initial weights
-    return ToyNet().state_dict()
-
 
 def test_micro_batches_train_like_the_whole_batch(tmp_path):
     whole = train_toy(tmp_path / "whole", "--train.steps=3")
@@ -122,25 +101,26 @@ def test_resume_with_another_configuration_is_an_error(tmp_path):
         train_toy(tmp_path, "--train.steps=4", "--train.lr=0.5")
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_gives_identical_weights(tmp_path):
     straight = train_toy(tmp_path / "straight", "--train.steps=8", "--run.checkpoint_every=3", "--toy.dropout=0.5")
     folder = tmp_path / "killed"
     # The same command both times; the delay only widens the window in which the kill lands mid-step.
-    command = [sys.executable, SCRIPT, f"--run.dir={folder}", "--train.steps=8", "--run.checkpoint_every=3",
+    command = [sys.executable, TOY_SCRIPT, f"--run.dir={folder}", "--train.steps=8", "--run.checkpoint_every=3",
                "--toy.dropout=0.5", "--toy.step_delay_s=0.3"]
     job = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = checkpoint.checkpoint_path(str(folder), 3)
+    first = checkpoint.training_state_path(str(folder), 3)
     try:
         wait_for(lambda: fileio.exists(first), job, "the first checkpoint was written")
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait(timeout=JOB_TIMEOUT_S)
-    assert [step for step, _ in checkpoint.find_checkpoints(str(folder))] == [3]
+    assert [step for step, _ in checkpoint.find_training_states(str(folder))] == [3]
 
     subprocess.run(command, cwd=REPO, env=subprocess_env(), check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=JOB_TIMEOUT_S)
-    resumed = fileio.torch_load(checkpoint.latest_checkpoint(str(folder))[1])
+    resumed = fileio.torch_load(checkpoint.latest_training_state(str(folder))[1])
     assert resumed["step"] == 8
     assert_same_training_state(straight, resumed)
 
@@ -148,7 +128,7 @@ def test_kill_9_mid_run_then_rerun_gives_identical_weights(tmp_path):
 def test_non_finite_loss_stops_and_writes_nothing(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"at step 3 .*checkpoint-00000002\.pt"):
         train_toy(tmp_path, "--train.steps=6", "--run.checkpoint_every=2", "--toy.nan_step=3")
-    assert [step for step, _ in checkpoint.find_checkpoints(str(tmp_path))] == [2]
+    assert [step for step, _ in checkpoint.find_training_states(str(tmp_path))] == [2]
 
 
 # Reduced precision changes a step's arithmetic, not what it computes: the updates of two toy steps agree with
@@ -198,20 +178,20 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path):
 def test_checkpoints_pruned_and_generator_rebuilt(tmp_path):
     state = train_toy(tmp_path, "--train.steps=6", "--run.checkpoint_every=1", "--run.keep_checkpoints=2")
     fileio.atomic_write_bytes(b"", tmp_path / "checkpoint-00000099.pt.1234.tmp")  # an interrupted write
-    assert [step for step, _ in checkpoint.find_checkpoints(str(tmp_path))] == [5, 6]
+    assert [step for step, _ in checkpoint.find_training_states(str(tmp_path))] == [5, 6]
     assert state["model_spec"] == {"class": "ToyNet", "kwargs": {"width": 8, "dropout": 0.0}}
     assert len(state["rng"]) == 1 and state["config"]["train"]["steps"] == 6
 
-    path = checkpoint.checkpoint_path(str(tmp_path), 6)
-    ema = checkpoint.load_generator(path, ema_rate=0.99)
+    path = checkpoint.training_state_path(str(tmp_path), 6)
+    ema = checkpoint.load_network(path, ema_rate=0.99)
     assert isinstance(ema, ToyNet) and not ema.training
     assert all(not p.requires_grad for p in ema.parameters())
     for key, value in ema.state_dict().items():
         assert torch.equal(value, state["ema"]["0.99"][key])
-    raw = checkpoint.load_generator(path)
+    raw = checkpoint.load_network(path)
     assert torch.equal(raw.net[0].weight, state["model"]["net.0.weight"])
     with pytest.raises(ValueError, match="no EMA at rate 0.5"):
-        checkpoint.load_generator(path, ema_rate=0.5)
+        checkpoint.load_network(path, ema_rate=0.5)
 
 
 def test_sample_grid_png(tmp_path):
@@ -226,10 +206,12 @@ def test_sample_grid_png(tmp_path):
 
     training_loop(config, ToyObjective(config.toy), ToyNet(), preview=preview)
     image = Image.open(tmp_path / "samples-00000002.png")
-    # torchvision's grid: nrow = round(√6) = 2 images per row, so 3 rows; 2-pixel padding around each image.
+    # torchvision's grid: nrow = round(√6) = 2 images per row, so 3 rows; 2-pixel padding around each image,
+    # each image magnified (nearest) to PREVIEW_MIN_PIXELS: the toy's 4×4 to 64×64.
     nrow = round(math.sqrt(6))
     rows = math.ceil(6 / nrow)
-    assert image.size == (nrow * (toy_training.SIZE + 2) + 2, rows * (toy_training.SIZE + 2) + 2)
+    size = PREVIEW_MIN_PIXELS
+    assert size % toy_training.SIZE == 0 and image.size == (nrow * (size + 2) + 2, rows * (size + 2) + 2)
     assert seen == [False]
 
 
@@ -256,8 +238,7 @@ def test_tensorboard_is_off_by_default(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Speed options: the same training on a tiny PID task (a SongUNet student with dropout and attention).
 
-TINY_SONG = dict(img_resolution=8, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
-                 num_blocks=1, attn_resolutions=[4])
+TINY_SONG = {**TINY_SONG_UNET, "model_channels": 16}
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
@@ -266,20 +247,12 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 TINY_PID_STEPS = 8
 
 
-def perturbed(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
-    """`module` with every parameter moved by scale · N(0, 1), as EDM's reference fixtures are."""
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.add_(scale * torch.randn_like(parameter))
-    return module
-
-
 def train_tiny_pid(folder, channels_last: bool = False, dropout: float = 0.1, **options
                    ) -> tuple[dict, PIDStudent, dict]:
     """PID steps on a tiny perturbed SongUNet teacher with `train` options: the checkpoint, the trained student
     and its initial state_dict."""
     torch.manual_seed(0)
-    teacher = perturbed(EDMPrecond(**TINY_SONG, dropout=0.0)).eval().requires_grad_(False)
+    teacher = perturbed(EDMPrecond(**TINY_SONG)).eval().requires_grad_(False)
     if channels_last:  # what distill.build does with the teacher
         teacher.to(memory_format=torch.channels_last)
     grid = KarrasGrid(num_points=10, rho=7.0, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
@@ -293,7 +266,7 @@ def train_tiny_pid(folder, channels_last: bool = False, dropout: float = 0.1, **
                                              channels_last=channels_last, **options))
     initial = copy.deepcopy(student.state_dict())
     student = training_loop(config, objective, student)
-    return fileio.torch_load(checkpoint.checkpoint_path(str(folder), TINY_PID_STEPS)), student, initial
+    return fileio.torch_load(checkpoint.training_state_path(str(folder), TINY_PID_STEPS)), student, initial
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +282,7 @@ def plain_tiny_pid_without_dropout(tmp_path_factory):
 def test_activation_checkpointing_trains_like_the_plain_student(tmp_path, plain_tiny_pid):
     plain, _, initial = plain_tiny_pid
     state, student, _ = train_tiny_pid(tmp_path, activation_checkpointing=True)
-    assert any(isinstance(module, CheckpointedUNetBlock) for module in student.modules())
+    assert any(isinstance(module, RecomputedUNetBlock) for module in student.modules())
     # The recomputation replays the same kernels and, through the restored RNG, the same dropout masks
     # (measured: bitwise equal; every update ≥ 1000 tolerances of 1e-4 of its size).
     assert list(state["model"]) == list(plain["model"]) == list(initial)
@@ -351,7 +324,7 @@ def test_compile_trains_for_real_in_place_and_keeps_the_keys(tmp_path, monkeypat
     model = toy_training.main([f"--run.dir={tmp_path / 'compiled'}", "--train.steps=2", "--train.compile=true"])
     assert compiled == [model] and isinstance(model, ToyNet) and model._compiled_call_impl is not None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # a graph was captured and run
-    state = fileio.torch_load(checkpoint.latest_checkpoint(str(tmp_path / "compiled"))[1])
+    state = fileio.torch_load(checkpoint.latest_training_state(str(tmp_path / "compiled"))[1])
     plain = train_toy(tmp_path / "plain", "--train.steps=2")
     assert list(state["model"]) == list(plain["model"]) == list(ToyNet().state_dict())
     # The compiled steps train as the eager ones (measured: bitwise; margin ≈ 4.6e3), and a compiled run that did

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "trends.py"
 
@@ -18,6 +20,7 @@ def _trends_module():
     return module
 
 
+@pytest.mark.slow
 def test_smallest_study_writes_results_table_and_figures(tmp_path):
     page = tmp_path / "docs" / "trends.md"
     page.parent.mkdir()
@@ -62,3 +65,28 @@ def test_a_diverged_seed_is_reported_not_averaged():
     rows = trends.table(results).splitlines()
     assert rows[2] == "| jvp | derivative | 14.00 (1 of 2 seeds diverged: non-finite loss) | 0.2000 | 1 | 0.50 |"
     assert rows[3] == "| L1 | distance | diverged in all 1 seeds (non-finite loss) | — | 0 | — |"
+
+
+@pytest.mark.slow
+def test_a_partial_or_quick_study_leaves_the_published_page_alone(tmp_path):
+    """Only the full default study (or --page) writes docs/trends.md; --quick says it checks the tool, and
+    deletes its run folders."""
+    (tmp_path / "model_zoo").symlink_to(ROOT / "model_zoo")  # the default preset's teacher, by its relative path
+    published = tmp_path / "docs" / "trends.md"
+    published.parent.mkdir()
+    published.write_text("the published study\n")
+    out = tmp_path / "runs" / "trends-mine"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--settings", "baseline", "--steps", "2",
+                             "--checkpoint-every", "1", "--eval-images", "2", "--out", str(out)], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert published.read_text() == "the published study\n" and not (published.parent / "trends").exists()
+    page = (out / "trends.md").read_text()
+    assert "checks the tool, not the claims" in page and "| baseline | N (forward) |" in page
+    assert (out / "trends" / "psnr-vs-n.png").is_file() and not (out / "runs").exists()
+    assert f"Left on disk: {out}" in result.stdout.splitlines()[-1]
+
+    trends = _trends_module()
+    full = trends.parse_args([])[0]
+    partial = trends.parse_args(["--settings", "baseline", "--out", str(out)])[0]
+    assert full.page == trends.PUBLISHED_PAGE and partial.page == out / "trends.md"

@@ -26,8 +26,6 @@ from pid_diffusion.utils import dist
 from pid_diffusion.config import TrainingConfig, apply_overrides, parse_overrides  # noqa: E402
 from pid_diffusion.train import training_loop  # noqa: E402
 
-checkpoint.MODEL_CLASSES["ToyNet"] = "toy_training:ToyNet"
-
 CHANNELS, SIZE = 2, 4  # Images of the toy task: [B, 2, 4, 4].
 
 
@@ -45,11 +43,14 @@ class ToyNet(nn.Module):
         return self.gain * self.net(x)
 
 
+checkpoint.MODEL_CLASSES["ToyNet"] = ToyNet  # So that snapshots and training states can rebuild it.
+
+
 @dataclasses.dataclass(frozen=True)
 class ToySection:
     width: int = 8                 # ToyNet width.
     dropout: float = 0.0           # ToyNet dropout (exercises the global RNG on resume).
-    step_delay_s: float = 0.0      # Sleep per loss call: a window for killing the job mid-run.
+    step_delay_s: float = 0.0      # Sleep per loss call, announced on stderr: a window for killing the job mid-run.
     fail_step: int = -1            # Raise on rank `fail_rank` at this step (-1: never).
     fail_rank: int = 0
     nan_step: int = -1             # Return a NaN loss at this step (-1: never).
@@ -86,7 +87,9 @@ class ToyObjective:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         step = self.calls  # One call per step when there is one micro-batch (the fault tests).
         self.calls += 1
-        time.sleep(self.toy.step_delay_s)
+        if self.toy.step_delay_s:  # the window opens: a test waiting for it reads this line
+            print(f"toy: step {step} in flight", file=sys.stderr, flush=True)
+            time.sleep(self.toy.step_delay_s)
         if step == self.toy.fail_step and dist.rank() == self.toy.fail_rank:
             raise RuntimeError(f"injected failure on rank {dist.rank()} at step {step}")
         if step == self.toy.signal_step and dist.rank() == self.toy.signal_rank:

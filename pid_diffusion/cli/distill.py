@@ -12,8 +12,9 @@ CIFAR-10 run). Any field can be overridden as `--section.key=value` (or `--key=v
 re-running the same command resumes from the newest training state in the run folder, where the options that
 do not define the run's maths ([resume: may change] below) may differ. SIGTERM, SIGINT or SIGUSR1
 (`--run.preempt_signals`) stops after the step in flight with its training state and exit status 75. Before
-loading anything every run checks the batch split over its ranks, the teacher and LPIPS files and the run
-folder; `--dry-run` does only that, under the real launcher. Everything printed also goes to <run.dir>/log.txt.
+loading anything every run checks the batch split over its ranks, the teacher and LPIPS files, the run
+folder (damaged training states are named and skipped) and the disk space its snapshots and training states
+will take; `--dry-run` does only that, under the real launcher. Everything printed also goes to <run.dir>/log.txt.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import sys
 from collections.abc import Sequence
 
 from pid_diffusion import encoders
+from pid_diffusion import disk_plan
 from pid_diffusion.utils import dist, logs
 from pid_diffusion.cli import errors, options
-from pid_diffusion.distill import TASK, DistillConfig, build, check_files, fingerprints
+from pid_diffusion.distill import TASK, DistillConfig, build, check_files, fingerprints, network_size
 from pid_diffusion.samplers import OneStepSampler
 from pid_diffusion.generate import sampler_preview
 from pid_diffusion.launch import describe_launch
@@ -45,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args, config = parse_args(argv)
         dry = options.dry_run(args, config)  # stdout holds a configuration file: `--dry-run > mine.json`.
         # The checks of the launch: the same one-line errors a dry-run and a run give, before any file is loaded.
-        report = [*describe_launch(config, dist.world_size()), *check_files(config)]
+        report = [*describe_launch(config, dist.world_size()), *check_files(config),
+                  *disk_plan.describe(config, *network_size(config))]
         if dry:
             dist.print0("\n".join(["launch check:", *report]), file=sys.stderr)
             return

@@ -28,6 +28,7 @@ FID against the std (<run>/fid-phema.png).
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Sequence
 
@@ -59,7 +60,7 @@ def build_parser():
     parser.add_argument("--seeds", nargs="+", type=options.seed_range,
                         help=f"seed ranges, each evaluated separately, e.g. 0-49999 50000-99999 (default {DEFAULT_SEEDS})")
     parser.add_argument("--ema", nargs="+", type=options.weights_name,
-                        help=f"weights to evaluate: EMA rates and/or '{evaluation.TRAINED_WEIGHTS}' (default: all)")
+                        help=f"weights to evaluate: EMA rates and/or '{evaluation.NO_EMA}' (default: all)")
     parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture: a teacher's, or the "
                                          "official PID code's students (--checkpoint, --run)")
     parser.add_argument("--batch", type=int, default=250, help="images per rank and batch (default 250)")
@@ -146,7 +147,8 @@ def _reconstruct(run: str, stds: Sequence[float], step: int | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error(), errors.reported("pid-fid"), preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-fid"):
+    stop = preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-fid")  # Ctrl-C, a launcher's stop: status 75
+    with dist.abort_on_error(), errors.reported("pid-fid"), stop:
         parser = build_parser()
         args = parser.parse_args(argv)
         _check(parser, args)
@@ -195,14 +197,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             evaluation.evaluate_file(args.checkpoint, table, seed_ranges, detector, reference, args.ref, **generated)
         elif args.teacher:
             net = load_teacher(args.teacher, preset=args.preset, device=detector.device)
-            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, options.sampler_from_args(args, type(net).__name__),
-                                        table, seed_ranges, detector, reference, args.ref, **common)
+            sampler = options.sampler_from_args(args, type(net).__name__)
+            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, sampler, table, seed_ranges, detector,
+                                        reference, args.ref, **common)
         else:
             evaluation.evaluate_images(args.images.rsplit("/", 1)[-1], open_images(args.images), table, detector,
                                        reference, args.ref, **common)
-        if dist.rank() == 0 and args.run:
+        if dist.rank() == 0 and args.run:  # EDM's best of several seed ranges: only where there are several.
+            ranges = collections.Counter((r.checkpoint, r.ema, r.sampler) for r in table.results.values() if not r.error)
             for result in table.best():
-                print(f"best: {result.checkpoint} ema {result.ema}: FID {result.fid:.4f} (seeds {result.seeds})")
+                if ranges[result.checkpoint, result.ema, result.sampler] > 1:
+                    print(f"best: {result.checkpoint} ema {result.ema}: FID {result.fid:.4f} (seeds {result.seeds}, "
+                          f"of {ranges[result.checkpoint, result.ema, result.sampler]} ranges)")
         dist.barrier()
     dist.shutdown()
 

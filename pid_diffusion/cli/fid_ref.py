@@ -12,6 +12,7 @@ cache). `--compare A B` prints the FID (and FD_DINOv2 where both have it) betwee
 either format.
 
     pid-fid-ref --data cifar10-32x32.zip --dest cifar10-32x32.npz
+    pid-fid-ref --data shapes --dest fid-refs/shapes-16x16.npz     # the bundled teacher's data set, drawn here
     pid-fid-ref --data samples/ --num-images 50000 --dest samples-stats.npz
     pid-fid-ref --compare samples-stats.npz cifar10-32x32.npz
     pid-fid-ref --data img64.zip --fd-dinov2 --dest img64.pkl
@@ -34,7 +35,8 @@ from pid_diffusion.reference_stats import load_stats, save_stats
 def build_parser():
     parser = options.parser("pid-fid-ref", __doc__)
     task = parser.add_mutually_exclusive_group(required=True)
-    task.add_argument("--data", help="folder, .zip or .npz of images (with --dest)")
+    task.add_argument("--data", help="folder, .zip or .npz of images, or 'shapes': the bundled teacher's data set, "
+                                     "drawn here (with --dest)")
     task.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print the FID between two statistics files")
     parser.add_argument("--dest", help="output: .npz (EDM: mu and sigma) or .pkl (EDM2: fid and fd_dinov2)")
     parser.add_argument("--num-images", type=int, help="measure exactly this many images (default: all)")

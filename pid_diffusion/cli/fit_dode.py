@@ -1,8 +1,9 @@
 """`pid-fit-dode`: distill a D-ODE solver (Kim et al., arXiv 2309.16421) for a frozen EDM teacher.
 
 Fits one λ per step of the K-step Euler or Heun solver so that it follows the same solver with
-C·(K − 1) + 1 steps on a batch of latents, and saves the sampler beside the teacher
-(`<teacher without extension>.dode-<solver>-<K>.pt`, or `--out`). The file records the solver, K, C, the σ
+C·(K − 1) + 1 steps on a batch of latents, and saves the sampler where `--out` says, by default in
+runs/dode/ (`runs/dode/<teacher file name without extension>.dode-<solver>-<K>.pt`; never beside the teacher,
+whose folder may be the repository's model_zoo/). The file records the solver, K, C, the σ
 range, ρ, the seed and the fit's loss; `DODESampler.load(path)` reads it (pid-sample and pid-fid: `--sampler-file`).
 
     pid-fit-dode --teacher model_zoo/edm-shapes-16x16.pt --solver heun --steps 4 --multiplier 10 --num-samples 256
@@ -24,9 +25,13 @@ from pid_diffusion.samplers import HeunSampler
 from pid_diffusion.teacher import load_teacher
 
 
+DEFAULT_FOLDER = "runs/dode"  # Derived files go with the runs (ignored by git), not beside the teacher.
+
+
 def default_output(teacher: str, solver: Solver, num_steps: int) -> str:
-    """`<teacher without extension>.dode-<solver>-<K>.pt`, beside the teacher."""
-    return f"{os.path.splitext(teacher)[0]}.dode-{solver.value}-{num_steps}.pt"
+    """`runs/dode/<teacher file name without extension>.dode-<solver>-<K>.pt`."""
+    stem = os.path.splitext(teacher.rsplit("/", 1)[-1])[0]
+    return f"{DEFAULT_FOLDER}/{stem}.dode-{solver.value}-{num_steps}.pt"
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -43,8 +48,8 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pid-fit-dode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = errors.ArgumentParser(prog="pid-fit-dode", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True,
                         help="teacher: EDM .pkl, converted teacher .pt, or a state dict with --preset")
     parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture")
@@ -60,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sigma-min", type=float, default=HeunSampler.sigma_min, help="ε (default: EDM's %(default)s)")
     parser.add_argument("--sigma-max", type=float, default=HeunSampler.sigma_max, help="T (default: EDM's %(default)s)")
     parser.add_argument("--rho", type=float, default=HeunSampler.rho, help="Karras ρ (default: EDM's %(default)s)")
-    parser.add_argument("--out", help="sampler file to write (default: beside the teacher)")
+    parser.add_argument("--out", help=f"sampler file to write (default: {DEFAULT_FOLDER}/<teacher name>.dode-<solver>-<K>.pt)")
     parser.add_argument("--device", type=torch.device, help="default: the first GPU, else the CPU")
     return parser
 

@@ -6,6 +6,7 @@ samplers and weights of the sampling and evaluation commands.
 from __future__ import annotations
 
 import argparse
+import functools
 import ast
 import inspect
 import io
@@ -19,11 +20,13 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from pid_diffusion import config_files, official, phema, samplers
-from pid_diffusion.utils import dist
+from pid_diffusion import checkpoint, config_files, official, phema, samplers
+from pid_diffusion.utils import dist, fileio
+from pid_diffusion.cli import errors
+from pid_diffusion.user_error import UserError
 from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
                                   to_json)
-from pid_diffusion.evaluation import TRAINED_WEIGHTS
+from pid_diffusion.evaluation import NO_EMA
 from pid_diffusion.generate import SamplerKind, sampler_for
 from pid_diffusion.grid import NUM_POINTS
 from pid_diffusion.guidance import GuidedDenoiser
@@ -39,17 +42,18 @@ _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
 def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     """An argument parser that shows a command's module docstring as its help text."""
-    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return errors.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training commands: a configuration from a preset or a file, with overrides.
 
 
+@functools.cache  # Read once per process: every training command's parser shows them all (inspect is slow).
 def field_docs(cls: type) -> dict[str, str]:
     """The one-line comment beside each field declared in `cls`'s own source: the schema (config.py) documents
-    itself, and `--help` prints it."""
+    itself, and `--help` prints it. Callers must not modify the result (it is cached)."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # Defined where no source is kept (an interactive session).
@@ -169,7 +173,7 @@ def seed_range(text: str) -> tuple[str, list[int]]:
 def weights_name(text: str) -> str:
     """'none', an EMA rate written as the checkpoint's `ema` keys write it (str of the float), or a power-function
     EMA or post-hoc reconstruction as 'std-<σ_rel>' (written as phema.std_name writes it)."""
-    if text == TRAINED_WEIGHTS:
+    if text == NO_EMA:
         return text
     if phema.is_std_name(text):
         try:
@@ -182,15 +186,16 @@ def weights_name(text: str) -> str:
     except ValueError:
         rate = math.nan
     if not 0 < rate < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an EMA rate in (0, 1) nor '{TRAINED_WEIGHTS}'")
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an EMA rate in (0, 1) nor '{NO_EMA}'")
     return str(rate)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint/--ema or --teacher/--preset: where the network comes from."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="snapshot or training state (a PID student or an EDM network), or a "
-                                             "student file of the official PID code with --preset")
+    source.add_argument("--checkpoint", help="snapshot or training state (a PID student or an EDM network), a run "
+                                             "folder (its newest one that loads), or a student file of the official "
+                                             "PID code with --preset")
     source.add_argument("--teacher", help="teacher: EDM .pkl, converted teacher .pt, or a state dict with --preset")
     parser.add_argument("--ema", type=weights_name, help="EMA to sample from: a rate, e.g. 0.9999, or a power-function "
                         "EMA or post-hoc reconstruction, e.g. std-0.050 (default: the trained weights)")
@@ -220,14 +225,18 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
     """The network named by add_model_arguments' options, in eval mode on `device`."""
     if args.teacher is not None:
         if args.ema is not None:
-            raise ValueError("--ema applies to a training checkpoint; a teacher file holds one network")
+            raise UserError("--ema applies to a training checkpoint; a teacher file holds one network")
         teacher = load_teacher(args.teacher, preset=args.preset, device=device)
         if (args.guide is None) != (args.guidance is None):
-            raise ValueError("--guide and --guidance go together: give both or neither")
+            raise UserError("--guide and --guidance go together: give both or neither")
         if args.guide is None:
             return teacher
         return GuidedDenoiser(teacher, load_teacher(args.guide, device=device), args.guidance)
     if args.guide is not None or args.guidance is not None:
-        raise ValueError("--guide applies to a teacher (--teacher); a PID student samples in one step")
-    ema = None if args.ema == TRAINED_WEIGHTS else args.ema
+        raise UserError("--guide applies to a teacher (--teacher); a PID student samples in one step")
+    ema = None if args.ema == NO_EMA else args.ema
+    if fileio.isdir(args.checkpoint):  # A run folder: its newest file that loads, damaged newer ones named.
+        path, net = checkpoint.newest_generator(args.checkpoint, ema_rate=ema, device=device, log=dist.print0)
+        dist.print0(f"Sampling {path}")
+        return net
     return official.load_network(args.checkpoint, preset=args.preset, ema_rate=ema, device=device)

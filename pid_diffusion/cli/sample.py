@@ -12,7 +12,9 @@ Outputs (rank 0 writes each atomically, `--png-dir` images excepted: each rank w
   --png-dir DIR   one PNG per image, named `<seed:06d>.png`.
 
     pid-sample --checkpoint run/checkpoint-00800000.pt --ema 0.9999 --seeds 0-63 --grid grid.png
+    pid-sample --checkpoint run --seeds 0-63 --grid grid.png      # the run folder's newest file that loads
     pid-sample --teacher edm-cifar10-32x32-uncond-vp.pkl --sampler heun --steps 18 --seeds 0-63 --grid t.png
+    pid-sample --checkpoint pid_cifar.pt --preset edm-cifar10-32x32-uncond-vp --seeds 0-63 --grid official.png
     mpirun -np 8 pid-sample --checkpoint ... --seeds 0-49999 --batch 500 --npz samples.npz
 """
 
@@ -54,7 +56,8 @@ def build_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    with dist.abort_on_error(), errors.reported("pid-sample"), preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-sample"):
+    stop = preemption.StopAtOnce(preemption.STOP_SIGNALS, "pid-sample")  # Ctrl-C, a launcher's stop: status 75
+    with dist.abort_on_error(), errors.reported("pid-sample"), stop:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not (args.grid or args.npz or args.png_dir):
@@ -87,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if dist.rank() == 0:
             images = images.cpu().numpy()
             if args.grid:
-                image_io.write_png(image_io.grid(images, columns), args.grid)
+                image_io.write_png(image_io.tile(images, columns), args.grid)
             if args.npz:
                 extra = {} if labels is None else dict(labels=labels.cpu().numpy())
                 image_io.write_npz(args.npz, images=images, seeds=np.asarray(args.seeds, dtype=np.int64), **extra)

@@ -23,6 +23,7 @@ from pid_diffusion.cli import errors, options
 from pid_diffusion.samplers import HeunSampler
 from pid_diffusion.teacher_training import TASK, TeacherTrainingConfig, build, export_teacher, grid_path
 from pid_diffusion.generate import sampler_preview
+from pid_diffusion.launch import describe_launch
 from pid_diffusion.train import training_loop
 
 GRID_COLUMNS = 8  # Images per row of the exported teacher's sample grid.
@@ -45,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         args, config = parse_args(argv)
         if options.dry_run(args, config):
             return
+        report = describe_launch(config, dist.world_size())  # a mistake ends here, before the run folder is touched
         with logs.tee_output(config.run.dir):
+            dist.print0("\n".join(report))
             device = dist.device()
             objective, net = build(config)
             preview = sampler_preview(HeunSampler(), net, config.run.image_count, config.train.seed, device)
@@ -53,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.export and dist.rank() == 0:
                 rate = args.export_ema if args.export_ema is not None else config.train.ema_rates[0]
                 teacher = export_teacher(config, args.export, rate)
-                images.write_grid(preview(teacher.to(device)), grid_path(args.export), columns=GRID_COLUMNS)
+                images.write_tiled(preview(teacher.to(device)), grid_path(args.export), columns=GRID_COLUMNS)
                 dist.print0(f"Wrote the teacher {args.export} (EMA {rate}) and its Heun grid {grid_path(args.export)}")
         dist.barrier()
     dist.shutdown()

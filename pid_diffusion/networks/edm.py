@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pid_diffusion.utils.values import parse_enum, plain
+
 __all__ = [
     "Init", "InitMode", "EmbeddingType", "EncoderType", "DecoderType",
     "Linear", "Conv2d", "GroupNorm", "PositionalEmbedding", "FourierEmbedding", "UNetBlock",
@@ -57,15 +59,6 @@ class DecoderType(str, enum.Enum):
     SKIP = "skip"
 
 
-def _parse_enum(enum_type: type[enum.Enum], value: Any, argument: str) -> Any:
-    """Convert an EDM option string to its enum, naming the valid choices on failure."""
-    try:
-        return enum_type(value)
-    except ValueError:
-        choices = ", ".join(repr(member.value) for member in enum_type)
-        raise ValueError(f"{argument}={value!r} is not supported; choose one of {choices}") from None
-
-
 @dataclasses.dataclass(frozen=True)
 class Init:
     """Initialisation of a layer: weights drawn by `mode`, then scaled by `weight` and `bias` (EDM)."""
@@ -74,7 +67,7 @@ class Init:
     bias: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", _parse_enum(InitMode, self.mode, "init mode"))
+        object.__setattr__(self, "mode", parse_enum(InitMode, self.mode, "init mode"))
 
     def replace(self, **changes: Any) -> Init:
         """A copy with some fields changed."""
@@ -92,22 +85,6 @@ def weight_init(shape: Sequence[int], mode: InitMode, fan_in: int, fan_out: int)
     return math.sqrt(1 / fan_in) * torch.randn(*shape)
 
 
-def _jsonable(value: Any) -> Any:
-    """Constructor arguments as JSON-serialisable values: tuples become lists, enums their values."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if hasattr(value, "item"):  # NumPy or 0-dim torch scalars, as EDM's own configs contain.
-        return value.item()
-    raise TypeError(f"constructor argument {value!r} of type {type(value).__name__} is not JSON-serialisable;"
-                    " pass plain numbers, strings, lists or dicts")
-
-
 def _constructor_arguments(frame_locals: Mapping[str, Any], var_keyword: str | None = None) -> dict[str, Any]:
     """The arguments of an `__init__`, read from its `locals()` before any other local is bound.
 
@@ -117,7 +94,7 @@ def _constructor_arguments(frame_locals: Mapping[str, Any], var_keyword: str | N
     arguments = {name: value for name, value in frame_locals.items() if name not in skipped}
     if var_keyword is not None:
         arguments.update(frame_locals[var_keyword])
-    return _jsonable(arguments)
+    return plain(arguments, "constructor arguments")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,14 +235,15 @@ def multi_head_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Self-attention over pixels from a [N, 3C, H, W] qkv map in EDM's channel layout; returns [N, C, H, W].
 
     Channel (head·C/h + c)·3 + j of `qkv` holds q, k or v (j = 0, 1, 2) of channel c in that head, as in
-    EDM's checkpoints. Logits and softmax are computed in float32 for every input dtype (EDM's
+    EDM's checkpoints. Logits and softmax are computed in float32 (float64 for float64 input) for every input dtype (EDM's
     `AttentionOp`), written with plain differentiable ops so that forward-mode AD works.
     """
     batch, channels3, height, width = qkv.shape
     channels = channels3 // 3
     q, k, v = qkv.reshape(batch * num_heads, channels // num_heads, 3, height * width).unbind(2)
+    wide = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for a float64 reference pass
     with _float32_region(qkv.device.type):
-        logits = torch.einsum("ncq,nck->nqk", q.to(torch.float32), (k / math.sqrt(k.shape[1])).to(torch.float32))
+        logits = torch.einsum("ncq,nck->nqk", q.to(wide), (k / math.sqrt(k.shape[1])).to(wide))
         # The softmax written out: torch's own forward-mode rule modifies a saved tensor in place, which
         # breaks backpropagation through a time-derivative tangent (PID's Derivative.JVP). Subtracting the
         # detached row maximum changes nothing mathematically and keeps exp() from overflowing.
@@ -380,9 +358,9 @@ class SongUNet(nn.Module):
                  channel_mult_noise: int = 1, encoder_type: str = "standard", decoder_type: str = "standard",
                  resample_filter: Sequence[float] = (1, 1)):
         init_kwargs = _constructor_arguments(locals())
-        embedding = _parse_enum(EmbeddingType, embedding_type, "embedding_type")
-        encoder = _parse_enum(EncoderType, encoder_type, "encoder_type")
-        decoder = _parse_enum(DecoderType, decoder_type, "decoder_type")
+        embedding = parse_enum(EmbeddingType, embedding_type, "embedding_type")
+        encoder = parse_enum(EncoderType, encoder_type, "encoder_type")
+        decoder = parse_enum(DecoderType, decoder_type, "decoder_type")
         _check_unet_shape(img_resolution, channel_mult)
         super().__init__()
         self.init_kwargs = init_kwargs

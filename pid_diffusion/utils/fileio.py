@@ -15,6 +15,8 @@ from typing import BinaryIO
 import blobfile as bf
 import torch
 
+from pid_diffusion.user_error import FileFormatError, MissingFileError
+
 __all__ = [
     "TEMP_SUFFIX",
     "atomic_torch_save",
@@ -23,6 +25,7 @@ __all__ = [
     "atomic_write_text",
     "exists",
     "is_local",
+    "isdir",
     "join",
     "listdir",
     "open_read",
@@ -31,6 +34,7 @@ __all__ = [
     "rename",
     "size",
     "torch_load",
+    "walk_files",
 ]
 
 TEMP_SUFFIX = ".tmp"  # Of a file while `atomic_write` writes it: never a complete file.
@@ -49,6 +53,16 @@ def join(*parts: str | os.PathLike) -> str:
 
 def exists(path: str | os.PathLike) -> bool:
     return bf.exists(str(path))
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    """True for an existing folder (a blob prefix on a blob store)."""
+    return bf.isdir(str(path))
+
+
+def walk_files(path: str | os.PathLike) -> list[str]:
+    """Paths of every file under the folder `path`, recursively, sorted."""
+    return sorted(bf.join(folder, name) for folder, _, names in bf.walk(str(path)) for name in names)
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
@@ -82,9 +96,13 @@ def open_read(path: str | os.PathLike) -> BinaryIO:
 
 def read_bytes(path: str | os.PathLike) -> bytes:
     path = str(path)
-    if not bf.exists(path):
-        raise FileNotFoundError(f"No such file: {path}")
+    _require(path)
     return bf.read_bytes(path)
+
+
+def _require(path: str) -> None:
+    if not bf.exists(path):
+        raise MissingFileError(f"{path}: no such file; check the path (relative paths start at {os.getcwd()})")
 
 
 @contextlib.contextmanager
@@ -139,16 +157,14 @@ def torch_load(path: str | os.PathLike, *, weights_only: bool = True, map_locati
     """`torch.load` from a local path or blob URL, read through the file (blobfile streams blob URLs with
     range reads); `weights_only` by default, so loading runs no code."""
     path = str(path)
-    if not bf.exists(path):
-        raise FileNotFoundError(f"No such file: {path}")
+    _require(path)
     try:
         with open_read(path) as f:
             return torch.load(f, weights_only=weights_only, map_location=map_location)
     except Exception as error:
         if not _ends_like_a_zip(path):  # torch.load's own message for a cut file is often a bare "Invalid argument".
-            raise ValueError(f"truncated, or not a zip-format torch.save file: no zip end record in its "
-                             f"{size(path)} bytes") \
-                from error
+            raise FileFormatError(f"{path}: truncated, or not a zip-format torch.save file: no zip end record in "
+                                  f"its {size(path)} bytes") from error
         raise
 
 

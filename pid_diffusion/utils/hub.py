@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pid_diffusion.user_error import UserError
+
 import torch
 
 __all__ = [
@@ -54,7 +56,7 @@ PIQ_LPIPS_WEIGHTS = WeightFile(
 )
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(UserError, FileNotFoundError):
     """Pretrained weight files are absent from the hub cache and could not be downloaded."""
 
 

@@ -1,13 +1,14 @@
 """Speed options that wrap the existing networks without editing them.
 
-Activation checkpointing (Chen et al. 2016): a checkpointed segment keeps only its inputs during the forward
-pass and recomputes its activations in the backward pass, trading one extra forward of the segment for most
-of its activation memory. A PID step holds two such memories at its peak, the student's and LPIPS' VGG16
-(at 224×224, the larger one), so both can be checkpointed:
+Activation recomputation (Chen et al. 2016, "gradient checkpointing"; the option is
+`train.activation_checkpointing`): a recomputed segment keeps only its inputs during the forward pass and
+recomputes its activations in the backward pass, trading one extra forward of the segment for most of its
+activation memory. A PID step holds two such memories at its peak, the student's and LPIPS' VGG16 (at 224×224,
+the larger one), so both can be recomputed:
 
-- the U-Net blocks of the student (`enable_activation_checkpointing`): state-dict keys, parameters and
-  numbers are unchanged, so checkpoints written with and without it are interchangeable;
-- the five VGG16 stages of an LPIPS metric (`enable_lpips_checkpointing`), each ending at a feature layer.
+- the U-Net blocks of the student (`enable_activation_recomputation`): state-dict keys, parameters and
+  numbers are unchanged, so training states written with and without it are interchangeable;
+- the five VGG16 stages of an LPIPS metric (`enable_lpips_recomputation`), each ending at a feature layer.
 
 On the CPU, `retain_freed_cpu_memory` stops glibc's malloc from handing freed tensor memory back to the
 operating system, which otherwise page-faults every activation of every step in again (benchmarks/RESULTS.md).
@@ -24,11 +25,11 @@ import torch.autograd.forward_ad as forward_ad
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pid_diffusion.metrics import PiqLPIPS, VGGLPIPS
+from pid_diffusion.distances import PiqLPIPS, VGGLPIPS
 from pid_diffusion.networks.edm import DhariwalUNet, SongUNet, UNetBlock
 
-__all__ = ["ActivationCheckpointingError", "CheckpointedSequential", "CheckpointedUNetBlock",
-           "disable_activation_checkpointing", "enable_activation_checkpointing", "enable_lpips_checkpointing",
+__all__ = ["ActivationRecomputationError", "RecomputedSequential", "RecomputedUNetBlock",
+           "disable_activation_recomputation", "enable_activation_recomputation", "enable_lpips_recomputation",
            "retain_freed_cpu_memory"]
 
 # glibc's mallopt parameters (malloc.h) and the value that switches their dynamic adjustment off for good.
@@ -39,11 +40,11 @@ _RETAIN_BYTES = 2 ** 30  # allocations below 1 GiB come from the reusable heap, 
 _UNETS = (SongUNet, DhariwalUNet)
 
 
-class ActivationCheckpointingError(RuntimeError):
-    """A checkpointed block was run in a way that activation checkpointing cannot support."""
+class ActivationRecomputationError(RuntimeError):
+    """A recomputed block was run in a way that activation recomputation cannot support."""
 
 
-class CheckpointedUNetBlock(UNetBlock):
+class RecomputedUNetBlock(UNetBlock):
     """A UNetBlock whose activations are recomputed in the backward pass instead of stored.
 
     Non-reentrant `torch.utils.checkpoint` restores the RNG state for the recomputation, so dropout draws
@@ -51,13 +52,14 @@ class CheckpointedUNetBlock(UNetBlock):
     """
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        # Checkpointing recomputes the block without its tangents, and the backward pass of a
+        # Recomputation runs the block again without its tangents, and the backward pass of a
         # forward-mode AD graph then fails deep inside torch with a "different number of tensors" error.
         if any(forward_ad.unpack_dual(t).tangent is not None for t in (x, emb)):
-            raise ActivationCheckpointingError(
-                "activation checkpointing cannot run under forward-mode AD (torch.autograd.forward_ad, PID's "
-                "Derivative.JVP): torch.utils.checkpoint does not recompute tangents. Use a finite-difference "
-                "derivative (forward or central), or call disable_activation_checkpointing(model)")
+            raise ActivationRecomputationError(
+                "activation recomputation (train.activation_checkpointing) cannot run under forward-mode AD "
+                "(torch.autograd.forward_ad, PID's Derivative.JVP): torch.utils.checkpoint does not recompute "
+                "tangents. Use a finite-difference derivative (forward or central), or call "
+                "disable_activation_recomputation(model)")
         return checkpoint(super().forward, x, emb, use_reentrant=False)
 
 
@@ -65,51 +67,52 @@ def _unet_blocks(model: nn.Module) -> list[UNetBlock]:
     """The UNetBlocks of every SongUNet / DhariwalUNet inside `model` (its `enc` and `dec` ModuleDicts)."""
     unets = [module for module in model.modules() if isinstance(module, _UNETS)]
     if not unets:
-        raise TypeError(f"{type(model).__name__} contains no SongUNet or DhariwalUNet; activation checkpointing "
+        raise TypeError(f"{type(model).__name__} contains no SongUNet or DhariwalUNet; activation recomputation "
                         f"applies to EDM's U-Nets (an EDMPrecond, a PIDStudent or the raw network)")
     return [block for unet in unets for part in (unet.enc, unet.dec) for block in part.values()
             if isinstance(block, UNetBlock)]
 
 
-def enable_activation_checkpointing(model: nn.Module) -> int:
-    """Checkpoint every U-Net block of `model` in place; returns the number of blocks. Idempotent."""
+def enable_activation_recomputation(model: nn.Module) -> int:
+    """Recompute every U-Net block of `model` in the backward pass, in place; returns the number of blocks.
+    Idempotent."""
     blocks = _unet_blocks(model)
     for block in blocks:
         # Swapping the class keeps the module object itself: its parameters, hooks, state_dict keys and
         # isinstance(block, UNetBlock), on which SongUNet.forward dispatches, all stay as they are.
-        block.__class__ = CheckpointedUNetBlock
+        block.__class__ = RecomputedUNetBlock
     return len(blocks)
 
 
-def disable_activation_checkpointing(model: nn.Module) -> int:
-    """Undo `enable_activation_checkpointing` in place; returns the number of blocks."""
+def disable_activation_recomputation(model: nn.Module) -> int:
+    """Undo `enable_activation_recomputation` in place; returns the number of blocks."""
     blocks = _unet_blocks(model)
     for block in blocks:
         block.__class__ = UNetBlock
     return len(blocks)
 
 
-class CheckpointedSequential(nn.Sequential):
+class RecomputedSequential(nn.Sequential):
     """An nn.Sequential whose activations are recomputed in the backward pass instead of stored."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return checkpoint(super().forward, x, use_reentrant=False)
 
 
-def enable_lpips_checkpointing(metric: PiqLPIPS | VGGLPIPS) -> int:
-    """Checkpoint the VGG16 of an LPIPS metric in place, one segment per feature layer (relu1_2 … relu5_3);
+def enable_lpips_recomputation(metric: PiqLPIPS | VGGLPIPS) -> int:
+    """Recompute the VGG16 of an LPIPS metric in place, one segment per feature layer (relu1_2 … relu5_3);
     returns the number of segments. The distances and their gradients are unchanged. Idempotent."""
     if isinstance(metric, VGGLPIPS):
         # The lpips package's VGG16 is already cut at its feature layers: slice1 … slice5.
         slices = [module for name, module in metric.lpips.net.named_children() if name.startswith("slice")]
         for stage in slices:
-            stage.__class__ = CheckpointedSequential
+            stage.__class__ = RecomputedSequential
         return len(slices)
     if not isinstance(metric, PiqLPIPS):
-        raise TypeError(f"{type(metric).__name__} is not an LPIPS metric; LPIPS checkpointing applies to PiqLPIPS "
+        raise TypeError(f"{type(metric).__name__} is not an LPIPS metric; LPIPS recomputation applies to PiqLPIPS "
                         f"and VGGLPIPS (the closed-form distances store no activations worth recomputing)")
     content = metric.lpips
-    if all(isinstance(stage, CheckpointedSequential) for stage in content.model.children()):
+    if all(isinstance(stage, RecomputedSequential) for stage in content.model.children()):
         return len(content.model)
     # piq's get_features runs `content.model`'s children in order and keeps the outputs of those named in
     # `content.layers`: regroup the children into segments named after the layer that ends each.
@@ -117,9 +120,9 @@ def enable_lpips_checkpointing(metric: PiqLPIPS | VGGLPIPS) -> int:
     for name, layer in content.model.named_children():
         current.append(layer)
         if name in content.layers:
-            segments[name], current = CheckpointedSequential(*current), []
+            segments[name], current = RecomputedSequential(*current), []
     if current:  # layers after the last feature layer (unused by LPIPS, kept so the network is unchanged)
-        segments[name] = CheckpointedSequential(*current)
+        segments[name] = RecomputedSequential(*current)
     content.model = nn.Sequential(segments)
     return len(segments)
 

@@ -8,16 +8,15 @@ import urllib.error
 
 import lpips
 import piq
-from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 from pid_diffusion.utils import hub
-from pid_diffusion.metrics import L1, L2, Metric, PiqLPIPS, PseudoHuber, VGGLPIPS, upsample_for_lpips
+from pid_diffusion.distances import L1, L2, Metric, PiqLPIPS, PseudoHuber, VGGLPIPS, upsample_for_lpips
 
-LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # VGG16 relu1_2 … relu5_3
+from factories import LPIPS_CHANNELS, torch_home_with_lpips
+
 # The tests upsample to 64×64 instead of the official 224×224: the same code path at a twelfth of the cost.
 TEST_SIZE = 64
 
@@ -32,40 +31,10 @@ def no_network(monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
 
 
-def write_lpips_standins(checkpoints: Path) -> None:
-    """A random but loadable VGG16 and random positive piq LPIPS weights in a hub `checkpoints` folder."""
-    torch.save(random_vgg16_state_dict(), checkpoints / hub.VGG16_IMAGENET.filename)
-    generator = torch.Generator().manual_seed(1)
-    torch.save([torch.rand(1, c, 1, 1, generator=generator) + 0.1 for c in LPIPS_CHANNELS],
-               checkpoints / hub.PIQ_LPIPS_WEIGHTS.filename)
-
-
 @pytest.fixture(scope="module")
 def weights_home(tmp_path_factory):
     """A TORCH_HOME whose hub cache holds a random but loadable VGG16 and random positive piq weights."""
-    home = tmp_path_factory.mktemp("torch_home")
-    checkpoints = home / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    write_lpips_standins(checkpoints)
-    return home
-
-
-def random_vgg16_state_dict() -> dict[str, torch.Tensor]:
-    """Every key and shape of torchvision's VGG16: He-initialised convolutions (activations stay of order 1
-    through the 13 layers), zero classifier (LPIPS never uses it; zeros cost nothing to create)."""
-    with torch.device("meta"):
-        shapes = {key: value.shape for key, value in torchvision.models.vgg16().state_dict().items()}
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for key, shape in shapes.items():
-        if key.startswith("features.") and key.endswith(".weight"):
-            fan_in = shape[1] * shape[2] * shape[3]
-            state[key] = torch.randn(shape, generator=generator) * math.sqrt(2 / fan_in)
-        elif key.startswith("features."):
-            state[key] = 0.1 * torch.randn(shape, generator=generator)
-        else:
-            state[key] = torch.zeros(shape)
-    return state
+    return torch_home_with_lpips(tmp_path_factory.mktemp("torch_home"))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Per-sample distances d(a, b) for the PID residual (docs/method.md §3), on image batches in [−1, 1].
 
-Every metric is a frozen `nn.Module` called as `metric(a, b) -> Tensor[B]`, differentiable with respect to
+Every distance is a frozen `nn.Module` called as `metric(a, b) -> Tensor[B]`, differentiable with respect to
 its inputs. The configuration names one by `Metric` and builds it with `Metric.build()`.
 LPIPS follows the official PID code: images narrower than 256 pixels are bilinearly upsampled to 224×224,
 then fed to the network without clamping. Both images go through VGG16 in one batch, except when only one
@@ -198,7 +198,7 @@ class Metric(enum.Enum):
 
     @property
     def is_lpips(self) -> bool:
-        """Whether the distance runs VGG16, whose activations `perf.enable_lpips_checkpointing` can recompute."""
+        """Whether the distance runs VGG16, whose activations `perf.enable_lpips_recomputation` can recompute."""
         return self in (Metric.LPIPS_PIQ, Metric.LPIPS_VGG)
 
     @property
