@@ -142,3 +142,12 @@ def skipped_banner(terminalreporter) -> None:
     if not require_all():
         terminalreporter.write_line("(CI=true or PID_REQUIRE_ALL=1 turns missing fixtures and mpirun into "
                                     "failures; CUDA-only tests skip without a GPU in every mode)")
+
+
+@pytest.fixture
+def two_threads():
+    """Both of CI's cores for one full-size network (the suite runs one thread, conftest.py); then one again."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)

@@ -3,13 +3,14 @@ and tiny EDM2 teacher files (converted format) with a latent or a pixel encoder.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from pid_diffusion import encoders
 from pid_diffusion.networks.edm2 import Precond
-from pid_diffusion.teacher import CheckpointFormat, TeacherCheckpoint
+from pid_diffusion.teacher import TeacherFile, TeacherFormat
 from pid_diffusion.utils import fileio
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "edm2"
@@ -52,7 +53,17 @@ def write_teacher(path: Path, network_kwargs: dict, encoder: dict | None, seed: 
         for name, value in net.named_parameters():
             if value.ndim == 0:
                 value.fill_(0.5)
-    checkpoint = TeacherCheckpoint(net.init_kwargs, net.state_dict(), CheckpointFormat.CONVERTED,
-                                   class_name="Precond", encoder=encoder)
-    fileio.atomic_torch_save(checkpoint.to_file_dict(source="tests"), str(path))
+    teacher = TeacherFile(net.init_kwargs, net.state_dict(), TeacherFormat.CONVERTED,
+                          class_name="Precond", encoder=encoder)
+    fileio.atomic_torch_save(teacher.to_file_dict(source="tests"), str(path))
     return path
+
+
+class SystemCall:
+    """An object whose unpickling runs `command` (os.system): what a safe reader must refuse."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)

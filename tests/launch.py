@@ -19,8 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pid_diffusion import checkpoint
+from pid_diffusion.utils import fileio
+
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 600  # A guard against a hung job, far above any job's normal duration here (< 60 s).
+RELEASE_JOB_TIMEOUT_S = 900  # The same guard for a job on release-size networks.
 POLL_TIMEOUT_S = 300  # The longest a test waits for a file a running job is about to write.
 
 # Marks a test that starts mpirun: it fails when mpirun is missing in CI and skips elsewhere (conftest.py).
@@ -130,3 +134,33 @@ def kill_job(job: subprocess.Popen, folder: str, timeout_s: float = 60.0) -> Non
     while (survivors := processes_mentioning(folder)) and time.monotonic() < deadline:
         time.sleep(0.1)  # a killed process leaves /proc once its parent (or init) reaps it
     assert not survivors, f"processes {survivors} of the killed job outlived SIGKILL by {timeout_s} s"
+
+
+# Release-size jobs (test_release_commands.py, test_edm2_release.py).
+
+def launch(command: list[str], processes: int) -> list[str]:
+    if processes == 1:
+        return command
+    return [MPIRUN or "mpirun", "-np", str(processes), "--oversubscribe", *command]
+
+
+def run(command: list[str], env: dict[str, str]) -> str:
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=RELEASE_JOB_TIMEOUT_S)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def distill_killed_and_resumed(command: list[str], processes: int, env: dict[str, str], run_dir: Path) -> str:
+    """Start the run, SIGKILL it (every process) once step 1's checkpoint exists, then rerun the same command."""
+    job = subprocess.Popen(launch(command, processes), cwd=REPO, env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = checkpoint.training_state_path(str(run_dir), 1)
+    try:
+        wait_for(lambda: fileio.exists(first), job, "the first checkpoint was written", RELEASE_JOB_TIMEOUT_S)
+    finally:
+        kill_job(job, str(run_dir))
+    assert [step for step, _ in checkpoint.find_training_states(str(run_dir))] == [1], "killed after step 2 finished"
+    output = run(launch(command, processes), env)
+    assert "Resuming from" in output and "at step 1" in output, output
+    return output

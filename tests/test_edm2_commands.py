@@ -18,8 +18,7 @@ import torch
 from edm2_helpers import install_tiny_vae, sd_vae_description, write_teacher
 from launch import REPO, mpirun_command, mpirun_env, needs_mpirun, subprocess_env
 from pid_diffusion import encoders
-from test_fid import SMALL_FEATURE_DIM, small_detector
-from test_metrics import write_lpips_standins
+from factories import SMALL_FEATURE_DIM, small_detector, write_lpips_standins
 
 pytest.importorskip("diffusers", reason=encoders.DIFFUSERS_MISSING)
 

@@ -28,14 +28,12 @@ from edm2_helpers import install_tiny_vae, sd_vae_description
 from pid_diffusion import checkpoint, encoders
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, pid_residual
-from pid_diffusion.metrics import Metric
+from pid_diffusion.distances import Metric
 from pid_diffusion.networks.edm2 import EDM2_PRESETS, Precond
 from pid_diffusion.student import PIDStudent
 from pid_diffusion.utils import fileio
-from test_fid import SMALL_FEATURE_DIM, write_detector
-from test_release_commands import DETECTOR_POOL, distill_killed_and_resumed, run
-from test_release_gradients import two_threads  # noqa: F401  (a fixture)
-from test_teacher import _mark_persistent, _write_edm_pickle
+from factories import DETECTOR_POOL, SMALL_FEATURE_DIM, mark_persistent, write_detector, write_edm_pickle
+from launch import distill_killed_and_resumed, run
 
 pytestmark = pytest.mark.release
 pytest.importorskip("diffusers", reason=encoders.DIFFUSERS_MISSING)
@@ -77,7 +75,7 @@ def random_teacher(name: str, seed: int = 0) -> Precond:
 
 
 @pytest.mark.parametrize("name, derivative", CASES, ids=[f"{n}-{d.value}" for n, d in CASES])
-def test_every_student_parameter_gets_a_gradient(name, derivative, two_threads):  # noqa: F811
+def test_every_student_parameter_gets_a_gradient(name, derivative, two_threads):
     teacher = random_teacher(name)
     student = PIDStudent.from_teacher(teacher, GRID.sigma_min, GRID.sigma_max, network_overrides={"dropout": 0.0})
     assert not any(key.startswith("logvar") for key in student.state_dict())
@@ -108,7 +106,7 @@ def edm2_pickle(path, name: str, seed: int) -> str:
     """A file in EDM2's snapshot layout (float16 network in `ema`, the VAE encoder), random weights."""
     network = random_teacher(name, seed).to(torch.float16)
     encoder = _VAEEncoder()
-    return _write_edm_pickle(path, dict(encoder=_mark_persistent(encoder, {}), ema=_mark_persistent(
+    return write_edm_pickle(path, dict(encoder=mark_persistent(encoder, {}), ema=mark_persistent(
         network, {key: value for key, value in EDM2_PRESETS[name].items()}), dataset_kwargs={}))
 
 
@@ -150,10 +148,10 @@ def test_img512_xs_through_the_commands(tmp_path):
                "--train.ema_rates=0.999", "--run.checkpoint_every=1", "--run.snapshot_every=1", "--run.log_every=1",
                "--run.image_every=2", "--run.image_count=1", "--pid.num_points=10"]
     distill_killed_and_resumed(command, 1, env(), run_dir)
-    assert [step for step, _ in checkpoint.find_checkpoints(str(run_dir))] == [1, 2]
+    assert [step for step, _ in checkpoint.find_training_states(str(run_dir))] == [1, 2]
     with PIL.Image.open(run_dir / "samples-00000002.png") as preview:
         assert preview.size == (IMAGE_SIZE + 4, IMAGE_SIZE + 4)
-    last = checkpoint.checkpoint_path(str(run_dir), 2)
+    last = checkpoint.training_state_path(str(run_dir), 2)
     spec = fileio.torch_load(last)["model_spec"]["kwargs"]
     assert spec["network_class"] == "Precond" and spec["network_kwargs"]["model_channels"] == EDM2_PRESETS[XS]["model_channels"]
 

@@ -15,8 +15,9 @@ from pid_diffusion.guidance import GuidedDenoiser
 from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.networks.edm2 import Precond
 from pid_diffusion.samplers import HeunSampler
-from pid_diffusion.teacher import CheckpointFormat, TeacherCheckpointError, load_teacher, read_teacher_checkpoint
-from test_teacher import _SystemCall, _mark_persistent, _write_edm_pickle
+from pid_diffusion.teacher import TeacherFileError, TeacherFormat, load_teacher, read_teacher_file
+from edm2_helpers import SystemCall
+from factories import mark_persistent, write_edm_pickle
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "edm2"
 SNAPSHOT = FIXTURES / "edm2_tiny_snapshot.pkl"
@@ -93,8 +94,8 @@ def test_convert_command_writes_a_weights_only_teacher(tmp_path, snapshot_ref):
     assert payload["encoder"]["class_name"] == "StabilityVAEEncoder"
     assert payload["network_kwargs"] == snapshot_ref["ema"]["init_kwargs"]
     assert {value.dtype for value in payload["state_dict"].values()} == {torch.float32}
-    converted = read_teacher_checkpoint(dst)
-    assert converted.source_format is CheckpointFormat.CONVERTED and converted.class_name == "Precond"
+    converted = read_teacher_file(dst)
+    assert converted.source_format is TeacherFormat.CONVERTED and converted.class_name == "Precond"
     inputs = snapshot_ref["inputs"]
     with torch.no_grad():
         assert torch.equal(load_teacher(dst)(inputs["x"], inputs["sigma"], inputs["class_labels"]),
@@ -111,21 +112,21 @@ def test_both_families_load_through_one_call():
 def _edm2_layout(**entries) -> dict:
     net = Precond(img_resolution=8, img_channels=4, label_dim=0, model_channels=8, channel_mult=[1],
                   num_blocks=1, attn_resolutions=[], use_fp16=False)
-    return dict(ema=_mark_persistent(net, net.init_kwargs), **entries)
+    return dict(ema=mark_persistent(net, net.init_kwargs), **entries)
 
 
 def test_foreign_global_in_edm2_file_is_refused_by_name(tmp_path):
     marker = tmp_path / "ran"
-    pkl = _write_edm_pickle(tmp_path / "evil.pkl", _edm2_layout(encoder=_SystemCall(f"touch {marker}")))
-    with pytest.raises(TeacherCheckpointError) as error:
+    pkl = write_edm_pickle(tmp_path / "evil.pkl", _edm2_layout(encoder=SystemCall(f"touch {marker}")))
+    with pytest.raises(TeacherFileError) as error:
         load_teacher(pkl)
     assert f"{os.system.__module__}.{os.system.__name__}" in str(error.value)
     assert not marker.exists()
 
 
 def test_object_arrays_are_refused(tmp_path):
-    pkl = _write_edm_pickle(tmp_path / "objects.pkl", _edm2_layout(encoder=np.array([print], dtype=object)))
-    with pytest.raises(TeacherCheckpointError, match="refusing NumPy dtype object"):
+    pkl = write_edm_pickle(tmp_path / "objects.pkl", _edm2_layout(encoder=np.array([print], dtype=object)))
+    with pytest.raises(TeacherFileError, match="refusing NumPy dtype object"):
         load_teacher(pkl)
 
 
@@ -133,8 +134,8 @@ def test_unknown_encoder_is_refused(tmp_path):
     class VQEncoder(torch.nn.Module):
         pass
 
-    pkl = _write_edm_pickle(tmp_path / "vq.pkl", _edm2_layout(encoder=_mark_persistent(VQEncoder(), {})))
-    with pytest.raises(TeacherCheckpointError, match="encoder is a VQEncoder; EDM2 teachers use"):
+    pkl = write_edm_pickle(tmp_path / "vq.pkl", _edm2_layout(encoder=mark_persistent(VQEncoder(), {})))
+    with pytest.raises(TeacherFileError, match="encoder is a VQEncoder; EDM2 teachers use"):
         load_teacher(pkl)
 
 
@@ -188,7 +189,7 @@ def test_guided_denoiser_is_edm2s_lerp():
 
 def test_edm2_presets_name_edm2_releases():
     from pid_diffusion.distill import release_url, resolve, vae_name
-    from pid_diffusion.metrics import Metric
+    from pid_diffusion.distances import Metric
     from pid_diffusion.networks.edm2 import EDM2_RELEASE_URL, release_preset
     xs, s, img64 = resolve("edm2-img512-xs"), resolve("edm2-img512-s"), resolve("edm2-img64-s")
     assert release_preset(xs.teacher.path) == "edm2-img512-xs" and xs.pid.metric is Metric.PSEUDO_HUBER

@@ -29,12 +29,11 @@ from pid_diffusion.networks.edm import EDM_PRESETS
 
 from factories import (DETECTOR_POOL, SMALL_FEATURE_DIM, edm_release, release_network, torch_home_with_lpips,
                        write_detector, write_edm_pickle)
-from launch import MPIRUN, kill_job, wait_for
+from launch import MPIRUN, distill_killed_and_resumed, kill_job, launch, run, wait_for
 
 pytestmark = pytest.mark.release
 
 REPO = Path(__file__).resolve().parents[1]
-JOB_TIMEOUT_S = 900  # A guard against a hung job, far above its normal duration.
 EMA = "0.999"  # One EMA rate: each one is another copy of the network in every checkpoint.
 
 
@@ -58,18 +57,6 @@ def workspace(tmp_path_factory) -> Path:
 def environment(workspace: Path, threads: int) -> dict[str, str]:
     return {**os.environ, "TORCH_HOME": str(workspace / "torch_home"), "OMP_NUM_THREADS": str(threads),
             "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-
-
-def launch(command: list[str], processes: int) -> list[str]:
-    if processes == 1:
-        return command
-    return [MPIRUN or "mpirun", "-np", str(processes), "--oversubscribe", *command]
-
-
-def run(command: list[str], env: dict[str, str]) -> str:
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
 
 
 def release_pickle(workspace: Path, name: str) -> tuple[Path, int]:
@@ -96,21 +83,6 @@ def distill_command(teacher: Path, name: str, run_dir: Path, steps: int, batch: 
             f"--run.dir={run_dir}", f"--train.steps={steps}", f"--train.batch={batch}", "--train.micro_batch=none",
             f"--pid.metric={metric}", f"--train.ema_rates={EMA}", "--run.checkpoint_every=1", "--run.log_every=1",
             "--run.image_every=0", "--run.sync_check_every=1", "--train.precision=fp32"]
-
-
-def distill_killed_and_resumed(command: list[str], processes: int, env: dict[str, str], run_dir: Path) -> str:
-    """Start the run, SIGKILL it (every process) once step 1's checkpoint exists, then rerun the same command."""
-    job = subprocess.Popen(launch(command, processes), cwd=REPO, env=env, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = checkpoint.training_state_path(str(run_dir), 1)
-    try:
-        wait_for(lambda: fileio.exists(first), job, "the first checkpoint was written", JOB_TIMEOUT_S)
-    finally:
-        kill_job(job, str(run_dir))
-    assert [step for step, _ in checkpoint.find_training_states(str(run_dir))] == [1], "killed after step 2 finished"
-    output = run(launch(command, processes), env)
-    assert "Resuming from" in output and "at step 1" in output, output
-    return output
 
 
 def sample_and_check(teacher_or_checkpoint: list[str], name: str, workspace: Path, tag: str, seeds: int,

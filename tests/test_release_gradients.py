@@ -40,15 +40,6 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def two_threads():
-    """Both of CI's cores for one full-size network (the suite runs one thread, conftest.py); then one again."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_cases_cover_every_release_architecture():
     def architecture(kwargs):
         return {key: value for key, value in kwargs.items() if key != "dropout"}
