@@ -138,6 +138,11 @@ def kill_job(job: subprocess.Popen, folder: str, timeout_s: float = 60.0) -> Non
 
 # Release-size jobs (test_release_commands.py, test_edm2_release.py).
 
+def environment(workspace: Path, threads: int) -> dict[str, str]:
+    return {**os.environ, "TORCH_HOME": str(workspace / "torch_home"), "OMP_NUM_THREADS": str(threads),
+            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
 def launch(command: list[str], processes: int) -> list[str]:
     if processes == 1:
         return command

@@ -29,6 +29,8 @@ TINY = dict(img_resolution=8, img_channels=4, label_dim=10, model_channels=16, c
 IMAGE_SHAPE = (16, 16, 3)
 GUIDANCE = "2.1"  # EDM2's FID-optimal weight for img512-s guided by xs
 
+pytestmark = pytest.mark.slow  # every test runs the commands as processes
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):

@@ -33,7 +33,7 @@ from pid_diffusion.networks.edm2 import EDM2_PRESETS, Precond
 from pid_diffusion.student import PIDStudent
 from pid_diffusion.utils import fileio
 from factories import DETECTOR_POOL, SMALL_FEATURE_DIM, mark_persistent, write_detector, write_edm_pickle
-from launch import distill_killed_and_resumed, run
+from launch import distill_killed_and_resumed, environment, run
 
 pytestmark = pytest.mark.release
 pytest.importorskip("diffusers", reason=encoders.DIFFUSERS_MISSING)
@@ -130,7 +130,6 @@ def test_img512_xs_through_the_commands(tmp_path):
     env_extra = dict(HF_HUB_CACHE=str(workspace / "hub"), HF_HUB_OFFLINE="1", TORCH_HOME=str(workspace / "th"))
 
     def env(threads: int = 2):
-        from test_release_commands import environment
         return {**environment(workspace, threads), **env_extra}
 
     teachers = {}

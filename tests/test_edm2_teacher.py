@@ -84,6 +84,7 @@ def test_snapshot_loads_as_float32_teacher_with_its_encoder(snapshot_ref):
     assert (D - snapshot_ref["D"]).abs().max() > 0  # the float16 rounding of the gains is really gone
 
 
+@pytest.mark.slow  # starts pid-convert-edm
 def test_convert_command_writes_a_weights_only_teacher(tmp_path, snapshot_ref):
     dst = tmp_path / "edm2-tiny.pt"
     result = _run("pid_diffusion.cli.convert_edm", str(SNAPSHOT), str(dst))

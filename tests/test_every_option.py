@@ -78,6 +78,7 @@ TRAINER_CASES = [
 # pid-distill's own sections. {student_file} and {teacher_pkl} are files made by the `files` fixture.
 DISTILL_CASES = [
     ("teacher .pkl", ["--teacher.path={teacher_pkl}"]),
+    ("guided teacher", ["--teacher.guide_path={teacher_pkl}", "--teacher.guidance=2"]),  # EDM2's D_g + w (D - D_g)
     ("random student", ["--student.init=random"]),
     ("student file", ["--student.init=file", "--student.path={student_file}"]),
     ("student dropout", ["--student.dropout=0.1"]),

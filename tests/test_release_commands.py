@@ -11,9 +11,7 @@ Which parameters get gradients is checked for each architecture by test_release_
 
 import csv
 import io
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from pid_diffusion.networks.edm import EDM_PRESETS
 
 from factories import (DETECTOR_POOL, SMALL_FEATURE_DIM, edm_release, release_network, torch_home_with_lpips,
                        write_detector, write_edm_pickle)
-from launch import MPIRUN, distill_killed_and_resumed, kill_job, launch, run, wait_for
+from launch import distill_killed_and_resumed, environment, run
 
 pytestmark = pytest.mark.release
 
@@ -52,11 +50,6 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("release")
     torch_home_with_lpips(root / "torch_home")
     return root
-
-
-def environment(workspace: Path, threads: int) -> dict[str, str]:
-    return {**os.environ, "TORCH_HOME": str(workspace / "torch_home"), "OMP_NUM_THREADS": str(threads),
-            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
 def release_pickle(workspace: Path, name: str) -> tuple[Path, int]:
