@@ -6,6 +6,7 @@ full-size img512-xs path is test_edm2_release.py's."""
 
 import csv
 import io
+import math
 import pickle
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 from edm2_helpers import install_tiny_vae, sd_vae_description, write_teacher
 from launch import REPO, mpirun_command, mpirun_env, needs_mpirun, subprocess_env
 from pid_diffusion import encoders
+from pid_diffusion.images import PREVIEW_MIN_PIXELS
 from factories import SMALL_FEATURE_DIM, small_detector, write_lpips_standins
 
 pytest.importorskip("diffusers", reason=encoders.DIFFUSERS_MISSING)
@@ -64,7 +66,8 @@ def test_guided_latent_teacher_through_distill_sample_and_fid(workspace):
     distill(workspace, f"--run.dir={run_dir}", "--run.image_every=2", "--run.checkpoint_every=1",
             "--run.snapshot_every=1")
     preview = np.asarray(PIL.Image.open(run_dir / "samples-00000002.png"))
-    assert preview.shape == (2 * IMAGE_SHAPE[0] + 6, 2 * IMAGE_SHAPE[1] + 6, 3)  # 2×2 decoded images, padding 2
+    scale = math.ceil(PREVIEW_MIN_PIXELS / IMAGE_SHAPE[0])  # previews magnify small images
+    assert preview.shape == (2 * scale * IMAGE_SHAPE[0] + 6, 2 * scale * IMAGE_SHAPE[1] + 6, 3)  # 2×2 decoded, padding 2
     payload = torch.load(run_dir / "checkpoint-00000002.pt", weights_only=True)
     kwargs = payload["model_spec"]["kwargs"]
     assert kwargs["network_class"] == "Precond" and kwargs["encoder"] == sd_vae_description()
