@@ -122,7 +122,7 @@ def _from_edm_snapshot(data: Any, path: str) -> TeacherFile:
     if not isinstance(network, PickledModule) or network.class_name not in NETWORK_CLASSES:
         name = network.class_name if isinstance(network, PickledModule) else type(network).__name__
         raise TeacherFileError(f"{path}: the ema network is a {name}; PID distils "
-                                     f"{' and '.join(NETWORK_CLASSES)} teachers (EDM's and EDM2's)")
+                                   f"{' and '.join(NETWORK_CLASSES)} teachers (EDM's and EDM2's)")
     if network.state.get("_init_args"):
         raise TeacherFileError(f"{path}: the network was built with positional arguments; EDM passes "
                                      "keyword arguments only, so the file was modified")
@@ -132,14 +132,14 @@ def _from_edm_snapshot(data: Any, path: str) -> TeacherFile:
         raise TeacherFileError(f"{path}: {error}") from error
     if network.class_name == TEACHER_CLASS:
         return TeacherFile(_plain(network.init_kwargs, "network_kwargs"), state_dict,
-                                 TeacherFormat.EDM_PICKLE)
+                           TeacherFormat.EDM_PICKLE)
     try:
         encoder = encoders.describe(data.get("encoder"))
     except ValueError as error:
         raise TeacherFileError(f"{path}: {error}") from error
     state_dict = {key: value.float() if value.is_floating_point() else value for key, value in state_dict.items()}
     return TeacherFile(_plain(network.init_kwargs, "network_kwargs"), state_dict, TeacherFormat.EDM_PICKLE,
-                             class_name=network.class_name, encoder=encoder)
+                       class_name=network.class_name, encoder=encoder)
 
 
 def _from_official_pid(state_dict: dict[str, torch.Tensor], preset: str, path: str) -> TeacherFile:
@@ -180,7 +180,7 @@ def _from_torch_file(data: Any, path: str, preset: str | None) -> TeacherFile:
         except ValueError as error:
             raise TeacherFileError(f"{path}: {error}") from error
         return TeacherFile(_plain(data["network_kwargs"], "network_kwargs"), dict(data["state_dict"]),
-                                 TeacherFormat.CONVERTED, class_name=class_name, encoder=encoder)
+                           TeacherFormat.CONVERTED, class_name=class_name, encoder=encoder)
     if _is_state_dict(data):
         if preset is None:
             raise TeacherFileError(
