@@ -176,7 +176,7 @@ def edm2_standins(root: Path, files: Path) -> None:
             [f"--run.dir={run_dir}", f"--teacher.path={files / 'teachers' / (EDM2_TEACHER + '.pt')}",
              "--train.steps=1", "--train.batch=2", "--run.image_every=0", "--train.ema_rates=0.9999"])
     (files / EDM2_STUDENT).parent.mkdir(parents=True)
-    shutil.copy(checkpoint.latest_checkpoint(str(run_dir))[1], files / EDM2_STUDENT)
+    shutil.copy(checkpoint.latest_training_state(str(run_dir))[1], files / EDM2_STUDENT)
 
 
 def workspace(standins: Path, folder: Path) -> Path:
