@@ -36,7 +36,8 @@ STEPS = 2
 # state (the values below switch the periodic files on).
 COMMON = [f"--train.steps={STEPS}", "--run.log_every=1", "--run.image_every=0", "--run.snapshot_every=0",
           "--run.sync_check_every=0"]
-DISTILL = ["--preset=default", "--train.batch=1", *COMMON]
+# The student's differenced passes in fp32: the 16-bit cases below then run a safe recipe (docs/precision.md).
+DISTILL = ["--preset=default", "--train.batch=1", "--pid.student_precision=fp32", *COMMON]
 TEACHER = ["--train.batch=2", "--data.num_images=4", "--network.model_channels=8", "--network.channel_mult=1",
            *COMMON]
 
@@ -64,6 +65,7 @@ TRAINER_CASES = [
     ("warm-up", ["--train.warmup_steps=1"]),
     ("cosine decay", ["--train.lr_decay=cosine"]),
     ("linear decay", ["--train.lr_decay=linear"]),
+    ("decay horizon", ["--train.lr_decay=cosine", "--train.lr_decay_steps=3"]),
     ("constant lr", ["--train.lr_decay=constant"]),
     ("gradient clipping", ["--train.grad_clip=1.0"]),
     ("one EMA", ["--train.ema_rates=0.5"]),
@@ -78,6 +80,7 @@ TRAINER_CASES = [
 # pid-distill's own sections. {student_file} and {teacher_pkl} are files made by the `files` fixture.
 DISTILL_CASES = [
     ("teacher .pkl", ["--teacher.path={teacher_pkl}"]),
+    ("rounded 16-bit difference", ["--train.precision=bf16", "--pid.student_precision=train_rounded_difference"]),
     ("guided teacher", ["--teacher.guide_path={teacher_pkl}", "--teacher.guidance=2"]),  # EDM2's D_g + w (D - D_g)
     ("random student", ["--student.init=random"]),
     ("student file", ["--student.init=file", "--student.path={student_file}"]),
