@@ -23,7 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import numpy as np
+
+from factories import SMALL_FEATURE_DIM, fixture_teacher, small_detector, write_student_checkpoint
 from launch import MPIRUN
+from pid_diffusion.fid import save_reference
 
 # The reference outputs of NVlabs/edm's own code (see tests/fixtures/edm/README.md).
 EDM_FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "edm"
@@ -151,3 +155,18 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_folder(tmp_path, edm_fixtures_dir, request) -> dict:
+    """Student checkpoints (trained weights + EMA 0.999) at steps 100 and 200, or at the steps an indirect
+    parameter names; a small reference and a stand-in detector."""
+    teacher = fixture_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
+    run = tmp_path / "run"
+    for step in getattr(request, "param", (100, 200)):
+        write_student_checkpoint(str(run / f"checkpoint-{step:08d}.pt"), teacher, step)
+    generator = np.random.default_rng(0)
+    basis = generator.standard_normal((SMALL_FEATURE_DIM, SMALL_FEATURE_DIM)) * 0.3
+    save_reference(str(tmp_path / "ref.npz"), generator.standard_normal(SMALL_FEATURE_DIM) * 0.1, basis @ basis.T)
+    return dict(run=str(run), ref=str(tmp_path / "ref.npz"), detector=small_detector(tmp_path / "detector.pt"),
+                csv=str(tmp_path / "fid.csv"), plot=str(tmp_path / "fid.png"))

@@ -328,3 +328,12 @@ def train_toy(folder, *overrides: str) -> dict:
 def initial_toy_state() -> dict:
     torch.manual_seed(0)  # toy_training.main's initial weights
     return toy_training.ToyNet().state_dict()
+
+
+# pid-fid over a run folder (the `run_folder` fixture of conftest.py).
+NUM_SEEDS = 30  # images per evaluation in the pid-fid tests (3 per Inception Score split)
+
+
+def fid_args(paths: dict, *extra: str) -> list[str]:
+    return ["--run", paths["run"], "--ref", paths["ref"], "--detector", paths["detector"], "--csv", paths["csv"],
+            "--plot", paths["plot"], "--seeds", f"0-{NUM_SEEDS - 1}", "--batch", "8", *extra]

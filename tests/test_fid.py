@@ -23,12 +23,9 @@ from pid_diffusion.cli import fid_ref, sample
 from pid_diffusion.fid import FeatureStats, InceptionScoreStats, fid_from_stats, load_reference, save_reference
 from pid_diffusion.inception import NUM_CLASSES, load_detector
 
-from factories import (SMALL_FEATURE_DIM, fixture_teacher, load_npz, small_detector, write_detector,
-                       write_student_checkpoint)
+from factories import (NUM_SEEDS, SMALL_FEATURE_DIM, fid_args, fixture_teacher, load_npz, small_detector,
+                       write_detector, write_student_checkpoint)
 from launch import mpirun_module, needs_mpirun
-
-NUM_SEEDS = 30  # images per evaluation in the pid-fid tests (3 per Inception Score split)
-
 
 def numpy_inception_score(probabilities: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
     """StyleGAN2-ADA's metrics/inception_score.py on all probabilities at once."""
@@ -185,26 +182,6 @@ def test_detector_takes_only_quantised_images(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # pid-fid over a run folder.
-
-@pytest.fixture
-def run_folder(tmp_path, edm_fixtures_dir, request) -> dict:
-    """Student checkpoints (trained weights + EMA 0.999) at steps 100 and 200, or at the steps an indirect
-    parameter names; a small reference and a stand-in detector."""
-    teacher = fixture_teacher(edm_fixtures_dir, "ref_song_uncond.pt")
-    run = tmp_path / "run"
-    for step in getattr(request, "param", (100, 200)):
-        write_student_checkpoint(str(run / f"checkpoint-{step:08d}.pt"), teacher, step)
-    generator = np.random.default_rng(0)
-    basis = generator.standard_normal((SMALL_FEATURE_DIM, SMALL_FEATURE_DIM)) * 0.3
-    save_reference(str(tmp_path / "ref.npz"), generator.standard_normal(SMALL_FEATURE_DIM) * 0.1, basis @ basis.T)
-    return dict(run=str(run), ref=str(tmp_path / "ref.npz"), detector=small_detector(tmp_path / "detector.pt"),
-                csv=str(tmp_path / "fid.csv"), plot=str(tmp_path / "fid.png"))
-
-
-def fid_args(paths: dict, *extra: str) -> list[str]:
-    return ["--run", paths["run"], "--ref", paths["ref"], "--detector", paths["detector"], "--csv", paths["csv"],
-            "--plot", paths["plot"], "--seeds", f"0-{NUM_SEEDS - 1}", "--batch", "8", *extra]
-
 
 def read_rows(path: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(fileio.read_bytes(path).decode())))

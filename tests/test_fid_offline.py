@@ -13,8 +13,8 @@ from pid_diffusion.cli import fid_ref
 from pid_diffusion.fid import load_reference
 from pid_diffusion.inception import FEATURE_DIM
 
+from factories import NUM_SEEDS, fid_args, write_detector
 from launch import REPO, subprocess_env
-from test_fid import NUM_SEEDS, fid_args, run_folder, write_detector  # noqa: F401 (run_folder: a fixture)
 
 NOT_COMPARABLE = "not comparable with published ones"
 

@@ -11,7 +11,7 @@ from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.config import ConfigError, LRDecay, TrainConfig
 from pid_diffusion.schedule import lr_at
 
-from test_train import train_toy
+from factories import train_toy
 
 DECAY = ["--train.lr_decay=cosine", "--run.checkpoint_every=2", "--run.log_every=1"]
 
