@@ -64,7 +64,9 @@ def test_demo_distils_the_bundled_teacher(tmp_path, capsys):
 
     results = json.loads((run_dir / "demo-results.json").read_text())
     teacher, before, after, zoo = results["rows"]  # The model_zoo student's row: its file is of this teacher.
-    assert zoo["psnr"] == pytest.approx(zoo_card_psnr(), abs=ZOO_PSNR_TOLERANCE_DB)
+    # On these 16 latents (the card measures 64: test_the_zoo_student_agrees_...) the zoo student, distilled
+    # for 1500 steps of 32, must agree with the teacher far better than this 40-step run.
+    assert zoo["network_calls"] == 1 and zoo["psnr"] > after["psnr"] + 3
     assert teacher["network_calls"] == 35 and before["network_calls"] == after["network_calls"] == 1
     # Distillation must bring the one-step output much closer to the teacher's Heun output.
     assert after["rmse"] < 0.75 * before["rmse"]
