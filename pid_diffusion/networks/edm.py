@@ -25,7 +25,7 @@ from pid_diffusion.utils.values import parse_enum, plain
 __all__ = [
     "Init", "InitMode", "EmbeddingType", "EncoderType", "DecoderType",
     "Linear", "Conv2d", "GroupNorm", "PositionalEmbedding", "FourierEmbedding", "UNetBlock",
-    "SongUNet", "DhariwalUNet", "EDMPrecond", "Preconditioning", "MODEL_TYPES", "EDM_PRESETS",
+    "SongUNet", "DhariwalUNet", "Denoiser", "EDMPrecond", "Preconditioning", "MODEL_TYPES", "EDM_PRESETS",
 ]
 
 
@@ -588,7 +588,55 @@ class Preconditioning(NamedTuple):
     c_noise: torch.Tensor
 
 
-class EDMPrecond(nn.Module):
+class Denoiser(nn.Module):
+    """What EDM's and EDM2's preconditioners share: the image shape and labels they take, σ_data, the
+    coefficients of EDM Table 1 and the float16 switch; each subclass wraps its own raw network F."""
+
+    def __init__(self, init_kwargs: dict[str, Any], img_resolution: int, img_channels: int, label_dim: int,
+                 use_fp16: bool, sigma_data: float):
+        super().__init__()
+        self.init_kwargs = init_kwargs
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.sigma_data = sigma_data
+
+    def preconditioning(self, sigma: torch.Tensor) -> Preconditioning:
+        """c_skip, c_out, c_in, c_noise of EDM Table 1, in σ's dtype and shape."""
+        sigma_data = self.sigma_data
+        return Preconditioning(
+            c_skip=sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2),
+            c_out=sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt(),
+            c_in=1 / (sigma_data ** 2 + sigma ** 2).sqrt(),
+            c_noise=sigma.log() / 4)
+
+    def labels(self, class_labels: torch.Tensor | None, device: torch.device, dtype: torch.dtype
+               ) -> torch.Tensor | None:
+        """Labels as the network takes them: None when unconditional, zeros [1, label_dim] when not given."""
+        if self.label_dim == 0:
+            return None
+        if class_labels is None:
+            return torch.zeros([1, self.label_dim], device=device, dtype=dtype)
+        return class_labels.to(dtype).reshape(-1, self.label_dim)
+
+    def inputs(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x, σ [B or 1, 1, 1, 1] and the labels (see `labels`) in `dtype`, on x's device."""
+        x = x.to(dtype)
+        sigma = torch.as_tensor(sigma, device=x.device).to(dtype).reshape(-1, 1, 1, 1)
+        return x, sigma, self.labels(class_labels, x.device, dtype)
+
+    def network_dtype(self, x: torch.Tensor, force_fp32: bool, dtype: torch.dtype) -> torch.dtype:
+        """float16 where `use_fp16` asks for it, not forced off and on CUDA; else `dtype`."""
+        return torch.float16 if self.use_fp16 and not force_fp32 and x.device.type == "cuda" else dtype
+
+    def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The denoiser accepts any σ: no rounding (EDM's API, which ported code calls)."""
+        return torch.as_tensor(sigma)
+
+
+class EDMPrecond(Denoiser):
     """EDM's denoiser D(x; σ) = c_skip(σ) x + c_out(σ) F(c_in(σ) x; c_noise(σ)) around a raw U-Net F.
 
     `model_type` names the network class as EDM's checkpoints record it; other keyword arguments go to it.
@@ -601,47 +649,19 @@ class EDMPrecond(nn.Module):
         init_kwargs = _constructor_arguments(locals(), var_keyword="model_kwargs")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type={model_type!r} is unknown; choose one of {sorted(MODEL_TYPES)}")
-        super().__init__()
-        self.init_kwargs = init_kwargs
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
+        super().__init__(init_kwargs, img_resolution, img_channels, label_dim, use_fp16, sigma_data)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
-        self.sigma_data = sigma_data
         self.model = MODEL_TYPES[model_type](img_resolution=img_resolution, in_channels=img_channels,
                                              out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
-    def preconditioning(self, sigma: torch.Tensor) -> Preconditioning:
-        """c_skip, c_out, c_in, c_noise of EDM Table 1, in σ's dtype and shape."""
-        sigma_data = self.sigma_data
-        c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
-        c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
-        c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
-        c_noise = sigma.log() / 4
-        return Preconditioning(c_skip, c_out, c_in, c_noise)
-
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None, force_fp32: bool = False) -> torch.Tensor:
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        use_fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
-        dtype = torch.float16 if use_fp16 else torch.float32
-
+        x, sigma, class_labels = self.inputs(x, sigma, class_labels, torch.float32)
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels, augment_labels=augment_labels)
+        F_x = self.model((c_in * x).to(self.network_dtype(x, force_fp32, torch.float32)), c_noise.flatten(),
+                         class_labels, augment_labels=augment_labels)
         return c_skip * x + c_out * F_x.to(torch.float32)
-
-    def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
-        """EDM's denoiser accepts any σ: no rounding."""
-        return torch.as_tensor(sigma)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pid_diffusion.networks.edm import Preconditioning, _constructor_arguments
+from pid_diffusion.networks.edm import Denoiser, _constructor_arguments
 
 __all__ = [
     "normalize", "resample", "mp_silu", "mp_sum", "mp_cat", "MPFourier", "MPConv", "Block", "UNet", "Precond",
@@ -304,7 +304,7 @@ class UNet(nn.Module):
         return self.out_conv(x, gain=self.out_gain)
 
 
-class Precond(nn.Module):
+class Precond(Denoiser):
     """EDM2's denoiser D(x; σ) = c_skip x + c_out F(c_in x; ln(σ)/4) (EDM Table 1 with σ_d) around `unet`,
     plus the uncertainty head log u(σ) = logvar_linear(logvar_fourier(c_noise)) that EDM2's loss weights
     with (paper Eq. 21); PID never uses the head.
@@ -317,56 +317,24 @@ class Precond(nn.Module):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool = True,
                  sigma_data: float = 0.5, logvar_channels: int = 128, **unet_kwargs: Any):
         init_kwargs = _constructor_arguments(locals(), var_keyword="unet_kwargs")
-        super().__init__()
-        self.init_kwargs = init_kwargs
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.sigma_data = sigma_data
+        super().__init__(init_kwargs, img_resolution, img_channels, label_dim, use_fp16, sigma_data)
         self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
                          **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
-    def preconditioning(self, sigma: torch.Tensor) -> Preconditioning:
-        """c_skip, c_out, c_in, c_noise at σ, in σ's dtype and shape."""
-        sigma_data = self.sigma_data
-        return Preconditioning(
-            c_skip=sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2),
-            c_out=sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt(),
-            c_in=1 / (sigma_data ** 2 + sigma ** 2).sqrt(),
-            c_noise=sigma.log() / 4)
-
-    def labels(self, class_labels: torch.Tensor | None, device: torch.device, dtype: torch.dtype
-               ) -> torch.Tensor | None:
-        """Labels as the U-Net takes them: None when unconditional, zeros [1, label_dim] when not given."""
-        if self.label_dim == 0:
-            return None
-        if class_labels is None:
-            return torch.zeros([1, self.label_dim], device=device, dtype=dtype)
-        return class_labels.to(dtype).reshape(-1, self.label_dim)
-
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
                 force_fp32: bool = False, return_logvar: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         dtype = _working_dtype(self.logvar_linear.weight.dtype)
-        x = x.to(dtype)
-        sigma = torch.as_tensor(sigma, device=x.device).to(dtype).reshape(-1, 1, 1, 1)
-        class_labels = self.labels(class_labels, x.device, dtype)
-        unet_dtype = torch.float16 if self.use_fp16 and not force_fp32 and x.device.type == "cuda" else dtype
-
+        x, sigma, class_labels = self.inputs(x, sigma, class_labels, dtype)
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
         c_noise = c_noise.flatten()
-        F_x = self.unet((c_in * x).to(unet_dtype), c_noise, class_labels)
+        F_x = self.unet((c_in * x).to(self.network_dtype(x, force_fp32, dtype)), c_noise, class_labels)
         D_x = c_skip * x + c_out * F_x.to(dtype)
         if return_logvar:
             return D_x, self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
         return D_x
-
-    def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
-        """EDM2's denoiser accepts any σ: no rounding."""
-        return torch.as_tensor(sigma)
 
 
 # ----------------------------------------------------------------------------------------------------------
