@@ -26,7 +26,7 @@ from pid_diffusion.user_error import OptionError
 
 __all__ = ["MAX_STD", "PREFIX", "Averages", "PowerFunctionEMA", "average_key", "exp_to_std", "is_std_name", "power_function_beta",
            "power_function_correlation", "power_function_response", "reconstruct", "solve_posthoc_coefficients",
-           "std_name", "std_of", "std_to_exp"]
+           "std_name", "std_of", "std_to_exp", "update_average"]
 
 PREFIX = "std-"  # A checkpoint's `ema` entry of a power-function EMA at σ_rel s is named f"std-{s:.3f}".
 MAX_STD = float(np.sqrt(1 / 12))  # σ_rel of the flat profile (γ = 0); γ > 0 needs σ_rel below it (Eq. 123).
@@ -121,6 +121,14 @@ def average_key(name: float | str) -> tuple[str, float]:
 # Training: the averages the loop keeps.
 
 
+@torch.no_grad()
+def update_average(average: nn.Module, model: nn.Module, beta: float) -> None:
+    """One EMA step of `average` towards `model`: θ_ema ← β θ_ema + (1 − β) θ; buffers are copied."""
+    torch._foreach_lerp_(list(average.parameters()), list(model.parameters()), 1.0 - beta)
+    for mine, theirs in zip(average.buffers(), model.buffers()):
+        mine.copy_(theirs)
+
+
 class PowerFunctionEMA:
     """Power-function EMAs of a model's parameters at several σ_rel, updated after each optimizer step from the
     number of images seen; buffers are copied."""
@@ -129,17 +137,10 @@ class PowerFunctionEMA:
         self.stds = tuple(stds)
         self.models = {std: copy.deepcopy(model).eval().requires_grad_(False) for std in self.stds}
 
-    @torch.no_grad()
     def update(self, model: nn.Module, nimg: int, batch: int) -> None:
         """After the step that brought the images seen to `nimg`, `batch` of them in that step."""
-        params = list(model.parameters())
-        buffers = list(model.buffers())
         for std, average in self.models.items():
-            beta = float(power_function_beta(std, nimg, batch))
-            for mine, theirs in zip(average.parameters(), params):
-                mine.lerp_(theirs, 1 - beta)  # θ_ema ← β θ_ema + (1 − β) θ
-            for mine, theirs in zip(average.buffers(), buffers):
-                mine.copy_(theirs)
+            update_average(average, model, float(power_function_beta(std, nimg, batch)))
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return {std_name(std): average.state_dict() for std, average in self.models.items()}

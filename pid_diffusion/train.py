@@ -85,15 +85,9 @@ class EMA:
         self.rates = rates
         self.models = {rate: copy.deepcopy(model).eval().requires_grad_(False) for rate in rates}
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        params = list(model.parameters())
-        buffers = list(model.buffers())
         for rate, average in self.models.items():
-            # θ_ema ← rate · θ_ema + (1 − rate) · θ
-            torch._foreach_lerp_(list(average.parameters()), params, 1.0 - rate)
-            for mine, theirs in zip(average.buffers(), buffers):
-                mine.copy_(theirs)
+            phema.update_average(average, model, rate)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return {str(rate): average.state_dict() for rate, average in self.models.items()}
