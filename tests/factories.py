@@ -13,17 +13,22 @@ import math
 import pickle
 import sys
 import types
+import urllib.error
 import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from pid_diffusion import checkpoint, dinov2
+from pid_diffusion.distances import PiqLPIPS, VGGLPIPS
+from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.inception import NUM_CLASSES
+from pid_diffusion.loss import Derivative, pid_residual
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond
 from pid_diffusion.student import PIDStudent
 from pid_diffusion.utils import fileio, hub
@@ -76,6 +81,38 @@ def release_network(name: str) -> EDMPrecond:
             if not tensor.any():
                 tensor.normal_(0, 0.01)
     return teacher.eval().requires_grad_(False)
+
+
+def release_architecture(kwargs: dict) -> dict:
+    """A release's constructor arguments without its dropout: the releases that differ only in dropout share a
+    student architecture (the student sets dropout to 0)."""
+    return {key: value for key, value in kwargs.items() if key != "dropout"}
+
+
+# The release gradient tests (test_release_gradients.py, test_edm2_release.py): which parameters take part does not
+# depend on the image size (the U-Nets are fully convolutional), so the latents are 8×8, the smallest size that
+# every release's levels halve down to 1×1.
+GRADIENT_LATENT_SIZE = 8
+GRADIENT_GRID = KarrasGrid(num_points=10, rho=7.0, sigma_min=0.002, sigma_max=80.0)
+
+
+def assert_one_pid_step_reaches_every_parameter(student: PIDStudent, teacher: nn.Module, derivative: Derivative,
+                                                metric: nn.Module) -> None:
+    """One PID step (batch 1, 8×8 latents, class 3 when conditional) gives every student parameter a finite,
+    non-zero gradient: a parameter without one stops DDP at the second step."""
+    generator = torch.Generator().manual_seed(0)
+    size = GRADIENT_LATENT_SIZE
+    z = GRADIENT_GRID.sigma_max * torch.randn(1, teacher.img_channels, size, size, generator=generator)
+    indices = GRADIENT_GRID.sample_indices(1, generator, interior_only=derivative is Derivative.CENTRAL)
+    labels = torch.eye(teacher.label_dim)[[3]] if teacher.label_dim else None
+    loss = pid_residual(student, teacher, z, indices, labels, grid=GRADIENT_GRID, metric=metric,
+                        derivative=derivative)
+    loss.sum().backward()
+
+    missing = [key for key, tensor in student.named_parameters() if tensor.grad is None]
+    zero = [key for key, tensor in student.named_parameters() if tensor.grad is not None and not tensor.grad.any()]
+    assert not missing and not zero, f"no gradient: {missing}; zero gradient: {zero}"
+    assert all(torch.isfinite(tensor.grad).all() for tensor in student.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,6 +270,20 @@ def torch_home_with_lpips(root: Path) -> Path:
     checkpoints.mkdir(parents=True)
     write_lpips_standins(checkpoints)
     return root
+
+
+def refuse_download(url, dst, *args, **kwargs):
+    """Stands in for torch.hub.download_url_to_file where no test may download anything."""
+    raise urllib.error.URLError("network unreachable (simulated)")
+
+
+def lpips_metrics_on(torch_home: Path, size: int) -> dict[str, nn.Module]:
+    """Both LPIPS metrics ("piq", "vgg"), upsampling to `size`, built from the weight files in `torch_home`
+    (a TORCH_HOME made by torch_home_with_lpips); a download fails."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(torch_home))
+        patch.setattr(torch.hub, "download_url_to_file", refuse_download)
+        return {"piq": PiqLPIPS(size=size), "vgg": VGGLPIPS(size=size)}
 
 
 DINOV2_REFERENCE = Path(__file__).resolve().parent / "fixtures" / "dinov2" / "ref_dinov2_tiny.pt"

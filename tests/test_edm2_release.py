@@ -26,20 +26,18 @@ import torch
 
 from edm2_helpers import install_tiny_vae, sd_vae_description
 from pid_diffusion import checkpoint, encoders
-from pid_diffusion.grid import KarrasGrid
-from pid_diffusion.loss import Derivative, pid_residual
+from pid_diffusion.loss import Derivative
 from pid_diffusion.distances import Metric
 from pid_diffusion.networks.edm2 import EDM2_PRESETS, Precond
 from pid_diffusion.student import PIDStudent
 from pid_diffusion.utils import fileio
-from factories import DETECTOR_POOL, SMALL_FEATURE_DIM, mark_persistent, write_detector, write_edm_pickle
+from factories import (DETECTOR_POOL, GRADIENT_GRID, SMALL_FEATURE_DIM, assert_one_pid_step_reaches_every_parameter,
+                       mark_persistent, release_architecture, write_detector, write_edm_pickle)
 from launch import distill_killed_and_resumed, environment, run
 
 pytestmark = pytest.mark.release
 pytest.importorskip("diffusers", reason=encoders.DIFFUSERS_MISSING)
 
-LATENT_SIZE = 8
-GRID = KarrasGrid(num_points=10, rho=7.0, sigma_min=0.002, sigma_max=80.0)
 # Each derivative once; the conditional nets, the unconditional guide and the pixel net.
 CASES = [
     ("edm2-img512-xs", Derivative.FORWARD),
@@ -51,10 +49,8 @@ WIDER = ("m", "l", "xl", "xxl")  # checked on the meta device only: see the modu
 
 
 def test_cases_cover_every_release_architecture_but_the_widest():
-    def architecture(kwargs):
-        return {key: value for key, value in kwargs.items() if key != "dropout"}
-    covered = [architecture(EDM2_PRESETS[name]) for name, _ in CASES]
-    not_run = [name for name, kwargs in EDM2_PRESETS.items() if architecture(kwargs) not in covered]
+    covered = [release_architecture(EDM2_PRESETS[name]) for name, _ in CASES]
+    not_run = [name for name, kwargs in EDM2_PRESETS.items() if release_architecture(kwargs) not in covered]
     # img64-xs differs from img512-xs only in its image channels (3 against 4), which img64-s runs; s-uncond from s
     # only in having no label layer, which xs-uncond runs.
     twins = ("edm2-img64-xs", "edm2-img512-s-uncond")
@@ -77,22 +73,12 @@ def random_teacher(name: str, seed: int = 0) -> Precond:
 @pytest.mark.parametrize("name, derivative", CASES, ids=[f"{n}-{d.value}" for n, d in CASES])
 def test_every_student_parameter_gets_a_gradient(name, derivative, two_threads):
     teacher = random_teacher(name)
-    student = PIDStudent.from_teacher(teacher, GRID.sigma_min, GRID.sigma_max, network_overrides={"dropout": 0.0})
+    student = PIDStudent.from_teacher(teacher, GRADIENT_GRID.sigma_min, GRADIENT_GRID.sigma_max,
+                                      network_overrides={"dropout": 0.0})
     assert not any(key.startswith("logvar") for key in student.state_dict())
     student.train()  # forced weight normalisation on, as in training
 
-    generator = torch.Generator().manual_seed(0)
-    z = GRID.sigma_max * torch.randn(1, teacher.img_channels, LATENT_SIZE, LATENT_SIZE, generator=generator)
-    indices = GRID.sample_indices(1, generator, interior_only=derivative is Derivative.CENTRAL)
-    labels = torch.eye(teacher.label_dim)[[3]] if teacher.label_dim else None
-    loss = pid_residual(student, teacher, z, indices, labels, grid=GRID, metric=Metric.PSEUDO_HUBER.build(),
-                        derivative=derivative)
-    loss.sum().backward()
-
-    missing = [key for key, tensor in student.named_parameters() if tensor.grad is None]
-    zero = [key for key, tensor in student.named_parameters() if tensor.grad is not None and not tensor.grad.any()]
-    assert not missing and not zero, f"no gradient: {missing}; zero gradient: {zero}"
-    assert all(torch.isfinite(tensor.grad).all() for tensor in student.parameters())
+    assert_one_pid_step_reaches_every_parameter(student, teacher, derivative, Metric.PSEUDO_HUBER.build())
 
 
 # ----------------------------------------------------------------------------------------------------------

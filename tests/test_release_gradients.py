@@ -11,20 +11,15 @@ tests/test_release_commands.py trains these networks at their own size through t
 """
 
 import pytest
-import torch
 
-from pid_diffusion.grid import KarrasGrid
-from pid_diffusion.loss import Derivative, pid_residual
+from pid_diffusion.loss import Derivative
 from pid_diffusion.distances import Metric
 from pid_diffusion.networks.edm import EDM_PRESETS
 from pid_diffusion.student import PIDStudent
 
-from factories import release_network
+from factories import GRADIENT_GRID, assert_one_pid_step_reaches_every_parameter, release_architecture, release_network
 
 pytestmark = pytest.mark.release
-
-LATENT_SIZE = 8
-GRID = KarrasGrid(num_points=10, rho=7.0, sigma_min=0.002, sigma_max=80.0)
 
 # Each release architecture once (FFHQ and AFHQv2 share theirs: they differ in dropout, which the student
 # sets to 0); each derivative on an unconditional and a conditional network.
@@ -41,10 +36,8 @@ CASES = [
 
 
 def test_cases_cover_every_release_architecture():
-    def architecture(kwargs):
-        return {key: value for key, value in kwargs.items() if key != "dropout"}
-    covered = [architecture(EDM_PRESETS[name]) for name, _ in CASES]
-    assert all(architecture(kwargs) in covered for kwargs in EDM_PRESETS.values())
+    covered = [release_architecture(EDM_PRESETS[name]) for name, _ in CASES]
+    assert all(release_architecture(kwargs) in covered for kwargs in EDM_PRESETS.values())
     for derivative in Derivative:
         assert {EDM_PRESETS[name]["label_dim"] > 0 for name, d in CASES if d is derivative} == {False, True}
 
@@ -52,19 +45,9 @@ def test_cases_cover_every_release_architecture():
 @pytest.mark.parametrize("name, derivative", CASES, ids=[f"{n}-{d.value}" for n, d in CASES])
 def test_every_student_parameter_gets_a_gradient(name, derivative, two_threads):
     teacher = release_network(name)
-    student = PIDStudent.from_teacher(teacher, GRID.sigma_min, GRID.sigma_max, network_overrides={"dropout": 0.0})
+    student = PIDStudent.from_teacher(teacher, GRADIENT_GRID.sigma_min, GRADIENT_GRID.sigma_max,
+                                      network_overrides={"dropout": 0.0})
     assert not any(key.startswith("map_augment") for key in student.model.state_dict())
     assert "model.map_augment.weight" in teacher.state_dict() or not EDM_PRESETS[name].get("augment_dim")
 
-    generator = torch.Generator().manual_seed(0)
-    z = GRID.sigma_max * torch.randn(1, teacher.img_channels, LATENT_SIZE, LATENT_SIZE, generator=generator)
-    indices = GRID.sample_indices(1, generator, interior_only=derivative is Derivative.CENTRAL)
-    labels = torch.eye(teacher.label_dim)[[3]] if teacher.label_dim else None
-    loss = pid_residual(student, teacher, z, indices, labels, grid=GRID, metric=Metric.L2.build(),
-                        derivative=derivative)
-    loss.sum().backward()
-
-    missing = [key for key, tensor in student.named_parameters() if tensor.grad is None]
-    zero = [key for key, tensor in student.named_parameters() if tensor.grad is not None and not tensor.grad.any()]
-    assert not missing and not zero, f"no gradient: {missing}; zero gradient: {zero}"
-    assert all(torch.isfinite(tensor.grad).all() for tensor in student.parameters())
+    assert_one_pid_step_reaches_every_parameter(student, teacher, derivative, Metric.L2.build())
