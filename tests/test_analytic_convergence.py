@@ -218,16 +218,7 @@ TRAIN_NETWORK = {**TINY_SONG_UNET, "img_resolution": RESOLUTION, "img_channels":
 TRAIN_POINTS, TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 80, 400, 32, 3e-3
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: thread start-up costs more than the work, and much more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_training_a_small_student_approaches_the_exact_trajectory(one_thread):
+def test_training_a_small_student_approaches_the_exact_trajectory():
     mu = torch.linspace(-1, 1, CHANNELS * RESOLUTION ** 2).reshape(CHANNELS, RESOLUTION, RESOLUTION)
     teacher = GaussianTeacher(mu, S, CHANNELS, RESOLUTION)
     grid = KarrasGrid(TRAIN_POINTS, RHO, EPS, T)
