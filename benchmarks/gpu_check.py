@@ -132,6 +132,25 @@ def release_networks(name: str, device: torch.device) -> tuple[torch.nn.Module, 
     return teacher, student
 
 
+def _optimizer_step(objective: PIDObjective, student: PIDStudent, model: torch.nn.Module, batch: int,
+                    autocast: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler,
+                    device: torch.device) -> Callable[[], None]:
+    """One RAdam step of `objective` on `model` (the student or its compiled form), as pid-distill takes it: a
+    batch from one generator on `device`, the loss in `autocast`, scaled by `scaler`."""
+    optimizer = torch.optim.RAdam(student.parameters(), lr=1e-5)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step() -> None:
+        data = objective.sample_batch(generator, batch)
+        with autocast:
+            loss = objective(model, data).mean()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
 def pid_step(architecture: str, variant: str, device: torch.device) -> Callable[[], None]:
     """One optimizer step of PID on the release architecture, in the variant's precision and layout."""
     teacher, student = release_networks(ARCHITECTURES[architecture], device)
@@ -153,19 +172,8 @@ def pid_step(architecture: str, variant: str, device: torch.device) -> Callable[
     grid = KarrasGrid(num_points=250, rho=7.0, sigma_min=0.002, sigma_max=80.0)
     metric = Metric.PSEUDO_HUBER if architecture in EDM2_PRESETS else Metric.L2  # latents: no LPIPS
     objective = PIDObjective(teacher, grid, metric.build())
-    optimizer = torch.optim.RAdam(student.parameters(), lr=1e-5)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    generator = torch.Generator(device).manual_seed(0)
-
-    def step() -> None:
-        batch = objective.sample_batch(generator, BATCH[architecture])
-        with autocast:
-            loss = objective(model, batch).mean()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    return step
+    return _optimizer_step(objective, student, model, BATCH[architecture], autocast, scaler, device)
 
 
 def recipe_step(teacher: EDMPrecond, student: PIDStudent, recipe: precision.Recipe, batch: int,
@@ -176,19 +184,8 @@ def recipe_step(teacher: EDMPrecond, student: PIDStudent, recipe: precision.Reci
     grid = KarrasGrid(num_points=GRID_POINTS, rho=7.0, sigma_min=student.sigma_min, sigma_max=student.sigma_max)
     objective = PIDObjective(teacher, grid, Metric.L2.build(), derivative=recipe.derivative,
                              student_precision=recipe.student_precision)
-    optimizer = torch.optim.RAdam(student.parameters(), lr=1e-5)
-    scaler = loss_scaler(recipe.precision, device)
-    generator = torch.Generator(device).manual_seed(0)
-
-    def step() -> None:
-        data = objective.sample_batch(generator, batch)
-        with recipe.autocast(device.type):
-            loss = objective(student, data).mean()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    return step
+    return _optimizer_step(objective, student, student, batch, recipe.autocast(device.type),
+                           loss_scaler(recipe.precision, device), device)
 
 
 def derivative_error(teacher: EDMPrecond, student: PIDStudent, recipe: precision.Recipe,
