@@ -25,7 +25,8 @@ import torch
 
 import numpy as np
 
-from factories import SMALL_FEATURE_DIM, fixture_teacher, small_detector, write_student_checkpoint
+from factories import (SMALL_FEATURE_DIM, fixture_teacher, small_detector, torch_home_with_lpips,
+                       write_student_checkpoint)
 from launch import MPIRUN
 from pid_diffusion.fid import save_reference
 
@@ -155,6 +156,12 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def lpips_torch_home(tmp_path_factory):
+    """A TORCH_HOME whose hub cache holds a random but loadable VGG16 and random positive piq LPIPS weights."""
+    return torch_home_with_lpips(tmp_path_factory.mktemp("torch_home"))
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ the tests write into a temporary TORCH_HOME (a random VGG16, random positive piq
 import functools
 import inspect
 import math
-import urllib.error
 
 import lpips
 import piq
@@ -15,34 +14,21 @@ import torch
 from pid_diffusion.utils import hub
 from pid_diffusion.distances import L1, L2, Metric, PiqLPIPS, PseudoHuber, VGGLPIPS, upsample_for_lpips
 
-from factories import LPIPS_CHANNELS, torch_home_with_lpips
+from factories import LPIPS_CHANNELS, lpips_metrics_on, refuse_download
 
 # The tests upsample to 64×64 instead of the official 224×224: the same code path at a twelfth of the cost.
 TEST_SIZE = 64
 
 
-def offline(url, dst, *args, **kwargs):
-    raise urllib.error.URLError("network unreachable (simulated)")
-
-
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """No test here may download anything."""
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse_download)
 
 
 @pytest.fixture(scope="module")
-def weights_home(tmp_path_factory):
-    """A TORCH_HOME whose hub cache holds a random but loadable VGG16 and random positive piq weights."""
-    return torch_home_with_lpips(tmp_path_factory.mktemp("torch_home"))
-
-
-@pytest.fixture(scope="module")
-def lpips_metrics(weights_home):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TORCH_HOME", str(weights_home))
-        patch.setattr(torch.hub, "download_url_to_file", offline)
-        return {"piq": PiqLPIPS(size=TEST_SIZE), "vgg": VGGLPIPS(size=TEST_SIZE)}
+def lpips_metrics(lpips_torch_home):
+    return lpips_metrics_on(lpips_torch_home, TEST_SIZE)
 
 
 def image_pair(batch: int = 2, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,10 +191,10 @@ def channel_constants(values) -> torch.Tensor:
     return torch.tensor(values).reshape(1, 3, 1, 1)
 
 
-def reference_lpips(name: str, a: torch.Tensor, b: torch.Tensor, weights_home) -> torch.Tensor:
+def reference_lpips(name: str, a: torch.Tensor, b: torch.Tensor, lpips_torch_home) -> torch.Tensor:
     """LPIPS of the official PID code (piq: [0, 1] images, ImageNet standardisation, average pooling, piq's
     layer weights) or of the lpips package ([−1, 1] images, its scaling layer, max pooling, its linear layers)."""
-    checkpoints = weights_home / "hub" / "checkpoints"
+    checkpoints = lpips_torch_home / "hub" / "checkpoints"
     state = saved_vgg16(str(checkpoints / hub.VGG16_IMAGENET.filename))
     def up(x):
         return torch.nn.functional.interpolate(x, size=(TEST_SIZE, TEST_SIZE), mode="bilinear", align_corners=False)
@@ -231,20 +217,20 @@ def reference_lpips(name: str, a: torch.Tensor, b: torch.Tensor, weights_home) -
     return total
 
 
-def check_lpips(metric, name: str, weights_home) -> float:
+def check_lpips(metric, name: str, lpips_torch_home) -> float:
     """The metric equals the independent reference to LPIPS_RTOL; returns the margin (distance ÷ tolerance)."""
     a, b = image_pair()
-    expected = reference_lpips(name, a, b, weights_home)
+    expected = reference_lpips(name, a, b, lpips_torch_home)
     torch.testing.assert_close(metric(a, b), expected, rtol=LPIPS_RTOL, atol=0)
     return (expected.min() / (LPIPS_RTOL * expected.max())).item()
 
 
 @pytest.mark.parametrize("name", ["piq", "vgg"])
-def test_lpips_equals_an_independent_vgg_forward(lpips_metrics, weights_home, name):
+def test_lpips_equals_an_independent_vgg_forward(lpips_metrics, lpips_torch_home, name):
     # Measured: the metric is within 1e-7 (relative) of the reference; the distances are ≈ 9e4 tolerances.
-    assert check_lpips(lpips_metrics[name], name, weights_home) > 1e4
+    assert check_lpips(lpips_metrics[name], name, lpips_torch_home) > 1e4
     a, b = image_pair()
-    torch.testing.assert_close(reference_lpips(name, a, b, weights_home), torch.tensor(WRITTEN_DOWN[name]),
+    torch.testing.assert_close(reference_lpips(name, a, b, lpips_torch_home), torch.tensor(WRITTEN_DOWN[name]),
                                rtol=1e-4, atol=0)
 
 
@@ -268,13 +254,13 @@ def doubly_normalised_mutant(metric, monkeypatch):
 
 @pytest.mark.parametrize("mutate, name", [(max_pooling_mutant, "piq"), (unnormalised_mutant, "piq"),
                                           (doubly_normalised_mutant, "vgg")])
-def test_lpips_check_fails_on_mutants(lpips_metrics, weights_home, monkeypatch, mutate, name):
+def test_lpips_check_fails_on_mutants(lpips_metrics, lpips_torch_home, monkeypatch, mutate, name):
     # The module's own metric objects, broken for this test only (monkeypatch restores them). Measured:
     # the mutants miss the reference by 1e4 (max pooling), 1e7 (unnormalised), 8e4 (doubly normalised)
     # tolerances.
     mutate(lpips_metrics[name], monkeypatch)
     with pytest.raises(AssertionError):
-        check_lpips(lpips_metrics[name], name, weights_home)
+        check_lpips(lpips_metrics[name], name, lpips_torch_home)
 
 
 def test_vgg_lpips_uses_the_packaged_linear_layers(lpips_metrics):

@@ -11,14 +11,14 @@ from pid_diffusion import distill
 from pid_diffusion.distill import resolve
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, pid_residual
-from pid_diffusion.distances import L2, PiqLPIPS, VGGLPIPS
+from pid_diffusion.distances import L2
 from pid_diffusion.networks.edm import EDMPrecond, UNetBlock
 from pid_diffusion.utils.perf import (ActivationRecomputationError, RecomputedSequential, RecomputedUNetBlock,
                                 disable_activation_recomputation, enable_activation_recomputation,
                                 enable_lpips_recomputation)
 from pid_diffusion.student import PIDStudent
 
-from factories import LPIPS_CHANNELS, TINY_SONG_UNET, torch_home_with_lpips
+from factories import LPIPS_CHANNELS, TINY_SONG_UNET, lpips_metrics_on
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 # Tiny networks with every block kind: resampling, attention (SongUNet at 8×8, ADM everywhere), dropout on.
@@ -152,18 +152,10 @@ LPIPS_SIZE = 32  # upsampling target: the code path of the official 224×224 at 
 
 
 @pytest.fixture(scope="module")
-def torch_home(tmp_path_factory):
-    """A TORCH_HOME whose hub cache holds random VGG16 and piq LPIPS weight files."""
-    return torch_home_with_lpips(tmp_path_factory.mktemp("torch_home"))
-
-
-@pytest.fixture(scope="module")
-def lpips_metrics(torch_home):
+def lpips_metrics(lpips_torch_home):
     """Two builds of each LPIPS metric on random weight files: (plain, to checkpoint)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TORCH_HOME", str(torch_home))
-        return {name: (cls(size=LPIPS_SIZE), cls(size=LPIPS_SIZE)) for name, cls in
-                (("piq", PiqLPIPS), ("vgg", VGGLPIPS))}
+    plain, wrapped = (lpips_metrics_on(lpips_torch_home, LPIPS_SIZE) for _ in range(2))
+    return {name: (plain[name], wrapped[name]) for name in plain}
 
 
 @pytest.mark.parametrize("name", ["piq", "vgg"])
@@ -188,9 +180,9 @@ def test_lpips_checkpointing_keeps_distances_and_gradients(lpips_metrics, name):
     assert saved_activation_bytes(wrapped, a, b) < 0.7 * saved_activation_bytes(plain, a, b)
 
 
-def test_distillation_applies_the_speed_options_to_teacher_and_metric(torch_home, monkeypatch):
+def test_distillation_applies_the_speed_options_to_teacher_and_metric(lpips_torch_home, monkeypatch):
     # The training loop applies them to the student; distill.build to the teacher and the metric it builds.
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setenv("TORCH_HOME", str(lpips_torch_home))
     options = {"pid.metric": "lpips_vgg", "train.activation_checkpointing": "true", "train.channels_last": "true"}
     options["teacher.path"] = str(Path(__file__).parents[1] / "model_zoo" / "edm-shapes-16x16.pt")
     objective, _ = distill.build(resolve("default", options), torch.device("cpu"))
