@@ -25,7 +25,7 @@ from pid_diffusion.utils.values import parse_enum, plain
 __all__ = [
     "Init", "InitMode", "EmbeddingType", "EncoderType", "DecoderType",
     "Linear", "Conv2d", "GroupNorm", "PositionalEmbedding", "FourierEmbedding", "UNetBlock",
-    "SongUNet", "DhariwalUNet", "Denoiser", "EDMPrecond", "Preconditioning", "MODEL_TYPES", "EDM_PRESETS",
+    "SongUNet", "DhariwalUNet", "PrecondBase", "EDMPrecond", "Preconditioning", "MODEL_TYPES", "EDM_PRESETS",
 ]
 
 
@@ -588,7 +588,7 @@ class Preconditioning(NamedTuple):
     c_noise: torch.Tensor
 
 
-class Denoiser(nn.Module):
+class PrecondBase(nn.Module):
     """What EDM's and EDM2's preconditioners share: the image shape and labels they take, σ_data, the
     coefficients of EDM Table 1 and the float16 switch; each subclass wraps its own raw network F."""
 
@@ -636,7 +636,7 @@ class Denoiser(nn.Module):
         return torch.as_tensor(sigma)
 
 
-class EDMPrecond(Denoiser):
+class EDMPrecond(PrecondBase):
     """EDM's denoiser D(x; σ) = c_skip(σ) x + c_out(σ) F(c_in(σ) x; c_noise(σ)) around a raw U-Net F.
 
     `model_type` names the network class as EDM's checkpoints record it; other keyword arguments go to it.

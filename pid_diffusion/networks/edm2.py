@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pid_diffusion.networks.edm import Denoiser, _constructor_arguments
+from pid_diffusion.networks.edm import PrecondBase, _constructor_arguments
 
 __all__ = [
     "normalize", "resample", "mp_silu", "mp_sum", "mp_cat", "MPFourier", "MPConv", "Block", "UNet", "Precond",
@@ -304,7 +304,7 @@ class UNet(nn.Module):
         return self.out_conv(x, gain=self.out_gain)
 
 
-class Precond(Denoiser):
+class Precond(PrecondBase):
     """EDM2's denoiser D(x; σ) = c_skip x + c_out F(c_in x; ln(σ)/4) (EDM Table 1 with σ_d) around `unet`,
     plus the uncertainty head log u(σ) = logvar_linear(logvar_fourier(c_noise)) that EDM2's loss weights
     with (paper Eq. 21); PID never uses the head.
