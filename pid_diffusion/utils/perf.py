@@ -63,30 +63,22 @@ class RecomputedUNetBlock(UNetBlock):
         return checkpoint(super().forward, x, emb, use_reentrant=False)
 
 
-def _unet_parts(model: nn.Module) -> list[nn.ModuleDict]:
-    """The `enc` and `dec` ModuleDicts of every SongUNet / DhariwalUNet inside `model`, which hold its UNetBlocks."""
+def _convert_blocks(model: nn.Module, block_class: type[UNetBlock]) -> int:
+    """Put a `block_class` module in the place of every U-Net block of `model`, as `nn.SyncBatchNorm`'s
+    `convert_sync_batchnorm` converts batch norms; returns the number of blocks. The new module takes over the
+    block's layers, parameters and settings (the same objects, not copies), so the state_dict keys, an optimizer's
+    parameters and isinstance(block, UNetBlock), on which SongUNet.forward dispatches, all stay as they are."""
     unets = [module for module in model.modules() if isinstance(module, _UNETS)]
     if not unets:
         raise TypeError(f"{type(model).__name__} contains no SongUNet or DhariwalUNet; activation recomputation "
                         f"applies to EDM's U-Nets (an EDMPrecond, a PIDStudent or the raw network)")
-    return [part for unet in unets for part in (unet.enc, unet.dec)]
-
-
-def _convert_blocks(model: nn.Module, block_class: type[UNetBlock]) -> int:
-    """Put a `block_class` module in the place of every U-Net block of `model`, as `nn.SyncBatchNorm`'s
-    `convert_sync_batchnorm` converts batch norms; returns the number of blocks. The new module takes over the
-    block's layers, parameters and settings, the same objects rather than copies (a block keeps its constructor's
-    arguments nowhere to build a new one from), so the state_dict keys, an optimizer's parameters and
-    isinstance(block, UNetBlock), on which SongUNet.forward dispatches, all stay as they are."""
-    count = 0
-    for part in _unet_parts(model):
-        for name, block in list(part.items()):
-            if isinstance(block, UNetBlock):
-                converted = block_class.__new__(block_class)
-                converted.__dict__.update(block.__dict__)
-                part[name] = converted
-                count += 1
-    return count
+    blocks = [(part, name) for unet in unets for part in (unet.enc, unet.dec)
+              for name, block in part.items() if isinstance(block, UNetBlock)]
+    for part, name in blocks:
+        converted = block_class.__new__(block_class)  # not its constructor, which would build new layers
+        converted.__dict__.update(part[name].__dict__)
+        part[name] = converted
+    return len(blocks)
 
 
 def enable_activation_recomputation(model: nn.Module) -> int:
