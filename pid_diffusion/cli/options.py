@@ -12,28 +12,31 @@ import inspect
 import io
 import math
 import re
+import sys
 import textwrap
 import tokenize
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, config_files, official, phema, samplers
+from pid_diffusion import checkpoint, config_files, disk_plan, official, phema, samplers
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.cli import errors
 from pid_diffusion.user_error import UserError
-from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
-                                  to_json)
+from pid_diffusion.config import (ConfigError, OnResume, TrainingConfig, flatten, leaf_fields, on_resume,
+                                  parse_overrides, to_dict, to_json)
 from pid_diffusion.evaluation import NO_EMA
 from pid_diffusion.generate import SamplerKind, sampler_for
 from pid_diffusion.grid import NUM_POINTS
 from pid_diffusion.guidance import GuidedDenoiser
+from pid_diffusion.launch import describe_launch
 from pid_diffusion.teacher import load_teacher
 
 __all__ = ["add_configuration_source", "add_guide_arguments", "add_model_arguments", "add_sampler_arguments",
-           "check_guide_arguments", "configuration_help", "dry_run", "field_docs", "load_guided_teacher", "load_model",
+           "check_guide_arguments", "configuration_help", "dry_run", "field_docs", "launch_check", "load_guided_teacher",
+           "load_model",
            "parse_int_list", "parse_training", "sampler_from_args", "seed_range", "training_parser", "weights_name"]
 
 C = TypeVar("C")
@@ -141,6 +144,23 @@ def dry_run(args: argparse.Namespace, config: Any) -> bool:
     if args.dry_run:
         dist.print0(to_json(config), end="")
     return args.dry_run
+
+
+def launch_check(args: argparse.Namespace, config: TrainingConfig, network_size: Callable[[], tuple[int, str]],
+                 check_files: Callable[[], list[str]] = list) -> list[str] | None:
+    """The checks before every training run, reading no weights: the batch split over this job's ranks and what
+    the run folder would do (`launch.describe_launch`), the input files (`check_files`: the error the run would
+    give, or one line per file found) and the disk its snapshots and training states take over the run
+    (`disk_plan`, for one network of `network_size()`: bytes and where they come from). A mistake ends the command
+    here, before the run folder is touched. Returns the report's lines; with --dry-run it prints the resolved
+    configuration (stdout: a configuration file, `--dry-run > mine.json`) and the report (stderr), and returns
+    None: the command stops."""
+    dry = dry_run(args, config)
+    report = [*describe_launch(config, dist.world_size()), *check_files(), *disk_plan.describe(config, *network_size())]
+    if not dry:
+        return report
+    dist.print0("\n".join(["launch check:", *report]), file=sys.stderr)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
