@@ -26,6 +26,7 @@ from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid
 from pid_diffusion.loss import Derivative, PIDObjective, ResidualForm, StudentPrecision, check_options
 from pid_diffusion.precision import check_recipe
 from pid_diffusion.distances import Metric
+from pid_diffusion.networks import check_dropout
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond
 from pid_diffusion.networks.edm2 import EDM2_PRESETS, EDM2_RELEASE_URL, release_preset
 from pid_diffusion.student import PIDStudent, StudentInit
@@ -70,7 +71,7 @@ class StudentConfig:
     dropout: float = 0.0                     # Dropout of the student network (the paper uses 0).
 
     def __post_init__(self):
-        check(0 <= self.dropout < 1, "student.dropout", f"need 0 ≤ dropout < 1, got {self.dropout}")
+        check_dropout(self.dropout)  # The network's own check (from_dict names the section).
         check((self.path is not None) == (self.init is StudentInit.FILE), "student.path",
               f"names the file of init=file, and only then (init is {self.init.value}, path is {self.path})")
 

@@ -21,8 +21,9 @@ an equal σ. (2) A λ on Heun's predictor, fitted greedily to the teacher's stat
 snapshot of the bundled teacher, 4 steps: RMSE 0.19 to the many-step solution against 0.07 without), so only
 completing calls get one.
 
-The base solvers are `samplers.euler` and `samplers.heun` themselves, run step by step with the adjusted
-denoiser: a D-ODE sampler with λ = 0 reproduces `EulerSampler` / `HeunSampler` on EDM's schedule exactly.
+`sample_dode` is the one solver loop, written out as k-diffusion writes its samplers: Euler's and Heun's steps
+(EDM's arithmetic, so that λ = 0 reproduces `EulerSampler` / `HeunSampler` on EDM's schedule bit for bit) with
+the extrapolated output completing each step. The fit runs the same loop, choosing each λ as it goes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import dataclasses
 import enum
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,16 +42,15 @@ from pid_diffusion.user_error import FileFormatError, OptionError
 from pid_diffusion.utils import fileio
 from pid_diffusion.utils.values import parse_enum
 from pid_diffusion.networks import one_hot
-from pid_diffusion.samplers import Denoiser, HeunSampler, edm_sigmas, euler, heun
+from pid_diffusion.samplers import Denoiser, HeunSampler, _validated_sigmas, edm_sigmas, euler, heun
 
 __all__ = [
-    "DODEDenoiser",
     "DODEFit",
     "DODESampler",
     "Solver",
-    "Trace",
     "fit_batch",
     "fit_dode",
+    "sample_dode",
 ]
 
 Integrator = Callable[[Denoiser, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -91,65 +91,64 @@ _CALLS_PER_STEP: dict[Solver, int] = {Solver.EULER: 1, Solver.HEUN: 2}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The adjusted denoiser.
+# The solver loop.
 
-@dataclass(frozen=True)
-class Trace:
-    """What a D-ODE denoiser remembers of the solve so far."""
-
-    sigma: float  # σ of the last call
-    output: torch.Tensor  # raw output D of the last call
-    reference: torch.Tensor | None  # raw output of the latest call at a σ above `sigma` (None: no such call)
+Callback = Callable[[dict[str, Any]], None]
 
 
-class DODEDenoiser:
-    """One step of a D-ODE solve around a frozen denoiser: the step's completing call (its last of `num_calls`)
-    returns D̃ = D + λ (D − D_ref), where D_ref is the raw output of the latest earlier call at a higher σ (the
-    previous step's); the other calls return D. `trace` carries the memory from step to step; λ = None leaves
-    the step as it is (a first step without an earlier output). Outputs are float64, as the integrators use."""
+@torch.no_grad()
+def sample_dode(net: Denoiser, x: torch.Tensor, sigmas: torch.Tensor | tuple[float, ...], solver: Solver,
+                lambdas: Sequence[float | None], class_labels: torch.Tensor | None = None, *,
+                targets: Sequence[torch.Tensor] | None = None,
+                callback: Callback | None = None) -> tuple[torch.Tensor, list[float | None]]:
+    """D-ODE `solver` from x at σ = sigmas[0] down to sigmas[-1] = 0 (k-diffusion's convention: any decreasing
+    schedule). Step k completes with D̃ = D + λ_k (D − D_ref), λ_k = lambdas[k] (None: the base solver's step).
+    Returns the final state (float64) and the λ of every step.
 
-    def __init__(self, net: Denoiser, lam: float | None, num_calls: int, trace: Trace | None = None):
-        self.net = net
-        self.lam = lam
-        self.num_calls = num_calls
-        self.trace = trace
-        self.calls_made = 0
+    With `targets` (targets[k]: the state step k should reach, at sigmas[k + 1]), the λ of every step that
+    `lambdas` adjusts is fitted instead: the least-squares fit over the batch of the step's result to its target.
+    `callback`, k-diffusion's hook, is called after each step with the step's index `i`, its start `x` and
+    `sigma`, the completing output `denoised` (D̃) and its `reference` (D_ref, None for a step without one)."""
+    sigmas = _validated_sigmas(sigmas, torch.device("cpu"))  # checked on the host: the loop never waits on it
+    if sigmas[-1] != 0 or len(lambdas) != len(sigmas) - 1:
+        raise ValueError(f"a D-ODE solve needs a schedule ending at σ = 0 and one λ (or None) per step, got "
+                         f"{len(lambdas)} for {sigmas.tolist()}")
+    sigmas, x = sigmas.to(x.device), x.to(torch.float64)
+    previous = None  # raw output of the previous step's first call, at the step's σ
+    used: list[float | None] = []
+    for k, lam in enumerate(lambdas):
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        denoised = net(x, sigma, class_labels).to(torch.float64)
+        d_cur = (x - denoised) / sigma
+        if solver is Solver.HEUN and k < len(lambdas) - 1:
+            # Heun's corrector completes the step; the step's own first call, at a higher σ, is its D_ref.
+            x_pred = x + (sigma_next - sigma) * d_cur
+            completing, reference = net(x_pred, sigma_next, class_labels).to(torch.float64), denoised
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float,
-                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        sigma_value = float(sigma)  # the integrators call with one σ for the whole batch
-        denoised = self.net(x, sigma, class_labels).to(torch.float64)
-        reference = self._reference(sigma_value)
-        self.trace = Trace(sigma_value, denoised, reference)
-        self.calls_made += 1
-        if self.calls_made < self.num_calls or self.lam is None:
-            return denoised
-        if reference is None:
-            raise RuntimeError("the step's completing call has no earlier output to extrapolate from: give it "
-                               "λ = None")
-        return denoised + self.lam * (denoised - reference)
+            def advance(output: torch.Tensor) -> torch.Tensor:
+                return x + (sigma_next - sigma) * ((d_cur + (x_pred - output) / sigma_next) / 2)
+        else:
+            # An Euler step, and the last step of both solvers (to σ = 0, never corrected): its only call
+            # completes it. The call before it, if Heun's corrector, shares its σ: D_ref is the previous step's
+            # first call.
+            completing, reference = denoised, previous
 
-    def _reference(self, sigma: float) -> torch.Tensor | None:
-        """D_ref for a call at σ, from the trace of the calls before it."""
-        if self.trace is None:
-            return None
-        if sigma > self.trace.sigma:
-            raise RuntimeError(f"σ rose from {self.trace.sigma} to {sigma} within a solve; D-ODE needs a "
-                               "solver whose noise levels never increase")
-        return self.trace.output if sigma < self.trace.sigma else self.trace.reference
+            def advance(output: torch.Tensor) -> torch.Tensor:
+                return x + (sigma_next - sigma) * ((x - output) / sigma)
 
-
-def _step(solver: Solver, net: Denoiser, x: torch.Tensor, interval: torch.Tensor,
-          class_labels: torch.Tensor | None, lam: float | None, final: bool,
-          trace: Trace | None) -> tuple[torch.Tensor, Trace]:
-    """One D-ODE step of `solver` from x at interval[0] to interval[1]: the new state and the trace."""
-    denoiser = DODEDenoiser(net, lam, solver.calls_in_step(final), trace)
-    x = solver.integrator(denoiser, x, interval, class_labels)
-    # The λ must have acted on the step's last call: anything else means a solver this module does not know.
-    if denoiser.calls_made != denoiser.num_calls:
-        raise RuntimeError(f"a {solver.value} step made {denoiser.calls_made} network calls, not "
-                           f"{denoiser.num_calls}")
-    return x, denoiser.trace
+        if lam is not None and reference is None:
+            raise RuntimeError(f"step {k} has no earlier output to extrapolate from: give it λ = None")
+        if lam is not None and targets is not None:
+            # The step's result is affine in λ: its values at λ = 0 and 1 give the exact least-squares λ.
+            base, unit = advance(completing), advance(completing + (completing - reference))
+            lam = _least_squares(targets[k], base, unit - base)
+        if lam is not None:
+            completing = completing + lam * (completing - reference)
+        if callback is not None:
+            callback({"i": k, "x": x, "sigma": sigma, "denoised": completing, "reference": reference})
+        x, previous = advance(completing), denoised
+        used.append(lam)
+    return x, used
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,11 +212,9 @@ class DODESampler:
 
     def __call__(self, net: Denoiser, latents: torch.Tensor,
                  class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        sigmas = self.sigmas.to(latents.device)
-        x, trace = latents.to(torch.float64) * sigmas[0], None
-        # Step by step, which computes exactly what one integrator call over the whole schedule would.
-        for k, lam in enumerate(self.step_lambdas):
-            x, trace = _step(self.solver, net, x, sigmas[k:k + 2], class_labels, lam, k == self.num_steps - 1, trace)
+        sigmas = self.sigmas
+        x, _ = sample_dode(net, latents.to(torch.float64) * sigmas[0], sigmas, self.solver, self.step_lambdas,
+                           class_labels)
         return x.to(torch.float32)
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,26 +284,6 @@ def _least_squares(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> fl
     return ((target - a) * b).sum().div((b * b).sum().clamp_min(torch.finfo(torch.float64).tiny)).item()
 
 
-def _fit_lambdas(net: Denoiser, sampler: DODESampler, targets: list[torch.Tensor], x: torch.Tensor,
-                 class_labels: torch.Tensor | None) -> tuple[list[float], torch.Tensor]:
-    """λ's fitted greedily, step by step, to the teacher states `targets` (targets[k] at σ_k); also returns the
-    fitted solve's output on the batch."""
-    sigmas = sampler.sigmas.to(x.device)
-    lambdas: list[float] = []
-    trace = None  # the D-ODE denoiser's memory, carried from step to step
-    for k in range(sampler.num_steps):
-        interval, final = sigmas[k:k + 2], k == sampler.num_steps - 1
-        lam = None
-        if k >= sampler.solver.first_adjusted_step:
-            # The step's result is affine in its λ: two probes give it exactly.
-            a, _ = _step(sampler.solver, net, x, interval, class_labels, 0.0, final, trace)
-            b, _ = _step(sampler.solver, net, x, interval, class_labels, 1.0, final, trace)
-            lam = _least_squares(targets[k + 1], a, b - a)
-            lambdas.append(lam)
-        x, trace = _step(sampler.solver, net, x, interval, class_labels, lam, final, trace)
-    return lambdas, x
-
-
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).square().mean().item()
 
@@ -324,8 +301,9 @@ def fit_dode(net: torch.nn.Module, solver: Solver | str, num_steps: int, *, mult
     latents, class_labels = fit_batch(net, num_samples, seed, device)
     x = latents.to(torch.float64) * sigma_max
     targets = _teacher_states(net, base, multiplier, x, class_labels)
-    lambdas, output = _fit_lambdas(net, base, targets, x, class_labels)
+    output, lambdas = sample_dode(net, x, base.sigmas, base.solver, base.step_lambdas, class_labels,
+                                  targets=targets[1:])
     base_output = base.solver.integrator(net, x, base.sigmas.to(x.device), class_labels)
     record = DODEFit(multiplier=multiplier, num_samples=num_samples, seed=seed,
                      loss_base=_mse(base_output, targets[-1]), loss=_mse(output, targets[-1]))
-    return dataclasses.replace(base, lambdas=tuple(lambdas), fit=record)
+    return dataclasses.replace(base, lambdas=tuple(lambdas[base.solver.first_adjusted_step:]), fit=record)

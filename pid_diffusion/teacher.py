@@ -29,7 +29,7 @@ from pid_diffusion.user_error import UserError
 from pid_diffusion.utils import fileio
 from pid_diffusion.utils.values import plain
 from pid_diffusion import encoders
-from pid_diffusion.networks import edm, edm2
+from pid_diffusion.networks import check_dropout, edm, edm2
 from pid_diffusion.edm_pickle import EDMPickleError, PickledModule, load_edm_pickle, state_dict_of
 from pid_diffusion.networks.edm import EDMPrecond
 
@@ -290,8 +290,7 @@ def load_teacher(path: str | os.PathLike, preset: str | None = None, dropout: fl
 
     `path`: a converted teacher file, an EDM or EDM2 `.pkl`, or a plain state dict with `preset`; local or blob URL.
     """
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout={dropout} must lie in [0, 1)")
+    check_dropout(dropout)  # The network's own check, before a bad argument could be blamed on the file.
     path = str(path)
     file = read_teacher_file(path, preset)
     # Dropout is a constructor argument that EDM copies into every block, so override it before building.

@@ -20,6 +20,7 @@ from pid_diffusion import checkpoint, config_files
 from pid_diffusion.utils import fileio
 from pid_diffusion.config import TrainingConfig, check
 from pid_diffusion.edm_loss import EDMObjective, check_options
+from pid_diffusion.networks import check_dropout
 from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.teacher import TeacherFormat, TeacherFile
 from pid_diffusion.toydata import CHANNELS, Shape, ShapesSpec, make_shapes
@@ -66,7 +67,7 @@ class NetworkConfig:
         check(len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult), "network.channel_mult",
                f"must list positive multipliers, got {self.channel_mult}")
         check(self.num_blocks >= 1, "network.num_blocks", f"must be ≥ 1, got {self.num_blocks}")
-        check(0 <= self.dropout < 1, "network.dropout", f"need 0 ≤ dropout < 1, got {self.dropout}")
+        check_dropout(self.dropout)  # The network's own check (from_dict names the section).
 
 
 @dataclasses.dataclass(frozen=True)

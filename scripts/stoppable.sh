@@ -14,6 +14,13 @@ STOP_NOW=TERM         # What makes the launcher end every rank at once.
 run_stoppable() {
   STOP_REQUESTS=0
   JOB=""
+  # A non-interactive shell cannot trap a signal it was started ignoring: a background job of a script
+  # (`bash launcher.sh &` from another script, some CI runners) starts with SIGINT ignored, so Ctrl-C cannot
+  # reach the job, while SIGTERM still can.
+  if [[ "$(trap -p INT)" == "trap -- '' SIGINT" ]]; then
+    echo "$(basename "$0"): SIGINT is ignored in this shell (started as a background job): Ctrl-C cannot stop" \
+         "the job; stop it with \`kill $$\` (SIGTERM)" >&2
+  fi
   trap '_stop INT' INT
   trap '_stop TERM' TERM
   trap '_stop HUP' HUP

@@ -120,6 +120,8 @@ CASES = [
     Case("pid-distill", "run folder of teacher training", ("--run.dir={teacher_run}",), ("teacher-run",)),
     Case("pid-distill", "--train.batch=0", ("--run.dir={distill_run}", "--train.batch=0"), ("train.batch",)),
     Case("pid-distill", "--pid.num_points=1", ("--run.dir={distill_run}", "--pid.num_points=1"), ("num_points",)),
+    Case("pid-distill", "--student.dropout=1", ("--run.dir={distill_run}", "--student.dropout=1"),
+         ("student", "dropout=1.0", "0 ≤ dropout < 1")),
     Case("pid-distill", "unknown preset", ("--preset=nope",), ("nope", "default")),
     Case("pid-distill", "unknown option", ("--run.dir={distill_run}", "--train.lrr=1"), ("train.lrr", "train.lr")),
     # pid-demo
@@ -130,6 +132,8 @@ CASES = [
     # pid-train-teacher
     Case("pid-train-teacher", "run folder of distillation", ("--run.dir={distill_run}",), ("distill-run",)),
     Case("pid-train-teacher", "--train.batch=0", ("--run.dir={teacher_run}", "--train.batch=0"), ("train.batch",)),
+    Case("pid-train-teacher", "--network.dropout=-0.1", ("--run.dir={teacher_run}", "--network.dropout=-0.1"),
+         ("network", "dropout=-0.1", "0 ≤ dropout < 1")),
     Case("pid-train-teacher", "unknown preset", ("--preset=nope",), ("nope",)),
     # pid-sample
     Case("pid-sample", "missing checkpoint", ("--checkpoint", "{missing}", "--grid", "{root}/g.png"), ("missing.pt",)),

@@ -363,9 +363,12 @@ def sbatch_job(folder, log, *overrides: str) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-# The bundled default for a few steps: one log line per step, no images, snapshots or periodic training states.
-LAUNCHED_RUN = ["--train.steps=6", "--run.log_every=1", "--run.image_every=0", "--run.snapshot_every=0",
-                "--run.checkpoint_every=1000"]
+# The bundled default for some steps: one log line per step, no images, snapshots or periodic training states. The
+# cancellation is sent once a step is logged and lands within a step or two; 20 steps leave a margin that scales
+# with the machine (a fast machine runs the steps and delivers the signals faster alike).
+LAUNCHED_STEPS = 20
+LAUNCHED_RUN = [f"--train.steps={LAUNCHED_STEPS}", "--run.log_every=1", "--run.image_every=0",
+                "--run.snapshot_every=0", "--run.checkpoint_every=1000"]
 
 
 @pytest.mark.two_cores  # two stand-in srun tasks
@@ -386,7 +389,7 @@ def test_sbatch_script_trains_and_a_cancelled_job_requeues_and_resumes_bit_ident
     out, _ = job.communicate(timeout=JOB_TIMEOUT_S)
     assert job.returncode == preemption.PREEMPTED_EXIT_CODE, out[-3000:]
     stopped = steps_in(folder)[-1]
-    assert 1 <= stopped < 6 and re.search(rf"Preempted \(SIG(TERM|USR1)\) after step {stopped}:", out), out[-3000:]
+    assert 1 <= stopped < LAUNCHED_STEPS and re.search(rf"Preempted \(SIG(TERM|USR1)\) after step {stopped}:", out), out[-3000:]
     assert "second signal (" not in out and log.read_text() == "scontrol requeue 4242\n"
     assert not processes_mentioning(str(folder))
 

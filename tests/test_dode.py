@@ -11,7 +11,7 @@ import torch
 from pid_diffusion.utils import fileio
 from pid_diffusion.analytic import GaussianTeacher
 from pid_diffusion.cli import fit_dode as fit_dode_cli
-from pid_diffusion.dode import DODEDenoiser, DODEFit, DODESampler, Solver, fit_batch, fit_dode
+from pid_diffusion.dode import DODEFit, DODESampler, Solver, fit_batch, fit_dode, sample_dode
 from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.samplers import EulerSampler, HeunSampler, edm_sigmas
 from pid_diffusion.teacher import load_teacher
@@ -78,7 +78,7 @@ def test_the_teacher_schedule_contains_the_student_schedule():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The adjusted denoiser.
+# The solver loop's extrapolation.
 
 class SigmaValued:
     """A fake denoiser whose output is the σ of the call everywhere, so each D identifies its call."""
@@ -88,25 +88,25 @@ class SigmaValued:
 
 
 def test_completing_call_extrapolates_from_the_latest_output_at_a_higher_sigma():
-    s0, s1, s2 = edm_sigmas(3, 0.002, 80.0, 7.0)[:3].tolist()
+    sigmas = edm_sigmas(3, 0.002, 80.0, 7.0)
+    s0, s1, s2 = sigmas[:3].tolist()
     x = torch.zeros(1, 1, 1, 1)
+    steps = []
+    sample_dode(SigmaValued(), x, sigmas, Solver.HEUN, (0.5, -2.0, 3.0), callback=steps.append)
 
     def value(denoised: torch.Tensor) -> float:
         return denoised.item()
 
     # Heun's first step: the corrector (σ1) extrapolates from the predictor's output (σ0).
-    step = DODEDenoiser(SigmaValued(), 0.5, num_calls=2)
-    assert [value(step(x, s0)), value(step(x, s1))] == [s0, s1 + 0.5 * (s1 - s0)]
+    assert [value(steps[0]["reference"]), value(steps[0]["denoised"])] == [s0, s1 + 0.5 * (s1 - s0)]
     # The next step: its first call (σ1) is left alone, its corrector (σ2) extrapolates from σ1.
-    step = DODEDenoiser(SigmaValued(), -2.0, num_calls=2, trace=step.trace)
-    assert [value(step(x, s1)), value(step(x, s2))] == [s1, s2 - 2.0 * (s2 - s1)]
+    assert [value(steps[1]["reference"]), value(steps[1]["denoised"])] == [s1, s2 - 2.0 * (s2 - s1)]
     # The final Euler step to 0: the previous call shares σ2, so the reference is the σ1 call before it.
-    step = DODEDenoiser(SigmaValued(), 3.0, num_calls=1, trace=step.trace)
-    assert value(step(x, s2)) == s2 + 3.0 * (s2 - s1)
+    assert [value(steps[2]["reference"]), value(steps[2]["denoised"])] == [s1, s2 + 3.0 * (s2 - s1)]
     with pytest.raises(RuntimeError, match="no earlier output"):
-        DODEDenoiser(SigmaValued(), 1.0, num_calls=1)(x, s0)
-    with pytest.raises(RuntimeError, match="σ rose"):
-        DODEDenoiser(SigmaValued(), None, num_calls=1, trace=step.trace)(x, s0)
+        sample_dode(SigmaValued(), x, sigmas, Solver.EULER, (1.0, None, None))
+    with pytest.raises(ValueError, match="strictly decreasing"):  # σ may not rise within a solve
+        sample_dode(SigmaValued(), x, sigmas.flip(0), Solver.EULER, (None, None, None))
 
 
 def test_lambdas_must_fit_the_solver():

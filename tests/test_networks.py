@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pid_diffusion.networks import edm2
 from pid_diffusion.networks.edm import (
     EDM_PRESETS, Conv2d, DhariwalUNet, EDMPrecond, Init, PositionalEmbedding, SongUNet, UNetBlock,
 )
@@ -366,6 +367,16 @@ def test_dropout_reaches_every_block():
     eval_out = precond.eval()(x, sigma)
     torch.testing.assert_close(precond(x, sigma), eval_out, rtol=0, atol=0)
     assert not torch.allclose(precond.train()(x, sigma), eval_out)
+
+
+@pytest.mark.parametrize("dropout", [1.0, -0.1])
+def test_a_dropout_outside_zero_to_one_is_refused_where_the_blocks_are_built(dropout):
+    message = re.escape(f"dropout={dropout}: need 0 ≤ dropout < 1")
+    with pytest.raises(ValueError, match=message):
+        EDMPrecond(img_resolution=8, img_channels=3, model_type="DhariwalUNet", model_channels=8,
+                   channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=dropout)
+    with pytest.raises(ValueError, match=message):
+        edm2.Block(8, 8, emb_channels=8, dropout=dropout)
 
 
 def test_label_dropout_one_equals_unconditional():

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pid_diffusion.networks import check_dropout
 from pid_diffusion.utils.values import parse_enum, plain
 
 __all__ = [
@@ -278,6 +279,7 @@ class UNetBlock(nn.Module):
             self.num_heads = 0
         else:
             self.num_heads = num_heads if num_heads is not None else out_channels // channels_per_head
+        check_dropout(dropout)
         self.dropout = dropout
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale

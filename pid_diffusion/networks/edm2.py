@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pid_diffusion.networks import check_dropout
 from pid_diffusion.networks.edm import Preconditioning, _constructor_arguments
 
 __all__ = [
@@ -164,6 +165,7 @@ class Block(nn.Module):
         self.resample_filter = list(resample_filter)
         self.resample_mode = resample_mode
         self.num_heads = out_channels // channels_per_head if attention else 0
+        check_dropout(dropout)
         self.dropout = dropout
         self.res_balance = res_balance
         self.attn_balance = attn_balance

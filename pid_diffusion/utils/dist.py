@@ -290,14 +290,21 @@ def print0(*args, **kwargs) -> None:
 def abort_on_error() -> Iterator[None]:
     """End the whole job when this rank fails, instead of leaving the other ranks in a collective.
 
-    A single process re-raises as usual. In a multi-process job the traceback is printed with the rank,
+    A `JobExit` (every rank stopping at the same point) destroys the process group and re-raises. Otherwise a
+    single process re-raises as usual; in a multi-process job the traceback is printed with the rank,
     then MPI_Abort (under mpirun) or `os._exit(1)` (torchrun, whose agent then stops the other workers)
     ends this process with a non-zero status without running exit handlers that could block.
     """
     try:
         yield
     except BaseException as error:
-        if world_size() == 1 or isinstance(error, JobExit) or (isinstance(error, SystemExit) and not error.code):
+        if isinstance(error, JobExit) or (isinstance(error, SystemExit) and not error.code):
+            # Every rank leaves here together: the group's worker threads must end before the interpreter does
+            # (a Gloo thread still holding a tensor at finalization aborts the process, and mpirun then kills
+            # the ranks that were about to exit cleanly).
+            shutdown()
+            raise
+        if world_size() == 1:
             raise
         print(f"[rank {rank()}] aborting the job", file=sys.stderr)
         if not isinstance(error, SystemExit):  # argparse has already printed its message.

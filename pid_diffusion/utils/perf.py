@@ -63,33 +63,33 @@ class RecomputedUNetBlock(UNetBlock):
         return checkpoint(super().forward, x, emb, use_reentrant=False)
 
 
-def _unet_blocks(model: nn.Module) -> list[UNetBlock]:
-    """The UNetBlocks of every SongUNet / DhariwalUNet inside `model` (its `enc` and `dec` ModuleDicts)."""
+def _convert_blocks(model: nn.Module, block_class: type[UNetBlock]) -> int:
+    """Put a `block_class` module in the place of every U-Net block of `model`, as `nn.SyncBatchNorm`'s
+    `convert_sync_batchnorm` converts batch norms; returns the number of blocks. The new module takes over the
+    block's layers, parameters and settings (the same objects, not copies), so the state_dict keys, an optimizer's
+    parameters and isinstance(block, UNetBlock), on which SongUNet.forward dispatches, all stay as they are."""
     unets = [module for module in model.modules() if isinstance(module, _UNETS)]
     if not unets:
         raise TypeError(f"{type(model).__name__} contains no SongUNet or DhariwalUNet; activation recomputation "
                         f"applies to EDM's U-Nets (an EDMPrecond, a PIDStudent or the raw network)")
-    return [block for unet in unets for part in (unet.enc, unet.dec) for block in part.values()
-            if isinstance(block, UNetBlock)]
+    blocks = [(part, name) for unet in unets for part in (unet.enc, unet.dec)
+              for name, block in part.items() if isinstance(block, UNetBlock)]
+    for part, name in blocks:
+        converted = block_class.__new__(block_class)  # not its constructor, which would build new layers
+        converted.__dict__.update(part[name].__dict__)
+        part[name] = converted
+    return len(blocks)
 
 
 def enable_activation_recomputation(model: nn.Module) -> int:
     """Recompute every U-Net block of `model` in the backward pass, in place; returns the number of blocks.
     Idempotent."""
-    blocks = _unet_blocks(model)
-    for block in blocks:
-        # Swapping the class keeps the module object itself: its parameters, hooks, state_dict keys and
-        # isinstance(block, UNetBlock), on which SongUNet.forward dispatches, all stay as they are.
-        block.__class__ = RecomputedUNetBlock
-    return len(blocks)
+    return _convert_blocks(model, RecomputedUNetBlock)
 
 
 def disable_activation_recomputation(model: nn.Module) -> int:
     """Undo `enable_activation_recomputation` in place; returns the number of blocks."""
-    blocks = _unet_blocks(model)
-    for block in blocks:
-        block.__class__ = UNetBlock
-    return len(blocks)
+    return _convert_blocks(model, UNetBlock)
 
 
 class RecomputedSequential(nn.Sequential):
@@ -104,9 +104,11 @@ def enable_lpips_recomputation(metric: PiqLPIPS | VGGLPIPS) -> int:
     returns the number of segments. The distances and their gradients are unchanged. Idempotent."""
     if isinstance(metric, VGGLPIPS):
         # The lpips package's VGG16 is already cut at its feature layers: slice1 … slice5.
-        slices = [module for name, module in metric.lpips.net.named_children() if name.startswith("slice")]
-        for stage in slices:
-            stage.__class__ = RecomputedSequential
+        network = metric.lpips.net
+        slices = [name for name, _ in network.named_children() if name.startswith("slice")]
+        for name in slices:  # the same layers under the same names: the state_dict keys stay
+            layers = collections.OrderedDict(getattr(network, name).named_children())
+            setattr(network, name, RecomputedSequential(layers))
         return len(slices)
     if not isinstance(metric, PiqLPIPS):
         raise TypeError(f"{type(metric).__name__} is not an LPIPS metric; LPIPS recomputation applies to PiqLPIPS "
