@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py --out benchmarks/GPU_CHECK.md
 
 Rows: the CUDA-marked tests (`pytest -m cuda`); the synchronising CUDA calls per step of the training loop
-itself (`torch.cuda.set_sync_debug_mode`; more than one, the loss and preemption read-back, fails); the user's
+itself, in fp32 and under fp16 loss scaling (`torch.cuda.set_sync_debug_mode`; more than one, the loss,
+preemption and overflow read-back, fails); the user's
 commands as they are typed, in subprocesses on the GPU: `pid-distill` (3 steps of the `cifar10` preset on a
 random-weight teacher, LPIPS on stand-in weights, killed after its first training state and resumed),
 `pid-sample` and `pid-fid` of the result (a stand-in detector), `pid-demo` with a few steps; one PID step (student forward, teacher, L2 residual,
