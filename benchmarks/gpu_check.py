@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py --out benchmarks/GPU_CHECK.md
 
 Rows: the CUDA-marked tests (`pytest -m cuda`); the synchronising CUDA calls per step of the training loop
-itself (`torch.cuda.set_sync_debug_mode`; more than one, the loss and preemption read-back, fails); the user's
+itself, in fp32 and under fp16 loss scaling (`torch.cuda.set_sync_debug_mode`; more than one, the loss,
+preemption and overflow read-back, fails); the user's
 commands as they are typed, in subprocesses on the GPU: `pid-distill` (3 steps of the `cifar10` preset on a
 random-weight teacher, LPIPS on stand-in weights, killed after its first training state and resumed),
 `pid-sample` and `pid-fid` of the result (a stand-in detector), `pid-demo` with a few steps; one PID step (student forward, teacher, L2 residual,
@@ -405,19 +406,25 @@ def command_rows(files: dict[str, str], preset: str, batch: int, steps: int, dem
     return rows
 
 
-def trainer_syncs(folder: Path, files: dict[str, str], preset: str, batch: int) -> float:
-    """Synchronising calls per step of `pid_diffusion.train.training_loop` on `preset` (in this process): two
-    runs of SYNC_STEPS steps with the same periodic work (the last step's log record and training state)."""
+FP16_SAFE = {"train.precision": "fp16", "pid.student_precision": "fp32"}  # fp16's safe recipe (docs/precision.md)
+
+
+def trainer_syncs(folder: Path, files: dict[str, str], preset: str, batch: int,
+                  overrides: dict[str, str] | None = None) -> float:
+    """Synchronising calls per step of `pid_diffusion.train.training_loop` on `preset` with `overrides` (in this
+    process): two runs of SYNC_STEPS steps with the same periodic work (the last step's log record and training
+    state)."""
     from pid_diffusion.distill import build, fingerprints, resolve
     from pid_diffusion.train import training_loop
     from pid_diffusion.utils import dist
 
     counts = []
     for steps in SYNC_STEPS:
-        config = resolve(preset, {"teacher.path": files["teacher"], "run.dir": str(folder / f"sync-{steps}"),
+        run_dir = folder / f"sync-{steps}-{'-'.join(sorted(overrides or {})) or 'preset'}"
+        config = resolve(preset, {"teacher.path": files["teacher"], "run.dir": str(run_dir),
                                   "train.steps": str(steps), "train.batch": str(batch), "run.log_every": "1000",
                                   "run.checkpoint_every": "1000", "run.snapshot_every": "0", "run.image_every": "0",
-                                  "run.sync_check_every": "0"})
+                                  "run.sync_check_every": "0", **(overrides or {})})
         objective, student = build(config, dist.device())
         prints = fingerprints(objective)
         counts.append(count_syncs(lambda: training_loop(config, objective, student, None, prints)))
@@ -455,13 +462,15 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as folder, \
             command_files(Path(folder), {**EDM_PRESETS[ARCHITECTURES["cifar10"]], "dropout": 0.0}) as files:
-        start = time.perf_counter()
-        try:
-            status = sync_status(trainer_syncs(Path(folder), files, "cifar10", BATCH["cifar10"]))
-        except Exception as error:  # record it and go on: the table is the result
-            status = f"FAIL: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
-        rows.append((f"synchronising calls per training step, cifar10 (batch {BATCH['cifar10']})", status,
-                     f"{time.perf_counter() - start:.1f} s total", "", ""))
+        # The preset's fp32, and fp16 with loss scaling, whose overflow check rides the step's one read-back.
+        for label, overrides in (("", {}), (" fp16", FP16_SAFE)):
+            start = time.perf_counter()
+            try:
+                status = sync_status(trainer_syncs(Path(folder), files, "cifar10", BATCH["cifar10"], overrides))
+            except Exception as error:  # record it and go on: the table is the result
+                status = f"FAIL: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            rows.append((f"synchronising calls per training step, cifar10{label} (batch {BATCH['cifar10']})", status,
+                         f"{time.perf_counter() - start:.1f} s total", "", ""))
         for name, status, seconds in command_rows(files, "cifar10", BATCH["cifar10"], steps=3, demo_steps=5,
                                                   fid_images=1000, demo_fid_images=100):
             rows.append((name, status, f"{seconds:.1f} s total", "", ""))

@@ -5,7 +5,7 @@ all) and training states (`run.checkpoint_every` and the last step, the newest `
 new one is complete before the oldest is removed, so one more exists for a moment). Their sizes are those of
 the folder's largest files of each kind where it has some, else estimated from the size of one network's weights:
 
-    snapshot        (1 + EMAs) × weights                      model and every EMA
+    snapshot        (1 + EMAs) × weights                      model and every EMA (fixed-rate and power-function)
     training state  (1 + EMAs + 2) × weights                  … and the optimizer's two moments (Adam, RAdam)
 
 The peak of these files over the run, less what the folder already holds, is compared with the free space
@@ -76,7 +76,7 @@ def plan(config: TrainingConfig, network_bytes: int) -> DiskPlan:
     """The peak of `config`'s weight files, for a network whose weights take `network_bytes`."""
     run, train = config.run, config.train
     snapshots, states = checkpoint.find_snapshots(run.dir), checkpoint.find_training_states(run.dir)
-    emas = len(train.ema_rates)
+    emas = len(train.ema_rates) + len(train.phema_stds)  # Each average is one network's copy, fixed-rate or power-function.
     snapshot_bytes = (1 + emas) * network_bytes
     state_bytes = (1 + emas + OPTIMIZER_MOMENTS) * network_bytes
     measured = bool(snapshots or states)

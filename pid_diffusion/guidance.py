@@ -25,6 +25,13 @@ class GuidedDenoiser(nn.Module):
         super().__init__()
         if not guidance > 0:
             raise OptionError(f"guidance={guidance} must be positive (1: the main network alone)")
+        if type(guide) is not type(main):
+            raise OptionError(f"the guide's class is {type(guide).__name__}, the main network's {type(main).__name__}: "
+                              "give a guide of the main network's family (autoguidance: a smaller, less-trained one; "
+                              "classifier-free guidance: its unconditional model)")
+        if guide.label_dim not in (0, main.label_dim):
+            raise OptionError(f"the guide's label_dim is {guide.label_dim}, the main network's {main.label_dim}: a "
+                              "guide takes the main network's labels, or none (an unconditional guide)")
         for name in ("img_channels", "img_resolution"):
             if getattr(main, name) != getattr(guide, name):
                 raise OptionError(f"the guide's {name} is {getattr(guide, name)}, the main network's "

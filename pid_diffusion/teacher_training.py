@@ -23,10 +23,10 @@ from pid_diffusion.edm_loss import EDMObjective, check_options
 from pid_diffusion.networks import check_dropout
 from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.teacher import TeacherFormat, TeacherFile
-from pid_diffusion.toydata import ShapesSpec, make_shapes
+from pid_diffusion.toydata import CHANNELS, Shape, ShapesSpec, make_shapes
 
 __all__ = ["DataConfig", "EDMLossConfig", "NetworkConfig", "TASK", "TeacherTrainingConfig", "build",
-           "export_teacher", "grid_path", "resolve"]
+           "export_teacher", "grid_path", "network_size", "resolve"]
 
 TASK = "teacher"  # Its presets: configs/teacher/<name>.json.
 
@@ -104,17 +104,33 @@ def resolve(preset: str = "default", overrides: Mapping[str, str] | None = None)
 def build(config: TeacherTrainingConfig) -> tuple[EDMObjective, EDMPrecond]:
     """The EDM objective on the generated data set and a freshly initialised denoiser."""
     data = make_shapes(config.data.spec())
-    label_dim = data.num_classes if config.edm.conditional else 0
     objective = EDMObjective(data, P_mean=config.edm.P_mean, P_std=config.edm.P_std,
-                             sigma_data=config.edm.sigma_data, label_dim=label_dim)
+                             sigma_data=config.edm.sigma_data, label_dim=_label_dim(config))
     torch.manual_seed(config.train.seed)  # The initial weights; DDP broadcasts rank 0's.
+    return objective, _denoiser(config)
+
+
+def network_size(config: TeacherTrainingConfig) -> tuple[int, str]:
+    """Bytes of the denoiser's weights, for the launch check's disk estimate (`disk_plan`), and where they come
+    from: counted on the network built on the meta device (no memory, no data drawn)."""
+    with torch.device("meta"):
+        net = _denoiser(config)
+    size = sum(tensor.numel() * tensor.element_size() for tensor in net.state_dict().values())
+    return size, f"the denoiser's {size / 1e6:.3g} MB of weights"
+
+
+def _label_dim(config: TeacherTrainingConfig) -> int:
+    return len(Shape) if config.edm.conditional else 0
+
+
+def _denoiser(config: TeacherTrainingConfig) -> EDMPrecond:
+    """The configured EDMPrecond around a SongUNet for the generated images, freshly initialised."""
     network = config.network
-    net = EDMPrecond(img_resolution=data.resolution, img_channels=data.channels, label_dim=label_dim,
-                     sigma_data=config.edm.sigma_data, model_type="SongUNet",
-                     model_channels=network.model_channels, channel_mult=list(network.channel_mult),
-                     num_blocks=network.num_blocks, attn_resolutions=list(network.attn_resolutions),
-                     dropout=network.dropout)
-    return objective, net
+    return EDMPrecond(img_resolution=config.data.resolution, img_channels=CHANNELS, label_dim=_label_dim(config),
+                      sigma_data=config.edm.sigma_data, model_type="SongUNet",
+                      model_channels=network.model_channels, channel_mult=list(network.channel_mult),
+                      num_blocks=network.num_blocks, attn_resolutions=list(network.attn_resolutions),
+                      dropout=network.dropout)
 
 
 def export_teacher(config: TeacherTrainingConfig, path: str, ema_rate: float) -> EDMPrecond:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from pid_diffusion.images import write_npz
 
+CHANNELS = 3  # RGB
+
 
 class Shape(enum.IntEnum):
     """The shape classes; the value is the class label."""
@@ -131,7 +133,7 @@ def make_shapes(spec: ShapesSpec = ShapesSpec(), chunk: int = 1024) -> ImageData
 
     # Render with supersampling: coverage of each pixel is the fraction of its sub-pixels inside.
     sub = (torch.arange(res * ss, dtype=torch.float32) + 0.5) / ss       # sub-pixel centres, pixel units
-    images = torch.empty([n, 3, res, res], dtype=torch.uint8)
+    images = torch.empty([n, CHANNELS, res, res], dtype=torch.uint8)
     for start in range(0, n, chunk):
         s = slice(start, min(start + chunk, n))
         u = sub[None, None, :] - centre[s, 0, None, None]

@@ -171,6 +171,16 @@ def _apply_speed_options(model: nn.Module, train: TrainConfig, device: torch.dev
         perf.retain_freed_cpu_memory()
 
 
+def _overflow(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """1 where fp16 loss scaling found an inf or NaN gradient this step (after `scaler.unscale_(optimizer)`),
+    else 0, on `device`: nothing is read back. GradScaler keeps the flag per device of the gradients and has no
+    public accessor for it (`_found_inf_per_device`, the same in every torch that setup.py allows)."""
+    if not scaler.is_enabled():
+        return torch.zeros((), device=device)
+    found = scaler._found_inf_per_device(optimizer).values()
+    return torch.stack([flag.reshape(()).to(device) for flag in found]).sum()
+
+
 def _grad_norm(model: nn.Module) -> torch.Tensor:
     """Euclidean norm of all gradients together, on their device (nothing is read back)."""
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
@@ -273,28 +283,29 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
                 # DDP averages gradients over ranks, so each rank's term is its sum / per-rank batch.
                 scaler.scale(losses.sum() / per_rank).backward()
             loss_sum += losses.detach().sum()
-        # One all-reduce per step carries the loss and the number of ranks that received a preemption signal.
+        # One all-reduce per step carries the loss, the number of ranks that received a preemption signal and
+        # fp16's overflow flag (the gradients are unscaled first, which checks them for inf and NaN).
         # torch.full fills on the device; torch.tensor would copy a host value there (a sync on CUDA).
+        scaler.unscale_(optimizer)
         signalled = torch.full((), float(flag.received is not None), device=device)
-        totals = dist.all_reduce_sum(torch.stack([loss_sum, signalled]))
-        loss_total, signalled_ranks = totals.tolist()  # The step's one device-to-host copy.
-        loss, stop = loss_total / world_size / per_rank, signalled_ranks > 0
+        totals = dist.all_reduce_sum(torch.stack([loss_sum, signalled, _overflow(scaler, optimizer, device)]))
+        loss_total, signalled_ranks, overflows = totals.tolist()  # The step's one device-to-host copy.
+        loss, stop, skipped = loss_total / world_size / per_rank, signalled_ranks > 0, overflows > 0
         if not math.isfinite(loss):
             where = last_checkpoint or "none was written"
             raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step} (counting from 0), before its update; "
                                      f"nothing was written. Last good checkpoint: {where}")
 
-        # Update the weights (a loss-scaling overflow skips the step) and the averages.
-        scaler.unscale_(optimizer)
+        # Update the weights (a loss-scaling overflow skips the step, as GradScaler.step would, without its own
+        # read-back of the flag) and the averages.
         if train.grad_clip is None:
             grad_norm = _grad_norm(model)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
+        if not skipped:
+            optimizer.step()
+        scaler.update()  # Backs the scale off after an overflow, grows it after enough steps without one.
         optimizer.zero_grad(set_to_none=True)
-        skipped = scaler.is_enabled() and scaler.get_scale() < scale
         ema.update(model, nimg=done * train.batch, batch=train.batch, skipped=skipped)
         log.step(loss, grad_norm.detach(), skipped)  # Summed on the device, read back at the log record.
 
@@ -302,7 +313,8 @@ def _training_loop(config: TrainingConfig, objective: Objective, model: nn.Modul
         if run.sync_check_every and done % run.sync_check_every == 0:
             _check_ranks_agree(model, done)
         if done % run.log_every == 0 or done == train.steps:
-            log.record(done, optimizer.param_groups[0]["lr"], scaler.get_scale() if scaler.is_enabled() else None)
+            scale = scaler.get_scale() if scaler.is_enabled() else None  # read back here only: a sync on CUDA
+            log.record(done, optimizer.param_groups[0]["lr"], scale)
         if preview is not None and run.image_every and done % run.image_every == 0 and rank == 0:
             _write_preview(preview, model, fileio.join(run.dir, f"samples-{done:08d}.png"))
         preempted = stop and done < train.steps

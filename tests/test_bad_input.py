@@ -22,11 +22,15 @@ import pytest
 import torch
 
 from pid_diffusion.cli import errors
+from pid_diffusion.encoders import STANDARD_RGB
 
+from edm2_helpers import write_teacher
 from launch import JOB_TIMEOUT_S, REPO, mpirun_command, mpirun_env, needs_mpirun, subprocess_env
 from factories import SMALL_FEATURE_DIM, small_detector
 
 TEACHER = str(REPO / "model_zoo" / "edm-shapes-16x16.pt")
+EDM2_PIXELS = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                   attn_resolutions=[8], channels_per_head=16, use_fp16=False)
 MODULES = {"pid-convert-edm": "convert_edm", "pid-distill": "distill", "pid-demo": "demo",
            "pid-train-teacher": "train_teacher", "pid-sample": "sample", "pid-fid": "fid", "pid-fid-ref": "fid_ref",
            "pid-fit-dode": "fit_dode", "pid-plot": "plot", "pid-fetch-weights": "fetch_weights", "pid-phema": "phema"}
@@ -78,6 +82,10 @@ def files(tmp_path_factory) -> Files:
     f["empty_folder"] = str(root / "empty-folder")
     f["ref_no_mu"] = str(root / "no_mu.npz")
     f["detector"] = small_detector(root / "detector.pt")
+    # Tiny EDM2 pixel nets, as guides that do not fit: another family than the bundled EDM teacher, and beside a
+    # conditional EDM2 teacher another resolution or label dimension.
+    for name, changes in (("edm2_main", {}), ("edm2_8px", {"img_resolution": 8}), ("edm2_5labels", {"label_dim": 5})):
+        f[name] = str(write_teacher(root / f"{name}.pt", {**EDM2_PIXELS, **changes}, {"class_name": STANDARD_RGB}))
     # A distillation run and a teacher-training run, one step each, with a snapshot and a training state.
     importlib.import_module("pid_diffusion.cli.distill").main(
         [f"--run.dir={root / 'distill-run'}", "--train.steps=1", "--run.image_every=0", "--run.log_every=1"])
@@ -91,6 +99,7 @@ def files(tmp_path_factory) -> Files:
     return f
 
 
+FID_OF_TEACHER = ("--ref", "{ref}", "--detector", "{detector}", "--csv", "{root}/fid.csv")
 CASES = [
     # pid-convert-edm
     Case("pid-convert-edm", "missing source", ("{missing}", "{root}/out.pt"), ("missing.pt", "not found")),
@@ -145,6 +154,8 @@ CASES = [
          ("a-b", "0-63")),
     Case("pid-sample", "--classes, unconditional", ("--checkpoint", "{distill_state}", "--classes", "0-3",
                                                    "--grid", "{root}/g.png"), ("--classes",)),
+    Case("pid-sample", "guide of another family", ("--teacher", "{teacher}", "--guide", "{edm2_main}", "--guidance",
+                                                   "2", "--grid", "{root}/g.png"), ("Precond", "family")),
     Case("pid-sample", "heun --steps 1", ("--teacher", "{teacher}", "--sampler", "heun", "--steps", "1", "--grid",
                                           "{root}/g.png"), ("num_steps=1", "N ≥ 2")),
     Case("pid-sample", "EMA rate the checkpoint lacks", ("--checkpoint", "{distill_state}", "--ema", "0.5", "--grid",
@@ -168,6 +179,20 @@ CASES = [
                                       "--csv", "{root}/fid.csv"), ("text.pt",)),
     Case("pid-fid", "unknown preset", ("--teacher", "{state_dict}", "--preset", "nope", "--ref", "{ref}",
                                        "--detector", "{detector}", "--csv", "{root}/fid.csv"), ("nope",)),
+    Case("pid-fid", "guide of another family", ("--teacher", "{teacher}", "--guide", "{edm2_main}", "--guidance", "2",
+                                                *FID_OF_TEACHER), ("Precond", "EDMPrecond", "family")),
+    Case("pid-fid", "guide of another resolution", ("--teacher", "{edm2_main}", "--guide", "{edm2_8px}",
+                                                    "--guidance", "2", *FID_OF_TEACHER), ("img_resolution", "8", "16")),
+    Case("pid-fid", "guide of another label dimension", ("--teacher", "{edm2_main}", "--guide", "{edm2_5labels}",
+                                                         "--guidance", "2", *FID_OF_TEACHER), ("label_dim", "5", "10")),
+    Case("pid-fid", "--guidance 0", ("--teacher", "{teacher}", "--guide", "{teacher}", "--guidance", "0",
+                                     *FID_OF_TEACHER), ("guidance=0.0", "positive")),
+    Case("pid-fid", "--guide without --guidance", ("--teacher", "{teacher}", "--guide", "{teacher}", *FID_OF_TEACHER),
+         ("--guide", "--guidance")),
+    Case("pid-fid", "--guide of a run", ("--run", "{distill_run}", "--guide", "{teacher}", "--guidance", "2",
+                                         *FID_OF_TEACHER), ("--teacher",)),
+    Case("pid-fid", "missing guide", ("--teacher", "{teacher}", "--guide", "{missing}", "--guidance", "2",
+                                      *FID_OF_TEACHER), ("missing.pt",)),
     # pid-fid-ref
     Case("pid-fid-ref", "missing data", ("--data", "{root}/no-data", "--dest", "{root}/ref.npz", "--detector",
                                          "{detector}"), ("no-data",)),
@@ -235,7 +260,7 @@ def test_a_mistake_is_one_line_with_status_2_and_changes_nothing(case, files, ca
 
 # A few cases as a user runs them: the console command in its own process, and under mpirun.
 SUBPROCESS_CASES = ["pid-distill: --pid.num_points=1", "pid-sample: seeds a-b", "pid-sample: teacher as checkpoint",
-                    "pid-fid: reference without mu"]
+                    "pid-fid: reference without mu", "pid-fid: guide of another label dimension"]
 MPIRUN_CASES = ["pid-distill: --train.batch=0", "pid-sample: seeds 5-1", "pid-sample: teacher as checkpoint"]
 CASE_BY_ID = {case.id: case for case in CASES}
 

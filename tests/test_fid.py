@@ -8,6 +8,8 @@ CPU, so only the 64-d formula cases and a 16-d stand-in go through it.
 
 import csv
 import io
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -17,15 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from pid_diffusion.utils import dist, fileio
-from pid_diffusion import evaluation, image_sources
+from pid_diffusion import encoders, evaluation, image_sources
 from pid_diffusion.cli import fid as fid_cli
 from pid_diffusion.cli import fid_ref, sample
 from pid_diffusion.fid import FeatureStats, InceptionScoreStats, fid_from_stats, load_reference, save_reference
+from pid_diffusion.guidance import GuidedDenoiser
 from pid_diffusion.inception import NUM_CLASSES, load_detector
+from pid_diffusion.samplers import HeunSampler
+from pid_diffusion.teacher import load_teacher
 
 from factories import (NUM_SEEDS, SMALL_FEATURE_DIM, fid_args, fixture_teacher, load_npz, small_detector,
                        write_detector, write_student_checkpoint)
-from launch import mpirun_module, needs_mpirun
+from edm2_helpers import write_teacher
+from launch import JOB_TIMEOUT_S, REPO, mpirun_module, needs_mpirun, subprocess_env
 
 def numpy_inception_score(probabilities: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
     """StyleGAN2-ADA's metrics/inception_score.py on all probabilities at once."""
@@ -317,3 +323,43 @@ def test_pid_fid_rejects_options_that_do_not_apply(tmp_path, run_folder, capsys)
         with pytest.raises(SystemExit):
             fid_cli.main([*bad, "--ref", run_folder["ref"]])
         assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pid-fid of a guided teacher (EDM2's D_g + w (D - D_g)), through the command.
+
+# Tiny EDM2 pixel nets (StandardRGBEncoder) of the stand-in detector's 16×16 images: a conditional main network and
+# the unconditional guide of classifier-free guidance.
+PIXEL_EDM2 = dict(img_resolution=16, img_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                  attn_resolutions=[8], channels_per_head=16, use_fp16=False)
+GUIDANCE = 2.1
+
+
+@pytest.mark.slow  # runs the console command
+def test_pid_fid_scores_a_guided_teacher_as_the_library_does(tmp_path):
+    pixels = {"class_name": encoders.STANDARD_RGB}
+    main = str(write_teacher(tmp_path / "main.pt", {**PIXEL_EDM2, "label_dim": 10}, pixels, seed=0))
+    guide = str(write_teacher(tmp_path / "guide.pt", {**PIXEL_EDM2, "label_dim": 0}, pixels, seed=1))
+    detector, reference, table = small_detector(tmp_path / "detector.pt"), str(tmp_path / "ref.npz"), tmp_path / "fid.csv"
+    save_reference(reference, np.zeros(SMALL_FEATURE_DIM), np.eye(SMALL_FEATURE_DIM))
+    seeds = range(NUM_SEEDS)
+    common = ["--ref", reference, "--detector", detector, "--csv", str(table), "--seeds", f"0-{NUM_SEEDS - 1}",
+              "--steps", "2", "--batch", "8"]
+    for source in (["--teacher", main, "--guide", guide, "--guidance", str(GUIDANCE)], ["--teacher", main]):
+        result = subprocess.run([sys.executable, "-m", "pid_diffusion.cli.fid", *source, *common], cwd=REPO,
+                                env=subprocess_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+        assert result.returncode == 0, result.stdout + result.stderr
+    rows = {row["checkpoint"]: row for row in read_rows(str(table))}
+    guided, unguided = rows[f"main.pt guided by guide.pt w={GUIDANCE}"], rows["main.pt"]
+    assert guided["sampler"] == unguided["sampler"] == "HeunSampler (3 NFE)"
+    # Random tiny nets make similar images either way: the rows differ far beyond the tolerance of the equalities below.
+    assert float(guided["fid"]) != pytest.approx(float(unguided["fid"]), rel=1e-5)
+
+    # The library on the same seeds: the guided denoiser, and the main network alone.
+    networks = {"guided": GuidedDenoiser(load_teacher(main), load_teacher(guide), GUIDANCE),
+                "unguided": load_teacher(main)}
+    for name, row in (("guided", guided), ("unguided", unguided)):
+        fid, is_mean, is_std, _ = evaluation.evaluate(networks[name], HeunSampler(num_steps=2), seeds,
+                                                      load_detector(detector), load_reference(reference), batch_size=8)
+        assert (float(row["fid"]), float(row["is_mean"]), float(row["is_std"])) == pytest.approx(
+            (fid, is_mean, is_std), rel=1e-9), name

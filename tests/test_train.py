@@ -175,6 +175,21 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path):
     assert '"skipped_steps": 1' in log[-1] and '"loss_scale": 32768.0' in log[-1]
 
 
+def test_fp16_reads_the_loss_scale_only_at_the_log_record(tmp_path, monkeypatch):
+    # GradScaler.get_scale copies the scale to the host (a sync on CUDA): the skip decision rides the step's one
+    # all-reduce instead, and the scale is read for the log records and the training state (its state_dict) alone.
+    # An overflow step is still skipped.
+    reads = []
+    get_scale = torch.amp.GradScaler.get_scale
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", lambda self: reads.append(1) or get_scale(self))
+    state = train_toy(tmp_path, "--train.steps=6", "--run.log_every=3", "--run.checkpoint_every=6",
+                      "--train.precision=fp16", "--toy.overflow_step=1")
+    assert len(reads) == 3  # the log records of steps 3 and 6, the training state of step 6
+    assert state["scaler"]["scale"] == 2.0**15
+    log = [json.loads(line) for line in fileio.read_bytes(tmp_path / "metrics.jsonl").decode().splitlines()]
+    assert [(record["skipped_steps"], record["loss_scale"]) for record in log] == [(1, 2.0**15), (0, 2.0**15)]
+
+
 def test_checkpoints_pruned_and_generator_rebuilt(tmp_path):
     state = train_toy(tmp_path, "--train.steps=6", "--run.checkpoint_every=1", "--run.keep_checkpoints=2")
     fileio.atomic_write_bytes(b"", tmp_path / "checkpoint-00000099.pt.1234.tmp")  # an interrupted write

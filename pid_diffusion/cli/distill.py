@@ -20,17 +20,15 @@ will take; `--dry-run` does only that, under the real launcher. Everything print
 from __future__ import annotations
 
 import argparse
-import sys
+import functools
 from collections.abc import Sequence
 
 from pid_diffusion import encoders
-from pid_diffusion import disk_plan
 from pid_diffusion.utils import dist, logs
 from pid_diffusion.cli import errors, options
 from pid_diffusion.distill import TASK, DistillConfig, build, check_files, fingerprints, network_size
 from pid_diffusion.samplers import OneStepSampler
 from pid_diffusion.generate import sampler_preview
-from pid_diffusion.launch import describe_launch
 from pid_diffusion.train import training_loop
 
 
@@ -45,12 +43,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, DistillC
 def main(argv: Sequence[str] | None = None) -> None:
     with dist.abort_on_error(), errors.reported("pid-distill"):
         args, config = parse_args(argv)
-        dry = options.dry_run(args, config)  # stdout holds a configuration file: `--dry-run > mine.json`.
         # The checks of the launch: the same one-line errors a dry-run and a run give, before any file is loaded.
-        report = [*describe_launch(config, dist.world_size()), *check_files(config),
-                  *disk_plan.describe(config, *network_size(config))]
-        if dry:
-            dist.print0("\n".join(["launch check:", *report]), file=sys.stderr)
+        report = options.launch_check(args, config, functools.partial(network_size, config),
+                                      functools.partial(check_files, config))
+        if report is None:  # --dry-run
             return
         with logs.tee_output(config.run.dir):
             dist.print0("\n".join(report))

@@ -13,6 +13,7 @@ the step) use the best (lowest FID), as EDM reports the best of three.
     pid-fid --run runs/cifar10 --ref cifar10-32x32.npz --seeds 0-49999             # every snapshot: the curve
     pid-fid --checkpoint runs/cifar10/snapshot-00200000.pt --ema 0.9999 --ref cifar10-32x32.npz
     pid-fid --teacher edm-cifar10-32x32-uncond-vp.pkl --sampler heun --steps 18 --ref cifar10-32x32.npz
+    pid-fid --teacher edm2-img512-s.pt --guide edm2-img512-xs.pt --guidance 2.1 --ref img512.pkl  # guided (EDM2)
     pid-fid --images samples.npz --ref cifar10-32x32.npz                             # EDM's `fid.py calc`
     pid-fid --checkpoint pid_cifar.pt --preset edm-cifar10-32x32-uncond-vp --ref cifar10-32x32.npz  # official PID
     pid-fid --run OPENAI_LOGDIR --preset edm-cifar10-32x32-uncond-vp --ref cifar10-32x32.npz     # an official run
@@ -41,7 +42,6 @@ from pid_diffusion.image_sources import open_images
 from pid_diffusion.reference_stats import load_stats
 from pid_diffusion.inception import load_detector
 from pid_diffusion.networks.edm import EDM_PRESETS
-from pid_diffusion.teacher import load_teacher
 
 DEFAULT_SEEDS = "0-49999"  # EDM's 50,000 images.
 
@@ -63,6 +63,7 @@ def build_parser():
                         help=f"weights to evaluate: EMA rates and/or '{evaluation.NO_EMA}' (default: all)")
     parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture: a teacher's, or the "
                                          "official PID code's students (--checkpoint, --run)")
+    options.add_guide_arguments(parser)
     parser.add_argument("--batch", type=int, default=250, help="images per rank and batch (default 250)")
     parser.add_argument("--detector", help="inception-2015-12-05.pt (default: the torch hub cache)")
     parser.add_argument("--fd-dinov2", action="store_true", help="also FD_DINOv2, as EDM2 measures it (needs EDM2's "
@@ -96,10 +97,11 @@ def _check(parser, args) -> None:
         parser.error("--phema-step is the step of the --phema-std reconstruction")
     if args.dinov2 and not args.fd_dinov2:
         parser.error("--dinov2 names the weights of --fd-dinov2")
+    options.check_guide_arguments(args)
     if args.run and not (checkpoint.find_weights(args.run) or official.run_files(args.run)):
         parser.error(f"no snapshot-<step>.pt or checkpoint-<step>.pt files (nor an official PID run's "
                      f"model<step>.pt, ema_<rate>_<step>.pt) in {args.run}")
-    for name in ("checkpoint", "teacher", "images", "ref", "sampler_file", "dinov2"):
+    for name in ("checkpoint", "teacher", "guide", "images", "ref", "sampler_file", "dinov2"):
         path = getattr(args, name)
         if path and not fileio.exists(path):
             parser.error(f"--{name} {path}: no such file")
@@ -126,6 +128,12 @@ def _official(args) -> bool:
         raise errors.UserError(f"{args.run or args.checkpoint} is this project's, which records its own architecture: "
                      "drop --preset")
     return found
+
+
+def _teacher_name(args) -> str:
+    """The row name of --teacher: its file name, and its guide's and weight where guided (a row of its own)."""
+    name = args.teacher.rsplit("/", 1)[-1]
+    return name if args.guide is None else f"{name} guided by {args.guide.rsplit('/', 1)[-1]} w={args.guidance}"
 
 
 def _default_csv(args) -> str:
@@ -163,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise errors.UserError(f"--ref {args.ref} holds no DINOv2 statistics (EDM's .npz has FID's only): use "
                                    "EDM2's reference format, e.g. from pid-fid-ref --fd-dinov2 --dest <name>.pkl")
         dist.init()
+        # A teacher first: its mistakes (a guide of another family or space, w ≤ 0) end the command before the
+        # detectors are read.
+        teacher = options.load_guided_teacher(args, dist.device()) if args.teacher else None
         detector = load_detector(args.detector, dist.device())
         fd_dinov2 = (evaluation.FDDINOv2(load_dinov2(args.dinov2, dist.device()), reference.fd_dinov2)
                      if args.fd_dinov2 else None)
@@ -195,10 +206,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             evaluation.evaluate_run(args.run, table, seed_ranges, detector, reference, args.ref, **generated)
         elif args.checkpoint:
             evaluation.evaluate_file(args.checkpoint, table, seed_ranges, detector, reference, args.ref, **generated)
-        elif args.teacher:
-            net = load_teacher(args.teacher, preset=args.preset, device=detector.device)
-            sampler = options.sampler_from_args(args, type(net).__name__)
-            evaluation.evaluate_network(args.teacher.rsplit("/", 1)[-1], net, sampler, table, seed_ranges, detector,
+        elif teacher is not None:
+            sampler = options.sampler_from_args(args, type(teacher).__name__)
+            evaluation.evaluate_network(_teacher_name(args), teacher, sampler, table, seed_ranges, detector,
                                         reference, args.ref, **common)
         else:
             evaluation.evaluate_images(args.images.rsplit("/", 1)[-1], open_images(args.images), table, detector,

@@ -12,29 +12,32 @@ import inspect
 import io
 import math
 import re
+import sys
 import textwrap
 import tokenize
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, config_files, official, phema, samplers
+from pid_diffusion import checkpoint, config_files, disk_plan, official, phema, samplers
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.cli import errors
 from pid_diffusion.user_error import UserError
-from pid_diffusion.config import (ConfigError, OnResume, flatten, leaf_fields, on_resume, parse_overrides, to_dict,
-                                  to_json)
+from pid_diffusion.config import (ConfigError, OnResume, TrainingConfig, flatten, leaf_fields, on_resume,
+                                  parse_overrides, to_dict, to_json)
 from pid_diffusion.evaluation import NO_EMA
 from pid_diffusion.generate import SamplerKind, sampler_for
 from pid_diffusion.grid import NUM_POINTS
 from pid_diffusion.guidance import GuidedDenoiser
+from pid_diffusion.launch import describe_launch
 from pid_diffusion.teacher import load_teacher
 
-__all__ = ["add_configuration_source", "add_model_arguments", "add_sampler_arguments", "configuration_help", "dry_run",
-           "field_docs", "load_model", "parse_int_list", "parse_training", "sampler_from_args",
-           "seed_range", "training_parser", "weights_name"]
+__all__ = ["add_configuration_source", "add_guide_arguments", "add_model_arguments", "add_sampler_arguments",
+           "check_guide_arguments", "configuration_help", "dry_run", "field_docs", "launch_check", "load_guided_teacher",
+           "load_model",
+           "parse_int_list", "parse_training", "sampler_from_args", "seed_range", "training_parser", "weights_name"]
 
 C = TypeVar("C")
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -143,6 +146,23 @@ def dry_run(args: argparse.Namespace, config: Any) -> bool:
     return args.dry_run
 
 
+def launch_check(args: argparse.Namespace, config: TrainingConfig, network_size: Callable[[], tuple[int, str]],
+                 check_files: Callable[[], list[str]] = list) -> list[str] | None:
+    """The checks before every training run, reading no weights: the batch split over this job's ranks and what
+    the run folder would do (`launch.describe_launch`), the input files (`check_files`: the error the run would
+    give, or one line per file found) and the disk its snapshots and training states take over the run
+    (`disk_plan`, for one network of `network_size()`: bytes and where they come from). A mistake ends the command
+    here, before the run folder is touched. Returns the report's lines; with --dry-run it prints the resolved
+    configuration (stdout: a configuration file, `--dry-run > mine.json`) and the report (stderr), and returns
+    None: the command stops."""
+    dry = dry_run(args, config)
+    report = [*describe_launch(config, dist.world_size()), *check_files(), *disk_plan.describe(config, *network_size())]
+    if not dry:
+        return report
+    dist.print0("\n".join(["launch check:", *report]), file=sys.stderr)
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Seeds, networks, samplers and weights: the sampling and evaluation commands.
 
@@ -201,9 +221,32 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "EMA or post-hoc reconstruction, e.g. std-0.050 (default: the trained weights)")
     parser.add_argument("--preset", help="EDM preset naming a plain state dict's architecture (a teacher's, or an "
                                          "official PID student's)")
+    add_guide_arguments(parser)
+
+
+def add_guide_arguments(parser: argparse.ArgumentParser) -> None:
+    """--guide/--guidance: the teacher of --teacher guided by a second network (`load_guided_teacher`)."""
     parser.add_argument("--guide", help="a guide for --teacher (EDM2's autoguidance or unconditional model): "
                                         "D_g + w (D - D_g) at every step, with w from --guidance")
     parser.add_argument("--guidance", type=float, help="w of --guide (EDM2's; 1: the teacher alone)")
+
+
+def check_guide_arguments(args: argparse.Namespace) -> None:
+    """--guide and --guidance go together, and guide a teacher: the errors before anything is loaded."""
+    if (args.guide is None) != (args.guidance is None):
+        raise UserError("--guide and --guidance go together: give both or neither")
+    if args.guide is not None and args.teacher is None:
+        raise UserError("--guide and --guidance apply to a teacher (--teacher), whose sampler they guide: drop them")
+
+
+def load_guided_teacher(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """The teacher of --teacher (and --preset), guided by --guide with weight --guidance where they are given
+    (`GuidedDenoiser`, which refuses a guide of another family or data space), in eval mode on `device`."""
+    check_guide_arguments(args)
+    teacher = load_teacher(args.teacher, preset=args.preset, device=device)
+    if args.guide is None:
+        return teacher
+    return GuidedDenoiser(teacher, load_teacher(args.guide, device=device), args.guidance)
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -226,14 +269,8 @@ def load_model(args: Any, device: torch.device) -> nn.Module:
     if args.teacher is not None:
         if args.ema is not None:
             raise UserError("--ema applies to a training checkpoint; a teacher file holds one network")
-        teacher = load_teacher(args.teacher, preset=args.preset, device=device)
-        if (args.guide is None) != (args.guidance is None):
-            raise UserError("--guide and --guidance go together: give both or neither")
-        if args.guide is None:
-            return teacher
-        return GuidedDenoiser(teacher, load_teacher(args.guide, device=device), args.guidance)
-    if args.guide is not None or args.guidance is not None:
-        raise UserError("--guide applies to a teacher (--teacher); a PID student samples in one step")
+        return load_guided_teacher(args, device)
+    check_guide_arguments(args)  # a guide without a teacher
     ema = None if args.ema == NO_EMA else args.ema
     if fileio.isdir(args.checkpoint):  # A run folder: its newest file that loads, damaged newer ones named.
         path, net = checkpoint.newest_generator(args.checkpoint, ema_rate=ema, device=device, log=dist.print0)

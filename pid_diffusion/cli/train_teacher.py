@@ -2,7 +2,7 @@
 
     pid-train-teacher                                            # the default preset, one process
     mpirun -np 2 pid-train-teacher --run.dir=runs/teacher        # two processes
-    pid-train-teacher --dry-run                                  # print the resolved options
+    pid-train-teacher --dry-run                                  # print the resolved options, check the launch
     pid-train-teacher --export=model_zoo/edm-shapes-16x16.pt     # then write the teacher file and its grid
 
 The same training loop, launchers, checkpoints and configuration system as `pid-distill`, with EDM's
@@ -15,15 +15,15 @@ with a PNG grid of its Heun samples (35 network calls).
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Sequence
 
 from pid_diffusion import images
 from pid_diffusion.utils import dist, logs
 from pid_diffusion.cli import errors, options
 from pid_diffusion.samplers import HeunSampler
-from pid_diffusion.teacher_training import TASK, TeacherTrainingConfig, build, export_teacher, grid_path
+from pid_diffusion.teacher_training import TASK, TeacherTrainingConfig, build, export_teacher, grid_path, network_size
 from pid_diffusion.generate import sampler_preview
-from pid_diffusion.launch import describe_launch
 from pid_diffusion.train import training_loop
 
 GRID_COLUMNS = 8  # Images per row of the exported teacher's sample grid.
@@ -44,9 +44,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TeacherT
 def main(argv: Sequence[str] | None = None) -> None:
     with dist.abort_on_error(), errors.reported("pid-train-teacher"):
         args, config = parse_args(argv)
-        if options.dry_run(args, config):
+        # The checks of the launch (pid-distill's): batch split, run folder, disk; --dry-run stops after them.
+        report = options.launch_check(args, config, functools.partial(network_size, config))
+        if report is None:
             return
-        report = describe_launch(config, dist.world_size())  # a mistake ends here, before the run folder is touched
         with logs.tee_output(config.run.dir):
             dist.print0("\n".join(report))
             device = dist.device()
