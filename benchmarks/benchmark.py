@@ -53,7 +53,7 @@ from pid_diffusion.samplers import OneStepSampler
 from pid_diffusion.student import PIDStudent
 from pid_diffusion.teacher import load_teacher
 from pid_diffusion.teacher_training import DataConfig, NetworkConfig
-from pid_diffusion.train import AUTOCAST_DTYPES, EMA, loss_scaler
+from pid_diffusion.training.train import AUTOCAST_DTYPES, EMA, loss_scaler
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"

@@ -19,11 +19,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pid_diffusion import checkpoint, distill
+from pid_diffusion import distill
+from pid_diffusion.training import checkpoint  # noqa: E402
 from pid_diffusion.utils import dist
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond  # noqa: E402
 from pid_diffusion.student import PIDStudent  # noqa: E402
-from pid_diffusion.train import EMA, build_optimizer  # noqa: E402
+from pid_diffusion.training.train import EMA, build_optimizer  # noqa: E402
 
 TEACHERS = {"cifar10": "edm-cifar10-32x32-uncond-vp", "imagenet64": "edm-imagenet-64x64-cond-adm"}
 OPTIMIZER_MOMENTS = 2  # Adam and RAdam: exp_avg, exp_avg_sq.

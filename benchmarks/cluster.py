@@ -40,7 +40,7 @@ from pid_diffusion.config import PIDConfig, resolve  # noqa: E402
 from pid_diffusion.grid import KarrasGrid  # noqa: E402
 from pid_diffusion.loss import PIDObjective  # noqa: E402
 from pid_diffusion.distances import L2  # noqa: E402
-from pid_diffusion.train import EMA, _rank_share  # noqa: E402
+from pid_diffusion.training.train import EMA, _rank_share  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS-cluster.md")
 CIFAR10_NETWORK = "edm-cifar10-32x32-uncond-vp"

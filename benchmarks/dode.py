@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.dode import DODESampler, Solver, fit_batch, fit_dode
 from pid_diffusion.samplers import HeunSampler, OneStepSampler, Sampler

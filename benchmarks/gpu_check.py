@@ -42,7 +42,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pid_diffusion import checkpoint, precision, samplers  # noqa: E402
+from pid_diffusion import precision, samplers  # noqa: E402
+from pid_diffusion.training import checkpoint  # noqa: E402
 from pid_diffusion.guidance import GuidedDenoiser  # noqa: E402
 from pid_diffusion.config import Precision  # noqa: E402
 from pid_diffusion.fid import FEATURE_DIM, save_reference  # noqa: E402
@@ -54,7 +55,7 @@ from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond  # noqa: E402
 from pid_diffusion.networks.edm2 import EDM2_PRESETS, Precond  # noqa: E402
 from pid_diffusion.student import PIDStudent  # noqa: E402
 from pid_diffusion.teacher import TeacherFile, TeacherFormat  # noqa: E402
-from pid_diffusion.train import loss_scaler  # noqa: E402
+from pid_diffusion.training.train import loss_scaler  # noqa: E402
 
 ARCHITECTURES = {"cifar10": "edm-cifar10-32x32-uncond-vp", "imagenet64": "edm-imagenet-64x64-cond-adm",
                  "edm2-img512-s": "edm2-img512-s"}
@@ -411,11 +412,11 @@ FP16_SAFE = {"train.precision": "fp16", "pid.student_precision": "fp32"}  # fp16
 
 def trainer_syncs(folder: Path, files: dict[str, str], preset: str, batch: int,
                   overrides: dict[str, str] | None = None) -> float:
-    """Synchronising calls per step of `pid_diffusion.train.training_loop` on `preset` with `overrides` (in this
+    """Synchronising calls per step of `pid_diffusion.training.train.training_loop` on `preset` with `overrides` (in this
     process): two runs of SYNC_STEPS steps with the same periodic work (the last step's log record and training
     state)."""
     from pid_diffusion.distill import build, fingerprints, resolve
-    from pid_diffusion.train import training_loop
+    from pid_diffusion.training.train import training_loop
     from pid_diffusion.utils import dist
 
     counts = []

@@ -51,7 +51,7 @@ from pid_diffusion.loss import Derivative, StudentPrecision  # noqa: E402
 from pid_diffusion.samplers import HeunSampler, OneStepSampler  # noqa: E402
 from pid_diffusion.student import PIDStudent  # noqa: E402
 from pid_diffusion.teacher import load_teacher  # noqa: E402
-from pid_diffusion.train import training_loop  # noqa: E402
+from pid_diffusion.training.train import training_loop  # noqa: E402
 from pid_diffusion.utils import fileio  # noqa: E402
 
 from gpu_check import RECIPES, release_networks  # noqa: E402

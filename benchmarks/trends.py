@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint
 from pid_diffusion.utils import fileio, hub
 from pid_diffusion.config import LRDecay, diff, from_dict
 from pid_diffusion.demo import agreement
@@ -55,7 +55,7 @@ from pid_diffusion.generate import seeded_inputs
 from pid_diffusion.distill import DistillConfig, build, resolve
 from pid_diffusion.samplers import EulerSampler, HeunSampler, OneStepSampler
 from pid_diffusion.teacher import load_teacher
-from pid_diffusion.train import NonFiniteLossError, training_loop
+from pid_diffusion.training.train import NonFiniteLossError, training_loop
 
 BEGIN, END = "<!-- trends.py: generated, begin -->", "<!-- trends.py: generated, end -->"
 PUBLISHED_PAGE = Path("docs/trends.md")  # Written by the full default study, or when --page names it.

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pid_diffusion.user_error import UserError
-from pid_diffusion import phema
+from pid_diffusion.training import phema
 from pid_diffusion.utils import preemption
 from pid_diffusion.utils.values import parse_enum, plain
 

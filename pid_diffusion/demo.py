@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from pid_diffusion.user_error import OptionError
-from pid_diffusion import checkpoint, evaluation, inception
+from pid_diffusion import evaluation, inception
+from pid_diffusion.training import checkpoint
 from pid_diffusion.utils import dist, fileio, hub
 from pid_diffusion.distill import DistillConfig, build, fingerprints
 from pid_diffusion.fid import load_reference, save_reference
@@ -29,7 +30,7 @@ from pid_diffusion.images import labelled_rows_png
 from pid_diffusion.samplers import HeunSampler, OneStepSampler, Sampler
 from pid_diffusion.toydata import ShapesSpec, make_shapes
 from pid_diffusion.generate import sampler_preview, seeded_inputs
-from pid_diffusion.train import training_loop
+from pid_diffusion.training.train import training_loop
 
 __all__ = ["DemoOptions", "Row", "agreement", "run_demo", "format_table"]
 

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from pid_diffusion.user_error import FileFormatError, OptionError
-from pid_diffusion import checkpoint, samplers
+from pid_diffusion import samplers
+from pid_diffusion.training import checkpoint
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.dinov2 import DINOv2Detector
 from pid_diffusion.fid import FeatureStats, compute_statistics, fid_from_stats

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from pid_diffusion.user_error import FileFormatError, OptionError
-from pid_diffusion import checkpoint, evaluation, samplers
+from pid_diffusion import evaluation, samplers
+from pid_diffusion.training import checkpoint
 from pid_diffusion.grid import SIGMA_MAX, SIGMA_MIN
 from pid_diffusion.inception import Detector
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond

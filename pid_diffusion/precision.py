@@ -24,7 +24,7 @@ from torch import nn
 from pid_diffusion.config import Precision
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.loss import Derivative, StudentPrecision, trajectory_and_derivative
-from pid_diffusion.train import AUTOCAST_DTYPES
+from pid_diffusion.training.train import AUTOCAST_DTYPES
 
 __all__ = ["Errors", "Recipe", "Reference", "SAFE_RECIPES", "check_recipe", "errors", "reference"]
 

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 import torch
 
 from pid_diffusion.user_error import MissingFileError
-from pid_diffusion import checkpoint, config_files
+from pid_diffusion import config_files
+from pid_diffusion.training import checkpoint
 from pid_diffusion.utils import fileio
 from pid_diffusion.config import TrainingConfig, check
 from pid_diffusion.edm_loss import EDMObjective, check_options

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from pid_diffusion import checkpoint, dinov2
+from pid_diffusion import dinov2
+from pid_diffusion.training import checkpoint
 from pid_diffusion.distances import PiqLPIPS, VGGLPIPS
 from pid_diffusion.grid import KarrasGrid
 from pid_diffusion.inception import NUM_CLASSES

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint
 from pid_diffusion.utils import fileio
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pid_diffusion import checkpoint  # noqa: E402
+from pid_diffusion.training import checkpoint  # noqa: E402
 from pid_diffusion.cli import distill  # noqa: E402
 from pid_diffusion.loss import PIDObjective  # noqa: E402
 from pid_diffusion.utils import fileio  # noqa: E402

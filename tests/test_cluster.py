@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint
 from pid_diffusion.utils import dist, fileio, preemption
 from pid_diffusion.config import ConfigError, RunConfig
-from pid_diffusion.train import NOISE_CHUNK, _rank_share
+from pid_diffusion.training.train import NOISE_CHUNK, _rank_share
 
 from equality import REL_TWO_RANKS, assert_same_training_state, assert_same_update
 from factories import TOY_SCRIPT, initial_toy_state, latest, logged_steps, steps_in, train_toy

@@ -150,7 +150,7 @@ def test_every_option_is_read_by_the_code_that_runs():
     # An option parsed and never read is a silent no-op: each field must be read by the loop (or its run log),
     # the assembly of the task (distill.build, with the metric options it hands on), the checkpoints the loop
     # writes, or the task's CLI. The training loop builds the optimizer; schedule.py gives it the learning rate.
-    package = Path(cfg.__file__).parent
+    package = Path(cfg.__file__).parent / "training"
     modules = ("train.py", "schedule.py", "run_log.py", "checkpoint.py")
     readers = "\n".join([*((package / name).read_text() for name in modules),
                          inspect.getsource(distill.build), inspect.getsource(distill.PIDConfig.metric_options),

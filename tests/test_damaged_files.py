@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint
 from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.cli import fid as fid_cli
 from pid_diffusion.cli import sample as sample_cli

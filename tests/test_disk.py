@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, disk_plan, teacher_training
+from pid_diffusion import teacher_training
+from pid_diffusion.training import checkpoint, disk_plan
 from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.cli import train_teacher as train_teacher_cli
 from pid_diffusion.cli.errors import USAGE_STATUS

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.cli import distill
 from pid_diffusion.student import PIDStudent

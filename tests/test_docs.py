@@ -28,7 +28,7 @@ import PIL.Image
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, posthoc_ema
+from pid_diffusion.training import checkpoint, posthoc_ema
 from pid_diffusion.utils import hub
 from pid_diffusion.config import to_json
 from pid_diffusion.dode import Solver, fit_dode

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from edm2_helpers import install_tiny_vae, sd_vae_description
-from pid_diffusion import checkpoint, encoders
+from pid_diffusion import encoders
+from pid_diffusion.training import checkpoint
 from pid_diffusion.loss import Derivative
 from pid_diffusion.distances import Metric
 from pid_diffusion.networks.edm2 import EDM2_PRESETS, Precond

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, plots
+from pid_diffusion.training import checkpoint, plots
 from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.cli import train_teacher as teacher_cli
 from pid_diffusion.config import leaf_fields

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint
 from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.cli import fid as fid_cli
 from pid_diffusion.cli import sample as sample_cli

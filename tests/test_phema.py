@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, phema, posthoc_ema
+from pid_diffusion.training import checkpoint, phema, posthoc_ema
 from pid_diffusion.cli import phema as phema_cli
 from pid_diffusion.utils import fileio
 

@@ -7,7 +7,8 @@ import matplotlib.pyplot as plt
 import PIL.Image
 import pytest
 
-from pid_diffusion import evaluation, plots
+from pid_diffusion import evaluation
+from pid_diffusion.training import plots
 from pid_diffusion.cli import plot as plot_cli
 
 # Three checkpoints (steps 1, 2, 3: the case where a float axis shows 1.5 and 2.5), trained weights and one EMA,

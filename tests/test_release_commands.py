@@ -20,7 +20,7 @@ import PIL.Image
 import pytest
 import torch
 
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint
 from pid_diffusion.utils import fileio
 from pid_diffusion.fid import save_reference
 from pid_diffusion.networks.edm import EDM_PRESETS

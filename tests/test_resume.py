@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint
 from pid_diffusion.utils import fileio
 from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.config import ConfigError, OnResume, flatten, leaf_fields, on_resume
-from pid_diffusion.run_log import HISTORY_FILE
+from pid_diffusion.training.run_log import HISTORY_FILE
 
 import toy_training
 from equality import assert_same_training_state

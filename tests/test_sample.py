@@ -13,7 +13,8 @@ import PIL.Image
 import pytest
 import torch
 
-from pid_diffusion import checkpoint, samplers
+from pid_diffusion import samplers
+from pid_diffusion.training import checkpoint
 from pid_diffusion.utils import dist
 from pid_diffusion import images as images_module
 from pid_diffusion.cli import options, sample

@@ -9,7 +9,7 @@ import pytest
 
 from pid_diffusion.cli import distill as distill_cli
 from pid_diffusion.config import ConfigError, LRDecay, TrainConfig
-from pid_diffusion.schedule import lr_at
+from pid_diffusion.training.schedule import lr_at
 
 from factories import train_toy
 

@@ -17,9 +17,9 @@ from PIL import Image
 
 from pid_diffusion.images import PREVIEW_MIN_PIXELS
 
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint
 from pid_diffusion.utils import fileio
-from pid_diffusion import train as train_module
+from pid_diffusion.training import train as train_module
 from pid_diffusion.config import ConfigError, LRDecay, RunConfig, TrainConfig
 from pid_diffusion.distill import DistillConfig
 from pid_diffusion.grid import KarrasGrid
@@ -28,7 +28,7 @@ from pid_diffusion.distances import L2
 from pid_diffusion.networks.edm import EDMPrecond
 from pid_diffusion.utils.perf import RecomputedUNetBlock
 from pid_diffusion.student import PIDStudent, StudentInit
-from pid_diffusion.train import NonFiniteLossError, batch_plan, lr_at, training_loop
+from pid_diffusion.training.train import NonFiniteLossError, batch_plan, lr_at, training_loop
 
 import toy_training
 from equality import assert_mutants_fail, assert_same_training_state, assert_same_update
@@ -351,7 +351,7 @@ def test_compile_trains_for_real_in_place_and_keeps_the_keys(tmp_path, monkeypat
 
 def test_the_run_seed_changes_the_batches():
     # mt19937 keeps 32 bits of its seed: seed · 2³² + step would give every run seed the same batches.
-    from pid_diffusion.train import chunk_generator
+    from pid_diffusion.training.train import chunk_generator
     cpu = torch.device("cpu")
     draws = {(seed, step, chunk): torch.randn(4, generator=chunk_generator(seed, step, chunk, cpu))
              for seed in (0, 1) for step in (0, 1) for chunk in (0, 1)}

@@ -21,10 +21,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint  # noqa: E402
 from pid_diffusion.utils import dist
 from pid_diffusion.config import TrainingConfig, apply_overrides, parse_overrides  # noqa: E402
-from pid_diffusion.train import training_loop  # noqa: E402
+from pid_diffusion.training.train import training_loop  # noqa: E402
 
 CHANNELS, SIZE = 2, 4  # Images of the toy task: [B, 2, 4, 4].
 

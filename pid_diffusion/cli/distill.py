@@ -29,7 +29,7 @@ from pid_diffusion.cli import errors, options
 from pid_diffusion.distill import TASK, DistillConfig, build, check_files, fingerprints, network_size
 from pid_diffusion.samplers import OneStepSampler
 from pid_diffusion.generate import sampler_preview
-from pid_diffusion.train import training_loop
+from pid_diffusion.training.train import training_loop
 
 
 def build_parser() -> argparse.ArgumentParser:

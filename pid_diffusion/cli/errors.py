@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from typing import IO, NoReturn
 
-from pid_diffusion.checkpoint import TrainingStateWriteError
+from pid_diffusion.training.checkpoint import TrainingStateWriteError
 from pid_diffusion.user_error import UserError
 from pid_diffusion.utils import dist
 

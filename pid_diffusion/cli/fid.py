@@ -33,7 +33,8 @@ import collections
 import functools
 from collections.abc import Sequence
 
-from pid_diffusion import checkpoint, evaluation, official, phema, plots, posthoc_ema
+from pid_diffusion import evaluation, official
+from pid_diffusion.training import checkpoint, phema, plots, posthoc_ema
 from pid_diffusion.utils import dist, fileio, preemption
 from pid_diffusion.cli import errors, options
 from pid_diffusion.cli.phema import relative_std

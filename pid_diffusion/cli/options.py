@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from pid_diffusion import checkpoint, config_files, disk_plan, official, phema, samplers
+from pid_diffusion import config_files, official, samplers
+from pid_diffusion.training import checkpoint, disk_plan, phema
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.cli import errors
 from pid_diffusion.user_error import UserError
@@ -31,7 +32,7 @@ from pid_diffusion.evaluation import NO_EMA
 from pid_diffusion.generate import SamplerKind, sampler_for
 from pid_diffusion.grid import NUM_POINTS
 from pid_diffusion.guidance import GuidedDenoiser
-from pid_diffusion.launch import describe_launch
+from pid_diffusion.training.launch import describe_launch
 from pid_diffusion.teacher import load_teacher
 
 __all__ = ["add_configuration_source", "add_guide_arguments", "add_model_arguments", "add_sampler_arguments",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from pid_diffusion import phema, posthoc_ema
+from pid_diffusion.training import phema, posthoc_ema
 from pid_diffusion.cli import errors, options
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pid_diffusion import plots
+from pid_diffusion.training import plots
 from pid_diffusion.utils import fileio
 from pid_diffusion.cli import errors, options
 from pid_diffusion.evaluation import ResultsTable

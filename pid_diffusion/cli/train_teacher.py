@@ -24,7 +24,7 @@ from pid_diffusion.cli import errors, options
 from pid_diffusion.samplers import HeunSampler
 from pid_diffusion.teacher_training import TASK, TeacherTrainingConfig, build, export_teacher, grid_path, network_size
 from pid_diffusion.generate import sampler_preview
-from pid_diffusion.train import training_loop
+from pid_diffusion.training.train import training_loop
 
 GRID_COLUMNS = 8  # Images per row of the exported teacher's sample grid.
 

@@ -18,7 +18,7 @@ import dataclasses
 import os
 import shutil
 
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint
 from pid_diffusion.config import TrainingConfig
 from pid_diffusion.utils import fileio
 

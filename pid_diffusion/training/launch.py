@@ -6,11 +6,11 @@ and skipped, never moved).
 from __future__ import annotations
 
 from pid_diffusion.user_error import FileFormatError
-from pid_diffusion import checkpoint
+from pid_diffusion.training import checkpoint
 from pid_diffusion.config import ConfigError, OnResume, TrainingConfig, from_dict
-from pid_diffusion.resume import resume_changes
-from pid_diffusion.schedule import resumed_lr
-from pid_diffusion.train import batch_plan
+from pid_diffusion.training.resume import resume_changes
+from pid_diffusion.training.schedule import resumed_lr
+from pid_diffusion.training.train import batch_plan
 
 __all__ = ["describe_launch"]
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from pid_diffusion.user_error import FileFormatError, UserError
-from pid_diffusion import checkpoint, phema
+from pid_diffusion.training import checkpoint, phema
 from pid_diffusion.utils import fileio
 
 __all__ = ["NoPowerEMAError", "output_path", "reconstruct_run", "snapshot_inputs"]

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pid_diffusion.checkpoint import NoLoadableTrainingStateError, newest_loadable, read_training_state
+from pid_diffusion.training.checkpoint import NoLoadableTrainingStateError, newest_loadable, read_training_state
 from pid_diffusion.config import (ConfigError, OnResume, TrainingConfig, diff, flatten, from_dict, resume_classes,
                                   to_dict)
-from pid_diffusion.schedule import horizon_refusal
+from pid_diffusion.training.schedule import horizon_refusal
 from pid_diffusion.utils import dist
 from pid_diffusion.utils.rng import restore_rng
 

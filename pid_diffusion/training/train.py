@@ -37,12 +37,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pid_diffusion.user_error import OptionError
-from pid_diffusion import checkpoint, images, phema, resume, run_log
+from pid_diffusion import images
+from pid_diffusion.training import checkpoint, phema, resume, run_log
 from pid_diffusion.utils import dist, fileio, perf, preemption
 from pid_diffusion.utils.rng import seed_globals
 from pid_diffusion.config import ConfigError, OptimizerKind, Precision, TrainConfig, TrainingConfig, to_json
 from pid_diffusion.generate import Preview
-from pid_diffusion.schedule import lr_at
+from pid_diffusion.training.schedule import lr_at
 
 __all__ = ["AUTOCAST_DTYPES", "EMA", "NOISE_CHUNK", "NonFiniteLossError", "Objective", "batch_plan",
            "build_optimizer", "chunk_generator", "loss_scaler", "lr_at", "training_loop"]

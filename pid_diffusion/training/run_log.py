@@ -16,7 +16,7 @@ import tqdm
 
 from pid_diffusion.utils import fileio
 from pid_diffusion.config import ConfigError, RunConfig, TrainConfig
-from pid_diffusion.resume import Change
+from pid_diffusion.training.resume import Change
 
 __all__ = ["HISTORY_FILE", "METRICS_FILE", "RunLog", "record_history"]
 
@@ -88,7 +88,7 @@ class _MetricsLog:
 
     def plot(self) -> None:
         if self.records:
-            from pid_diffusion import plots  # Here: matplotlib costs a second at import, only when plotting.
+            from pid_diffusion.training import plots  # Here: matplotlib costs a second at import, only when plotting.
 
             plots.plot_training(self.records, fileio.join(self.folder, plots.TRAINING_PLOT))
 

@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 from pid_diffusion.utils import fileio
 from pid_diffusion.evaluation import NO_EMA, Result  # noqa: E402
-from pid_diffusion.phema import is_std_name, std_of  # noqa: E402
+from pid_diffusion.training.phema import is_std_name, std_of  # noqa: E402
 
 __all__ = ["FID_PLOT", "PHEMA_PLOT", "TRAINING_PLOT", "plot_fid", "plot_fid_against_std", "plot_training",
            "read_metrics"]

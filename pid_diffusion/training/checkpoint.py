@@ -43,7 +43,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from pid_diffusion.user_error import FileFormatError, OptionError
-from pid_diffusion import phema
+from pid_diffusion.training import phema
 from pid_diffusion.utils import dist, fileio
 from pid_diffusion.utils.rng import capture_rng
 from pid_diffusion.config import TrainingConfig, to_dict
