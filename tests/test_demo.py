@@ -74,3 +74,14 @@ def test_demo_distils_the_bundled_teacher(tmp_path, capsys):
     assert PIL.Image.open(run_dir / "demo.png").size == (2 + 8 * (64 + 2), 3 * (20 + 64 + 2) + 2)
     printed = capsys.readouterr().out
     assert "student distilled" in printed and "FID" in printed
+    assert "disk: 1 snapshot(s)" in printed  # pid-distill's launch check, printed by the run as by pid-distill
+
+
+def test_demo_dry_run_gives_pid_distills_launch_check_and_writes_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    demo_cli.main([f"--run.dir={run_dir}", "--train.steps=40", "--run.snapshot_every=10", "--dry-run"])
+    report = capsys.readouterr().err
+    assert report.startswith("launch check:") and f"run folder {run_dir}: would start at step 0" in report
+    assert f"teacher {BUNDLED_TEACHER.relative_to(REPO)}: found" in report
+    assert "disk: 4 snapshot(s)" in report and "free" in report
+    assert not run_dir.exists()

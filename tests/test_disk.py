@@ -24,6 +24,8 @@ from factories import write_lpips_standins
 BUNDLED_TEACHER = REPO / "model_zoo" / "edm-shapes-16x16.pt"
 RUN = ["--preset=default", "--train.batch=2", "--run.log_every=1", "--run.image_every=0", "--run.snapshot_every=1",
        "--run.checkpoint_every=1", "--run.keep_checkpoints=2", "--run.sync_check_every=0"]
+
+
 def no_space() -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

@@ -16,12 +16,13 @@ re-running resumes the run folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 from pid_diffusion.utils import dist, logs
 from pid_diffusion.cli import errors, options
 from pid_diffusion.demo import DemoOptions, run_demo
-from pid_diffusion.distill import TASK, DistillConfig
+from pid_diffusion.distill import TASK, DistillConfig, check_files, network_size
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -52,9 +53,13 @@ def parse_args(argv: Sequence[str] | None):
 def main(argv: Sequence[str] | None = None) -> None:
     with dist.abort_on_error(), errors.reported("pid-demo"):
         args, config, demo = parse_args(argv)
-        if options.dry_run(args, config):
+        # pid-distill's launch check (batch split, run folder, teacher file, disk), before any file is loaded.
+        report = options.launch_check(args, config, functools.partial(network_size, config),
+                                      functools.partial(check_files, config))
+        if report is None:  # --dry-run
             return
         with logs.tee_output(config.run.dir):
+            dist.print0("\n".join(report))
             run_demo(config, demo)
     dist.shutdown()
 
