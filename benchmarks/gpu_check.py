@@ -48,7 +48,7 @@ from pid_diffusion.guidance import GuidedDenoiser  # noqa: E402
 from pid_diffusion.config import Precision  # noqa: E402
 from pid_diffusion.fid import FEATURE_DIM, save_reference  # noqa: E402
 from pid_diffusion.generate import generate  # noqa: E402
-from pid_diffusion.grid import KarrasGrid  # noqa: E402
+from pid_diffusion.grid import NUM_POINTS, RHO, SIGMA_MAX, SIGMA_MIN, KarrasGrid  # noqa: E402
 from pid_diffusion.loss import Derivative, PIDObjective, StudentPrecision  # noqa: E402
 from pid_diffusion.distances import Metric  # noqa: E402
 from pid_diffusion.networks.edm import EDM_PRESETS, EDMPrecond  # noqa: E402
@@ -74,7 +74,6 @@ RECIPES = {  # docs/precision.md: the recipes that keep the derivative, the fp32
     "bf16-forward-rounded": precision.Recipe(Precision.BF16, Derivative.FORWARD,
                                              StudentPrecision.TRAIN_ROUNDED_DIFFERENCE),
 }
-GRID_POINTS = 250  # The paper's N, where the rounding of a 16-bit difference is largest.
 ERROR_LATENTS = 4  # Latents of the derivative's error (each at the same grid time).
 
 
@@ -124,11 +123,16 @@ def _random_denoiser(name: str, device: torch.device) -> torch.nn.Module:
     return network.to(device).eval().requires_grad_(False)
 
 
+def paper_grid() -> KarrasGrid:
+    """PID's grid with the paper's N, ρ, ε and T (the students here use the paper's ε and T)."""
+    return KarrasGrid(NUM_POINTS, RHO, SIGMA_MIN, SIGMA_MAX)
+
+
 def release_networks(name: str, device: torch.device) -> tuple[torch.nn.Module, PIDStudent]:
     """A release architecture with random weights as the teacher (EDM2's img512-s guided by img512-xs) and its
     student."""
     teacher = _random_denoiser(name, device)
-    student = PIDStudent.from_teacher(teacher, 0.002, 80.0, network_overrides={"dropout": 0.0}).to(device)
+    student = PIDStudent.from_teacher(teacher, SIGMA_MIN, SIGMA_MAX, network_overrides={"dropout": 0.0}).to(device)
     if name in EDM2_PRESETS:
         teacher = GuidedDenoiser(teacher, _random_denoiser(EDM2_GUIDE, device), EDM2_GUIDANCE)
     return teacher, student
@@ -171,7 +175,7 @@ def pid_step(architecture: str, variant: str, device: torch.device) -> Callable[
             if hasattr(network, "use_fp16"):
                 network.use_fp16 = False
     model = torch.compile(student) if "compile" in variant else student
-    grid = KarrasGrid(num_points=250, rho=7.0, sigma_min=0.002, sigma_max=80.0)
+    grid = paper_grid()
     metric = Metric.PSEUDO_HUBER if architecture in EDM2_PRESETS else Metric.L2  # latents: no LPIPS
     objective = PIDObjective(teacher, grid, metric.build())
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -180,10 +184,10 @@ def pid_step(architecture: str, variant: str, device: torch.device) -> Callable[
 
 def recipe_step(teacher: EDMPrecond, student: PIDStudent, recipe: precision.Recipe, batch: int,
                 device: torch.device) -> Callable[[], None]:
-    """One optimizer step of PID (L2, N = 250) in `recipe`, as pid-distill runs it: the recipe's autocast around
+    """One optimizer step of PID (L2, the paper's grid) in `recipe`, as pid-distill runs it: the recipe's autocast around
     the objective, loss scaling for fp16, the student's arithmetic set by the recipe alone."""
     student.use_fp16 = False  # as distill.build: never the teacher's own fp16 image path
-    grid = KarrasGrid(num_points=GRID_POINTS, rho=7.0, sigma_min=student.sigma_min, sigma_max=student.sigma_max)
+    grid = paper_grid()
     objective = PIDObjective(teacher, grid, Metric.L2.build(), derivative=recipe.derivative,
                              student_precision=recipe.student_precision)
     return _optimizer_step(objective, student, student, batch, recipe.autocast(device.type),
@@ -195,7 +199,7 @@ def derivative_error(teacher: EDMPrecond, student: PIDStudent, recipe: precision
     """The relative error of the recipe's dy/dt against the same scheme in fp32 on the same latents, at the
     grid time nearest ε (the largest, docs/precision.md) and at the middle of the grid."""
     student.use_fp16 = False
-    grid = KarrasGrid(num_points=GRID_POINTS, rho=7.0, sigma_min=student.sigma_min, sigma_max=student.sigma_max)
+    grid = paper_grid()
     shape = (student.img_channels, student.img_resolution, student.img_resolution)
     generator = torch.Generator(device).manual_seed(0)
     z = torch.randn((ERROR_LATENTS, *shape), generator=generator, device=device) * grid.sigma_max
@@ -204,7 +208,7 @@ def derivative_error(teacher: EDMPrecond, student: PIDStudent, recipe: precision
         classes = torch.randint(student.label_dim, (ERROR_LATENTS,), generator=generator, device=device)
         labels = torch.nn.functional.one_hot(classes, student.label_dim).float()
     cells = []
-    for index in (GRID_POINTS - 2, GRID_POINTS // 2):
+    for index in (NUM_POINTS - 2, NUM_POINTS // 2):  # N = 250: where 16-bit rounding is largest
         ref = precision.reference(student, teacher, z, index, grid, labels, dtype=torch.float32)
         errors = precision.errors(student, teacher, z, index, grid, recipe, ref, labels)
         cells.append(f"{errors.derivative:.2g} at t={ref.t:.3g}")
@@ -221,7 +225,7 @@ def nccl_step(device: torch.device) -> Callable[[], None]:
         torch_dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
     teacher, student = release_networks(ARCHITECTURES["cifar10"], device)
     model = DistributedDataParallel(student, device_ids=[device.index or 0])
-    objective = PIDObjective(teacher, KarrasGrid(250, 7.0, 0.002, 80.0), Metric.L2.build())
+    objective = PIDObjective(teacher, paper_grid(), Metric.L2.build())
     optimizer = torch.optim.RAdam(model.parameters(), lr=1e-5)
     generator = torch.Generator(device).manual_seed(0)
 

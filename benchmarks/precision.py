@@ -46,7 +46,7 @@ from pid_diffusion.config import Precision  # noqa: E402
 from pid_diffusion.demo import agreement  # noqa: E402
 from pid_diffusion.generate import seeded_inputs  # noqa: E402
 from pid_diffusion.distill import DistillConfig, build, resolve  # noqa: E402
-from pid_diffusion.grid import KarrasGrid  # noqa: E402
+from pid_diffusion.grid import NUM_POINTS, KarrasGrid  # noqa: E402
 from pid_diffusion.loss import Derivative, StudentPrecision  # noqa: E402
 from pid_diffusion.samplers import HeunSampler, OneStepSampler  # noqa: E402
 from pid_diffusion.student import PIDStudent  # noqa: E402
@@ -339,7 +339,7 @@ def grid_sizes(args: argparse.Namespace, model: str) -> list[int]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--num-points", nargs="+", type=int, default=[40, 250], help="grid sizes N")
+    parser.add_argument("--num-points", nargs="+", type=int, default=[40, NUM_POINTS], help="grid sizes N")
     parser.add_argument("--times", nargs="+", type=float, default=list(TIMES),
                         help="grid times to measure at (each the nearest interior grid point)")
     parser.add_argument("--latents", type=int, default=4, help="latents of the bundled teacher")
